@@ -1,0 +1,167 @@
+"""Train magnitude-preserving diffusion models the EDM2 way (Karras et al., CVPR 2024)."""
+
+import json
+import os
+import re
+import warnings
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import dataset as dataset_mod
+from training.checkpoint import CheckpointError
+from training.presets_train import TRAIN_PRESETS
+from training.training_loop import TrainingError, training_loop
+
+warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
+
+
+class NimgType(click.ParamType):
+    """Image counts with K/M/G (10^3…) or Ki/Mi/Gi (2^10…) suffixes, e.g. 8Mi."""
+    name = 'nimg'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return dnnlib.util.parse_nimg(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+NIMG = NimgType()
+
+
+def encoder_for_channels(num_channels: int, data: str) -> dict:
+    """Pixels train through the RGB encoder, 8-channel NPY latents through the Stable Diffusion VAE."""
+    if num_channels in (1, 3):
+        return dict(class_name='training.encoders.StandardRGBEncoder')
+    if num_channels == 8:
+        return dict(class_name='training.encoders.StabilityVAEEncoder')
+    raise click.ClickException(f'{data}: items have {num_channels} channels; expected 3 (RGB pixels) or 8 (VAE latents).')
+
+
+def ensure_synthetic_dataset(spec: dnnlib.EasyDict) -> str:
+    """The built-in shapes dataset for the demo presets, made once in the cache and reused."""
+    import dataset_tool
+    path = dnnlib.make_cache_dir_path('datasets', f'shapes-{spec.resolution}px-{spec.num_images}.zip')
+    if dist.get_rank() == 0 and not os.path.isfile(path):
+        dist.print0(f'Making the built-in shapes dataset: {path}')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        dataset_tool.write_synthetic_dataset(path, resolution=spec.resolution, num_images=spec.num_images, seed=0)
+    dist.barrier()
+    return path
+
+
+def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnlib.EasyDict:
+    """Resolve preset and command-line options into the keyword arguments of training_loop()."""
+    if preset is not None and preset not in TRAIN_PRESETS:
+        raise click.ClickException(f'Unknown preset {preset!r}; choose one of: {", ".join(TRAIN_PRESETS)}.')
+    p = dnnlib.EasyDict(TRAIN_PRESETS.get(preset, {}))
+    for key, value in opts.items():
+        if value is not None:
+            p[key] = value
+    missing = [k for k in ('duration', 'batch', 'channels', 'lr', 'decay') if k not in p]
+    if missing:
+        raise click.ClickException(f'Without --preset, give {", ".join("--" + k for k in missing)} '
+                                   f'(presets: {", ".join(TRAIN_PRESETS)}).')
+    if data is None:
+        if 'synthetic' not in p:
+            raise click.ClickException(f'--data is required with preset {preset!r}; only the demo presets make their own data.')
+        data = ensure_synthetic_dataset(p.synthetic)
+
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=p.cond)
+    try:
+        ds = dataset_mod.ImageFolderDataset(**{k: v for k, v in c.dataset_kwargs.items() if k != 'class_name'})
+    except dataset_mod.DatasetError as e:
+        raise click.ClickException(str(e)) from e
+    if p.cond and not ds.has_labels:
+        raise click.ClickException(f'{data} has no class labels (dataset.json "labels"); train with --cond=False.')
+    c.encoder_kwargs = dnnlib.EasyDict(encoder_for_channels(ds.num_channels, data))
+    c.data_loader_kwargs = dnnlib.EasyDict(num_workers=p.workers, pin_memory=torch.cuda.is_available(),
+                                           prefetch_factor=2 if p.workers else None, persistent_workers=p.workers > 0)
+    precision = 'bf16' if p.bf16 else bool(p.fp16)
+    c.network_kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=p.channels,
+                                       dropout=p.get('dropout', 0.0), use_fp16=precision)
+    for key in ('channel_mult', 'num_blocks', 'attn_resolutions'):
+        if key in p:
+            c.network_kwargs[key] = p[key]
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=p.get('P_mean', -0.4),
+                                    P_std=p.get('P_std', 1.0))
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', betas=(0.9, 0.99), eps=1e-8)
+    c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=p.lr,
+                                  ref_batches=p.decay, rampup_Mimg=p.get('rampup', 10))
+    c.ema_kwargs = dnnlib.EasyDict(class_name='training.phema.PowerFunctionEMA', stds=[0.050, 0.100])
+    c.update(seed=p.seed, batch_size=p.batch, batch_gpu=p.get('batch_gpu') or None, total_nimg=p.duration,
+             status_nimg=p.get('status', 128 << 10), snapshot_nimg=p.get('snapshot', 8 << 20),
+             checkpoint_nimg=p.get('checkpoint', 128 << 20), loss_scaling=p.ls, cudnn_benchmark=p.bench,
+             snapshot_fp32=p.snapshot_fp32, sample_steps=p.get('sample_steps', 32))
+    return c
+
+
+@click.command(context_settings=dict(max_content_width=110))
+@click.option('--outdir', metavar='DIR', type=str, required=True, help='Run folder; a re-run resumes from its newest checkpoint.')
+@click.option('--data', metavar='ZIP|DIR', type=str, default=None, help='Dataset folder or ZIP (demo presets make their own).')
+@click.option('--cond', metavar='BOOL', type=bool, default=True, show_default=True, help='Train class-conditional (needs labels).')
+@click.option('--preset', metavar='STR', type=str, default=None, help=f'Configuration preset: {", ".join(TRAIN_PRESETS)}.')
+@click.option('--duration', metavar='NIMG', type=NIMG, default=None, help='Training duration in images, e.g. 2048Mi.')
+@click.option('--batch', metavar='NIMG', type=NIMG, default=None, help='Global batch size in images.')
+@click.option('--channels', metavar='INT', type=click.IntRange(min=1), default=None, help='Base channel count (model_channels).')
+@click.option('--dropout', metavar='FLOAT', type=click.FloatRange(0, 1), default=None, help='Dropout probability in blocks.')
+@click.option('--P_mean', 'P_mean', metavar='FLOAT', type=float, default=None, help='Mean of ln(sigma) in training.')
+@click.option('--P_std', 'P_std', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None, help='Std of ln(sigma) in training.')
+@click.option('--lr', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None, help='Reference learning rate alpha_ref.')
+@click.option('--decay', metavar='BATCHES', type=click.FloatRange(min=0), default=None, help='Learning-rate decay time t_ref in batches.')
+@click.option('--batch-gpu', 'batch_gpu', metavar='NIMG', type=NIMG, default=None, help='Images per device per round (gradient accumulation).')
+@click.option('--fp16', metavar='BOOL', type=bool, default=True, show_default=True, help='Mixed precision (float16) on CUDA.')
+@click.option('--bf16', metavar='BOOL', type=bool, default=False, show_default=True, help='bfloat16 mixed precision, also on CPU.')
+@click.option('--ls', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True, help='Loss scaling.')
+@click.option('--bench', metavar='BOOL', type=bool, default=True, show_default=True, help='cuDNN benchmarking.')
+@click.option('--status', metavar='NIMG', type=NIMG, default=None, help='Status line interval [default: 128Ki or preset].')
+@click.option('--snapshot', metavar='NIMG', type=NIMG, default=None, help='Network snapshot interval [default: 8Mi or preset].')
+@click.option('--checkpoint', metavar='NIMG', type=NIMG, default=None, help='Training-state interval [default: 128Mi or preset].')
+@click.option('--snapshot-fp32', 'snapshot_fp32', is_flag=True, help='Keep snapshot weights in float32 (default float16).')
+@click.option('--workers', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True, help='Data loader processes per device.')
+@click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Random seed.')
+@click.option('-n', '--dry-run', is_flag=True, help='Print the resolved options and exit.')
+def main(outdir: str, data: str | None, preset: str | None, dry_run: bool, **opts) -> None:
+    """Train a diffusion model using the EDM2 recipe.
+
+    Examples:
+
+    \b
+    # Demo on CPU with the built-in shapes data (about 10 minutes on 2 cores)
+    python train_edm2.py --outdir=runs/demo --preset=demo
+
+    \b
+    # ImageNet-512 latents, XS model, 8 GPUs (re-run the same command to resume)
+    torchrun --standalone --nproc_per_node=8 train_edm2.py \\
+        --outdir=runs/img512-xs --data=datasets/img512-sd.zip --preset=edm2-img512-xs --batch-gpu=32
+    """
+    dist.init()
+    try:
+        c = setup_training_config(preset, data, **opts)
+        dist.print0(json.dumps(c, indent=2))
+        if dry_run:
+            dist.print0('Dry run; exiting.')
+            return
+        if dist.get_rank() == 0:
+            os.makedirs(outdir, exist_ok=True)
+            with dnnlib.util.atomic_write(os.path.join(outdir, 'training_options.json'), 'wt') as f:
+                json.dump(c, f, indent=2)
+        dist.barrier()
+        logger = dnnlib.util.Logger(os.path.join(outdir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
+        try:
+            training_loop(run_dir=outdir, **c)
+        finally:
+            if logger is not None:
+                logger.close()
+    except (dataset_mod.DatasetError, TrainingError, CheckpointError, OSError) as e:
+        raise click.ClickException(re.sub(r'\s+', ' ', str(e))) from e
+
+
+if __name__ == '__main__':
+    main()

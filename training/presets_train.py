@@ -1,0 +1,33 @@
+"""Training presets: EDM2's published configurations (SPEC §3) and small CPU configurations."""
+
+from dnnlib import EasyDict
+
+# EDM2 paper, Table 2 / App. B: duration in images, global batch, channels, α_ref, t_ref (decay), dropout.
+_IMG512 = dict(batch=2048, decay=70000, P_mean=-0.4, P_std=1.0)
+_IMG64 = dict(batch=2048, decay=35000, P_mean=-0.8, P_std=1.6)
+
+TRAIN_PRESETS: dict[str, EasyDict] = {
+    'edm2-img512-xxs': EasyDict(_IMG512, duration=2048 << 20, channels=64, lr=0.0170, dropout=0.00),
+    'edm2-img512-xs': EasyDict(_IMG512, duration=2048 << 20, channels=128, lr=0.0120, dropout=0.00),
+    'edm2-img512-s': EasyDict(_IMG512, duration=2048 << 20, channels=192, lr=0.0100, dropout=0.00),
+    'edm2-img512-m': EasyDict(_IMG512, duration=2048 << 20, channels=256, lr=0.0090, dropout=0.10),
+    'edm2-img512-l': EasyDict(_IMG512, duration=1792 << 20, channels=320, lr=0.0080, dropout=0.10),
+    'edm2-img512-xl': EasyDict(_IMG512, duration=1280 << 20, channels=384, lr=0.0070, dropout=0.10),
+    'edm2-img512-xxl': EasyDict(_IMG512, duration=896 << 20, channels=448, lr=0.0065, dropout=0.10),
+    'edm2-img64-xs': EasyDict(_IMG64, duration=1024 << 20, channels=128, lr=0.0120, dropout=0.00),
+    'edm2-img64-s': EasyDict(_IMG64, duration=1024 << 20, channels=192, lr=0.0100, dropout=0.00),
+    'edm2-img64-m': EasyDict(_IMG64, duration=2048 << 20, channels=256, lr=0.0090, dropout=0.10),
+    'edm2-img64-l': EasyDict(_IMG64, duration=1024 << 20, channels=320, lr=0.0080, dropout=0.10),
+    'edm2-img64-xl': EasyDict(_IMG64, duration=640 << 20, channels=384, lr=0.0070, dropout=0.10),
+
+    # CPU presets on the built-in 32x32 shapes data (made on first use when --data is omitted).
+    # Short warm-up and decay so that a few hundred thousand images suffice; pixel-space noise levels.
+    'demo': EasyDict(duration=384 << 10, batch=64, channels=32, lr=0.0100, decay=1000, dropout=0.00,
+                     P_mean=-0.8, P_std=1.6, rampup=0.01, channel_mult=[1, 2, 2], num_blocks=2,
+                     attn_resolutions=[8], status=16 << 10, snapshot=128 << 10, checkpoint=64 << 10,
+                     synthetic=EasyDict(resolution=32, num_images=10000), sample_steps=24),
+    'demo-tiny': EasyDict(duration=2 << 10, batch=16, channels=16, lr=0.0100, decay=100, dropout=0.00,
+                          P_mean=-0.8, P_std=1.6, rampup=0.001, channel_mult=[1, 2], num_blocks=1,
+                          attn_resolutions=[8], status=1 << 10, snapshot=1 << 10, checkpoint=1 << 10,
+                          synthetic=EasyDict(resolution=16, num_images=256), sample_steps=8),
+}
