@@ -1,0 +1,74 @@
+"""One process per GPU, launched by torchrun; a plain `python` run is a single process without a
+process group, so the same code runs in both."""
+
+import os
+from typing import Any
+
+import torch
+
+from . import training_stats
+
+_TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+def init() -> None:
+    """Join the process group described by torchrun's environment, or stay a single process without one."""
+    if _initialized():
+        return
+    present = [name for name in _TORCHRUN_VARS if name in os.environ]
+    if present:
+        missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
+        if missing:
+            raise RuntimeError(f'Found {", ".join(present)} but not {", ".join(missing)} in the environment; '
+                               f'launch with torchrun or set all of {", ".join(_TORCHRUN_VARS)}.')
+        if torch.cuda.is_available():
+            torch.cuda.set_device(get_local_rank())
+        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        torch.distributed.init_process_group(backend=backend, init_method='env://')
+    sync_device = device() if get_world_size() > 1 else None
+    training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return torch.distributed.get_rank() if _initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return torch.distributed.get_world_size() if _initialized() else 1
+
+
+def get_local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK; 0 when unset)."""
+    return int(os.environ.get('LOCAL_RANK', '0'))
+
+
+def device() -> torch.device:
+    """The device this process computes on: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    return torch.device('cuda', get_local_rank()) if torch.cuda.is_available() else torch.device('cpu')
+
+
+def is_main() -> bool:
+    """Whether this is rank 0, the process that prints and writes files."""
+    return get_rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op for a single process."""
+    if not _initialized():
+        return
+    if torch.distributed.get_backend() == 'nccl':
+        torch.distributed.barrier(device_ids=[get_local_rank()])
+    else:
+        torch.distributed.barrier()
