@@ -304,4 +304,3 @@ def format_time(seconds: float) -> str:
     if s < 24 * 60 * 60:
         return f'{s // 3600}h {s // 60 % 60:02d}m {s % 60:02d}s'
     return f'{s // 86400}d {s // 3600 % 24:02d}h {s // 60 % 60:02d}m'
-
