@@ -67,7 +67,7 @@ def test_antialiased_coverage_matches_closed_form_area(shape):
     for scene in scenes_with_shape(shape):
         image = shapes.render_scene(scene, 32)
         expected = shape_area(shape, scene.radius * 32)
-        assert coverage(image, scene).sum() == pytest.approx(expected, rel=0.02)
+        assert coverage(image, scene).sum() == pytest.approx(expected, rel=0.015)
 
 
 @pytest.mark.parametrize('resolution', [8, 16, 32])
