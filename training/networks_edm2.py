@@ -91,7 +91,7 @@ class MPConv(torch.nn.Module):
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
         w = normalize(w)
-        w = w * (gain / np.sqrt(w[0].numel()))
+        w = w * gain / np.sqrt(w[0].numel())  # float32 even when a learned gain is stored in fp16
         w = w.to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()

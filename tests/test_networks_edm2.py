@@ -1,0 +1,441 @@
+"""Tests for training/networks_edm2.py: MP maths, state-dict layout, preconditioning, precision, training."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training import networks_edm2 as nets
+
+TINY = dict(
+    img_resolution=16,
+    img_channels=3,
+    label_dim=10,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=2,
+    attn_resolutions=[8],
+    channels_per_head=8,
+    logvar_channels=8,
+)
+
+
+def tiny_precond(**overrides) -> nets.Precond:
+    """A tiny Precond whose learned gains are non-zero, so the U-Net output actually matters."""
+    net = nets.Precond(**{**TINY, **overrides})
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1.0)
+        for block in net.unet.modules():
+            if isinstance(block, nets.Block):
+                block.emb_gain.fill_(0.5)
+    return net.eval()
+
+
+def assert_unit_mean_square(ms: torch.Tensor, bias: float = 0.0) -> None:
+    """ms holds mean squares of independent units, each with expectation 1 (up to `bias`).
+
+    Their average must lie within 5 standard errors (estimated from the units themselves) of 1.
+    """
+    ms = ms.double().flatten()
+    se = ms.std() / math.sqrt(ms.numel())
+    assert abs(ms.mean().item() - 1) < 5 * se.item() + bias, (ms.mean().item(), se.item())
+
+
+# ----------------------------------------------------------------------------
+# Magnitude preservation of each MP op on unit-variance inputs.
+
+
+def test_normalize_matches_closed_form_per_row_and_per_pixel():
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, 3, 4) * 3
+    rms_row = x.pow(2).mean(dim=[1, 2, 3], keepdim=True).sqrt()
+    torch.testing.assert_close(nets.normalize(x), x / (1e-4 + rms_row))
+    rms_pix = x.pow(2).mean(dim=1, keepdim=True).sqrt()
+    torch.testing.assert_close(nets.normalize(x, dim=1), x / (1e-4 + rms_pix))
+    assert torch.allclose(nets.normalize(x, dim=1).pow(2).mean(dim=1), torch.ones(5, 3, 4), atol=1e-3)
+
+
+def test_mp_silu_keeps_unit_rms():
+    torch.manual_seed(0)
+    y = nets.mp_silu(torch.randn(1 << 20))
+    # 0.596 is E[silu(x)^2]^0.5 rounded to 3 digits: up to 2e-3 relative bias in the mean square.
+    assert_unit_mean_square(y.pow(2), bias=2e-3)
+
+
+@pytest.mark.parametrize("t", [0.3, 0.5, 0.8])
+def test_mp_sum_keeps_unit_rms(t):
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 1 << 20)
+    y = nets.mp_sum(a, b, t=t)
+    torch.testing.assert_close(y, ((1 - t) * a + t * b) / math.sqrt((1 - t) ** 2 + t**2))
+    assert_unit_mean_square(y.pow(2))
+
+
+@pytest.mark.parametrize("t", [0.3, 0.5])
+def test_mp_cat_keeps_unit_rms_for_unequal_channel_counts(t):
+    torch.manual_seed(0)
+    a = torch.randn(512, 8, 4, 4)
+    b = torch.randn(512, 24, 4, 4)
+    y = nets.mp_cat(a, b, t=t)
+    assert y.shape == (512, 32, 4, 4)
+    # The two parts' share of the total energy follows the balance t.
+    ea, eb = y[:, :8].pow(2).sum(), y[:, 8:].pow(2).sum()
+    assert abs((ea / (ea + eb)).item() - (1 - t) ** 2 / ((1 - t) ** 2 + t**2)) < 0.02
+    assert_unit_mean_square(y.pow(2).mean(dim=[1, 2, 3]))
+
+
+def test_mp_linear_with_random_weights_keeps_unit_rms_and_scales_with_gain():
+    torch.manual_seed(0)
+    layer = nets.MPConv(64, 32, kernel=[]).eval()
+    with torch.no_grad():
+        layer.weight.mul_(3)  # an unnormalised stored weight must not change the output magnitude
+    x = torch.randn(4096, 64)
+    y = layer(x)
+    assert_unit_mean_square(y.pow(2).mean(dim=1))
+    torch.testing.assert_close(layer(x, gain=2.5), 2.5 * y)
+
+
+def test_mp_conv_with_random_weights_keeps_unit_rms_away_from_border():
+    torch.manual_seed(0)
+    layer = nets.MPConv(16, 24, kernel=[3, 3]).eval()
+    y = layer(torch.randn(512, 16, 10, 10))
+    # Zero padding removes terms at the border, so only interior pixels have expectation 1.
+    assert_unit_mean_square(y[:, :, 1:-1, 1:-1].pow(2).mean(dim=[1, 2, 3]))
+
+
+def test_mp_fourier_keeps_unit_rms_and_matches_buffers():
+    torch.manual_seed(0)
+    layer = nets.MPFourier(4096)
+    x = torch.randn(1024)
+    y = layer(x)
+    torch.testing.assert_close(y, math.sqrt(2) * torch.cos(x[:, None] * layer.freqs + layer.phases))
+    # Channels draw f and φ independently; each has expectation 1 over φ ~ U[0, 1).
+    assert_unit_mean_square(y.pow(2).mean(dim=0), bias=0.0)
+
+
+def test_resample_up_repeats_pixels_and_down_inverts_it():
+    torch.manual_seed(0)
+    x = torch.randn(256, 4, 8, 8)
+    up = nets.resample(x, mode="up")
+    torch.testing.assert_close(up, x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+    assert_unit_mean_square(up.pow(2).mean(dim=[1, 2, 3]))
+    # Down on a signal constant over 2x2 tiles (the low-frequency content images carry) keeps it.
+    down = nets.resample(up, mode="down")
+    torch.testing.assert_close(down, x)
+    assert_unit_mean_square(down.pow(2).mean(dim=[1, 2, 3]))
+    assert nets.resample(x, mode="keep") is x
+
+
+def test_resample_down_halves_rms_of_white_noise_and_encoder_pixel_norm_restores_it():
+    torch.manual_seed(0)
+    x = torch.randn(256, 32, 8, 8)
+    down = nets.resample(x, mode="down")
+    # A 2x2 mean of 4 independent unit values has variance 1/4.
+    assert_unit_mean_square(4 * down.pow(2).mean(dim=[1, 2, 3]))
+    # The encoder block pixel-normalises right after downsampling, restoring unit RMS per pixel.
+    block = nets.Block(32, 32, 8, flavor="enc", resample_mode="down").eval()
+    seen = {}
+    block.conv_res0.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    block(x, torch.randn(256, 8))
+    rms = down.pow(2).mean(dim=1, keepdim=True).sqrt()
+    torch.testing.assert_close(seen["x"], nets.mp_silu(down / (1e-4 + rms)))
+
+
+# ----------------------------------------------------------------------------
+# Forced weight normalisation.
+
+
+def test_training_forward_normalises_stored_weight_rows_and_eval_leaves_them():
+    torch.manual_seed(0)
+    layer = nets.MPConv(6, 5, kernel=[3, 3])
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(5, 1, 1, 1) * 4 + 0.1)
+    raw = layer.weight.detach().clone()
+    layer.eval()(torch.randn(2, 6, 8, 8))
+    assert torch.equal(layer.weight, raw)
+
+    layer.train()(torch.randn(2, 6, 8, 8))
+    fan_in = 6 * 3 * 3
+    row_norm = torch.linalg.vector_norm(layer.weight.flatten(1), dim=1)
+    # eps = 1e-4 against raw row RMS >= ~0.1 allows a relative shortfall of up to ~1e-3.
+    torch.testing.assert_close(row_norm, torch.full((5,), math.sqrt(fan_in)), rtol=2e-3, atol=0)
+    raw_rms = raw.flatten(1).pow(2).mean(dim=1).sqrt()
+    torch.testing.assert_close(layer.weight, raw / (1e-4 + raw_rms[:, None, None, None]))
+
+
+def test_gradients_flow_and_are_orthogonal_to_normalised_weight_rows():
+    torch.manual_seed(0)
+    layer = nets.MPConv(12, 7, kernel=[]).train()
+    x = torch.randn(32, 12, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    g, w = layer.weight.grad, layer.weight.detach()
+    assert torch.isfinite(g).all() and g.abs().sum() > 0 and x.grad.abs().sum() > 0
+    # Normalisation removes the radial component: each row's gradient is perpendicular to the row.
+    cos = (g * w).sum(dim=1) / (g.norm(dim=1) * w.norm(dim=1))
+    assert cos.abs().max() < 1e-3
+
+
+# ----------------------------------------------------------------------------
+# State-dict layout (SPEC §9) and parameter counts (SPEC §2).
+
+
+def expected_tiny_state_dict_shapes() -> dict[str, tuple[int, ...]]:
+    """TINY's state dict written out by hand: channels 16 at 16x16 and 32 at 8x8, embedding 32."""
+
+    def block(prefix, cin, cout, flavor, attn):
+        d = {
+            f"{prefix}.emb_gain": (),
+            f"{prefix}.conv_res0.weight": (cout, cout if flavor == "enc" else cin, 3, 3),
+            f"{prefix}.emb_linear.weight": (cout, 32),
+            f"{prefix}.conv_res1.weight": (cout, cout, 3, 3),
+        }
+        if cin != cout:
+            d[f"{prefix}.conv_skip.weight"] = (cout, cin, 1, 1)
+        if attn:
+            d[f"{prefix}.attn_qkv.weight"] = (3 * cout, cout, 1, 1)
+            d[f"{prefix}.attn_proj.weight"] = (cout, cout, 1, 1)
+        return d
+
+    e, d = "unet.enc", "unet.dec"
+    return {
+        "logvar_fourier.freqs": (8,),
+        "logvar_fourier.phases": (8,),
+        "logvar_linear.weight": (1, 8),
+        "unet.out_gain": (),
+        "unet.emb_fourier.freqs": (16,),
+        "unet.emb_fourier.phases": (16,),
+        "unet.emb_noise.weight": (32, 16),
+        "unet.emb_label.weight": (32, 10),
+        f"{e}.16x16_conv.weight": (16, 4, 3, 3),
+        **block(f"{e}.16x16_block0", 16, 16, "enc", False),
+        **block(f"{e}.16x16_block1", 16, 16, "enc", False),
+        **block(f"{e}.8x8_down", 16, 16, "enc", False),
+        **block(f"{e}.8x8_block0", 16, 32, "enc", True),
+        **block(f"{e}.8x8_block1", 32, 32, "enc", True),
+        **block(f"{d}.8x8_in0", 32, 32, "dec", True),
+        **block(f"{d}.8x8_in1", 32, 32, "dec", False),
+        **block(f"{d}.8x8_block0", 64, 32, "dec", True),
+        **block(f"{d}.8x8_block1", 64, 32, "dec", True),
+        **block(f"{d}.8x8_block2", 48, 32, "dec", True),
+        **block(f"{d}.16x16_up", 32, 32, "dec", False),
+        **block(f"{d}.16x16_block0", 48, 16, "dec", False),
+        **block(f"{d}.16x16_block1", 32, 16, "dec", False),
+        **block(f"{d}.16x16_block2", 32, 16, "dec", False),
+        "unet.out_conv.weight": (3, 16, 3, 3),
+    }
+
+
+def test_state_dict_names_and_shapes_match_spec():
+    net = nets.Precond(**TINY)
+    got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert got == expected_tiny_state_dict_shapes()
+    assert list(net.unet.enc) == [
+        "16x16_conv", "16x16_block0", "16x16_block1", "8x8_down", "8x8_block0", "8x8_block1",
+    ]  # fmt: skip
+    assert list(net.unet.dec) == [
+        "8x8_in0", "8x8_in1", "8x8_block0", "8x8_block1", "8x8_block2",
+        "16x16_up", "16x16_block0", "16x16_block1", "16x16_block2",
+    ]  # fmt: skip
+    assert {k for k, _ in net.named_buffers()} == {k for k in got if k.endswith(("freqs", "phases"))}
+
+
+def test_unconditional_net_has_no_label_embedding():
+    net = nets.Precond(**{**TINY, "label_dim": 0})
+    expected = {k for k in expected_tiny_state_dict_shapes() if k != "unet.emb_label.weight"}
+    assert set(net.state_dict()) == expected
+
+
+@pytest.mark.parametrize(
+    "model_channels, published_millions",
+    [(128, 125), (192, 280), (256, 498), (320, 777), (384, 1119), (448, 1523)],
+)
+def test_img512_parameter_counts_match_published_table(model_channels, published_millions):
+    with torch.device("meta"):
+        net = nets.Precond(img_resolution=64, img_channels=4, label_dim=1000, model_channels=model_channels)
+    count = sum(p.numel() for p in net.parameters())
+    assert abs(count / 1e6 - published_millions) <= 0.005 * published_millions, count
+
+
+# ----------------------------------------------------------------------------
+# Preconditioning (SPEC §3).
+
+
+class RecordingUNet(torch.nn.Module):
+    """Stands in for the U-Net: F(x; c_noise) = 2·x + c_noise, recording what it was given."""
+
+    def forward(self, x, noise_labels, class_labels):
+        self.seen = (x, noise_labels, class_labels)
+        return 2 * x + noise_labels.reshape(-1, 1, 1, 1)
+
+
+def test_preconditioning_matches_closed_forms():
+    torch.manual_seed(0)
+    net = nets.Precond(**TINY, sigma_data=0.7)
+    net.unet = RecordingUNet()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    sigma = torch.tensor([0.01, 0.7, 30.0], dtype=torch.float64)
+    D, logvar = net(x, sigma, return_logvar=True)
+
+    s, sd = sigma.reshape(-1, 1, 1, 1), 0.7
+    c_skip = sd**2 / (s**2 + sd**2)
+    c_out = s * sd / (s**2 + sd**2).sqrt()
+    c_in = 1 / (s**2 + sd**2).sqrt()
+    c_noise = sigma.log() / 4
+    expected = c_skip * x + c_out * (2 * c_in * x + c_noise.reshape(-1, 1, 1, 1))
+    assert D.dtype == torch.float32 and D.shape == x.shape
+    torch.testing.assert_close(D.double(), expected, rtol=1e-5, atol=1e-5)
+    x_in, noise_labels, labels = net.unet.seen
+    torch.testing.assert_close(x_in.double(), c_in * x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(noise_labels.double(), c_noise, rtol=1e-6, atol=1e-6)
+    assert torch.equal(labels, torch.zeros(3, 10))
+
+    fourier = math.sqrt(2) * torch.cos(c_noise.float()[:, None] * net.logvar_fourier.freqs + net.logvar_fourier.phases)
+    w = net.logvar_linear.weight
+    expected_logvar = fourier @ (w / w.norm(dim=1, keepdim=True)).t()
+    torch.testing.assert_close(logvar, expected_logvar.reshape(-1, 1, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_scalar_and_per_sample_sigma_give_the_same_output():
+    torch.manual_seed(0)
+    net = tiny_precond()
+    x = torch.randn(2, 3, 16, 16)
+    labels = torch.eye(10)[[3, 7]]
+    ref = net(x, 1.3, labels)
+    for sigma in [torch.tensor(1.3), torch.full([2], 1.3), torch.full([2, 1, 1, 1], 1.3)]:
+        torch.testing.assert_close(net(x, sigma, labels), ref)
+    assert not torch.allclose(net(x, torch.tensor([1.3, 0.2]), labels)[1], ref[1])
+
+
+def test_class_labels_matter_and_are_ignored_when_label_dim_is_zero():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    cond = tiny_precond()
+    assert not torch.allclose(cond(x, 1.0, torch.eye(10)[[1, 2]]), cond(x, 1.0, torch.eye(10)[[5, 6]]))
+    uncond = tiny_precond(label_dim=0)
+    torch.testing.assert_close(uncond(x, 1.0, torch.eye(10)[[1, 2]]), uncond(x, 1.0))
+
+
+def test_one_hot_label_embedding_is_a_column_of_the_normalised_weight():
+    torch.manual_seed(0)
+    net = nets.Precond(**{**TINY, "label_dim": 1000}).eval()
+    seen = {}
+    net.unet.emb_label.register_forward_hook(lambda m, args, out: seen.setdefault("emb", out))
+    labels = torch.tensor([0, 17, 500, 999])
+    net(torch.randn(4, 3, 16, 16), 1.0, torch.eye(1000)[labels])
+    # The one-hot is scaled by sqrt(label_dim), so it picks column j of the row-normalised weight.
+    w = net.unet.emb_label.weight
+    w_hat = w / (1e-4 + w.pow(2).mean(dim=1, keepdim=True).sqrt())
+    torch.testing.assert_close(seen["emb"], w_hat[:, labels].t(), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Attention and dropout.
+
+
+def test_attention_equals_plain_softmax_einsum_with_per_head_qkv_split():
+    torch.manual_seed(0)
+    block = nets.Block(32, 32, 8, flavor="enc", attention=True, channels_per_head=8).eval()
+    seen = {}
+    block.attn_qkv.register_forward_hook(lambda m, args, out: seen.setdefault("qkv", out))
+    block.attn_proj.register_forward_pre_hook(lambda m, args: seen.setdefault("attn", args[0]))
+    block(torch.randn(2, 32, 4, 4), torch.randn(2, 8))
+
+    qkv = seen["qkv"].double().reshape(2, 4, 8, 3, 16)  # (N, heads, head_channels, q/k/v, pixels)
+    q, k, v = (t / (1e-4 + t.pow(2).mean(dim=2, keepdim=True).sqrt()) for t in qkv.unbind(3))
+    w = torch.softmax(torch.einsum("nhcq,nhck->nhqk", q, k) / math.sqrt(8), dim=3)
+    expected = torch.einsum("nhqk,nhck->nhcq", w, v).reshape(2, 32, 4, 4)
+    torch.testing.assert_close(seen["attn"].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_acts_only_in_training():
+    torch.manual_seed(0)
+    block = nets.Block(16, 16, 8, dropout=0.5)
+    x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
+    a, b = block.train()(x, emb), block(x, emb)
+    assert not torch.allclose(a, b)
+    block.eval()
+    torch.testing.assert_close(block(x, emb), block(x, emb))
+    no_dropout = copy.deepcopy(block)
+    no_dropout.dropout = 0
+    torch.testing.assert_close(no_dropout.train()(x, emb), block(x, emb))
+
+
+# ----------------------------------------------------------------------------
+# Precision.
+
+
+def test_fp16_stored_weights_run_on_cpu_in_float32():
+    torch.manual_seed(0)
+    net = tiny_precond()
+    half = copy.deepcopy(net)
+    for p in half.parameters():
+        p.data = p.data.half()
+    rounded = copy.deepcopy(half).float()
+    x, labels = torch.randn(2, 3, 16, 16), torch.eye(10)[[0, 1]]
+    ref, out = net(x, 0.8, labels), half(x, 0.8, labels)
+    assert out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+    # Weights are cast to float32 before normalising: same result as float32 copies of the fp16 values.
+    torch.testing.assert_close(out, rounded(x, 0.8, labels), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_mode_computes_in_bfloat16_on_cpu_close_to_fp32_and_force_fp32_overrides():
+    torch.manual_seed(0)
+    net = tiny_precond()
+    bf16 = copy.deepcopy(net)
+    bf16.use_fp16 = "bf16"
+    seen = []
+    bf16.unet.out_conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    x = torch.randn(2, 3, 16, 16)
+    ref, out = net(x, 0.8), bf16(x, 0.8)
+    assert out.dtype == torch.float32 and seen == [torch.bfloat16]
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-2
+    torch.testing.assert_close(bf16(x, 0.8, force_fp32=True), ref)
+    assert seen[-1] == torch.float32
+    with pytest.raises(ValueError):
+        nets.Precond(**TINY, use_fp16="fp8")
+
+
+# ----------------------------------------------------------------------------
+# Pickling.
+
+def test_precond_pickles_as_persistent_class_and_reloads_identically():
+    import pickle
+
+    from torch_utils import persistence
+
+    torch.manual_seed(0)
+    net = tiny_precond()
+    assert persistence.is_persistent(net) and persistence.is_persistent(net.unet.enc["8x8_block0"])
+    loaded = pickle.loads(pickle.dumps(net))
+    assert loaded.init_kwargs["model_channels"] == 16
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x, 0.5, torch.eye(10)[[4, 9]]), net(x, 0.5, torch.eye(10)[[4, 9]]))
+
+
+# ----------------------------------------------------------------------------
+# Training.
+
+
+def test_tiny_net_reduces_loss_on_fixed_batch():
+    torch.manual_seed(0)
+    net = nets.Precond(8, 3, 0, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                       channels_per_head=16, logvar_channels=8).train()  # fmt: skip
+    y = torch.randn(4, 3, 8, 8)
+    sigma = torch.tensor([0.3, 0.8, 1.5, 3.0]).reshape(-1, 1, 1, 1)
+    n = torch.randn_like(y) * sigma
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    losses = []
+    for _ in range(12):
+        D, logvar = net(y + n, sigma, return_logvar=True)
+        loss = (weight / logvar.exp() * (D - y) ** 2 + logvar).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.8 * losses[0], losses
+
