@@ -43,6 +43,14 @@ def encoder_for_channels(num_channels: int, data: str) -> dict:
     raise click.ClickException(f'{data}: items have {num_channels} channels; expected 3 (RGB pixels) or 8 (VAE latents).')
 
 
+def one_line_message(e: Exception) -> str:
+    """The user-facing sentence of an error, also when a DataLoader worker wrapped it in its traceback."""
+    msg = str(e).strip()
+    if 'Original Traceback' in msg:
+        msg = msg.splitlines()[-1].split(': ', 1)[-1]
+    return re.sub(r'\s+', ' ', msg)
+
+
 def ensure_synthetic_dataset(spec: dnnlib.EasyDict) -> str:
     """The built-in shapes dataset for the demo presets, made once in the cache and reused."""
     import dataset_tool
@@ -160,7 +168,7 @@ def main(outdir: str, data: str | None, preset: str | None, dry_run: bool, **opt
             if logger is not None:
                 logger.close()
     except (dataset_mod.DatasetError, TrainingError, CheckpointError, OSError) as e:
-        raise click.ClickException(re.sub(r'\s+', ' ', str(e))) from e
+        raise click.ClickException(one_line_message(e)) from e
 
 
 if __name__ == '__main__':
