@@ -97,7 +97,7 @@ def _file_sha256(path: str) -> str:
 def _download(url: str, sink: IO[bytes], sha256: str | None, verbose: bool) -> None:
     """Stream `url` into `sink`; raise DownloadError on an sha256 mismatch."""
     digest = hashlib.sha256()
-    with requests.get(url, stream=True, timeout=60) as response:
+    with requests.get(url, stream=True, timeout=(10, 60)) as response:
         response.raise_for_status()
         total = int(response.headers.get('content-length', 0)) or None
         with tqdm.tqdm(total=total, unit='B', unit_scale=True, desc=os.path.basename(url),
@@ -154,8 +154,10 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 10, ver
             raise
         except (requests.RequestException, OSError) as err:
             status = err.response.status_code if isinstance(err, requests.HTTPError) else None
-            # A 4xx answer will not change on retry; anything else may be transient.
-            if attempt + 1 == num_attempts or (status is not None and 400 <= status < 500):
+            # A 4xx answer will not change on retry, and a host that cannot be reached twice is most
+            # likely offline: fail within seconds so the user learns where to place the file.
+            unreachable = isinstance(err, requests.ConnectionError) and attempt >= 1
+            if attempt + 1 == num_attempts or unreachable or (status is not None and 400 <= status < 500):
                 reason = f'HTTP {status}' if status is not None else type(err).__name__
                 raise DownloadError(f'Could not download {url} ({reason}); to work offline, place the file '
                                     f'by hand at {cache_file} and run again.') from err

@@ -129,6 +129,17 @@ def test_missing_remote_file_is_a_download_error_without_retrying(cache_root, ht
         util.open_url(f'{base}/absent.pkl', verbose=False, num_attempts=5)
 
 
+def test_unreachable_host_gives_up_after_two_attempts(cache_root, monkeypatch):
+    with socket.socket() as s:  # A loopback port with no listener: every connection is refused.
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    sleeps = []
+    monkeypatch.setattr(util.time, 'sleep', sleeps.append)
+    with pytest.raises(util.DownloadError, match='place the file by hand'):
+        util.open_url(f'http://127.0.0.1:{port}/net.pkl', verbose=False, num_attempts=10)
+    assert len(sleeps) == 1
+
+
 def test_atomic_write_leaves_target_untouched_on_error(tmp_path):
     target = tmp_path / 'state.pt'
     target.write_bytes(b'old contents')
