@@ -5,23 +5,27 @@ over [0, t] with weights ∝ τ^γ; its width is given by the relative standard 
 """
 
 import copy
+import functools
 
 import numpy as np
 import torch
 
 
 # σ_rel -> γ: largest real root of γ³ + 7γ² + (16 − σ⁻²)γ + (12 − σ⁻²) = 0 (EDM2 Alg. 2).
+@functools.lru_cache(maxsize=1024)  # the EMA asks for the same few stds at every training step
+def _std_to_exp_scalar(std: float) -> float:
+    if not std > 0:
+        raise ValueError(f'EMA std must be positive, got {std}')
+    roots = np.roots([1, 7, 16 - std ** -2, 12 - std ** -2])
+    real = roots.real[np.abs(roots.imag) <= 1e-9 * np.maximum(np.abs(roots.real), 1)]
+    if len(real) == 0 or real.max() <= -1:
+        raise ValueError(f'EMA std {std} is wider than any power-function profile allows (max ~0.2996)')
+    return float(real.max())
+
+
 def std_to_exp(std: float | np.ndarray) -> float | np.ndarray:
     std = np.asarray(std, dtype=np.float64)
-    exps = np.empty(std.shape, dtype=np.float64)
-    for idx, s in np.ndenumerate(std):
-        if not s > 0:
-            raise ValueError(f'EMA std must be positive, got {s}')
-        roots = np.roots([1, 7, 16 - s ** -2, 12 - s ** -2])
-        real = roots.real[np.abs(roots.imag) <= 1e-9 * np.maximum(np.abs(roots.real), 1)]
-        if len(real) == 0 or real.max() <= -1:
-            raise ValueError(f'EMA std {s} is wider than any power-function profile allows (max ~0.2996)')
-        exps[idx] = real.max()
+    exps = np.vectorize(_std_to_exp_scalar, otypes=[np.float64])(std.ravel()).reshape(std.shape)
     return float(exps) if exps.ndim == 0 else exps
 
 
