@@ -11,8 +11,14 @@ Example:
     tensor([0, 1, 2], dtype=torch.uint8)
 """
 
+import os
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
+import dnnlib
+from torch_utils import misc
 from torch_utils import persistence
 
 
@@ -53,3 +59,96 @@ class StandardRGBEncoder(Encoder):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         # Adding 128 rather than 127.5 and truncating rounds to the nearest level.
         return (x.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def _truthy_env(name: str) -> bool:
+    return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')
+
+
+def load_vae(vae_name: str, device: torch.device | str = 'cpu') -> torch.nn.Module:
+    """diffusers' AutoencoderKL from a local folder (saved with `save_pretrained`) or a Hugging Face hub id,
+    cached under `dnnlib.make_cache_dir_path('diffusers')`; offline (no network or HF_HUB_OFFLINE=1) only
+    the cache is tried. Failure raises `dnnlib.util.DownloadError` with one sentence saying what to do."""
+    from diffusers import AutoencoderKL  # Slow to import; only latent pipelines need it.
+    cache_dir = dnnlib.make_cache_dir_path('diffusers')
+    is_local = os.path.isdir(vae_name)
+    if not is_local and (vae_name.startswith(('/', '.', '~')) or vae_name.count('/') != 1):
+        raise dnnlib.util.DownloadError(f'{vae_name}: no such folder; pass a folder saved with save_pretrained or a '
+                                        f'hub id like stabilityai/sd-vae-ft-mse.')
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_name, cache_dir=None if is_local else cache_dir, low_cpu_mem_usage=False,
+                                            local_files_only=is_local or _truthy_env('HF_HUB_OFFLINE'))
+    except (OSError, ValueError) as e:
+        if is_local:
+            raise dnnlib.util.DownloadError(f'{vae_name}: not a diffusers AutoencoderKL folder ({type(e).__name__}); '
+                                            f'save one there with AutoencoderKL.save_pretrained.') from e
+        raise dnnlib.util.DownloadError(
+            f'Cannot load the VAE {vae_name!r} (no network or not cached): on a connected machine run '
+            f'`huggingface-cli download {vae_name} --cache-dir={cache_dir}` and copy that folder here, or pass a '
+            f'local folder saved with save_pretrained.') from e
+    return vae.eval().requires_grad_(False).to(device)
+
+
+@persistence.persistent_class
+class StabilityVAEEncoder(Encoder):
+    """Stable Diffusion VAE latents (SPEC §6). The dataset stores 8 raw channels per pixel of the latent
+    grid, the posterior mean and std; training samples z = mean + std·n and normalises it per channel.
+
+    The VAE itself is loaded on `init(device)` (or first use) and never pickled: network pickles keep only
+    `vae_name`, a hub id or a local folder saved with `save_pretrained`.
+    """
+
+    def __init__(self, vae_name: str = 'stabilityai/sd-vae-ft-mse', raw_mean: list[float] = [5.81, 3.25, 0.12, -2.15],
+                 raw_std: list[float] = [4.17, 4.62, 3.71, 3.28], final_mean: float = 0, final_std: float = 0.5,
+                 batch_size: int = 8) -> None:
+        self.vae_name = vae_name
+        self.raw_mean = np.array(raw_mean, dtype=np.float32)
+        self.raw_std = np.array(raw_std, dtype=np.float32)
+        self.final_mean = np.float32(final_mean)
+        self.final_std = np.float32(final_std)
+        self.batch_size = int(batch_size)
+        self._vae: torch.nn.Module | None = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _vae=None)  # Weights stay out of network pickles.
+
+    def init(self, device: torch.device | str) -> None:
+        if self._vae is None:
+            self._vae = load_vae(self.vae_name, device)
+        self._vae.to(device)
+
+    def _run_batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([fn(batch) for batch in x.split(self.batch_size)])
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW pixels -> float32 [N, 2C, H/f, W/f]: posterior mean, then std."""
+        self.init(x.device)
+
+        def encode(batch: torch.Tensor) -> torch.Tensor:
+            # x/255 rather than the VAE's native [-1, 1]: the raw statistics were measured this way (SPEC §6).
+            posterior = self._vae.encode(batch.to(torch.float32) / 255).latent_dist
+            return torch.cat([posterior.mean, posterior.std], dim=1)
+        return self._run_batched(encode, x)
+
+    def _per_channel(self, value: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
+        return misc.const_like(ref, value.reshape(1, -1, 1, 1), dtype=torch.float32)
+
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored mean and std -> a sample z = mean + std·n, normalised per channel to network space."""
+        mean, std = x.to(torch.float32).chunk(2, dim=1)
+        z = mean + std * torch.randn_like(mean)
+        scale = self._per_channel(self.final_std / self.raw_std, z)
+        return (z - self._per_channel(self.raw_mean, z)) * scale + self.final_mean
+
+    def latents_to_vae(self, x: torch.Tensor) -> torch.Tensor:
+        """Network space -> the VAE's latent space: the inverse of the normalisation in encode_latents."""
+        x = x.to(torch.float32)
+        scale = self._per_channel(self.raw_std / self.final_std, x)
+        return (x - self.final_mean) * scale + self._per_channel(self.raw_mean, x)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Network space -> uint8 NCHW pixels: VAE output clamped to [0, 1], times 255, rounded."""
+        self.init(x.device)
+        images = self._run_batched(lambda batch: self._vae.decode(batch).sample, self.latents_to_vae(x))
+        return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
