@@ -127,7 +127,7 @@ def test_dinov2_checkpoint_architecture_is_read_from_its_shapes(tmp_path):
 
 
 def test_wrong_checkpoint_names_the_file_and_keys(tmp_path):
-    state = random_state(INCEPTION_LAYOUT)
+    state = {k: torch.zeros(shape) for k, shape in INCEPTION_LAYOUT.items()}
     del state['Mixed_7c.branch_pool.conv.weight']
     torch.save(state, tmp_path / 'inception.pth')
     with pytest.raises(DetectorError, match=r'inception\.pth does not hold FID Inception-v3 weights \(missing Mixed_7c'):
@@ -160,10 +160,11 @@ def test_tf1_resize_matches_asymmetric_grid_sample():
     # The TorchScript FID detector resizes with an affine grid shifted so that out[i] samples in[i * in/out].
     x = torch.rand(2, 3, 37, 53) * 255
     n, c, h, w = x.shape
-    theta = torch.tensor([[1, 0, 1 / w - 1 / 299], [0, 1, 1 / h - 1 / 299]], dtype=torch.float32)
-    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, 299, 299], align_corners=False)
+    size = 71
+    theta = torch.tensor([[1, 0, 1 / w - 1 / size], [0, 1, 1 / h - 1 / size]], dtype=torch.float32)
+    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, size, size], align_corners=False)
     expected = F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
-    torch.testing.assert_close(tf1_resize_bilinear(x, 299), expected, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(tf1_resize_bilinear(x, size), expected, atol=1e-3, rtol=1e-5)
 
 
 def test_tf1_resize_hand_computed_pixel():

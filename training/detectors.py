@@ -15,7 +15,7 @@ from torch import nn
 
 import dnnlib
 from training.dinov2 import DinoVisionTransformer, vit_kwargs_from_state_dict
-from training.inception import INCEPTION_FEATURE_DIM, InceptionV3
+from training.inception import InceptionV3
 
 DETECTORS_ENV = 'EDM2X_DETECTORS'
 
@@ -36,16 +36,17 @@ class DetectorError(Exception):
 
 
 class TorchScriptInception(nn.Module):
-    """Adapter for NVIDIA's TorchScript Inception pickle, called as net(images, return_features=True)."""
-
-    feature_dim = INCEPTION_FEATURE_DIM
+    """Adapter for NVIDIA's TorchScript Inception pickle, called as net(images, return_features=True).
+    The feature size is read off one tiny probe image rather than assumed."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        with torch.no_grad():
+            self.feature_dim = int(self.forward(torch.zeros([1, 3, 8, 8], dtype=torch.uint8)).shape[1])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images, return_features=True)
+        return self.net(images.contiguous(), return_features=True)
 
 
 def _is_url(s: str) -> bool:

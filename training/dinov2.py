@@ -119,7 +119,8 @@ class DinoVisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8-range NCHW RGB images of any size in, class-token features out."""
-        x = images.to(torch.float32)
+        # Contiguous first: the antialiased bicubic kernel rounds differently for channels-last input.
+        x = images.to(torch.float32).contiguous()
         x = F.interpolate(x, size=(DINOV2_RESOLUTION, DINOV2_RESOLUTION), mode='bicubic', antialias=True)
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).reshape(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).reshape(1, 3, 1, 1)

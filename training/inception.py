@@ -197,7 +197,7 @@ class InceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, max_pool=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32)
+        x = images.to(torch.float32).contiguous()  # results must not depend on the memory layout
         if x.shape[2:] != (INCEPTION_RESOLUTION, INCEPTION_RESOLUTION):
             x = tf1_resize_bilinear(x, INCEPTION_RESOLUTION)
         x = (x - 128) / 128

@@ -1,0 +1,231 @@
+"""FID and FD-DINOv2: reference statistics of a dataset (ref), metrics of an image folder or ZIP
+(calc), and metrics of a network's images generated on the fly (gen). Runs under torchrun.
+
+Detector weights are fetched once into dnnlib's download cache. Offline, put them in a folder and
+name it with --detectors or the EDM2X_DETECTORS environment variable:
+  pt_inception-2015-12-05-6726825d.pth  (FID; or NVIDIA's TorchScript inception-2015-12-05.pkl)
+  dinov2_vitl14_pretrain.pth            (FD-DINOv2)
+"""
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+import dnnlib
+from generate_images import GenerationError, generate_images, load_network, resolve_sampler_options, sampler_options
+from torch_utils import distributed as dist
+from training.dataset import DatasetError, ImageFolderDataset
+from training.detectors import DETECTORS_ENV, DetectorError
+from training.metrics import (MetricsError, Stats, calculate_metrics_from_stats, calculate_stats_for_iterable,
+                              load_stats, parse_metrics, require_metrics, save_stats)
+from training.snapshots import NetworkPickleError
+
+_REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
+_USER_ERRORS = (MetricsError, DetectorError, DatasetError, GenerationError, NetworkPickleError, OSError)
+
+
+def _one_line(err: Exception) -> str:
+    # DataLoader workers re-raise with the worker's traceback folded into the message; keep its last line.
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    return last.split(': ', 1)[1] if last.startswith('training.') and ': ' in last else last
+
+
+def _open_images(path: str, num: int | None = None, seed: int = 0) -> ImageFolderDataset:
+    """The RGB images of a folder or ZIP; with `num`, exactly `num` of them, subsampled by `seed`."""
+    dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
+    if num is not None and len(dataset) < num:
+        raise MetricsError(f'{path} holds {len(dataset)} images, fewer than --num={num}; '
+                           f'add images or lower --num.')
+    image, _label = dataset[0]
+    if image.dtype != np.uint8:
+        raise MetricsError(f'{path} holds {image.dtype} arrays (latents?), not PNG images; metrics need pixels.')
+    if dataset.num_channels != 3:
+        raise MetricsError(f'{path} holds images with {dataset.num_channels} channel(s); the detectors need RGB '
+                           f'(3 channels); convert them with dataset_tool.py.')
+    return dataset
+
+
+def _dataset_batches(dataset: ImageFolderDataset, batch: int, workers: int) -> Iterator[torch.Tensor]:
+    """This rank's share of the dataset (every world-size-th image), as uint8 NCHW batches."""
+    share = torch.utils.data.Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
+    loader = torch.utils.data.DataLoader(share, batch_size=batch, num_workers=workers, prefetch_factor=None if workers == 0 else 2)
+    for images, _labels in loader:
+        yield images
+
+
+def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call fn, turning user-facing errors into one-line click errors."""
+    try:
+        return fn(*args, **kwargs)
+    except _USER_ERRORS as err:
+        raise click.ClickException(_one_line(err)) from None
+
+
+def _device(device: str | None) -> torch.device:
+    try:
+        return torch.device(device) if device is not None else dist.device()
+    except RuntimeError as err:
+        raise click.ClickException(f'--device={device}: {err}') from None
+
+
+def _check_metrics(metrics: str) -> list[str]:
+    try:
+        return parse_metrics(metrics)
+    except MetricsError as err:
+        raise click.ClickException(f'--metrics={metrics}: {err}') from None
+
+
+def _common_options(fn: Any) -> Any:
+    options = [
+        click.option('--metrics', metavar='LIST', type=str, default='fid,fd_dinov2', show_default=True,
+                     help='Comma-separated metrics: fid, fd_dinov2.'),
+        click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True,
+                     help='Images per batch and rank.'),
+        click.option('--detectors', metavar='PATH[,PATH]', type=str, default=None,
+                     help=f'Detector weight files, folders or URLs  [default: ${DETECTORS_ENV}, else download]'),
+        click.option('--device', metavar='DEVICE', type=str, default=None,
+                     help='Torch device, e.g. cpu or cuda:1  [default: cuda if available]'),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group()
+def cli() -> None:
+    """Calculate FID and FD-DINOv2 the EDM2 way (SPEC §7).
+
+    Examples:
+
+    \b
+    # Reference statistics of a dataset
+    python calculate_metrics.py ref --data=datasets/img512.zip --dest=refs/img512.pkl
+
+    \b
+    # Metrics of 50k generated PNGs against NVIDIA's published reference, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 calculate_metrics.py calc --images=out \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl
+
+    \b
+    # Generate on the fly from a preset and evaluate (nothing written)
+    torchrun --standalone --nproc_per_node=8 calculate_metrics.py gen --preset=edm2-img512-s-autog-fid
+
+    \b
+    # Offline: detector weights placed by hand in ~/detectors
+    EDM2X_DETECTORS=~/detectors python calculate_metrics.py calc --images=out --ref=refs/img512.pkl
+    """
+
+
+@cli.command()
+@click.option('--data', metavar='PATH', type=str, required=True, help='Dataset folder or ZIP of PNG images.')
+@click.option('--dest', metavar='PKL|NPZ', type=str, required=True, help='Where to write the statistics.')
+@_common_options
+@click.option('--workers', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True,
+              help='Data loader processes per rank.')
+def ref(data: str, dest: str, metrics: str, batch: int, detectors: str | None, device: str | None, workers: int) -> None:
+    """Reference statistics of every image in a dataset.
+
+    \b
+    python calculate_metrics.py ref --data=datasets/img64.zip --dest=refs/img64.pkl --metrics=fid
+    """
+    dist.init()
+    metric_list, torch_device = _check_metrics(metrics), _device(device)
+    dataset = _run(_open_images, data)
+    dist.print0(f'Embedding {len(dataset)} images of {data} for {",".join(metric_list)} ...')
+    stats = _run(calculate_stats_for_iterable, _dataset_batches(dataset, batch, workers), metric_list,
+                 detector_source=detectors, device=torch_device, num_images=len(dataset))
+    if dist.is_main():
+        _run(save_stats, stats, dest)
+        print(f'Saved {dest}')
+
+
+def _load_ref(ref_path: str, metric_list: list[str]) -> Stats | None:
+    """Rank 0 reads and checks the reference before any embedding, so a bad one fails fast."""
+    if not dist.is_main():
+        return None
+    ref_stats = _run(load_stats, ref_path)
+    _run(require_metrics, ref_stats, metric_list, ref_path)
+    return ref_stats
+
+
+def _report(stats: Stats, ref_stats: Stats | None, ref_path: str, metric_list: list[str]) -> None:
+    if dist.is_main():
+        results = _run(calculate_metrics_from_stats, stats, ref_stats, metric_list, ref_name=ref_path)
+        for metric, value in results.items():
+            print(f'{metric} {value:g}')
+
+
+@cli.command()
+@click.option('--images', metavar='PATH', type=str, required=True, help='Folder or ZIP of PNG images to evaluate.')
+@click.option('--ref', 'ref_path', metavar='PKL|NPZ|URL', type=str, required=True, help='Reference statistics.')
+@click.option('--num', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True,
+              help='Number of images; more are subsampled, fewer is an error.')
+@click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Seed of the subsampling.')
+@_common_options
+@click.option('--workers', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True,
+              help='Data loader processes per rank.')
+def calc(images: str, ref_path: str, num: int, seed: int, metrics: str, batch: int, detectors: str | None,
+         device: str | None, workers: int) -> None:
+    """Metrics of a folder or ZIP of images against reference statistics.
+
+    \b
+    python calculate_metrics.py calc --images=out --ref=refs/img64.pkl --num=10000 --metrics=fid
+    """
+    dist.init()
+    metric_list, torch_device = _check_metrics(metrics), _device(device)
+    ref_stats = _load_ref(ref_path, metric_list)
+    dataset = _run(_open_images, images, num, seed)
+    dist.print0(f'Embedding {len(dataset)} images of {images} for {",".join(metric_list)} ...')
+    stats = _run(calculate_stats_for_iterable, _dataset_batches(dataset, batch, workers), metric_list,
+                 detector_source=detectors, device=torch_device, num_images=len(dataset))
+    _report(stats, ref_stats, ref_path, metric_list)
+
+
+def _default_ref(preset: str | None) -> str | None:
+    for dataset in ('img512', 'img64'):
+        if preset is not None and preset.startswith(f'edm2-{dataset}-'):
+            return _REF_URL.format(dataset)
+    return None
+
+
+@cli.command()
+@sampler_options
+@click.option('--ref', 'ref_path', metavar='PKL|NPZ|URL', type=str, default=None,
+              help="Reference statistics  [default: the preset's dataset reference]")
+@click.option('--num', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True,
+              help='Number of images to generate.')
+@click.option('--seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True,
+              help='First seed; images use seeds seed .. seed+num-1.')
+@click.option('--class', 'class_idx', metavar='INT', type=int, default=None, help='Class label  [default: random per seed]')
+@_common_options
+def gen(ref_path: str | None, num: int, seed: int, class_idx: int | None, metrics: str, batch: int,
+        detectors: str | None, device: str | None, **opts: Any) -> None:
+    """Metrics of images generated on the fly (nothing is written).
+
+    \b
+    python calculate_metrics.py gen --net=run/network-snapshot-0008388-0.100.pkl --ref=refs/img64.pkl --num=10000
+    """
+    dist.init()
+    metric_list, torch_device = _check_metrics(metrics), _device(device)
+    ref_path = ref_path or _default_ref(opts['preset'])
+    if ref_path is None:
+        raise click.ClickException('No reference statistics: give --ref=PKL (make one with calculate_metrics.py ref).')
+    ref_stats = _load_ref(ref_path, metric_list)
+    c = _run(resolve_sampler_options, **opts)
+    net, encoder = _run(load_network, c.net, torch_device, verbose=True)
+    gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and c.sampler_kwargs.guidance != 1 else None
+    dist.print0(f'Generating and embedding {num} images (seeds {seed}-{seed + num - 1}) for {",".join(metric_list)} ...')
+    batches = (b.images for b in generate_images(net, encoder, gnet, seeds=range(seed, seed + num), class_idx=class_idx,
+                                                 max_batch_size=batch, device=torch_device, **c.sampler_kwargs))
+    stats = _run(calculate_stats_for_iterable, batches, metric_list, detector_source=detectors,
+                 device=torch_device, num_images=num)
+    _report(stats, ref_stats, ref_path, metric_list)
+
+
+if __name__ == '__main__':
+    cli()
