@@ -43,6 +43,16 @@ def assert_unit_mean_square(ms: torch.Tensor, bias: float = 0.0) -> None:
     assert abs(ms.mean().item() - 1) < 5 * se.item() + bias, (ms.mean().item(), se.item())
 
 
+def record_input(module: torch.nn.Module, store: dict, key: str) -> None:
+    """Keep the latest first positional input of module in store[key] (the hook returns None: no change)."""
+    module.register_forward_pre_hook(lambda m, args: store.__setitem__(key, args[0]))
+
+
+def record_output(module: torch.nn.Module, store: dict, key: str) -> None:
+    """Keep the latest output of module in store[key]."""
+    module.register_forward_hook(lambda m, args, out: store.__setitem__(key, out))
+
+
 # ----------------------------------------------------------------------------
 # Magnitude preservation of each MP op on unit-variance inputs.
 
@@ -112,7 +122,7 @@ def test_mp_fourier_keeps_unit_rms_and_matches_buffers():
     y = layer(x)
     torch.testing.assert_close(y, math.sqrt(2) * torch.cos(x[:, None] * layer.freqs + layer.phases))
     # Channels draw f and φ independently; each has expectation 1 over φ ~ U[0, 1).
-    assert_unit_mean_square(y.pow(2).mean(dim=0), bias=0.0)
+    assert_unit_mean_square(y.pow(2).mean(dim=0))
 
 
 def test_resample_up_repeats_pixels_and_down_inverts_it():
@@ -137,7 +147,7 @@ def test_resample_down_halves_rms_of_white_noise_and_encoder_pixel_norm_restores
     # The encoder block pixel-normalises right after downsampling, restoring unit RMS per pixel.
     block = nets.Block(32, 32, 8, flavor="enc", resample_mode="down").eval()
     seen = {}
-    block.conv_res0.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    record_input(block.conv_res0, seen, "x")
     block(x, torch.randn(256, 8))
     rms = down.pow(2).mean(dim=1, keepdim=True).sqrt()
     torch.testing.assert_close(seen["x"], nets.mp_silu(down / (1e-4 + rms)))
@@ -258,6 +268,30 @@ def test_img512_parameter_counts_match_published_table(model_channels, published
     assert abs(count / 1e6 - published_millions) <= 0.005 * published_millions, count
 
 
+def test_decoder_blocks_read_mp_cat_of_previous_output_and_matching_encoder_skip():
+    torch.manual_seed(0)
+    net = tiny_precond(concat_balance=0.3)
+    unet, outputs, inputs = net.unet, {}, {}
+    for prefix, modules in [("enc", unet.enc), ("dec", unet.dec)]:
+        for name, module in modules.items():
+            record_output(module, outputs, f"{prefix}.{name}")
+            record_input(module, inputs, f"{prefix}.{name}")
+    net(torch.randn(2, 3, 16, 16), 1.0, torch.eye(10)[[2, 3]])
+    # (decoder block, decoder module before it, encoder output it pairs with): skips pair in reverse order.
+    pairs = [
+        ("8x8_block0", "8x8_in1", "8x8_block1"), ("8x8_block1", "8x8_block0", "8x8_block0"),
+        ("8x8_block2", "8x8_block1", "8x8_down"), ("16x16_block0", "16x16_up", "16x16_block1"),
+        ("16x16_block1", "16x16_block0", "16x16_block0"), ("16x16_block2", "16x16_block1", "16x16_conv"),
+    ]  # fmt: skip
+    t = 0.3
+    for block, prev, skip in pairs:
+        a, b = outputs[f"dec.{prev}"], outputs[f"enc.{skip}"]
+        Na, Nb = a.shape[1], b.shape[1]
+        C = math.sqrt((Na + Nb) / ((1 - t) ** 2 + t**2))
+        expected = torch.cat([C * (1 - t) / math.sqrt(Na) * a, C * t / math.sqrt(Nb) * b], dim=1)
+        torch.testing.assert_close(inputs[f"dec.{block}"], expected)
+
+
 # ----------------------------------------------------------------------------
 # Preconditioning (SPEC §3).
 
@@ -321,7 +355,7 @@ def test_one_hot_label_embedding_is_a_column_of_the_normalised_weight():
     torch.manual_seed(0)
     net = nets.Precond(**{**TINY, "label_dim": 1000}).eval()
     seen = {}
-    net.unet.emb_label.register_forward_hook(lambda m, args, out: seen.setdefault("emb", out))
+    record_output(net.unet.emb_label, seen, "emb")
     labels = torch.tensor([0, 17, 500, 999])
     net(torch.randn(4, 3, 16, 16), 1.0, torch.eye(1000)[labels])
     # The one-hot is scaled by sqrt(label_dim), so it picks column j of the row-normalised weight.
@@ -338,8 +372,8 @@ def test_attention_equals_plain_softmax_einsum_with_per_head_qkv_split():
     torch.manual_seed(0)
     block = nets.Block(32, 32, 8, flavor="enc", attention=True, channels_per_head=8).eval()
     seen = {}
-    block.attn_qkv.register_forward_hook(lambda m, args, out: seen.setdefault("qkv", out))
-    block.attn_proj.register_forward_pre_hook(lambda m, args: seen.setdefault("attn", args[0]))
+    record_output(block.attn_qkv, seen, "qkv")
+    record_input(block.attn_proj, seen, "attn")
     block(torch.randn(2, 32, 4, 4), torch.randn(2, 8))
 
     qkv = seen["qkv"].double().reshape(2, 4, 8, 3, 16)  # (N, heads, head_channels, q/k/v, pixels)
@@ -347,6 +381,55 @@ def test_attention_equals_plain_softmax_einsum_with_per_head_qkv_split():
     w = torch.softmax(torch.einsum("nhcq,nhck->nhqk", q, k) / math.sqrt(8), dim=3)
     expected = torch.einsum("nhqk,nhck->nhcq", w, v).reshape(2, 32, 4, 4)
     torch.testing.assert_close(seen["attn"].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def reference_block(block: nets.Block, x: torch.Tensor, emb: torch.Tensor, res_t: float, attn_t: float,
+                    heads: int, clip: float) -> torch.Tensor:
+    """The block of SPEC §2 in plain float64 ops, reading only the block's weights."""
+    F = torch.nn.functional
+
+    def weight(conv):
+        w = conv.weight.double()
+        rms = w.flatten(1).pow(2).mean(dim=1).sqrt().reshape(-1, *[1] * (w.ndim - 1))
+        return w / (1e-4 + rms) / math.sqrt(w[0].numel())
+
+    def silu(v):
+        return F.silu(v) / 0.596
+
+    def pixel_norm(v, dim=1):
+        return v / (1e-4 + v.pow(2).mean(dim=dim, keepdim=True).sqrt())
+
+    def blend(a, b, t):
+        return ((1 - t) * a + t * b) / math.sqrt((1 - t) ** 2 + t**2)
+
+    x, emb = x.double(), emb.double()
+    if block.flavor == "enc":
+        x = pixel_norm(F.conv2d(x, weight(block.conv_skip)))
+    y = F.conv2d(silu(x), weight(block.conv_res0), padding=1)
+    scale = 1 + block.emb_gain.double() * emb @ weight(block.emb_linear).t()
+    y = F.conv2d(silu(y * scale[:, :, None, None]), weight(block.conv_res1), padding=1)
+    if block.flavor == "dec":
+        x = F.conv2d(x, weight(block.conv_skip))
+    x = blend(x, y, res_t)
+    n, c, h, w = x.shape
+    qkv = F.conv2d(x, weight(block.attn_qkv)).reshape(n, heads, c // heads, 3, h * w)
+    q, k, v = (pixel_norm(t, dim=2) for t in qkv.unbind(3))
+    a = torch.softmax(torch.einsum("nhcq,nhck->nhqk", q, k) / math.sqrt(c // heads), dim=3)
+    y = F.conv2d(torch.einsum("nhqk,nhck->nhcq", a, v).reshape(n, c, h, w), weight(block.attn_proj))
+    return blend(x, y, attn_t).clip(-clip, clip)
+
+
+@pytest.mark.parametrize("flavor", ["enc", "dec"])
+def test_block_matches_plain_reference(flavor):
+    torch.manual_seed(0)
+    block = nets.Block(16, 32, 8, flavor=flavor, attention=True, channels_per_head=8, res_balance=0.2,
+                       attn_balance=0.4, clip_act=1.5).eval()  # fmt: skip
+    with torch.no_grad():
+        block.emb_gain.fill_(0.7)
+    x, emb = torch.randn(2, 16, 6, 6), torch.randn(2, 8)
+    expected = reference_block(block, x, emb, res_t=0.2, attn_t=0.4, heads=4, clip=1.5)
+    assert (expected.abs() == 1.5).any()
+    torch.testing.assert_close(block(x, emb).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_acts_only_in_training():

@@ -14,7 +14,7 @@ from torch_utils import misc, persistence
 # Magnitude-preserving functions.
 
 
-# Unit-RMS normalisation (forced weight normalisation, EDM2 Eq. 47; pixel norm over channels).
+# Unit-RMS normalisation, SPEC §1: per weight row for MP conv (EDM2 Eq. 47) or per pixel (pixel norm).
 def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
     if dim is None:
         dim = list(range(1, x.ndim))
@@ -219,7 +219,9 @@ class UNet(torch.nn.Module):
                 cin, cout = cout, channels
                 self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
             else:
-                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = Block(
+                    cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs
+                )
             skips.append(cout)
             for idx in range(num_blocks):
                 cin, cout = cout, channels
