@@ -7,7 +7,6 @@ name it with --detectors or the EDM2X_DETECTORS environment variable:
   dinov2_vitl14_pretrain.pth            (FD-DINOv2)
 """
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,6 @@ import click
 import numpy as np
 import torch
 
-import dnnlib
 from generate_images import GenerationError, generate_images, load_network, resolve_sampler_options, sampler_options
 from torch_utils import distributed as dist
 from training.dataset import DatasetError, ImageFolderDataset
@@ -53,7 +51,7 @@ def _open_images(path: str, num: int | None = None, seed: int = 0) -> ImageFolde
 def _dataset_batches(dataset: ImageFolderDataset, batch: int, workers: int) -> Iterator[torch.Tensor]:
     """This rank's share of the dataset (every world-size-th image), as uint8 NCHW batches."""
     share = torch.utils.data.Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
-    loader = torch.utils.data.DataLoader(share, batch_size=batch, num_workers=workers, prefetch_factor=None if workers == 0 else 2)
+    loader = torch.utils.data.DataLoader(share, batch_size=batch, num_workers=workers)
     for images, _labels in loader:
         yield images
 
@@ -118,6 +116,11 @@ def cli() -> None:
     \b
     # Offline: detector weights placed by hand in ~/detectors
     EDM2X_DETECTORS=~/detectors python calculate_metrics.py calc --images=out --ref=refs/img512.pkl
+
+    Detector weights are downloaded once into dnnlib's cache. Offline, put these files in a folder
+    and name it with --detectors or $EDM2X_DETECTORS: pt_inception-2015-12-05-6726825d.pth (FID;
+    NVIDIA's TorchScript inception-2015-12-05.pkl is used instead when present) and
+    dinov2_vitl14_pretrain.pth (FD-DINOv2).
     """
 
 

@@ -19,7 +19,7 @@ import calculate_metrics
 from generate_images import generate_images
 from training.detectors import load_detector, resolve_detector_sources
 from training.encoders import StandardRGBEncoder
-from training.metrics import calculate_metrics_from_stats, calculate_stats_for_iterable, load_stats
+from training.metrics import calculate_metrics_from_stats, load_stats
 from training.networks_edm2 import Precond
 from training.snapshots import save_network_pickle
 

@@ -21,13 +21,15 @@ from torch import nn
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.detectors import METRICS, DetectorError, load_detector, resolve_detector_sources
+from training.detectors import METRICS, load_detector, resolve_detector_sources
 
 Stats = dict[str, dict[str, np.ndarray]]
 
-# A covariance eigenvalue below -MAX_NEGATIVE_EIGENVALUE x the largest one is not round-off: the matrix
-# is not a covariance (corrupt statistics). Smaller negative ones are noise of a near-singular matrix.
+# A covariance eigenvalue below -(MAX_NEGATIVE_EIGENVALUE x the largest one + NEGATIVE_EIGENVALUE_FLOOR)
+# is not round-off: the matrix is not a covariance (corrupt statistics). Smaller negative ones are noise
+# of a near-singular matrix; the floor covers near-constant features, whose covariance is all round-off.
 MAX_NEGATIVE_EIGENVALUE = 1e-6
+NEGATIVE_EIGENVALUE_FLOOR = 1e-10
 
 
 class MetricsError(Exception):
@@ -129,7 +131,7 @@ def calculate_stats_for_iterable(image_iter: Iterable[torch.Tensor], metrics: st
 def _sqrt_psd(sigma: np.ndarray, which: str) -> np.ndarray:
     """Symmetric square root of a covariance matrix; round-off negative eigenvalues count as zero."""
     w, v = np.linalg.eigh((sigma + sigma.T) / 2)
-    if w[0] < -MAX_NEGATIVE_EIGENVALUE * max(w[-1], 0.0):
+    if w[0] < -(MAX_NEGATIVE_EIGENVALUE * max(w[-1], 0.0) + NEGATIVE_EIGENVALUE_FLOOR):
         raise MetricsError(f'The {which} covariance is not positive semi-definite (eigenvalue {w[0]:.3g}, largest '
                            f'{w[-1]:.3g}); the statistics are corrupt.')
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
