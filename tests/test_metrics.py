@@ -43,8 +43,11 @@ def test_frechet_distance_of_identical_stats_is_zero_even_when_singular():
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
     mu, sigma = _random_stats(64, 20, 6)  # 20 samples in 64 dimensions: rank 19
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
-    x = 3 + np.random.default_rng(7).normal(size=[10, 8]) * 1e-9  # near-constant features: all round-off
-    mu, sigma = x.mean(axis=0), np.cov(x, rowvar=False)
+    # Near-constant features: Σxxᵀ − nμμᵀ leaves only round-off, an indefinite matrix of size ~1e-15.
+    stats = FeatureStats(8, 'cpu')
+    stats.append(3 + torch.from_numpy(np.random.default_rng(7).normal(size=[10, 8]) * 1e-9))
+    mu, sigma = stats.mu_sigma().values()
+    assert np.linalg.eigvalsh(sigma)[0] < 0
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
