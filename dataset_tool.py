@@ -78,7 +78,10 @@ class DatasetWriter:
 
     def add_file(self, relpath: str, data: bytes) -> None:
         if self._zip is not None:
-            self._zip.writestr(relpath, data)
+            # A fixed timestamp makes the ZIP a function of its content alone (reproducible, resumable).
+            info = zipfile.ZipInfo(relpath, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            self._zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
             return
         path = os.path.join(self._tmp_dir, relpath)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -304,6 +307,11 @@ def cli() -> None:
     # ImageNet 64x64 the way ADM and EDM2 prepare it (labels from the class sub-folders).
     python dataset_tool.py convert --source=downloads/imagenet/train --dest=datasets/img64.zip \\
         --resolution=64 --transform=center-crop-dhariwal
+    \b
+    # ImageNet 512x512 latents for the edm2-img512-* presets: crop, then encode with the SD VAE.
+    python dataset_tool.py convert --source=downloads/imagenet/train --dest=datasets/img512.zip \\
+        --resolution=512 --transform=center-crop-dhariwal
+    python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
     """
 
 
@@ -362,6 +370,104 @@ def convert(source: str, dest: str, resolution: str | None, transform: str | Non
                     f'{images.describe(item.relpath)}: image is {image.shape[1]}x{image.shape[0]} but '
                     f'{first_shape[1]} is {first_shape[0][1]}x{first_shape[0][0]}; pass --resolution to resize all')
             writer.add_image(item_relpath(idx), image, label=item.label, caption=item.caption)
+
+
+def _check_partial(partial: str, settings: dict, resume: bool) -> None:
+    """An existing folder of finished items beside --dest may only be continued, and only with its settings."""
+    if not os.path.isdir(partial):
+        return
+    if not resume:
+        raise click.ClickException(f'{partial}: holds an interrupted encode; pass --resume to continue it, or delete it')
+    settings_path = os.path.join(partial, 'settings.json')
+    try:
+        with open(settings_path, encoding='utf-8') as f:
+            previous = json.load(f)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'{settings_path}: unreadable ({e}); delete {partial} and start over') from None
+    for key, value in settings.items():
+        if previous.get(key) != value:
+            raise click.ClickException(f'{partial}: was started with {key} {previous.get(key)!r}, not {value!r}; '
+                                       f'resume with the same --{key.replace("_", "-")} or delete it')
+
+
+def _load_images(images: ImageSource, relpaths: list[str], shape: tuple) -> np.ndarray:
+    batch = []
+    for relpath in relpaths:
+        image = decode_image(images.read(relpath), images.describe(relpath))
+        if image.shape != shape:
+            raise click.ClickException(f'{images.describe(relpath)}: image is {image.shape[1]}x{image.shape[0]} but the '
+                                       f'first is {shape[1]}x{shape[0]}; make them one size with convert --resolution')
+        batch.append(image.transpose(2, 0, 1))
+    return np.stack(batch)
+
+
+@cli.command()
+@click.option('--model-url', metavar='ID|DIR', default='stabilityai/sd-vae-ft-mse', show_default=True,
+              help='VAE: Hugging Face hub id or a folder saved with AutoencoderKL.save_pretrained.')
+@click.option('--source', metavar='PATH', required=True, help='Pixel dataset: folder or ZIP of equal-size images.')
+@click.option('--dest', metavar='PATH', required=True, help='Output ZIP (ends in .zip) or new folder of NPY latents.')
+@click.option('--max-images', metavar='INT', callback=_parse_count, help='Encode at most this many (first by path).')
+@click.option('--resume', is_flag=True, help='Continue an interrupted run from the items finished in DEST.partial.')
+@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True, help='Images per VAE call.')
+@click.option('--device', metavar='DEVICE', default=None, help='Torch device, e.g. cpu or cuda:1  [default: cuda if available]')
+def encode(model_url: str, source: str, dest: str, max_images: int | None, resume: bool, batch: int, device: str | None) -> None:
+    """Encode a pixel dataset with the Stable Diffusion VAE into NPY latents (SPEC §6).
+
+    Each item stores 8 float32 channels, the posterior mean and std; labels and captions are carried over.
+    Finished items collect in DEST.partial beside DEST, so an interrupted run continued with --resume
+    makes the same dataset as an uninterrupted one (with the same --batch).
+
+    \b
+    python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip --resume
+    """
+    import torch
+    from training.encoders import StabilityVAEEncoder
+
+    images = ImageSource(source, max_images=max_images)
+    partial = os.path.abspath(dest).rstrip(os.sep) + '.partial'
+    settings = {'model_url': model_url, 'source': os.path.abspath(source)}
+    _check_partial(partial, settings, resume)
+    if not dest.lower().endswith('.zip') and os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
+        raise click.ClickException(f'{dest}: already exists and is not an empty folder; choose a new --dest')
+    try:
+        device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise click.ClickException(f'--device={device}: CUDA is not available here; use --device=cpu')
+        encoder = StabilityVAEEncoder(vae_name=model_url, batch_size=batch)
+        encoder.init(device)
+    except (RuntimeError, OSError) as e:
+        raise click.ClickException(re.sub(r'\s+', ' ', str(e))) from None
+    if not os.path.isdir(partial):
+        os.makedirs(partial)
+        with dnnlib.util.atomic_write(os.path.join(partial, 'settings.json'), 'wt') as f:
+            json.dump(settings, f)
+
+    def item_path(idx: int) -> str:
+        return os.path.join(partial, item_relpath(idx, 'npy'))
+
+    # Items are written in order, each atomically; restart at the batch holding the first missing one,
+    # so that every batch the VAE sees is the one an uninterrupted run would have given it.
+    done = 0
+    while done < len(images) and os.path.isfile(item_path(done)):
+        done += 1
+    start = done - done % batch
+    shape = decode_image(images.read(images.relpaths[0]), images.describe(images.relpaths[0])).shape
+    with tqdm(total=len(images), initial=start, desc='encode', unit='img') as progress:
+        for first in range(start, len(images), batch):
+            pixels = _load_images(images, images.relpaths[first:first + batch], shape)
+            latents = encoder.encode_pixels(torch.from_numpy(pixels).to(device)).cpu().numpy()
+            for idx, array in enumerate(latents, start=first):
+                os.makedirs(os.path.dirname(item_path(idx)), exist_ok=True)
+                with dnnlib.util.atomic_write(item_path(idx), 'wb') as f:
+                    np.save(f, array.astype(np.float32), allow_pickle=False)
+            progress.update(len(latents))
+
+    with DatasetWriter(dest) as writer:
+        for idx, relpath in enumerate(images.relpaths):
+            label = images.labels[relpath] if images.labels is not None else None
+            writer.add_array(item_relpath(idx, 'npy'), np.load(item_path(idx)), label=label, caption=images.caption(relpath))
+    shutil.rmtree(partial)
 
 
 if __name__ == '__main__':

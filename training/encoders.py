@@ -75,17 +75,23 @@ def load_vae(vae_name: str, device: torch.device | str = 'cpu') -> torch.nn.Modu
     if not is_local and (vae_name.startswith(('/', '.', '~')) or vae_name.count('/') != 1):
         raise dnnlib.util.DownloadError(f'{vae_name}: no such folder; pass a folder saved with save_pretrained or a '
                                         f'hub id like stabilityai/sd-vae-ft-mse.')
-    try:
-        vae = AutoencoderKL.from_pretrained(vae_name, cache_dir=None if is_local else cache_dir, low_cpu_mem_usage=False,
-                                            local_files_only=is_local or _truthy_env('HF_HUB_OFFLINE'))
-    except (OSError, ValueError) as e:
+    # The cache first (fast, and enough offline), then the hub unless HF_HUB_OFFLINE forbids it.
+    attempts = [True] if is_local or _truthy_env('HF_HUB_OFFLINE') else [True, False]
+    for local_files_only in attempts:
+        try:
+            vae = AutoencoderKL.from_pretrained(vae_name, cache_dir=None if is_local else cache_dir,
+                                                low_cpu_mem_usage=False, local_files_only=local_files_only)
+            break
+        except (OSError, ValueError) as e:
+            error = e
+    else:
         if is_local:
-            raise dnnlib.util.DownloadError(f'{vae_name}: not a diffusers AutoencoderKL folder ({type(e).__name__}); '
-                                            f'save one there with AutoencoderKL.save_pretrained.') from e
+            raise dnnlib.util.DownloadError(f'{vae_name}: not a diffusers AutoencoderKL folder ({type(error).__name__}); '
+                                            f'save one there with AutoencoderKL.save_pretrained.') from error
         raise dnnlib.util.DownloadError(
             f'Cannot load the VAE {vae_name!r} (no network or not cached): on a connected machine run '
             f'`huggingface-cli download {vae_name} --cache-dir={cache_dir}` and copy that folder here, or pass a '
-            f'local folder saved with save_pretrained.') from e
+            f'local folder saved with save_pretrained.') from error
     return vae.eval().requires_grad_(False).to(device)
 
 
