@@ -1,0 +1,67 @@
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import count_flops
+from count_flops import count_ops
+from training.networks_edm2 import Precond
+from training.snapshots import save_network_pickle
+
+PUBLISHED_GFLOPS = {'xs': 46, 's': 102, 'm': 181, 'l': 282, 'xl': 406, 'xxl': 552}  # EDM2 Table 2
+
+
+def test_count_ops_counts_multiply_adds_once_and_elementwise_work_per_element():
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(5, 3, 3, 3)
+    a, b = torch.randn(4, 6), torch.randn(6, 7)
+    v = torch.randn(50)
+    assert count_ops(lambda: torch.nn.functional.conv2d(x, w, padding=1)) == 2 * 5 * 3 * 9 * 8 * 8
+    assert count_ops(lambda: a @ b) == 4 * 6 * 7
+    assert count_ops(lambda: torch.nn.functional.silu(v) * 2) == 50 + 50
+    assert count_ops(lambda: torch.linalg.vector_norm(v)) == 50
+    assert count_ops(lambda: v.reshape(5, 10).t().clone()) == 0  # data movement is free
+
+
+def test_xs_preset_matches_published_gflops():
+    net = count_flops.build_train_preset_net('edm2-img512-xs')
+    assert (net.img_resolution, net.img_channels, net.label_dim) == (64, 4, 1000)
+    gflops = count_flops.count_flops(net) / 1e9
+    assert abs(gflops / PUBLISHED_GFLOPS['xs'] - 1) < 0.02, gflops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('size', ['s', 'm', 'l', 'xl', 'xxl'])
+def test_larger_presets_match_published_gflops(size):
+    gflops = count_flops.count_flops(count_flops.build_train_preset_net(f'edm2-img512-{size}')) / 1e9
+    assert abs(gflops / PUBLISHED_GFLOPS[size] - 1) < 0.02, gflops
+
+
+def test_generation_presets_count_net_and_guiding_net_from_their_names():
+    nets = count_flops.resolve('edm2-img512-s-uncond-autog-fid')
+    assert [role for role, _ in nets] == ['net', 'gnet']
+    assert [(net.unet.enc['64x64_conv'].weight.shape[0], net.label_dim) for _, net in nets] == [(192, 0), (128, 0)]
+    (_, net), = count_flops.resolve('edm2-img64-s-fid')
+    assert (net.img_channels, net.label_dim) == (3, 1000)
+
+
+def gflops_line(output: str) -> float:
+    return float(re.search(r'net: ([\d.]+) Gflops', output).group(1))
+
+
+def test_pickle_counts_the_same_as_the_preset_that_built_it(tmp_path):
+    # demo-tiny trains this net on the 16x16 shapes data (5 classes); here it is built on the CPU and pickled.
+    net = Precond(16, 3, 5, use_fp16=False, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    path = str(tmp_path / 'network-snapshot-0000001-0.050.pkl')
+    save_network_pickle({'ema': net.eval()}, path)
+    runner = CliRunner()
+    from_pickle, from_preset, from_folder = (runner.invoke(count_flops.main, [arg]) for arg in (path, 'demo-tiny', str(tmp_path)))
+    assert from_pickle.exit_code == 0, from_pickle.output
+    assert gflops_line(from_pickle.output) == gflops_line(from_preset.output) == gflops_line(from_folder.output) > 0
+
+
+def test_unknown_name_is_a_one_line_error(tmp_path):
+    for arg in ['edm2-img512-huge', str(tmp_path / 'missing.pkl')]:
+        result = CliRunner().invoke(count_flops.main, [arg])
+        assert result.exit_code == 1 and 'Traceback' not in result.output
+        assert len(result.output.strip().splitlines()) == 1 and arg in result.output
