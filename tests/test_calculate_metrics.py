@@ -211,11 +211,11 @@ def test_real_size_detectors_end_to_end(files, tmp_path):
     from test_detectors import INCEPTION_LAYOUT, dinov2_layout, random_state
     torch.save(random_state(INCEPTION_LAYOUT), tmp_path / 'pt_inception-2015-12-05-6726825d.pth')
     torch.save(random_state(dinov2_layout()), tmp_path / 'dinov2_vitl14_pretrain.pth')
-    common = [f'--detectors={tmp_path}', '--workers=0', '--device=cpu', '--batch=3']
-    assert _cli('ref', f'--data={files["images"]}', f'--dest={tmp_path}/ref.pkl', *common)[0] == 0
+    common = [f'--detectors={tmp_path}', '--device=cpu', '--batch=3']
+    assert _cli('ref', f'--data={files["images"]}', f'--dest={tmp_path}/ref.pkl', '--workers=0', *common)[0] == 0
     stats = load_stats(f'{tmp_path}/ref.pkl')
     assert stats['fid']['mu'].shape == (2048,) and stats['fd_dinov2']['mu'].shape == (1024,)
-    code, output = _cli('calc', f'--images={files["images"]}', f'--ref={tmp_path}/ref.pkl', '--num=6', *common)
+    code, output = _cli('calc', f'--images={files["images"]}', f'--ref={tmp_path}/ref.pkl', '--num=6', '--workers=0', *common)
     assert code == 0 and all(abs(v) < 1e-6 for v in _metrics_from_output(output).values()), output
     code, output = _cli('gen', f'--net={files["net"]}', f'--ref={tmp_path}/ref.pkl', '--num=2', '--steps=2', *common)
     assert code == 0 and set(_metrics_from_output(output)) == {'fid', 'fd_dinov2'}, output
