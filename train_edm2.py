@@ -34,12 +34,14 @@ class NimgType(click.ParamType):
 NIMG = NimgType()
 
 
-def encoder_for_channels(num_channels: int, data: str) -> dict:
+def encoder_for_channels(num_channels: int, data: str, vae: str) -> dict:
     """Pixels train through the RGB encoder, 8-channel NPY latents through the Stable Diffusion VAE."""
     if num_channels in (1, 3):
         return dict(class_name='training.encoders.StandardRGBEncoder')
     if num_channels == 8:
-        return dict(class_name='training.encoders.StabilityVAEEncoder')
+        # Snapshots store the VAE's name, so a local folder must stay findable from any working directory.
+        vae_name = os.path.abspath(vae) if os.path.isdir(vae) else vae
+        return dict(class_name='training.encoders.StabilityVAEEncoder', vae_name=vae_name)
     raise click.ClickException(f'{data}: items have {num_channels} channels; expected 3 (RGB pixels) or 8 (VAE latents).')
 
 
@@ -88,7 +90,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         raise click.ClickException(str(e)) from e
     if p.cond and not ds.has_labels:
         raise click.ClickException(f'{data} has no class labels (dataset.json "labels"); train with --cond=False.')
-    c.encoder_kwargs = dnnlib.EasyDict(encoder_for_channels(ds.num_channels, data))
+    c.encoder_kwargs = dnnlib.EasyDict(encoder_for_channels(ds.num_channels, data, p.vae))
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=p.workers, pin_memory=torch.cuda.is_available(),
                                            prefetch_factor=2 if p.workers else None, persistent_workers=p.workers > 0)
     precision = 'bf16' if p.bf16 else bool(p.fp16)
@@ -124,6 +126,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
 @click.option('--lr', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None, help='Reference learning rate alpha_ref.')
 @click.option('--decay', metavar='BATCHES', type=click.FloatRange(min=0), default=None, help='Learning-rate decay time t_ref in batches.')
 @click.option('--batch-gpu', 'batch_gpu', metavar='NIMG', type=NIMG, default=None, help='Images per device per round (gradient accumulation).')
+@click.option('--vae', metavar='ID|DIR', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True, help='VAE of latent (8-channel) datasets: hub id or save_pretrained folder.')
 @click.option('--fp16', metavar='BOOL', type=bool, default=True, show_default=True, help='Mixed precision (float16) on CUDA.')
 @click.option('--bf16', metavar='BOOL', type=bool, default=False, show_default=True, help='bfloat16 mixed precision, also on CPU.')
 @click.option('--ls', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True, help='Loss scaling.')

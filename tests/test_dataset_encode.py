@@ -113,9 +113,8 @@ def test_latent_pipeline_from_pixels_to_generated_images(tmp_path, vae_dir, pixe
 
     # train_edm2 picks the VAE encoder from the 8-channel data and sizes the net from the latents.
     c = train_edm2.setup_training_config('demo-tiny', latents, cond=True, workers=0, fp16=False, bf16=False, ls=1,
-                                         bench=False, snapshot_fp32=False, seed=0)
-    assert c.encoder_kwargs.class_name == 'training.encoders.StabilityVAEEncoder'
-    c.encoder_kwargs.vae_name = vae_dir
+                                         bench=False, snapshot_fp32=False, seed=0, vae=vae_dir)
+    assert c.encoder_kwargs == dict(class_name='training.encoders.StabilityVAEEncoder', vae_name=os.path.abspath(vae_dir))
     c.update(total_nimg=64, status_nimg=64, snapshot_nimg=64, checkpoint_nimg=None, sample_steps=4)
     run_dir = str(tmp_path / 'run')
     os.makedirs(run_dir)
