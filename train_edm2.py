@@ -12,6 +12,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import dataset as dataset_mod
 from training.checkpoint import CheckpointError
+from training.dataset_io import write_synthetic_dataset
 from training.presets_train import TRAIN_PRESETS
 from training.training_loop import TrainingError, training_loop
 
@@ -55,12 +56,11 @@ def one_line_message(e: Exception) -> str:
 
 def ensure_synthetic_dataset(spec: dnnlib.EasyDict) -> str:
     """The built-in shapes dataset for the demo presets, made once in the cache and reused."""
-    import dataset_tool
     path = dnnlib.make_cache_dir_path('datasets', f'shapes-{spec.resolution}px-{spec.num_images}.zip')
     if dist.get_rank() == 0 and not os.path.isfile(path):
         dist.print0(f'Making the built-in shapes dataset: {path}')
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        dataset_tool.write_synthetic_dataset(path, resolution=spec.resolution, num_images=spec.num_images, seed=0)
+        write_synthetic_dataset(path, resolution=spec.resolution, num_images=spec.num_images, seed=0)
     dist.barrier()
     return path
 

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import dataset_tool
+from training import dataset_io
 from training import shapes
 from training.dataset import ImageFolderDataset
 
@@ -90,23 +91,23 @@ def test_center_crop_dhariwal_matches_independent_computation(height, width, fac
     out_w = round(width * size / height)
     resized = np.array(Image.fromarray(base).resize((out_w, size), Image.Resampling.BICUBIC))
     left = (out_w - size) // 2
-    assert np.array_equal(dataset_tool.center_crop_dhariwal(image, size), resized[:, left:left + size])
+    assert np.array_equal(dataset_io.center_crop_dhariwal(image, size), resized[:, left:left + size])
 
 
 def test_center_crop_dhariwal_without_halving_and_odd_sizes():
     image = noise(45, 61)  # short side < 2*32: only the bicubic resize
     width = round(61 * 32 / 45)
     resized = np.array(Image.fromarray(image).resize((width, 32), Image.Resampling.BICUBIC))
-    assert np.array_equal(dataset_tool.center_crop_dhariwal(image, 32), resized[:, (width - 32) // 2:][:, :32])
-    assert dataset_tool.center_crop_dhariwal(noise(301, 133), 16).shape == (16, 16, 3)
+    assert np.array_equal(dataset_io.center_crop_dhariwal(image, 32), resized[:, (width - 32) // 2:][:, :32])
+    assert dataset_io.center_crop_dhariwal(noise(301, 133), 16).shape == (16, 16, 3)
 
 
 def test_center_crop_and_center_crop_wide_keep_the_middle():
     image = noise(20, 40)
-    square = dataset_tool.make_transform('center-crop', 10, 10)(image)
+    square = dataset_io.make_transform('center-crop', 10, 10)(image)
     expected = np.array(Image.fromarray(image[:, 10:30]).resize((10, 10), Image.Resampling.LANCZOS))
     assert np.array_equal(square, expected)
-    wide = dataset_tool.make_transform('center-crop-wide', 16, 4)(image)
+    wide = dataset_io.make_transform('center-crop-wide', 16, 4)(image)
     expected = np.array(Image.fromarray(image[5:15, :]).resize((16, 4), Image.Resampling.LANCZOS))
     assert np.array_equal(wide, expected)
 
@@ -120,16 +121,16 @@ def test_convert_resolution_and_transform_via_cli(tmp_path):
     assert result.exit_code == 0, result.output
     dataset = ImageFolderDataset(str(dest))
     assert dataset.image_shape == [3, 16, 16] and not dataset.has_labels
-    expected = dataset_tool.center_crop_dhariwal(noise(40, 20), 16)
+    expected = dataset_io.center_crop_dhariwal(noise(40, 20), 16)
     assert np.array_equal(dataset[1][0], expected.transpose(2, 0, 1))
 
 
 def test_parse_resolution():
-    assert dataset_tool.parse_resolution('64') == (64, 64)
-    assert dataset_tool.parse_resolution('512x256') == (512, 256)
+    assert dataset_io.parse_resolution('64') == (64, 64)
+    assert dataset_io.parse_resolution('512x256') == (512, 256)
     for bad in ('', '0', 'x64', '64x', '6.4', '-3'):
         with pytest.raises(ValueError):
-            dataset_tool.parse_resolution(bad)
+            dataset_io.parse_resolution(bad)
 
 
 # ---- bad inputs: one clear error line, no traceback, nothing left at --dest ----

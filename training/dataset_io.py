@@ -1,0 +1,290 @@
+"""Dataset files: the writer (folder or uncompressed ZIP plus dataset.json), the image source reader and
+the crops of dataset_tool.py (SPEC §6), reusable by other tools."""
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import click
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+import dnnlib
+from training import shapes
+
+SOURCE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, KeyError, Image.DecompressionBombError)
+
+# ---- writing ----
+
+
+def item_relpath(idx: int, ext: str = 'png') -> str:
+    """Path of item `idx` inside a dataset: 1000 files per sub-folder."""
+    return f'{idx // 1000:05d}/img{idx:08d}.{ext}'
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 HWC (or HW) image -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='png')
+    return buffer.getvalue()
+
+
+class DatasetWriter:
+    """Writes a dataset to a folder or, when `dest` ends in .zip, to an uncompressed ZIP.
+
+    Either appears at `dest` only once complete: it is written to a temporary file or folder beside
+    `dest` and renamed on success, and removed on error. A folder `dest` must be new or empty. On
+    leaving the `with` block without an error, dataset.json is written from the labels and captions.
+
+        with DatasetWriter('out.zip') as writer:
+            writer.add_image(item_relpath(0), image, label=3, caption='a cat')
+    """
+
+    def __init__(self, dest: str) -> None:
+        self.dest = str(dest)
+        self.is_zip = self.dest.lower().endswith('.zip')
+        self._labels: list[tuple[str, int | None]] = []
+        self._captions: list[tuple[str, str]] = []
+        self._stack = contextlib.ExitStack()
+        self._zip: zipfile.ZipFile | None = None
+        self._tmp_dir: str | None = None
+
+    def __enter__(self) -> 'DatasetWriter':
+        parent = os.path.dirname(os.path.abspath(self.dest))
+        os.makedirs(parent, exist_ok=True)
+        if self.is_zip:
+            file = self._stack.enter_context(dnnlib.util.atomic_write(self.dest, 'wb'))
+            self._zip = zipfile.ZipFile(file, mode='w', compression=zipfile.ZIP_STORED)
+        else:
+            if os.path.exists(self.dest) and not (os.path.isdir(self.dest) and not os.listdir(self.dest)):
+                raise click.ClickException(f'{self.dest}: already exists and is not an empty folder; choose a new --dest')
+            self._tmp_dir = os.path.join(parent, f'.{os.path.basename(os.path.abspath(self.dest))}.{uuid.uuid4().hex}.tmp')
+            os.mkdir(self._tmp_dir)
+        return self
+
+    def add_file(self, relpath: str, data: bytes) -> None:
+        if self._zip is not None:
+            # A fixed timestamp makes the ZIP a function of its content alone (reproducible, resumable).
+            info = zipfile.ZipInfo(relpath, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            self._zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+            return
+        path = os.path.join(self._tmp_dir, relpath)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with dnnlib.util.atomic_write(path, 'wb') as f:
+            f.write(data)
+
+    def _record(self, relpath: str, label: int | None, caption: str) -> None:
+        self._labels.append((relpath, label))
+        if caption:
+            self._captions.append((relpath, caption))
+
+    def add_image(self, relpath: str, image: np.ndarray, label: int | None = None, caption: str = '') -> None:
+        """Add a uint8 HWC image as PNG."""
+        self.add_file(relpath, encode_png(image))
+        self._record(relpath, label, caption)
+
+    def add_array(self, relpath: str, array: np.ndarray, label: int | None = None, caption: str = '') -> None:
+        """Add a float32 CHW array (e.g. latents) as NPY."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
+        self.add_file(relpath, buffer.getvalue())
+        self._record(relpath, label, caption)
+
+    def metadata(self) -> dict:
+        has_labels = any(label is not None for _, label in self._labels)
+        return {'labels': [[relpath, label] for relpath, label in self._labels] if has_labels else None,
+                'captions': [[relpath, caption] for relpath, caption in self._captions] or None}
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
+        try:
+            if exc_type is None:
+                self.add_file('dataset.json', json.dumps(self.metadata(), ensure_ascii=False).encode('utf-8'))
+            if self._zip is not None:
+                self._zip.close()
+            if self._tmp_dir is not None and exc_type is None:
+                if os.path.isdir(self.dest):
+                    os.rmdir(self.dest)  # empty, checked on entry
+                os.replace(self._tmp_dir, self.dest)
+        finally:
+            if self._tmp_dir is not None and os.path.isdir(self._tmp_dir):
+                shutil.rmtree(self._tmp_dir)
+            self._stack.__exit__(exc_type, exc, tb)
+        return False
+
+
+def write_synthetic_dataset(dest: str, resolution: int = 32, num_images: int = 10000, seed: int = 0,
+                            progress: bool = True) -> None:
+    """Write the coloured-shapes demo dataset (training/shapes.py) with labels and captions."""
+    with DatasetWriter(dest) as writer:
+        for idx in tqdm(range(num_images), desc='synth', unit='img', disable=not progress):
+            image, label, caption = shapes.make_image(seed, idx, resolution)
+            writer.add_image(item_relpath(idx), image, label=label, caption=caption)
+
+# ---- reading ----
+
+
+class SourceImage(NamedTuple):
+    relpath: str
+    image: np.ndarray       # uint8 HWC RGB
+    label: int | None
+    caption: str
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Image file bytes -> uint8 HWC RGB; a corrupt file raises ClickException naming `name`."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return np.array(img.convert('RGB'))
+    except _DECODE_ERRORS as e:
+        raise click.ClickException(f'{name}: unreadable image ({e}); replace or remove it') from None
+
+
+class ImageSource:
+    """Images in a folder or ZIP (sorted by path), with labels and captions from wherever they are.
+
+    Labels come from the source's dataset.json, else from the top-level sub-folder names (sorted and
+    numbered from 0) when every image sits in one. Captions come from dataset.json, else from a
+    sidecar .txt file beside each image (the img2dataset convention).
+    """
+
+    def __init__(self, source: str, max_images: int | None = None) -> None:
+        self.source = str(source)
+        self._zip: zipfile.ZipFile | None = None
+        if os.path.isdir(self.source):
+            fnames = {os.path.relpath(os.path.join(root, f), self.source).replace(os.sep, '/')
+                      for root, _dirs, files in os.walk(self.source, followlinks=True) for f in files}
+        elif os.path.isfile(self.source):
+            try:
+                self._zip = zipfile.ZipFile(self.source)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise click.ClickException(f'{self.source}: not a folder or a valid ZIP file ({e})') from None
+            fnames = {name for name in self._zip.namelist() if not name.endswith('/')}
+        else:
+            raise click.ClickException(f'{self.source}: no such folder or ZIP file')
+        self._fnames = fnames
+        self.relpaths = sorted(f for f in fnames if f.lower().endswith(SOURCE_EXTENSIONS))[:max_images]
+        if not self.relpaths:
+            raise click.ClickException(f'{self.source}: contains no images ({", ".join(SOURCE_EXTENSIONS)})')
+        metadata = self._load_metadata() if 'dataset.json' in fnames else {}
+        self.labels = self._find_labels(metadata.get('labels'))
+        self.captions = dict(metadata.get('captions') or [])
+
+    def describe(self, relpath: str) -> str:
+        return os.path.join(self.source, relpath) if self._zip is None else f'{self.source}:{relpath}'
+
+    def read(self, relpath: str) -> bytes:
+        try:
+            if self._zip is not None:
+                return self._zip.read(relpath)
+            with open(os.path.join(self.source, relpath), 'rb') as f:
+                return f.read()
+        except _DECODE_ERRORS as e:
+            raise click.ClickException(f'{self.describe(relpath)}: cannot be read ({e})') from None
+
+    def _load_metadata(self) -> dict:
+        try:
+            metadata = json.loads(self.read('dataset.json').decode('utf-8'))
+            if not isinstance(metadata, dict):
+                raise ValueError('expected a JSON object')
+            return {key: dict(metadata.get(key) or []) for key in ('labels', 'captions')}
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise click.ClickException(f'{self.describe("dataset.json")}: malformed ({e}); fix or delete it') from None
+
+    def _find_labels(self, labels: dict | None) -> dict[str, int] | None:
+        if labels:
+            missing = [relpath for relpath in self.relpaths if relpath not in labels]
+            if missing:
+                raise click.ClickException(f'{self.describe("dataset.json")}: no label for {missing[0]}; '
+                                           f'add it to "labels" or delete dataset.json')
+            bad = [relpath for relpath in self.relpaths if isinstance(labels[relpath], bool) or not isinstance(labels[relpath], int)]
+            if bad:
+                raise click.ClickException(f'{self.describe("dataset.json")}: label of {bad[0]} is {labels[bad[0]]!r}; '
+                                           f'labels must be class indices 0, 1, 2, ...')
+            return {relpath: labels[relpath] for relpath in self.relpaths}
+        if all('/' in relpath for relpath in self.relpaths):
+            classes = sorted({relpath.split('/')[0] for relpath in self.relpaths})
+            return {relpath: classes.index(relpath.split('/')[0]) for relpath in self.relpaths}
+        return None
+
+    def caption(self, relpath: str) -> str:
+        if relpath in self.captions:
+            return str(self.captions[relpath])
+        sidecar = os.path.splitext(relpath)[0] + '.txt'
+        return self.read(sidecar).decode('utf-8').strip() if sidecar in self._fnames else ''
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def __iter__(self) -> Iterator[SourceImage]:
+        for relpath in self.relpaths:
+            image = decode_image(self.read(relpath), self.describe(relpath))
+            label = self.labels[relpath] if self.labels is not None else None
+            yield SourceImage(relpath, image, label, self.caption(relpath))
+
+# ---- transforms ----
+
+
+def parse_resolution(s: str) -> tuple[int, int]:
+    """'64' -> (64, 64); '512x256' -> (512, 256) as (width, height)."""
+    match = re.fullmatch(r'\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?', s)
+    if not match or int(match.group(1)) < 1 or (match.group(2) is not None and int(match.group(2)) < 1):
+        raise ValueError(f'cannot parse resolution {s!r}; expected N or WxH, e.g. 64 or 512x256')
+    width = int(match.group(1))
+    return width, int(match.group(2)) if match.group(2) is not None else width
+
+
+def _resize(image: np.ndarray, width: int, height: int, resample: int = Image.Resampling.LANCZOS) -> np.ndarray:
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    return np.array(Image.fromarray(image).resize((width, height), resample))
+
+
+def center_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Largest centred box with the aspect ratio width:height, resized to width x height."""
+    h, w = image.shape[:2]
+    crop_w, crop_h = (min(w, round(h * width / height)), h) if w * height >= h * width else (w, min(h, round(w * height / width)))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    return _resize(image[top:top + crop_h, left:left + crop_w], width, height)
+
+
+def center_crop_dhariwal(image: np.ndarray, size: int) -> np.ndarray:
+    """ADM's ImageNet crop (SPEC §6): halve by box filter while the short side >= 2*size, bicubic-resize
+    the short side to `size`, then crop the centre size x size."""
+    img = Image.fromarray(image)
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), Image.Resampling.BOX)
+    scale = size / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    array = np.array(img)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+def make_transform(transform: str | None, width: int | None, height: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """The image transform of `convert`; raises ValueError for an impossible combination."""
+    if transform is None:
+        if width is None:
+            return lambda image: image
+        return lambda image: _resize(image, width, height)
+    if transform not in TRANSFORMS:
+        raise ValueError(f'unknown transform {transform!r}; expected one of {", ".join(TRANSFORMS)}')
+    if width is None:
+        raise ValueError(f'--transform={transform} needs --resolution')
+    if transform != 'center-crop-wide' and width != height:
+        raise ValueError(f'--transform={transform} makes square images but --resolution is {width}x{height}; '
+                         f'use --transform=center-crop-wide')
+    if transform == 'center-crop-dhariwal':
+        return lambda image: center_crop_dhariwal(image, width)
+    return lambda image: center_crop(image, width, height)
