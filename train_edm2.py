@@ -83,12 +83,13 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         data = ensure_synthetic_dataset(p.synthetic)
 
     c = dnnlib.EasyDict()
-    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=p.cond)
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=p.cond,
+                                       **p.get('dataset_kwargs', {}))
     try:
-        ds = dataset_mod.ImageFolderDataset(**{k: v for k, v in c.dataset_kwargs.items() if k != 'class_name'})
+        ds = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
     except dataset_mod.DatasetError as e:
         raise click.ClickException(str(e)) from e
-    if p.cond and not ds.has_labels:
+    if p.cond and not ds.has_labels and not p.get('dataset_kwargs'):
         raise click.ClickException(f'{data} has no class labels (dataset.json "labels"); train with --cond=False.')
     c.encoder_kwargs = dnnlib.EasyDict(encoder_for_channels(ds.num_channels, data, p.vae))
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=p.workers, pin_memory=torch.cuda.is_available(),
@@ -99,8 +100,10 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
     for key in ('channel_mult', 'num_blocks', 'attn_resolutions'):
         if key in p:
             c.network_kwargs[key] = p[key]
+    c.network_kwargs.update(p.get('network_kwargs', {}))  # A preset may name another class and its options.
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=p.get('P_mean', -0.4),
                                     P_std=p.get('P_std', 1.0))
+    c.loss_kwargs.update(p.get('loss_kwargs', {}))
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', betas=(0.9, 0.99), eps=1e-8)
     c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=p.lr,
                                   ref_batches=p.decay, rampup_Mimg=p.get('rampup', 10))

@@ -1,4 +1,10 @@
-"""Training presets: EDM2's published configurations (SPEC §3) and small CPU configurations."""
+"""Training presets: EDM2's published configurations (SPEC §3) and small CPU configurations.
+
+A row sets command-line options (duration, batch, channels, lr, decay, dropout, P_mean, P_std, status,
+snapshot, checkpoint) and may add: channel_mult, num_blocks, attn_resolutions, rampup (warm-up in Mimg),
+sample_steps, synthetic (built-in data made when --data is omitted), and dataset_kwargs / network_kwargs /
+loss_kwargs merged into the components' options (class_name there swaps the component itself).
+"""
 
 from dnnlib import EasyDict
 
@@ -22,9 +28,9 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
 
     # CPU presets on the built-in 32x32 shapes data (made on first use when --data is omitted).
     # Short warm-up and decay so that a few hundred thousand images suffice; pixel-space noise levels.
-    'demo': EasyDict(duration=384 << 10, batch=64, channels=32, lr=0.0100, decay=1000, dropout=0.00,
-                     P_mean=-0.8, P_std=1.6, rampup=0.01, channel_mult=[1, 2, 2], num_blocks=2,
-                     attn_resolutions=[8], status=16 << 10, snapshot=128 << 10, checkpoint=64 << 10,
+    'demo': EasyDict(duration=80 << 10, batch=64, channels=16, lr=0.0100, decay=500, dropout=0.00,
+                     P_mean=-0.8, P_std=1.6, rampup=0.005, channel_mult=[1, 2, 4], num_blocks=1,
+                     attn_resolutions=[8], status=4 << 10, snapshot=16 << 10, checkpoint=16 << 10,
                      synthetic=EasyDict(resolution=32, num_images=10000), sample_steps=24),
     'demo-tiny': EasyDict(duration=2 << 10, batch=16, channels=16, lr=0.0100, decay=100, dropout=0.00,
                           P_mean=-0.8, P_std=1.6, rampup=0.001, channel_mult=[1, 2], num_blocks=1,

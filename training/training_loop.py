@@ -235,7 +235,8 @@ def training_loop(
             with misc.ddp_sync(ddp, sync=(round_idx == num_accumulation_rounds - 1)):
                 images, labels = next(dataset_iterator)
                 images = encoder.encode_latents(images.to(device))
-                loss = loss_fn(net=ddp, images=images, labels=labels.to(device))
+                labels = labels.to(device) if isinstance(labels, torch.Tensor) else labels  # Captions stay strings.
+                loss = loss_fn(net=ddp, images=images, labels=labels)
                 training_stats.report('Loss/loss', loss)
                 loss.sum().mul(loss_scaling / batch_gpu_total).backward()
         for g in optimizer.param_groups:
