@@ -1,0 +1,145 @@
+"""Tokenizers and the magnitude-preserving text encoder of text-conditioned nets (SPEC §8).
+
+Token ids: 0 is padding, 1 starts every caption (so the empty caption still has one token to attend
+to), the rest encode the caption. `ByteTokenizer` needs nothing downloaded; `HFTokenizer` wraps a
+Hugging Face tokenizer saved in a local folder. `MPTextEncoder` is a small transformer built from the
+EDM2 MP layers: every token feature it returns has unit RMS, as does the pooled caption feature.
+
+Example:
+    >>> tokenizer = ByteTokenizer(text_length=48)
+    >>> encoder = MPTextEncoder(tokenizer.vocab_size, text_length=48)
+    >>> features, pooled, mask = encoder(tokenizer(['a red circle', '']))
+    >>> features.shape, pooled.shape, mask.shape
+    (torch.Size([2, 48, 128]), torch.Size([2, 128]), torch.Size([2, 48]))
+"""
+
+import torch
+
+from torch_utils import persistence
+from training.networks_edm2 import MPConv, mp_silu, mp_sum, normalize
+
+PAD_TOKEN = 0
+START_TOKEN = 1
+
+# ----------------------------------------------------------------------------
+# Tokenizers: list of captions -> LongTensor [N, text_length].
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted past the two special ids; any Unicode text is representable."""
+
+    def __init__(self, text_length: int = 48):
+        self.text_length = text_length
+        self.vocab_size = 256 + 2
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        tokens = torch.full([len(captions), self.text_length], PAD_TOKEN, dtype=torch.int64)
+        for i, caption in enumerate(captions):
+            ids = [START_TOKEN] + [b + 2 for b in caption.encode('utf-8')]
+            ids = ids[:self.text_length]
+            tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return tokens
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder (no download); its ids shift by one so 0 is padding."""
+
+    def __init__(self, path: str, text_length: int = 48):
+        import transformers  # optional dependency, only for this route
+        self.path = path
+        self.text_length = text_length
+        self._tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.vocab_size = len(self._tokenizer) + 1
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        out = self._tokenizer(list(captions), padding='max_length', truncation=True, max_length=self.text_length,
+                              return_tensors='pt')
+        return torch.where(out['attention_mask'].bool(), out['input_ids'] + 1, PAD_TOKEN)
+
+    def __getstate__(self) -> dict:
+        return dict(path=self.path, text_length=self.text_length)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def make_tokenizer(text_length: int = 48, tokenizer_path: str | None = None) -> ByteTokenizer | HFTokenizer:
+    """The byte tokenizer, or the Hugging Face tokenizer saved in `tokenizer_path`."""
+    return ByteTokenizer(text_length) if tokenizer_path is None else HFTokenizer(tokenizer_path, text_length)
+
+
+# ----------------------------------------------------------------------------
+# MP transformer layers over token sequences [N, L, C].
+
+
+# Multi-head attention with q, k, v pixel-normalised per head (as EDM2's self-attention, SPEC §2).
+def mp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return normalize(x.reshape(x.shape[0], x.shape[1], num_heads, -1), dim=3).transpose(1, 2)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    y = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+    return y.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+@persistence.persistent_class
+class MPTransformerLayer(torch.nn.Module):
+    """Self-attention then MLP, each branch joined by MP-sum (Eq. 88) behind a learned gain starting at 0."""
+
+    def __init__(self, channels: int, channels_per_head: int = 64, mlp_mult: int = 2, balance: float = 0.3):
+        super().__init__()
+        self.num_heads = max(channels // channels_per_head, 1)
+        self.balance = balance
+        self.qkv = MPConv(channels, channels * 3, kernel=[])
+        self.proj = MPConv(channels, channels, kernel=[])
+        self.mlp_in = MPConv(channels, channels * mlp_mult, kernel=[])
+        self.mlp_out = MPConv(channels * mlp_mult, channels, kernel=[])
+        self.attn_gain = torch.nn.Parameter(torch.zeros([]))
+        self.mlp_gain = torch.nn.Parameter(torch.zeros([]))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=2)
+        y = self.proj(mp_attention(q, k, v, self.num_heads, mask), gain=self.attn_gain)
+        x = normalize(mp_sum(x, y, t=self.balance), dim=2)
+        y = self.mlp_out(mp_silu(self.mlp_in(x)), gain=self.mlp_gain)
+        return normalize(mp_sum(x, y, t=self.balance), dim=2)
+
+
+# ----------------------------------------------------------------------------
+# Text encoder: tokens -> (features [N, L, C], pooled [N, C], mask [N, L]).
+
+
+@persistence.persistent_class
+class MPTextEncoder(torch.nn.Module):
+    def __init__(self, vocab_size: int, text_length: int = 48, channels: int = 128, num_layers: int = 2,
+                 channels_per_head: int = 64, mlp_mult: int = 2, balance: float = 0.3):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.text_length = text_length
+        self.channels = channels
+        self.token_embedding = torch.nn.Parameter(torch.randn(vocab_size, channels))
+        self.position_embedding = torch.nn.Parameter(torch.randn(text_length, channels))
+        self.layers = torch.nn.ModuleList([
+            MPTransformerLayer(channels, channels_per_head=channels_per_head, mlp_mult=mlp_mult, balance=balance)
+            for _ in range(num_layers)])
+
+    def _embedding(self, param: torch.Tensor) -> torch.Tensor:
+        # Forced weight normalisation of embedding rows (EDM2 Eq. 47): each row has unit RMS.
+        if self.training:
+            with torch.no_grad():
+                param.copy_(normalize(param.to(torch.float32), dim=1))
+        return normalize(param.to(torch.float32), dim=1)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if tokens.ndim != 2 or tokens.shape[1] != self.text_length:
+            raise ValueError(f'tokens must have shape [N, {self.text_length}], not {list(tokens.shape)}')
+        mask = tokens != PAD_TOKEN
+        x = mp_sum(self._embedding(self.token_embedding)[tokens], self._embedding(self.position_embedding)[None])
+        x = normalize(x, dim=2)
+        for layer in self.layers:
+            x = layer(x, mask)
+        # Pooled feature: mean over the caption's tokens, pixel-normalised back to unit RMS.
+        weights = mask.to(x.dtype).unsqueeze(2)
+        pooled = normalize((x * weights).sum(dim=1) / weights.sum(dim=1).clip(min=1), dim=1)
+        return x, pooled, mask
+
