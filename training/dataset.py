@@ -38,10 +38,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Construction is cheap: it lists the files, reads the first image for the shape and reads
     dataset.json. Every later read checks the image's shape; `validate()` reads all of them.
     `max_size` keeps a random subset (fixed by `random_seed`); `xflip` appends mirrored copies.
+    `use_captions` makes each item's label its caption (a string; '' where none) for text-conditioned nets.
     """
 
     def __init__(self, path: str, resolution: int | None = None, max_size: int | None = None,
-                 use_labels: bool = False, xflip: bool = False, random_seed: int = 0, cache: bool = False) -> None:
+                 use_labels: bool = False, xflip: bool = False, random_seed: int = 0, cache: bool = False,
+                 use_captions: bool = False) -> None:
         self._path = str(path)
         self._cache = cache
         self._cached_images: dict[int, np.ndarray] = {}
@@ -73,6 +75,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._raw_labels = self._parse_labels(metadata) if use_labels else None
         self._label_dim = int(self._raw_labels.max()) + 1 if self._raw_labels is not None else 0
         self._captions = self._parse_captions(metadata)
+        self._use_captions = use_captions
+        if use_captions and not self._captions:
+            raise DatasetError(f'{self._path}: has no captions (dataset.json "captions"); add them with dataset_tool.py convert')
 
         num_raw = len(self._image_fnames)
         self._raw_idx = np.arange(num_raw, dtype=np.int64)
@@ -223,11 +228,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._raw_idx)
 
-    def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray | str]:
         image = self._get_raw_image(int(self._raw_idx[idx]))
         if self._xflip[idx]:
             image = image[:, :, ::-1]
-        return image.copy(), self.get_label(idx)
+        return image.copy(), self.get_caption(idx) if self._use_captions else self.get_label(idx)
 
     def get_label(self, idx: int) -> np.ndarray:
         onehot = np.zeros(self.label_shape, dtype=np.float32)
