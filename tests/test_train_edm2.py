@@ -105,12 +105,14 @@ def test_two_processes_train_with_the_same_loss_level_as_one(tmp_path, cache_env
     assert result.returncode == 0, result.stderr[-3000:]
 
     def losses(run_dir):
-        return np.array([json.loads(line)['Loss/loss'] for line in open(os.path.join(run_dir, 'stats.jsonl'))][1:])
+        stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+        assert 'Loss/loss' not in stats[0]  # The kimg-0 line comes before any step.
+        return np.array([s['Loss/loss'] for s in stats[1:]])
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 8
-    # Same global batch: the loss curves agree within the batch-to-batch noise of the curves themselves.
-    noise = np.abs(np.diff(l1)).mean() + np.abs(np.diff(l2)).mean()
-    assert abs(l1[-4:].mean() - l2[-4:].mean()) < noise
+    # Same global batch, different random draws: the curves agree to within the noise of a 32-image batch.
+    assert np.abs(l1 / l2 - 1).mean() < 0.15
+    assert abs(l1[-4:].mean() / l2[-4:].mean() - 1) < 0.15
     assert l2[-1] < l2[0]
     assert os.path.isfile(os.path.join(two, 'network-snapshot-0000004-0.100.pkl'))
 
