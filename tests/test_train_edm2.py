@@ -151,3 +151,15 @@ def test_images_of_mixed_sizes_fail_in_a_data_worker_with_one_clear_line(tmp_pat
     error = result.output.strip().splitlines()[-1]
     assert error.startswith('Error: ') and 'img5.png' in error and 'Traceback' not in error
     assert not glob.glob(str(tmp_path / 'run' / '*.pkl')) and not glob.glob(str(tmp_path / 'run' / '*.pt'))
+
+
+def test_label_missing_from_dataset_json_is_one_clear_error(tmp_path, cache_env):
+    data = tmp_path / 'labelled'
+    data.mkdir()
+    for i in range(3):
+        PIL.Image.fromarray(np.full([16, 16, 3], 50 * i, dtype=np.uint8)).save(data / f'img{i}.png')
+    (data / 'dataset.json').write_text(json.dumps({'labels': [['img0.png', 0], ['img2.png', 1]]}))
+    result = CliRunner().invoke(train_edm2.main, [f'--outdir={tmp_path / "run"}', '--preset=demo-tiny', f'--data={data}'])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith('Error: ') and 'img1.png' in error
