@@ -83,8 +83,8 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         data = ensure_synthetic_dataset(p.synthetic)
 
     c = dnnlib.EasyDict()
-    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=p.cond,
-                                       **p.get('dataset_kwargs', {}))
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=p.cond)
+    c.dataset_kwargs.update(p.get('dataset_kwargs', {}))  # A preset may name another class and its options.
     try:
         ds = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
     except dataset_mod.DatasetError as e:

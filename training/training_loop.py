@@ -132,15 +132,17 @@ def training_loop(
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
     encoder.init(device)
-    ref_image, ref_label = dataset[0]
+    ref_image = dataset[0][0]
     ref_latent = encoder.encode_latents(torch.as_tensor(ref_image).to(device).unsqueeze(0))
     net = dnnlib.util.construct_class_by_name(img_resolution=ref_latent.shape[-1], img_channels=ref_latent.shape[1],
-                                              label_dim=ref_label.shape[-1], **network_kwargs)
+                                              label_dim=dataset.label_dim, **network_kwargs)
     net.train().requires_grad_(True).to(device)
-    dist.print0(f'Dataset: {len(dataset)} items of shape {list(ref_image.shape)}, label_dim {ref_label.shape[-1]}')
+    dist.print0(f'Dataset: {len(dataset)} items of shape {list(ref_image.shape)}, label_dim {dataset.label_dim}')
     dist.print0(f'Network: {sum(p.numel() for p in net.parameters()):,} parameters')
 
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    if getattr(loss_fn, 'owns_accumulation', False):  # E.g. CLIPLoss's gradient caching: one round, its own chunks.
+        loss_fn.batch_gpu, batch_gpu, num_accumulation_rounds = batch_gpu, batch_gpu_total, 1
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     ema = dnnlib.util.construct_class_by_name(net=net, **ema_kwargs)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
@@ -187,6 +189,8 @@ def training_loop(
             if device.type == 'cuda':
                 training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
                 torch.cuda.reset_peak_memory_stats()
+            if hasattr(loss_fn, 'status_report'):  # Statistics of the loss's own, e.g. CLIP's held-out retrieval.
+                loss_fn.status_report(net=net, encoder=encoder, dataset_kwargs=dataset_kwargs, device=device)
             training_stats.default_collector.update()
             stats = training_stats.default_collector.as_dict()
             loss_mean = stats['Loss/loss'].mean if 'Loss/loss' in stats else float('nan')
@@ -212,8 +216,9 @@ def training_loop(
                 save_network_pickle(dict(data), os.path.join(run_dir, snapshot_name('network-snapshot', cur_nimg // 1000, ema_std)))
                 del data
             grid_net = ema.get()[0][0]
-            grid_net.eval()
-            _save_sample_grid(grid_net, encoder, os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'), device, sample_steps)
+            if getattr(grid_net, 'makes_images', True):  # A CLIP guide is no denoiser: no grid.
+                grid_net.eval()
+                _save_sample_grid(grid_net, encoder, os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'), device, sample_steps)
 
         if (_is_due(cur_nimg, checkpoint_nimg, done) or stop_requested) and not at_start:
             rng_states = ckpt.gather_rng_states()
