@@ -12,6 +12,14 @@ from dnnlib import EasyDict
 _IMG512 = dict(batch=2048, decay=70000, P_mean=-0.4, P_std=1.0)
 _IMG64 = dict(batch=2048, decay=35000, P_mean=-0.8, P_std=1.6)
 
+
+def _clip(holdout: int, **network_kwargs) -> dict:
+    """Components of a CLIP-guide preset: held-out split of the data, CLIPGuide, CLIPLoss."""
+    return dict(dataset_kwargs=EasyDict(class_name='training.clip_eval.HeldOutSplit', holdout=holdout),
+                network_kwargs=EasyDict(class_name='training.clip_guide.CLIPGuide', **network_kwargs),
+                loss_kwargs=EasyDict(class_name='training.clip_guide.CLIPLoss'))
+
+
 TRAIN_PRESETS: dict[str, EasyDict] = {
     'edm2-img512-xxs': EasyDict(_IMG512, duration=2048 << 20, channels=64, lr=0.0170, dropout=0.00),
     'edm2-img512-xs': EasyDict(_IMG512, duration=2048 << 20, channels=128, lr=0.0120, dropout=0.00),
@@ -36,4 +44,13 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
                           P_mean=-0.8, P_std=1.6, rampup=0.001, channel_mult=[1, 2], num_blocks=1,
                           attn_resolutions=[8], status=1 << 10, snapshot=1 << 10, checkpoint=1 << 10,
                           synthetic=EasyDict(resolution=16, num_images=256), sample_steps=8),
+
+    # Noise-aware CLIP guides (issue 8): training/clip_guide.py; σ drawn as for the denoiser of the same data.
+    'clip-img64': EasyDict(_IMG64, duration=256 << 20, channels=128, lr=0.0060, dropout=0.00, num_blocks=2,
+                           **_clip(holdout=10000, embed_dim=512, text_channels=512, text_layers=6)),
+    'demo-clip': EasyDict(duration=32 << 10, batch=64, channels=32, lr=0.0100, decay=200, dropout=0.00,
+                          P_mean=-0.8, P_std=1.6, rampup=0.002, channel_mult=[1, 2, 2], num_blocks=1,
+                          attn_resolutions=[8], status=4 << 10, snapshot=16 << 10, checkpoint=16 << 10,
+                          synthetic=EasyDict(resolution=16, num_images=4096),
+                          **_clip(holdout=256, embed_dim=64, text_channels=64, text_layers=2, channels_per_head=32)),
 }

@@ -1,0 +1,199 @@
+"""Noise-aware CLIP guide (GLIDE, Nichol et al. 2021; SPEC §8): model and contrastive loss.
+
+The image tower is the encoder half of the EDM2 U-Net with EDM preconditioning (c_in scales the
+noisy image, c_noise enters the embedding), pooled to one vector; the text tower is an MP transformer
+(training/text.py) with its own weights. Both project into a shared space of unit vectors, compared by
+cosine similarity times a learned temperature (CLIP, Radford et al. 2021).
+
+Training uses the symmetric contrastive loss over the global batch: embeddings are gathered from all
+ranks with their gradients. With `batch_gpu` set, gradient caching (GradCache, Gao et al. 2021, as
+Diff-DALLE uses) keeps the whole per-rank batch in the loss while holding one chunk's activations.
+
+Example:
+    >>> net = CLIPGuide(img_resolution=16, img_channels=3)
+    >>> img, txt, logit_scale = net(x, sigma, ['a red circle on a blue background, at the top'])
+    >>> sim = (img * txt).sum(dim=1)    # cosine similarity in [-1, 1]
+"""
+
+import math
+
+import torch
+
+from torch_utils import distributed as dist
+from torch_utils import misc, persistence, training_stats
+from training.clip_eval import report_retrieval
+from training.networks_edm2 import Block, MPConv, MPFourier, mp_silu, normalize
+from training.text import ByteTokenizer, MPTextEncoder
+
+# ----------------------------------------------------------------------------
+# Image tower: EDM2 encoder half (SPEC §2) on the preconditioned noisy image (SPEC §3).
+
+
+@persistence.persistent_class
+class ImageTower(torch.nn.Module):
+    def __init__(self, img_resolution: int, img_channels: int, embed_dim: int, model_channels: int = 32,
+                 channel_mult: list[int] = [1, 2, 2], num_blocks: int = 1, attn_resolutions: list[int] = [8],
+                 sigma_data: float = 0.5, **block_kwargs):
+        super().__init__()
+        self.sigma_data = sigma_data
+        cblock = [model_channels * m for m in channel_mult]
+        cemb = max(cblock)
+        self.emb_fourier = MPFourier(cblock[0])
+        self.emb_noise = MPConv(cblock[0], cemb, kernel=[])
+        self.enc = torch.nn.ModuleDict()
+        cout = img_channels + 1
+        for level, channels in enumerate(cblock):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, channels
+                self.enc[f'{res}x{res}_conv'] = MPConv(cin, cout, kernel=[3, 3])
+            else:
+                self.enc[f'{res}x{res}_down'] = Block(cout, cout, cemb, flavor='enc', resample_mode='down', **block_kwargs)
+            for idx in range(num_blocks):
+                cin, cout = cout, channels
+                self.enc[f'{res}x{res}_block{idx}'] = Block(cin, cout, cemb, flavor='enc',
+                                                            attention=(res in attn_resolutions), **block_kwargs)
+        self.out_linear = MPConv(cout, embed_dim, kernel=[])
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        # Preconditioning, EDM2 Eq. 21: c_in = 1/sqrt(σ² + σ_d²), c_noise = ln(σ)/4.
+        c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.flatten().log() / 4
+        emb = mp_silu(self.emb_noise(self.emb_fourier(c_noise)))
+        x = torch.cat([c_in * x, torch.ones_like(x[:, :1])], dim=1)
+        for name, block in self.enc.items():
+            x = block(x) if 'conv' in name else block(x, emb)
+        # Global average pool, pixel-normalised back to unit RMS for the MP projection.
+        return self.out_linear(normalize(x.mean(dim=[2, 3]), dim=1))
+
+# ----------------------------------------------------------------------------
+# The guide: both towers, the shared normalised space and the learned temperature.
+
+
+@persistence.persistent_class
+class CLIPGuide(torch.nn.Module):
+    makes_images = False  # Not a denoiser: the training loop draws no sample grids for it.
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, embed_dim: int = 128,
+                 text_length: int = 48, text_channels: int = 128, text_layers: int = 2, channels_per_head: int = 64,
+                 logit_scale_init: float = 1 / 0.07, logit_scale_max: float = 100, use_fp16: bool | str = False,
+                 **tower_kwargs):
+        # use_fp16 is accepted for the training CLI's network options; the guide always computes in float32.
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = 0  # Captions, not class labels, condition the guide.
+        self.text_length = text_length
+        self.logit_scale_max = logit_scale_max
+        self.image_tower = ImageTower(img_resolution, img_channels, embed_dim, channels_per_head=channels_per_head,
+                                      **tower_kwargs)
+        self.text_tower = MPTextEncoder(ByteTokenizer(text_length).vocab_size, text_length=text_length,
+                                        channels=text_channels, num_layers=text_layers, channels_per_head=channels_per_head)
+        self.text_proj = MPConv(text_channels, embed_dim, kernel=[])
+        # CLIP's temperature: logits = exp(t) · cosine similarity, t learned, exp(t) capped.
+        self.logit_scale_log = torch.nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+
+    def encode_image(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings [N, embed_dim] of noisy images x at noise level sigma."""
+        return torch.nn.functional.normalize(self.image_tower(x, sigma), dim=1)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Unit-norm embeddings [N, embed_dim] of captions."""
+        tokens = ByteTokenizer(self.text_length)(list(captions)).to(self.logit_scale_log.device)
+        return torch.nn.functional.normalize(self.text_proj(self.text_tower(tokens)[1]), dim=1)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.logit_scale_log.to(torch.float32).exp().clamp(max=self.logit_scale_max)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image embeddings, text embeddings, logit scale): everything the loss needs, in one DDP call."""
+        return self.encode_image(x, sigma), self.encode_text(captions), self.logit_scale()
+
+# ----------------------------------------------------------------------------
+# Symmetric contrastive loss over the global batch (CLIP, Radford et al. 2021, Fig. 3).
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks in rank order; gradients flow back to each rank's own part."""
+    if dist.get_world_size() == 1:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss of this rank's pairs: ½(image→text CE + text→image CE) over the global batch.
+
+    Every rank holds the same number of pairs. The mean over all ranks' samples is the CLIP loss; the
+    sum of each rank's local losses, through the gather's backward and DDP's gradient average, gives the
+    gradient of the global mean scaled by the per-rank batch, as the training loop expects.
+    """
+    offset = dist.get_rank() * img.shape[0]
+    logits = logit_scale * _gather(img) @ _gather(txt).T
+    idx = torch.arange(offset, offset + img.shape[0], device=img.device)
+    image_to_text = -logits[idx].log_softmax(dim=1)[torch.arange(len(idx)), idx]
+    text_to_image = -logits[:, idx].log_softmax(dim=0)[idx, torch.arange(len(idx))]
+    return (image_to_text + text_to_image) / 2
+
+
+class _CachedEmbeddings(torch.autograd.Function):
+    """GradCache (Gao et al. 2021): forward embeds the batch chunk by chunk without a graph; backward
+    re-runs each chunk with grad and back-propagates the cached embedding gradients into the weights.
+    Under DDP, only the last chunk's backward synchronises gradients."""
+
+    @staticmethod
+    def forward(ctx, anchor, net, x, sigma, captions, chunk):
+        ctx.net, ctx.x, ctx.sigma, ctx.captions, ctx.chunk = net, x, sigma, captions, chunk
+        outs = [net(x[i:i + chunk], sigma[i:i + chunk], captions[i:i + chunk]) for i in range(0, len(x), chunk)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[0][2]
+
+    @staticmethod
+    def backward(ctx, grad_img, grad_txt, grad_scale):
+        starts = list(range(0, len(ctx.x), ctx.chunk))
+        for k, i in enumerate(starts):
+            s = slice(i, i + ctx.chunk)
+            with torch.enable_grad(), misc.ddp_sync(ctx.net, sync=(k == len(starts) - 1)):
+                img, txt, scale = ctx.net(ctx.x[s], ctx.sigma[s], ctx.captions[s])
+                torch.autograd.backward([img, txt, scale], [grad_img[s], grad_txt[s], grad_scale / len(starts)])
+        return (None,) * 6
+
+# ----------------------------------------------------------------------------
+# Training loss: images noised as for the denoiser, optional gradient caching, held-out retrieval.
+
+
+@persistence.persistent_class
+class CLIPLoss:
+    owns_accumulation = True  # The training loop hands over the whole per-rank batch and its batch_gpu.
+
+    def __init__(self, P_mean: float = -0.8, P_std: float = 1.6, batch_gpu: int | None = None,
+                 eval_sigmas: list[float] = [0.02, 0.1, 0.5, 1, 2, 5, 20]):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.batch_gpu = batch_gpu  # Gradient-caching chunk; the training loop sets it from --batch-gpu.
+        self.eval_sigmas = list(eval_sigmas)
+
+    def __call__(self, net, images: torch.Tensor, labels: list[str], sigma: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample contrastive losses; sigma and noise are drawn (ln σ ~ N(P_mean, P_std²)) unless given."""
+        captions = list(labels)
+        if sigma is None:
+            sigma = (torch.randn([images.shape[0], 1, 1, 1], device=images.device) * self.P_std + self.P_mean).exp()
+        if noise is None:
+            noise = torch.randn_like(images)
+        x = images + noise * sigma
+        chunk = self.batch_gpu or len(x)
+        if chunk >= len(x):
+            img, txt, logit_scale = net(x, sigma, captions)
+        else:
+            anchor = torch.zeros([], device=x.device, requires_grad=True)  # Gives the outputs a grad_fn.
+            img, txt, logit_scale = _CachedEmbeddings.apply(anchor, net, x, sigma, captions, chunk)
+        training_stats.report('CLIP/logit_scale', logit_scale.detach())
+        return contrastive_loss(img, txt, logit_scale)
+
+    def status_report(self, net: CLIPGuide, encoder, dataset_kwargs: dict, device: torch.device) -> None:
+        """Report image→text top-1 retrieval on the held-out split, per σ (training/clip_eval.py)."""
+        report_retrieval(self, net, encoder, dataset_kwargs, device)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith('_cache')}
