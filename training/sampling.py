@@ -43,7 +43,8 @@ def sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float, 
 # ----------------------------------------------------------------------------
 # EDM stochastic sampler (Alg. 2): Heun's 2nd-order method, Euler on the last step, optional churn.
 # `noise` is unit Gaussian; the chain starts at x_0 = sigma_0 * noise. Guidance (Karras et al. 2024):
-# D = D_g + w * (D - D_g), the guiding net is only evaluated when w != 1.
+# D = D_g + w * (D - D_g), the guiding net is only evaluated when w != 1. `correction(x, sigma)`, if
+# given, is added to the (guided) denoised estimate at every evaluation, e.g. CLIP guidance (clip_guidance.py).
 
 
 def edm_sampler(
@@ -62,16 +63,17 @@ def edm_sampler(
     S_noise: float = 1,
     dtype: torch.dtype = torch.float32,
     randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    correction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     if guidance != 1 and gnet is None:
         raise ValueError(f'guidance={guidance} needs a guiding network (gnet)')
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         d = net(x, sigma, labels).to(dtype)
-        if guidance == 1:
-            return d
-        d_g = gnet(x, sigma, labels).to(dtype)
-        return d_g + guidance * (d - d_g)
+        if guidance != 1:
+            d_g = gnet(x, sigma, labels).to(dtype)
+            d = d_g + guidance * (d - d_g)
+        return d if correction is None else d + correction(x, sigma).to(dtype)
 
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)
     gamma_churn = min(S_churn / num_steps, math.sqrt(2) - 1)
