@@ -67,3 +67,30 @@ def test_edm2_loss_weight_gives_unit_loss_at_initialisation_for_unit_data():
     loss = EDM2Loss(P_mean=-0.4, P_std=1.0, sigma_data=sigma_data)(SkipOnly(), images)
     assert loss.mean().item() == pytest.approx(1.0, rel=0.03)
     assert np.isfinite(loss.numpy()).all()
+
+
+class NaNLoss(EDM2Loss):
+    """The EDM2 loss with every value replaced by NaN, as a diverged run produces."""
+
+    def __call__(self, net, images, labels=None):
+        return super().__call__(net, images, labels) * float('nan')
+
+
+def test_nan_loss_zeroes_gradients_and_stops_with_a_clear_error(tmp_path, monkeypatch):
+    import json
+    import os
+
+    import train_edm2
+    from training.training_loop import TrainingError, training_loop
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    c = train_edm2.setup_training_config('demo-tiny', None, cond=True, workers=0, fp16=False, bf16=False, ls=1,
+                                         bench=False, snapshot_fp32=False, seed=0, vae='unused')
+    c.loss_kwargs.class_name = 'test_training_loop.NaNLoss'
+    c.update(total_nimg=64, status_nimg=32, snapshot_nimg=None, checkpoint_nimg=None)
+    run_dir = str(tmp_path / 'run')
+    os.makedirs(run_dir)
+    with pytest.raises(TrainingError, match='diverged: the loss is nan at kimg 0.0'):
+        training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert len(stats) == 2 and np.isnan(stats[1]['Loss/loss'])  # The diverged interval is logged, then the run stops.
+    assert stats[1]['Loss/nonfinite_grads'] > 0  # Every gradient element was NaN, counted and zeroed.

@@ -194,9 +194,6 @@ def training_loop(
             training_stats.default_collector.update()
             stats = training_stats.default_collector.as_dict()
             loss_mean = stats['Loss/loss'].mean if 'Loss/loss' in stats else float('nan')
-            if 'Loss/loss' in stats and not math.isfinite(loss_mean):
-                raise TrainingError(f'Training diverged: the loss is {loss_mean} at kimg {cur_nimg / 1e3:.1f}; '
-                                    f'lower --lr and re-run to resume from the last checkpoint in {run_dir}.')
             images_per_sec = (cur_nimg - prev_status_nimg) / max(now - prev_status_time, 1e-9)
             dist.print0(f'kimg {cur_nimg / 1e3:<9.1f} time {dnnlib.util.format_time(now - start_time):<12s} '
                         f'sec/kimg {sec_per_kimg:<8.2f} loss {loss_mean:<8.4f} img/s {images_per_sec:<8.1f} '
@@ -205,6 +202,9 @@ def training_loop(
             if rank == 0:
                 with open(stats_path, 'at') as f:
                     f.write(json.dumps(dict({k: v.mean for k, v in stats.items()}, timestamp=now)) + '\n')
+            if 'Loss/loss' in stats and not math.isfinite(loss_mean):
+                raise TrainingError(f'Training diverged: the loss is {loss_mean} at kimg {cur_nimg / 1e3:.1f}; '
+                                    f'lower --lr and re-run to resume from the last checkpoint in {run_dir}.')
             prev_status_time, prev_status_nimg = time.time(), cur_nimg
 
         if _is_due(cur_nimg, snapshot_nimg, done) and not at_start and rank == 0:
