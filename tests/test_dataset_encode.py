@@ -15,18 +15,7 @@ import train_edm2
 from training import encoders
 from training.dataset import ImageFolderDataset
 from training.training_loop import training_loop
-
-
-@pytest.fixture(scope='module')
-def vae_dir(tmp_path_factory) -> str:
-    """A tiny random AutoencoderKL (downsampling factor 2, 4 latent channels) saved with save_pretrained."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
-                        block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8)
-    path = str(tmp_path_factory.mktemp('vae'))
-    vae.save_pretrained(path)
-    return path
+from conftest import assert_one_line_error
 
 
 @pytest.fixture(scope='module')
@@ -38,14 +27,6 @@ def pixels_zip(tmp_path_factory) -> str:
 
 def run(*args: str):
     return CliRunner().invoke(dataset_tool.cli, ['encode', *args])
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1 and 'Traceback' not in result.output, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_encode_stores_posterior_statistics_with_labels_and_captions(tmp_path, vae_dir, pixels_zip):

@@ -1,4 +1,3 @@
-import io
 import json
 import os
 import zipfile
@@ -12,18 +11,11 @@ import dataset_tool
 from training import dataset_io
 from training import shapes
 from training.dataset import ImageFolderDataset
+from conftest import assert_one_line_error
 
 
 def run(*args: str):
     return CliRunner().invoke(dataset_tool.cli, list(args))
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1 and 'Traceback' not in result.output, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def save(path, image: np.ndarray, mode: str | None = None) -> None:

@@ -12,18 +12,6 @@ RAW_MEAN = np.array([5.81, 3.25, 0.12, -2.15])
 RAW_STD = np.array([4.17, 4.62, 3.71, 3.28])
 
 
-@pytest.fixture(scope='module')
-def vae_dir(tmp_path_factory) -> str:
-    """A tiny random AutoencoderKL (downsampling factor 2, 4 latent channels) saved with save_pretrained."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
-                        block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8)
-    path = str(tmp_path_factory.mktemp('vae'))
-    vae.save_pretrained(path)
-    return path
-
-
 def pixels(n: int, resolution: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, [n, 3, resolution, resolution], generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 

@@ -1,0 +1,25 @@
+"""Fixtures and checks shared by several test files."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope='session')
+def vae_dir(tmp_path_factory) -> str:
+    """A tiny random AutoencoderKL (downsampling factor 2, 4 latent channels) saved with save_pretrained."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
+                        block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    path = str(tmp_path_factory.mktemp('vae'))
+    vae.save_pretrained(path)
+    return path
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A click run that failed with exactly one 'Error:' line holding every fragment, and no traceback."""
+    assert result.exit_code == 1 and 'Traceback' not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
