@@ -1,0 +1,93 @@
+"""Tests for training/networks_text.py: MP cross-attention, text-conditioned and super-resolution Precond."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from training.networks_text import CrossAttention, TextPrecond
+from training.text import ByteTokenizer
+
+
+def tiny_text_net(**kwargs) -> TextPrecond:
+    torch.manual_seed(0)
+    options = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8,
+                   text_length=16, text_channels=16, text_layers=1, use_fp16=False)
+    return TextPrecond(img_resolution=8, img_channels=3, **{**options, **kwargs}).eval()
+
+
+@torch.no_grad()
+def test_cross_attention_preserves_unit_magnitude():
+    torch.manual_seed(0)
+    layer = CrossAttention(channels=64, text_channels=32, channels_per_head=16)
+    x = torch.randn(8, 64, 6, 6)
+    features = torch.randn(8, 10, 32)
+    # One attended token: the attention output is that token's value, so MP-sum of two unit signals.
+    one = torch.zeros(8, 10, dtype=torch.bool)
+    one[:, 0] = True
+    y = layer(x, features, one)
+    assert abs(float(y.square().mean()) - 1) < 0.05
+    # The residual branch is exactly proj(value of token 0), recovered by inverting the MP-sum (Eq. 88).
+    t = layer.balance
+    branch = (y * np.sqrt((1 - t) ** 2 + t ** 2) - (1 - t) * x) / t
+    v = layer.kv(features)[:, :1, 64:]
+    v = v.reshape(8, 1, 4, 16)
+    v = (v / (1e-4 + v.norm(dim=3, keepdim=True) / 4)).reshape(8, 64, 1, 1).expand(8, 64, 6, 6)
+    torch.testing.assert_close(branch, layer.proj(v), atol=1e-4, rtol=1e-4)
+    # All tokens attended: magnitude stays near 1 (MP-sum of x and a smaller, averaged branch).
+    y = layer(x, features, torch.ones(8, 10, dtype=torch.bool))
+    assert 0.8 < float(y.square().mean()) < 1.05
+
+
+def test_cross_attention_ignores_masked_tokens():
+    torch.manual_seed(0)
+    layer = CrossAttention(channels=16, text_channels=8, channels_per_head=8)
+    x, features = torch.randn(2, 16, 4, 4), torch.randn(2, 6, 8)
+    mask = torch.tensor([[True, True, True, False, False, False]] * 2)
+    changed = features.clone()
+    changed[:, 3:] = torch.randn(2, 3, 8) * 5
+    torch.testing.assert_close(layer(x, changed, mask), layer(x, features, mask))
+    assert not torch.allclose(layer(x, changed, torch.ones_like(mask)), layer(x, features, torch.ones_like(mask)))
+
+
+def test_captions_as_strings_or_tokens_give_the_same_prediction_and_none_is_empty():
+    net = tiny_text_net()
+    with torch.no_grad():
+        for p in net.unet.parameters():  # Open the zero-initialised gains so that the text matters.
+            if p.ndim == 0:
+                p.fill_(1)
+        for layer in net.text_encoder.layers:
+            layer.attn_gain.fill_(1)
+    x = torch.randn(2, 3, 8, 8)
+    captions = ['a red circle', 'ünïcode 猫']
+    d = net(x, 0.7, captions)
+    torch.testing.assert_close(net(x, 0.7, ByteTokenizer(16)(captions)), d)
+    torch.testing.assert_close(net(x, 0.7, None), net(x, 0.7, ['', '']))
+    assert not torch.allclose(net(x, 0.7, ['', '']), d)
+    assert not torch.allclose(d[0], net(x[:1], 0.7, ['a blue square'])[0])
+
+
+def test_text_net_has_cross_attention_at_each_attention_block_and_pickles():
+    net = tiny_text_net()
+    assert sorted(net.unet.cross) == ['dec_4x4_block0', 'dec_4x4_block1', 'dec_4x4_in0', 'enc_4x4_block0']
+    assert net.label_dim == 0
+    clone = pickle.loads(pickle.dumps(net))
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(clone(x, 1.0, ['x']), net(x, 1.0, ['x']))
+    assert len(tiny_text_net(text_channels=0).unet.cross) == 0
+
+
+def test_super_resolution_net_reads_the_low_resolution_image_and_its_augmentation():
+    net = tiny_text_net(text_channels=0, lowres=4)
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1)
+        for block in list(net.unet.enc.values())[1:] + list(net.unet.dec.values()):
+            block.emb_gain.fill_(1)
+    x, lowres = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    d = net(x, 1.0, lowres=lowres)
+    assert d.shape == x.shape
+    assert not torch.allclose(net(x, 1.0, lowres=lowres * 0), d)
+    assert not torch.allclose(net(x, 1.0, lowres=lowres, aug_sigma=0.3), d)
+    with pytest.raises(ValueError, match='4x4 lowres'):
+        net(x, 1.0)
