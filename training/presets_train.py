@@ -8,6 +8,14 @@ loss_kwargs merged into the components' options (class_name there swaps the comp
 
 from dnnlib import EasyDict
 
+
+def _text(**network_kwargs) -> dict:
+    """Components of a text-to-image or super-resolution stage (SPEC §8): captions as labels, TextPrecond, TextEDM2Loss."""
+    return dict(dataset_kwargs=EasyDict(use_captions=True),
+                network_kwargs=EasyDict(class_name='training.networks_text.TextPrecond', **network_kwargs),
+                loss_kwargs=EasyDict(class_name='training.cascade.TextEDM2Loss'))
+
+
 # EDM2 paper, Table 2 / App. B: duration in images, global batch, channels, α_ref, t_ref (decay), dropout.
 _IMG512 = dict(batch=2048, decay=70000, P_mean=-0.4, P_std=1.0)
 _IMG64 = dict(batch=2048, decay=35000, P_mean=-0.8, P_std=1.6)
@@ -34,6 +42,17 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
     'edm2-img64-l': EasyDict(_IMG64, duration=1024 << 20, channels=320, lr=0.0080, dropout=0.10),
     'edm2-img64-xl': EasyDict(_IMG64, duration=640 << 20, channels=384, lr=0.0070, dropout=0.10),
 
+    # Text-to-image cascade in the spirit of Diff-DALLE (SPEC §8): base 64, then 64->256 and 256->1024 stages,
+    # smaller nets with fewer attention levels and smaller batches at higher resolution.
+    'text2img-64': EasyDict(_IMG64, duration=1024 << 20, channels=192, lr=0.0100, dropout=0.10,
+                            **_text(text_channels=512, text_layers=6)),
+    'sr-64-256': EasyDict(_IMG64, batch=512, duration=512 << 20, channels=128, lr=0.0100, dropout=0.00,
+                          channel_mult=[1, 2, 2, 3, 4], num_blocks=2, attn_resolutions=[16], P_mean=-0.4,
+                          **_text(lowres=64, text_channels=256, text_layers=2)),
+    'sr-256-1024': EasyDict(_IMG64, batch=256, duration=256 << 20, channels=64, lr=0.0120, dropout=0.00,
+                            channel_mult=[1, 1, 2, 2, 4, 4, 8], num_blocks=2, attn_resolutions=[16], P_mean=-0.4,
+                            **_text(lowres=256, text_channels=256, text_layers=2)),
+
     # CPU presets on the built-in 32x32 shapes data (made on first use when --data is omitted).
     # Short warm-up and decay so that a few hundred thousand images suffice; pixel-space noise levels.
     'demo': EasyDict(duration=80 << 10, batch=64, channels=16, lr=0.0100, decay=500, dropout=0.00,
@@ -44,6 +63,18 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
                           P_mean=-0.8, P_std=1.6, rampup=0.001, channel_mult=[1, 2], num_blocks=1,
                           attn_resolutions=[8], status=1 << 10, snapshot=1 << 10, checkpoint=1 << 10,
                           synthetic=EasyDict(resolution=16, num_images=256), sample_steps=8),
+
+    # Text-to-image demo cascade on the built-in captioned shapes: base 16x16, then 16->32 (no text needed).
+    'demo-text': EasyDict(duration=64 << 10, batch=64, channels=16, lr=0.0100, decay=600, dropout=0.00,
+                          P_mean=-0.8, P_std=1.6, rampup=0.005, channel_mult=[1, 2], num_blocks=1,
+                          attn_resolutions=[8], status=8 << 10, snapshot=32 << 10, checkpoint=32 << 10,
+                          synthetic=EasyDict(resolution=16, num_images=10000), sample_steps=24,
+                          **_text(text_channels=64, text_layers=1, channels_per_head=32)),
+    'demo-sr': EasyDict(duration=96 << 10, batch=32, channels=16, lr=0.0100, decay=600, dropout=0.00,
+                        P_mean=-0.4, P_std=1.4, rampup=0.005, channel_mult=[1, 2, 2], num_blocks=1,
+                        attn_resolutions=[8], status=8 << 10, snapshot=32 << 10, checkpoint=32 << 10,
+                        synthetic=EasyDict(resolution=32, num_images=10000), sample_steps=16,
+                        **_text(lowres=16, text_channels=0)),
 
     # Noise-aware CLIP guides (issue 8): training/clip_guide.py; σ drawn as for the denoiser of the same data.
     'clip-img64': EasyDict(_IMG64, duration=256 << 20, channels=128, lr=0.0060, dropout=0.00, num_blocks=2,

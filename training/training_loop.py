@@ -57,7 +57,7 @@ def _is_due(cur_nimg: int, interval: int | None, done: bool) -> bool:
     return bool(interval) and (done or cur_nimg % interval == 0)
 
 
-def _save_sample_grid(net, encoder, path: str, device, num_steps: int, grid_size: int = 4) -> None:
+def _save_sample_grid(net, encoder, path: str, device, num_steps: int, grid_size: int = 4, dataset=None) -> None:
     """A fixed-seed grid from an EMA net, so successive grids of one run are comparable."""
     seeds = list(range(grid_size * grid_size))
     rnd = StackedRandomGenerator(device, seeds)
@@ -66,7 +66,12 @@ def _save_sample_grid(net, encoder, path: str, device, num_steps: int, grid_size
     if net.label_dim:
         labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)])]
     with torch.no_grad():
-        latents = edm_sampler(net, noise, labels, num_steps=num_steps, randn_like=rnd.randn_like)
+        if hasattr(net, 'text_encoder'):  # Text and super-resolution nets: the data's first captions (SPEC §8).
+            from training.cascade import dataset_conditioning, sample_stage  # cascade imports this module
+            cond = dataset_conditioning(net, dataset, encoder, len(seeds), device)
+            latents = sample_stage(net, noise, num_steps=num_steps, randn_like=rnd.randn_like, **cond)
+        else:
+            latents = edm_sampler(net, noise, labels, num_steps=num_steps, randn_like=rnd.randn_like)
         images = encoder.decode(latents)
     save_image_grid(images.cpu().numpy(), path, grid_w=grid_size)
 
@@ -218,7 +223,8 @@ def training_loop(
             grid_net = ema.get()[0][0]
             if getattr(grid_net, 'makes_images', True):  # A CLIP guide is no denoiser: no grid.
                 grid_net.eval()
-                _save_sample_grid(grid_net, encoder, os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'), device, sample_steps)
+                _save_sample_grid(grid_net, encoder, os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'), device, sample_steps,
+                                  dataset=dataset)
 
         if (_is_due(cur_nimg, checkpoint_nimg, done) or stop_requested) and not at_start:
             rng_states = ckpt.gather_rng_states()
