@@ -78,10 +78,11 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
 
     # Noise-aware CLIP guides (issue 8): training/clip_guide.py; σ drawn as for the denoiser of the same data.
     'clip-img64': EasyDict(_IMG64, duration=256 << 20, channels=128, lr=0.0060, dropout=0.00, num_blocks=2,
+                           channel_mult=[1, 2, 3, 4], attn_resolutions=[16, 8],
                            **_clip(holdout=10000, embed_dim=512, text_channels=512, text_layers=6)),
-    'demo-clip': EasyDict(duration=32 << 10, batch=64, channels=32, lr=0.0100, decay=200, dropout=0.00,
+    'demo-clip': EasyDict(duration=80 << 10, batch=64, channels=32, lr=0.0100, decay=400, dropout=0.00,
                           P_mean=-0.8, P_std=1.6, rampup=0.002, channel_mult=[1, 2, 2], num_blocks=1,
-                          attn_resolutions=[8], status=4 << 10, snapshot=16 << 10, checkpoint=16 << 10,
+                          attn_resolutions=[8], status=8 << 10, snapshot=40 << 10, checkpoint=40 << 10,
                           synthetic=EasyDict(resolution=16, num_images=4096),
                           **_clip(holdout=256, embed_dim=64, text_channels=64, text_layers=2, channels_per_head=32)),
 }
