@@ -163,3 +163,22 @@ def test_label_missing_from_dataset_json_is_one_clear_error(tmp_path, cache_env)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     error = result.output.strip().splitlines()[-1]
     assert error.startswith('Error: ') and 'img1.png' in error
+
+
+def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(tmp_path, cache_env):
+    # Schedulers and Ctrl-C signal every process of the job, data workers included.
+    outdir = str(tmp_path / 'run')
+    args = ['--preset=demo-tiny', '--workers=1', '--duration=1Mi', '--checkpoint=512', '--snapshot=1Mi']
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_edm2.py'), f'--outdir={outdir}', *args],
+                            env=cache_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(outdir, 'training-state-*.pt')) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert 'Stop requested: state saved at kimg' in out
+    state = _final_state(outdir)
+    assert 512 < state['cur_nimg'] < 1 << 20 and state['cur_nimg'] % 16 == 0

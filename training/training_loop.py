@@ -87,6 +87,13 @@ def _install_stop_handler() -> dict:
     return flag
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGTERM/SIGINT (sent to the whole process group) to the main process, which
+    checkpoints and then shuts them down; a killed worker would crash the run instead."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _agreed_stop(flag: dict, device) -> bool:
     """All ranks stop at the same step, or their collectives would deadlock."""
     if dist.get_world_size() == 1:
@@ -172,7 +179,7 @@ def training_loop(
 
     sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
     dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu,
-                                                        **data_loader_kwargs))
+                                                        worker_init_fn=_ignore_stop_signals, **data_loader_kwargs))
     if rng_states is not None:
         ckpt.set_rng_state(rng_states[rank])  # After the DataLoader, which draws its own base seed.
 
