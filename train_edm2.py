@@ -131,7 +131,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
 @click.option('--batch-gpu', 'batch_gpu', metavar='NIMG', type=NIMG, default=None, help='Images per device per round (gradient accumulation).')
 @click.option('--vae', metavar='ID|DIR', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True, help='VAE of latent (8-channel) datasets: hub id or save_pretrained folder.')
 @click.option('--fp16', metavar='BOOL', type=bool, default=True, show_default=True, help='Mixed precision (float16) on CUDA.')
-@click.option('--bf16', metavar='BOOL', type=bool, default=False, show_default=True, help='bfloat16 mixed precision, also on CPU.')
+@click.option('--bf16', metavar='BOOL', type=bool, default=False, show_default=True, help='bfloat16 compute, also on CPU (fast only with bf16 instructions).')
 @click.option('--ls', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True, help='Loss scaling.')
 @click.option('--bench', metavar='BOOL', type=bool, default=True, show_default=True, help='cuDNN benchmarking.')
 @click.option('--status', metavar='NIMG', type=NIMG, default=None, help='Status line interval [default: 128Ki or preset].')
@@ -147,7 +147,7 @@ def main(outdir: str, data: str | None, preset: str | None, dry_run: bool, **opt
     Examples:
 
     \b
-    # Demo on CPU with the built-in shapes data (about 10 minutes on 2 cores)
+    # Demo on CPU with the built-in shapes data (about 13 minutes on 2 cores)
     python train_edm2.py --outdir=runs/demo --preset=demo
 
     \b
