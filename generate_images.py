@@ -16,9 +16,10 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
+from training.cascade import sample_stage
 from training.encoders import StandardRGBEncoder
 from training.image_grid import save_image_grid
-from training.presets_generate import presets
+from training.presets_generate import cascades, presets
 from training.sampling import StackedRandomGenerator, edm_sampler
 from training.snapshots import NetworkPickleError, load_network_pickle, parse_snapshot_name
 
@@ -62,6 +63,10 @@ def load_network(path_or_url: str, device: torch.device, verbose: bool = False) 
 def _shape(net: torch.nn.Module) -> str:
     return f'{net.img_channels}x{net.img_resolution}x{net.img_resolution}'
 
+
+def _is_text_net(net: torch.nn.Module) -> bool:
+    return hasattr(net, 'text_encoder')  # training/networks_text.py: captions as labels, maybe a low-res input
+
 # ----------------------------------------------------------------------------
 # The generator shared by this script and calculate_metrics.py gen.
 
@@ -75,14 +80,17 @@ def generate_images(
     max_batch_size: int = 32,
     device: torch.device | str | None = None,
     verbose: bool = False,
+    prompts: list[str] | None = None,
     **sampler_kwargs: Any,
 ) -> Iterator[dnnlib.EasyDict]:
-    """Sample this rank's share of `seeds`, yielding per batch EasyDict(images, seeds, labels).
+    """Sample this rank's share of `seeds`, yielding per batch EasyDict(images, seeds, labels, captions).
 
     `images` are uint8 NCHW on `device`, `labels` one-hot [N, label_dim] (None for unconditional
     nets). Seeds are split across torchrun ranks; each rank yields only its own batches. `net` and
     `gnet` may be pickle paths, URLs or run folders; the guiding net is neither loaded nor evaluated
     when guidance is 1. `sampler_kwargs` go to edm_sampler (num_steps, sigma_min, guidance, ...).
+    Text-to-image nets take `prompts` (image i gets prompts[i % len(prompts)], also yielded as
+    `captions`) and without `gnet` are guided by the empty caption (classifier-free guidance).
     """
     device = torch.device(device) if device is not None else dist.device()
     if isinstance(net, str):
@@ -91,7 +99,7 @@ def generate_images(
     encoder = StandardRGBEncoder() if encoder is None else encoder
     if sampler_kwargs.get('guidance', 1) == 1:
         gnet = None
-    elif gnet is None:
+    elif gnet is None and not _is_text_net(net):
         raise GenerationError(f"Guidance {sampler_kwargs['guidance']} needs a guiding network (--gnet).")
     elif isinstance(gnet, str):
         gnet = load_network(gnet, device, verbose)[0]
@@ -101,24 +109,36 @@ def generate_images(
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
         labels_range = f'has classes 0 to {net.label_dim - 1}' if net.label_dim else 'is unconditional'
         raise GenerationError(f'Class {class_idx} was requested, but the network {labels_range}.')
+    if getattr(net, 'lowres', None):
+        raise GenerationError(f'The network is a {net.lowres}->{net.img_resolution} super-resolution stage; '
+                              f'run it after a base net with --cascade.')
+    if _is_text_net(net) and not prompts:
+        raise GenerationError('The network is text-to-image: give --prompt="..." or --prompts=FILE.')
     encoder.init(device)
+    for batch_seeds, captions in _rank_batches(seeds, prompts if _is_text_net(net) else None, max_batch_size, verbose):
+        yield _generate_batch(net, encoder, gnet, batch_seeds, class_idx, device, sampler_kwargs, captions)
 
+
+def _rank_batches(seeds: Iterable[int], prompts: list[str] | None, max_batch_size: int,
+                  verbose: bool) -> Iterator[tuple[list[int], list[str] | None]]:
+    """This rank's batches of (seeds, captions); image i of the run gets prompts[i % len(prompts)]."""
     # Interleave batches over ranks: global step k runs batches k*world ... k*world + world - 1.
     rank, world = dist.get_rank(), dist.get_world_size()
     seeds = np.asarray(list(seeds), dtype=np.int64)
     num_batches = max(math.ceil(len(seeds) / (max_batch_size * world)), 1) * world
-    batches = np.array_split(seeds, num_batches)
+    batches = np.array_split(np.arange(len(seeds)), num_batches)
     progress = tqdm.tqdm(total=len(seeds), unit='img', disable=not verbose or rank != 0)
     for step in range(num_batches // world):
-        batch_seeds = batches[step * world + rank]
-        if len(batch_seeds) > 0:
-            yield _generate_batch(net, encoder, gnet, batch_seeds.tolist(), class_idx, device, sampler_kwargs)
+        idx = batches[step * world + rank]
+        if len(idx) > 0:
+            yield seeds[idx].tolist(), None if prompts is None else [prompts[i % len(prompts)] for i in idx]
         progress.update(sum(len(b) for b in batches[step * world:(step + 1) * world]))
     progress.close()
 
 
 def _generate_batch(net: torch.nn.Module, encoder: Any, gnet: torch.nn.Module | None, seeds: list[int],
-                    class_idx: int | None, device: torch.device, sampler_kwargs: dict) -> dnnlib.EasyDict:
+                    class_idx: int | None, device: torch.device, sampler_kwargs: dict,
+                    captions: list[str] | None = None) -> dnnlib.EasyDict:
     # Per image: noise first, then (without --class) its random class, then churn noise (SPEC §9).
     rnd = StackedRandomGenerator(device, seeds)
     noise = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
@@ -127,9 +147,43 @@ def _generate_batch(net: torch.nn.Module, encoder: Any, gnet: torch.nn.Module | 
         idx = rnd.randint(net.label_dim, size=[len(seeds)]) if class_idx is None else torch.full([len(seeds)], class_idx)
         labels = torch.eye(net.label_dim, device=device)[idx.to(device)]
     with torch.no_grad():
-        latents = edm_sampler(net, noise, labels, gnet, randn_like=rnd.randn_like, **sampler_kwargs)
+        if captions is not None:
+            latents = sample_stage(net, noise, captions, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs)
+        else:
+            latents = edm_sampler(net, noise, labels, gnet, randn_like=rnd.randn_like, **sampler_kwargs)
         images = encoder.decode(latents)
-    return dnnlib.EasyDict(images=images, seeds=seeds, labels=labels)
+    return dnnlib.EasyDict(images=images, seeds=seeds, labels=labels, captions=captions)
+
+
+
+def generate_cascade(stages: list[dnnlib.EasyDict], prompts: list[str], seeds: Iterable[int] = range(16),
+                     max_batch_size: int = 32, device: torch.device | str | None = None, verbose: bool = False,
+                     guidance: float | None = None, aug_sigma: float | None = None) -> Iterator[dnnlib.EasyDict]:
+    """Run a text-to-image net and its super-resolution stages in order (SPEC §8), yielding per batch
+    EasyDict(images, seeds, labels=None, captions) at the last stage's resolution. A stage is
+    EasyDict(net, num_steps, guidance, aug_sigma) as in presets_generate.cascades; `guidance` overrides
+    the first stage's, `aug_sigma` the super-resolution stages'. Pixel-space stages only."""
+    device = torch.device(device) if device is not None else dist.device()
+    nets = [load_network(stage.net, device, verbose) for stage in stages]
+    for k, (net, _encoder) in enumerate(nets):
+        want = nets[k - 1][0].img_resolution if k else None
+        if not _is_text_net(net) or getattr(net, 'lowres', None) != want:
+            role = f'a {want}->N super-resolution stage' if k else 'a text-to-image base net'
+            raise GenerationError(f'Cascade stage {k + 1} ({stages[k].net}) must be {role}.')
+    encoder = nets[-1][1] or StandardRGBEncoder()
+    encoder.init(device)
+    for batch_seeds, captions in _rank_batches(seeds, prompts, max_batch_size, verbose):
+        rnd = StackedRandomGenerator(device, batch_seeds)
+        x = None
+        with torch.no_grad():
+            for k, ((net, _encoder), stage) in enumerate(zip(nets, stages)):
+                noise = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution])
+                x = sample_stage(net, noise, captions, lowres=None if x is None else x.clamp(-1, 1),
+                                 aug_sigma=stage.aug_sigma if aug_sigma is None else aug_sigma,
+                                 guidance=stage.guidance if guidance is None or k else guidance,
+                                 num_steps=stage.num_steps, randn_like=rnd.randn_like)
+            images = encoder.decode(x)
+        yield dnnlib.EasyDict(images=images, seeds=batch_seeds, labels=None, captions=captions)
 
 # ----------------------------------------------------------------------------
 # Command-line options shared with calculate_metrics.py gen.
@@ -170,8 +224,6 @@ def resolve_sampler_options(preset: str | None, net: str | None, gnet: str | Non
     if net is None:
         raise GenerationError('No network given: use --net=PKL or --preset=NAME.')
     guidance = 1.0 if guidance is None else guidance
-    if guidance != 1 and gnet is None:
-        raise GenerationError(f'--guidance={guidance} needs a guiding network: give --gnet=PKL.')
     return dnnlib.EasyDict(net=net, gnet=gnet, sampler_kwargs=dnnlib.EasyDict(guidance=guidance, **sampler_kwargs))
 
 # ----------------------------------------------------------------------------
@@ -184,7 +236,33 @@ def _save_png(image: np.ndarray, path: str) -> None:
         PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(f, format='PNG')
 
 
-def _gather_to_rank0(images: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+def read_prompts(prompt: Iterable[str], prompts_file: str | None) -> list[str]:
+    """--prompt values, then the non-empty lines of --prompts=FILE."""
+    prompts = list(prompt)
+    if prompts_file is not None:
+        try:
+            with open(prompts_file, encoding='utf-8') as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise GenerationError(f'--prompts={prompts_file}: cannot read it ({e}); give a UTF-8 text file, one prompt a line.') from None
+        if not prompts:
+            raise GenerationError(f'--prompts={prompts_file} holds no prompts; write one prompt a line.')
+    return prompts
+
+
+def _save_captions(captions: dict[int, str], seeds: list[int], outdir: str | None, subdirs: bool, grid: str | None) -> None:
+    """captions.txt in --outdir (file, seed, prompt per line) and GRID.txt beside --grid (seed, prompt in grid order)."""
+    if outdir is not None:
+        lines = [f'{seed // 1000 * 1000:06d}/' * subdirs + f'{seed:06d}.png\t{seed}\t{captions[seed]}\n' for seed in seeds]
+        with dnnlib.util.atomic_write(os.path.join(outdir, 'captions.txt'), 'wt') as f:
+            f.writelines(lines)
+    if grid is not None:
+        os.makedirs(os.path.dirname(grid) or '.', exist_ok=True)
+        with dnnlib.util.atomic_write(os.path.splitext(grid)[0] + '.txt', 'wt') as f:
+            f.writelines(f'{seed}\t{captions[seed]}\n' for seed in seeds)
+
+
+def _gather_to_rank0(images: dict[int, Any]) -> dict[int, Any]:
     if dist.get_world_size() == 1:
         return images
     parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -202,8 +280,13 @@ def _gather_to_rank0(images: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
 @click.option('--grid', metavar='PNG', type=str, default=None, help='Also write all images as one PNG grid.')
 @click.option('--npz', metavar='NPZ', type=str, default=None, help='Also write all images to one .npz (uint8 NHWC under arr_0).')
 @click.option('--device', metavar='DEVICE', type=str, default=None, help='Torch device, e.g. cpu or cuda:1  [default: cuda if available]')
+@click.option('--prompt', 'prompt', metavar='TEXT', type=str, multiple=True, help='Caption for text-to-image nets; repeat for several (cycled over seeds).')
+@click.option('--prompts', 'prompts_file', metavar='FILE', type=str, default=None, help='Text file of prompts, one per line.')
+@click.option('--cascade', metavar='NAME', type=str, default=None, help='Run a named cascade (base + super-resolution stages, their steps and guidance).')
+@click.option('--aug-sigma', 'aug_sigma', metavar='FLOAT', type=click.FloatRange(min=0), default=None, help='Noise augmentation of low-res inputs  [default: cascade preset]')
 def main(outdir: str | None, subdirs: bool, seeds: str, class_idx: int | None, max_batch_size: int,
-         grid: str | None, npz: str | None, device: str | None, **opts: Any) -> None:
+         grid: str | None, npz: str | None, device: str | None, prompt: tuple[str, ...], prompts_file: str | None,
+         cascade: str | None, aug_sigma: float | None, **opts: Any) -> None:
     """Generate images with an EDM2 network (edm2x or NVIDIA pickle), with optional guidance.
 
     Examples:
@@ -220,6 +303,11 @@ def main(outdir: str | None, subdirs: bool, seeds: str, class_idx: int | None, m
     \b
     # Your own pickle, class 3, with classifier-free guidance by an unconditional net
     python generate_images.py --net=run/net.pkl --gnet=run/uncond.pkl --guidance=1.5 --class=3 --outdir=out
+
+    \b
+    # Text-to-image cascade of the CPU demo (runs/demo-text, runs/demo-sr): 32x32 images and their captions
+    python generate_images.py --cascade=demo-text --prompt="a red circle on a blue background, at the center" \\
+        --seeds=0-15 --grid=out/cascade.png --outdir=out/cascade --device=cpu
     """
     dist.init()
     if outdir is None and grid is None and npz is None:
@@ -233,18 +321,30 @@ def main(outdir: str | None, subdirs: bool, seeds: str, class_idx: int | None, m
     except RuntimeError as e:
         raise click.ClickException(f'--device={device}: {e}') from None
     try:
-        c = resolve_sampler_options(**opts)
+        prompts = read_prompts(prompt, prompts_file)
+        if cascade is not None:
+            if cascade not in cascades:
+                raise GenerationError(f'Unknown cascade {cascade!r}; choose one of: {", ".join(cascades)}.')
+            batches = generate_cascade(cascades[cascade], prompts, seed_list, max_batch_size, torch_device, verbose=True,
+                                       guidance=opts['guidance'], aug_sigma=aug_sigma)
+        else:
+            c = resolve_sampler_options(**opts)
+            batches = generate_images(c.net, gnet=c.gnet, seeds=seed_list, class_idx=class_idx, max_batch_size=max_batch_size,
+                                      device=torch_device, verbose=True, prompts=prompts, **c.sampler_kwargs)
         dist.print0(f'Generating {len(seed_list)} images on {dist.get_world_size()} rank(s) ...')
-        collected = {}
-        for batch in generate_images(c.net, gnet=c.gnet, seeds=seed_list, class_idx=class_idx, max_batch_size=max_batch_size,
-                                     device=torch_device, verbose=True, **c.sampler_kwargs):
+        collected, captions = {}, {}
+        for batch in batches:
             images = batch.images.permute(0, 2, 3, 1).cpu().numpy()
-            for seed, image in zip(batch.seeds, images):
+            for i, (seed, image) in enumerate(zip(batch.seeds, images)):
                 if outdir is not None:
                     _save_png(image, os.path.join(outdir, f'{seed // 1000 * 1000:06d}' if subdirs else '', f'{seed:06d}.png'))
                 if grid is not None or npz is not None:
                     collected[seed] = image
-        collected = _gather_to_rank0(collected)
+                if batch.get('captions') is not None:
+                    captions[seed] = batch.captions[i]
+        collected, captions = _gather_to_rank0(collected), _gather_to_rank0(captions)
+        if dist.get_rank() == 0 and captions:
+            _save_captions(captions, seed_list, outdir, subdirs, grid)
         if dist.get_rank() == 0 and collected:
             all_images = np.stack([collected[seed] for seed in seed_list])
             if grid is not None:

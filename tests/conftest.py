@@ -23,3 +23,12 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(lines) == 1, result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny convolutions run far faster on one thread (no OpenMP spinning on a busy machine); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,6 +13,8 @@ from training.dataset_io import write_synthetic_dataset
 from training.networks_text import TextPrecond
 from training.training_loop import training_loop
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 class RecordingNet:
     """Stands in for a net: records the labels and kwargs of each call, predicts zeros."""

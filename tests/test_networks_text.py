@@ -9,6 +9,8 @@ import torch
 from training.networks_text import CrossAttention, TextPrecond
 from training.text import ByteTokenizer
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def tiny_text_net(**kwargs) -> TextPrecond:
     torch.manual_seed(0)

@@ -2,9 +2,12 @@
 
 import pickle
 
+import pytest
 import torch
 
 from training.text import PAD_TOKEN, START_TOKEN, ByteTokenizer, MPTextEncoder
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_byte_tokenizer_pads_with_zero_after_start_and_bytes():

@@ -67,4 +67,21 @@ presets: dict[str, EasyDict] = {
     # demo-tiny): the newest snapshot in the run folder.
     'demo':                        _preset('runs/demo'),
     'demo-tiny':                   _preset('runs/demo-tiny'),
+    'demo-text':                   _preset('runs/demo-text', guidance=2.0),  # text-to-image: guided by ''
+}
+
+# Text-to-image cascades (generate_images.py --cascade=NAME): stages in order, each a net (pickle or run folder)
+# with its sampling steps, guidance (by the empty caption) and low-res noise augmentation at sampling time.
+
+
+def _stage(net: str, num_steps: int = 32, guidance: float = 1.0, aug_sigma: float = 0.0) -> EasyDict:
+    return EasyDict(net=net, num_steps=num_steps, guidance=guidance, aug_sigma=aug_sigma)
+
+
+cascades: dict[str, list[EasyDict]] = {
+    # `python train_edm2.py --preset=demo-text --outdir=runs/demo-text`, likewise demo-sr.
+    'demo-text': [_stage('runs/demo-text', 24, 2.0), _stage('runs/demo-sr', 16)],
+    # presets text2img-64, sr-64-256 and sr-256-1024 trained into runs/ folders of the same names.
+    'text2img-1024': [_stage('runs/text2img-64', 64, 3.0), _stage('runs/sr-64-256', 32, 1.0, 0.05),
+                      _stage('runs/sr-256-1024', 24, 1.0, 0.05)],
 }
