@@ -14,7 +14,7 @@ import click
 import numpy as np
 import torch
 
-from generate_images import GenerationError, generate_images, load_network, resolve_sampler_options, sampler_options
+from generate_images import GenerationError, generate_images, load_network, read_prompts, resolve_sampler_options, sampler_options
 from torch_utils import distributed as dist
 from training.dataset import DatasetError, ImageFolderDataset
 from training.detectors import DETECTORS_ENV, DetectorError
@@ -205,9 +205,10 @@ def _default_ref(preset: str | None) -> str | None:
 @click.option('--seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True,
               help='First seed; images use seeds seed .. seed+num-1.')
 @click.option('--class', 'class_idx', metavar='INT', type=int, default=None, help='Class label  [default: random per seed]')
+@click.option('--prompts', 'prompts_file', metavar='FILE', type=str, default=None, help='Prompts of a text-to-image net, one per line (cycled over seeds).')
 @_common_options
-def gen(ref_path: str | None, num: int, seed: int, class_idx: int | None, metrics: str, batch: int,
-        detectors: str | None, device: str | None, **opts: Any) -> None:
+def gen(ref_path: str | None, num: int, seed: int, class_idx: int | None, prompts_file: str | None, metrics: str,
+        batch: int, detectors: str | None, device: str | None, **opts: Any) -> None:
     """Metrics of images generated on the fly (nothing is written).
 
     \b
@@ -220,11 +221,13 @@ def gen(ref_path: str | None, num: int, seed: int, class_idx: int | None, metric
         raise click.ClickException('No reference statistics: give --ref=PKL (make one with calculate_metrics.py ref).')
     ref_stats = _load_ref(ref_path, metric_list)
     c = _run(resolve_sampler_options, **opts)
+    prompts = _run(read_prompts, (), prompts_file) if prompts_file is not None else None
     net, encoder = _run(load_network, c.net, torch_device, verbose=True)
     gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and c.sampler_kwargs.guidance != 1 else None
     dist.print0(f'Generating and embedding {num} images (seeds {seed}-{seed + num - 1}) for {",".join(metric_list)} ...')
     batches = (b.images for b in generate_images(net, encoder, gnet, seeds=range(seed, seed + num), class_idx=class_idx,
-                                                 max_batch_size=batch, device=torch_device, **c.sampler_kwargs))
+                                                 max_batch_size=batch, device=torch_device, prompts=prompts,
+                                                 **c.sampler_kwargs))
     stats = _run(calculate_stats_for_iterable, batches, metric_list, detector_source=detectors,
                  device=torch_device, num_images=num)
     _report(stats, ref_stats, ref_path, metric_list)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import dnnlib
 from training.dataset_io import (TRANSFORMS, DatasetWriter, ImageSource, decode_image, item_relpath,
-                                 make_transform, parse_resolution, write_synthetic_dataset)
+                                 load_caption_mapping, make_transform, parse_resolution, write_synthetic_dataset)
 
 # ---- command line ----
 
@@ -71,7 +71,9 @@ def synth(dest: str, resolution: int, max_images: int, seed: int) -> None:
 @click.option('--resolution', metavar='N|WxH', help='Output size, e.g. 64 or 512x256 (default: keep).')
 @click.option('--transform', metavar='NAME', type=click.Choice(TRANSFORMS), help='Crop: ' + ', '.join(TRANSFORMS) + '.')
 @click.option('--max-images', metavar='INT', callback=_parse_count, help='Convert at most this many (first by path).')
-def convert(source: str, dest: str, resolution: str | None, transform: str | None, max_images: int | None) -> None:
+@click.option('--captions', 'captions_file', metavar='JSON|CSV', default=None, help='Captions by image path (JSON object or CSV rows path,caption).')
+def convert(source: str, dest: str, resolution: str | None, transform: str | None, max_images: int | None,
+            captions_file: str | None) -> None:
     """Convert a folder or ZIP of images to an edm2x dataset.
 
     \b
@@ -83,7 +85,8 @@ def convert(source: str, dest: str, resolution: str | None, transform: str | Non
         transform_fn = make_transform(transform, width, height)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    images = ImageSource(source, max_images=max_images)
+    captions = load_caption_mapping(captions_file) if captions_file is not None else None
+    images = ImageSource(source, max_images=max_images, captions=captions)
     first_shape = None
     with DatasetWriter(dest) as writer:
         for idx, item in enumerate(tqdm(images, desc='convert', unit='img')):

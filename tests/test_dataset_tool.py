@@ -61,6 +61,28 @@ def test_convert_folder_labels_from_subfolders_and_captions_from_sidecars(tmp_pa
     assert np.array_equal(dataset[3][0], noise(6, 6, 1).transpose(2, 0, 1))
 
 
+
+@pytest.mark.parametrize('mapping', ['csv', 'json'])
+def test_convert_takes_captions_from_a_csv_or_json_mapping_over_sidecars(tmp_path, mapping):
+    src = tmp_path / 'src'
+    save(src / 'a.png', noise(4, 4, 1))
+    save(src / 'b.png', noise(4, 4, 2))
+    save(src / 'c.png', noise(4, 4, 3))
+    (src / 'a.txt').write_text('from the sidecar')
+    (src / 'c.txt').write_text('kept sidecar')
+    captions = {'a.png': 'a red, "quoted" cat', 'b.png': 'ünïcode 猫'}
+    path = tmp_path / f'captions.{mapping}'
+    if mapping == 'json':
+        path.write_text(json.dumps(captions), encoding='utf-8')
+    else:
+        path.write_text('file,caption\na.png,"a red, ""quoted"" cat"\nb.png,ünïcode 猫\n', encoding='utf-8')
+    result = run('convert', f'--source={src}', f'--dest={tmp_path / "out"}', f'--captions={path}')
+    assert result.exit_code == 0, result.output
+    dataset = ImageFolderDataset(str(tmp_path / 'out'), use_captions=True)
+    assert [dataset[i][1] for i in range(3)] == ['a red, "quoted" cat', 'ünïcode 猫', 'kept sidecar']
+    assert_one_line_error(run('convert', f'--source={src}', f'--dest={tmp_path / "x"}', f'--captions={tmp_path / "no.csv"}'),
+                          'no.csv')
+
 def test_convert_zip_with_dataset_json_round_trips(tmp_path):
     src, dest = tmp_path / 'src.zip', tmp_path / 'copy'
     dataset_tool.write_synthetic_dataset(str(src), resolution=8, num_images=5, seed=1, progress=False)

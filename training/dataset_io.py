@@ -2,6 +2,7 @@
 the crops of dataset_tool.py (SPEC §6), reusable by other tools."""
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -151,15 +152,35 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
         raise click.ClickException(f'{name}: unreadable image ({e}); replace or remove it') from None
 
 
+def load_caption_mapping(path: str) -> dict[str, str]:
+    """Captions by image path from a JSON object {path: caption} or a CSV of rows path,caption (header optional)."""
+    try:
+        with open(path, encoding='utf-8', newline='') as f:
+            if path.lower().endswith('.json'):
+                mapping = json.load(f)
+                if not isinstance(mapping, dict):
+                    raise ValueError('expected a JSON object {"path/to/image.png": "caption", ...}')
+            else:
+                rows = [row for row in csv.reader(f) if row]
+                if rows and not rows[0][0].lower().endswith(SOURCE_EXTENSIONS):
+                    rows = rows[1:]  # header
+                if any(len(row) != 2 for row in rows):
+                    raise ValueError('expected two columns per row: image path, caption')
+                mapping = dict(rows)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise click.ClickException(f'{path}: cannot read captions ({e})') from None
+    return {str(k).replace('\\', '/'): str(v) for k, v in mapping.items()}
+
+
 class ImageSource:
     """Images in a folder or ZIP (sorted by path), with labels and captions from wherever they are.
 
     Labels come from the source's dataset.json, else from the top-level sub-folder names (sorted and
-    numbered from 0) when every image sits in one. Captions come from dataset.json, else from a
-    sidecar .txt file beside each image (the img2dataset convention).
+    numbered from 0) when every image sits in one. Captions come from `captions` (a mapping, e.g. from
+    load_caption_mapping), else dataset.json, else a sidecar .txt file beside each image (img2dataset).
     """
 
-    def __init__(self, source: str, max_images: int | None = None) -> None:
+    def __init__(self, source: str, max_images: int | None = None, captions: dict[str, str] | None = None) -> None:
         self.source = str(source)
         self._zip: zipfile.ZipFile | None = None
         if os.path.isdir(self.source):
@@ -179,7 +200,7 @@ class ImageSource:
             raise click.ClickException(f'{self.source}: contains no images ({", ".join(SOURCE_EXTENSIONS)})')
         metadata = self._load_metadata() if 'dataset.json' in fnames else {}
         self.labels = self._find_labels(metadata.get('labels'))
-        self.captions = dict(metadata.get('captions') or [])
+        self.captions = {**dict(metadata.get('captions') or []), **(captions or {})}
 
     def describe(self, relpath: str) -> str:
         return os.path.join(self.source, relpath) if self._zip is None else f'{self.source}:{relpath}'
