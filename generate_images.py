@@ -17,6 +17,7 @@ import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from training.cascade import sample_stage
+from training.clip_guidance import check_clip_guide, clip_correction, load_clip_guide
 from training.encoders import StandardRGBEncoder
 from training.image_grid import save_image_grid
 from training.presets_generate import cascades, presets
@@ -81,6 +82,8 @@ def generate_images(
     device: torch.device | str | None = None,
     verbose: bool = False,
     prompts: list[str] | None = None,
+    clip: torch.nn.Module | str | None = None,
+    clip_scale: float = 0.0,
     **sampler_kwargs: Any,
 ) -> Iterator[dnnlib.EasyDict]:
     """Sample this rank's share of `seeds`, yielding per batch EasyDict(images, seeds, labels, captions).
@@ -91,6 +94,8 @@ def generate_images(
     when guidance is 1. `sampler_kwargs` go to edm_sampler (num_steps, sigma_min, guidance, ...).
     Text-to-image nets take `prompts` (image i gets prompts[i % len(prompts)], also yielded as
     `captions`) and without `gnet` are guided by the empty caption (classifier-free guidance).
+    `clip` (a CLIP guide or its pickle) with `clip_scale` != 0 steers any net towards the prompts
+    (training/clip_guidance.py); scale 0 leaves sampling unchanged.
     """
     device = torch.device(device) if device is not None else dist.device()
     if isinstance(net, str):
@@ -114,9 +119,27 @@ def generate_images(
                               f'run it after a base net with --cascade.')
     if _is_text_net(net) and not prompts:
         raise GenerationError('The network is text-to-image: give --prompt="..." or --prompts=FILE.')
+    clip = _load_clip(clip, clip_scale, [net], prompts, device, verbose)
     encoder.init(device)
-    for batch_seeds, captions in _rank_batches(seeds, prompts if _is_text_net(net) else None, max_batch_size, verbose):
-        yield _generate_batch(net, encoder, gnet, batch_seeds, class_idx, device, sampler_kwargs, captions)
+    with_captions = _is_text_net(net) or clip is not None
+    for batch_seeds, captions in _rank_batches(seeds, prompts if with_captions else None, max_batch_size, verbose):
+        yield _generate_batch(net, encoder, gnet, batch_seeds, class_idx, device, sampler_kwargs, captions, clip, clip_scale)
+
+
+def _load_clip(clip: torch.nn.Module | str | None, clip_scale: float, nets: list[torch.nn.Module],
+               prompts: list[str] | None, device: torch.device, verbose: bool) -> torch.nn.Module | None:
+    """The CLIP guide when CLIP guidance is on (scale != 0), checked to read the images of one of `nets`; else None."""
+    if clip is None or clip_scale == 0:
+        return None
+    if not prompts:
+        raise GenerationError('CLIP guidance needs prompts: give --prompt="..." or --prompts=FILE.')
+    if isinstance(clip, str):
+        path = resolve_network_path(clip)
+        if verbose:
+            dist.print0(f'Loading CLIP guide from {path} ...')
+        clip = load_clip_guide(path, device)
+    check_clip_guide(clip, next((net for net in nets if _shape(net) == _shape(clip)), nets[-1]))
+    return clip
 
 
 def _rank_batches(seeds: Iterable[int], prompts: list[str] | None, max_batch_size: int,
@@ -138,7 +161,8 @@ def _rank_batches(seeds: Iterable[int], prompts: list[str] | None, max_batch_siz
 
 def _generate_batch(net: torch.nn.Module, encoder: Any, gnet: torch.nn.Module | None, seeds: list[int],
                     class_idx: int | None, device: torch.device, sampler_kwargs: dict,
-                    captions: list[str] | None = None) -> dnnlib.EasyDict:
+                    captions: list[str] | None = None, clip: torch.nn.Module | None = None,
+                    clip_scale: float = 0.0) -> dnnlib.EasyDict:
     # Per image: noise first, then (without --class) its random class, then churn noise (SPEC §9).
     rnd = StackedRandomGenerator(device, seeds)
     noise = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
@@ -146,8 +170,10 @@ def _generate_batch(net: torch.nn.Module, encoder: Any, gnet: torch.nn.Module | 
     if net.label_dim > 0:
         idx = rnd.randint(net.label_dim, size=[len(seeds)]) if class_idx is None else torch.full([len(seeds)], class_idx)
         labels = torch.eye(net.label_dim, device=device)[idx.to(device)]
+    if clip is not None:  # S·σ²·∇ₓ sim(image, prompt) added to every denoised estimate.
+        sampler_kwargs = dict(sampler_kwargs, correction=clip_correction(clip, captions, clip_scale))
     with torch.no_grad():
-        if captions is not None:
+        if _is_text_net(net):
             latents = sample_stage(net, noise, captions, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs)
         else:
             latents = edm_sampler(net, noise, labels, gnet, randn_like=rnd.randn_like, **sampler_kwargs)
@@ -158,11 +184,13 @@ def _generate_batch(net: torch.nn.Module, encoder: Any, gnet: torch.nn.Module | 
 
 def generate_cascade(stages: list[dnnlib.EasyDict], prompts: list[str], seeds: Iterable[int] = range(16),
                      max_batch_size: int = 32, device: torch.device | str | None = None, verbose: bool = False,
-                     guidance: float | None = None, aug_sigma: float | None = None) -> Iterator[dnnlib.EasyDict]:
+                     guidance: float | None = None, aug_sigma: float | None = None,
+                     clip: torch.nn.Module | str | None = None, clip_scale: float = 0.0) -> Iterator[dnnlib.EasyDict]:
     """Run a text-to-image net and its super-resolution stages in order (SPEC §8), yielding per batch
     EasyDict(images, seeds, labels=None, captions) at the last stage's resolution. A stage is
     EasyDict(net, num_steps, guidance, aug_sigma) as in presets_generate.cascades; `guidance` overrides
-    the first stage's, `aug_sigma` the super-resolution stages'. Pixel-space stages only."""
+    the first stage's, `aug_sigma` the super-resolution stages'. Pixel-space stages only. CLIP guidance
+    (`clip`, `clip_scale`) applies to the stages whose images the guide reads."""
     device = torch.device(device) if device is not None else dist.device()
     nets = [load_network(stage.net, device, verbose) for stage in stages]
     for k, (net, _encoder) in enumerate(nets):
@@ -170,6 +198,7 @@ def generate_cascade(stages: list[dnnlib.EasyDict], prompts: list[str], seeds: I
         if not _is_text_net(net) or getattr(net, 'lowres', None) != want:
             role = f'a {want}->N super-resolution stage' if k else 'a text-to-image base net'
             raise GenerationError(f'Cascade stage {k + 1} ({stages[k].net}) must be {role}.')
+    clip = _load_clip(clip, clip_scale, [net for net, _encoder in nets], prompts, device, verbose)
     encoder = nets[-1][1] or StandardRGBEncoder()
     encoder.init(device)
     for batch_seeds, captions in _rank_batches(seeds, prompts, max_batch_size, verbose):
@@ -181,7 +210,9 @@ def generate_cascade(stages: list[dnnlib.EasyDict], prompts: list[str], seeds: I
                 x = sample_stage(net, noise, captions, lowres=None if x is None else x.clamp(-1, 1),
                                  aug_sigma=stage.aug_sigma if aug_sigma is None else aug_sigma,
                                  guidance=stage.guidance if guidance is None or k else guidance,
-                                 num_steps=stage.num_steps, randn_like=rnd.randn_like)
+                                 num_steps=stage.num_steps, randn_like=rnd.randn_like,
+                                 correction=clip_correction(clip, captions, clip_scale)
+                                 if clip is not None and _shape(clip) == _shape(net) else None)
             images = encoder.decode(x)
         yield dnnlib.EasyDict(images=images, seeds=batch_seeds, labels=None, captions=captions)
 
@@ -284,9 +315,11 @@ def _gather_to_rank0(images: dict[int, Any]) -> dict[int, Any]:
 @click.option('--prompts', 'prompts_file', metavar='FILE', type=str, default=None, help='Text file of prompts, one per line.')
 @click.option('--cascade', metavar='NAME', type=str, default=None, help='Run a named cascade (base + super-resolution stages, their steps and guidance).')
 @click.option('--aug-sigma', 'aug_sigma', metavar='FLOAT', type=click.FloatRange(min=0), default=None, help='Noise augmentation of low-res inputs  [default: cascade preset]')
+@click.option('--clip', metavar='PKL|DIR', type=str, default=None, help='Noise-aware CLIP guide (pickle or run folder) steering towards the prompts.')
+@click.option('--clip-scale', 'clip_scale', metavar='FLOAT', type=float, default=0.0, show_default=True, help='CLIP guidance scale S (adds S*sigma^2*grad sim); 0 = off.')
 def main(outdir: str | None, subdirs: bool, seeds: str, class_idx: int | None, max_batch_size: int,
          grid: str | None, npz: str | None, device: str | None, prompt: tuple[str, ...], prompts_file: str | None,
-         cascade: str | None, aug_sigma: float | None, **opts: Any) -> None:
+         cascade: str | None, aug_sigma: float | None, clip: str | None, clip_scale: float, **opts: Any) -> None:
     """Generate images with an EDM2 network (edm2x or NVIDIA pickle), with optional guidance.
 
     Examples:
@@ -308,6 +341,11 @@ def main(outdir: str | None, subdirs: bool, seeds: str, class_idx: int | None, m
     # Text-to-image cascade of the CPU demo (runs/demo-text, runs/demo-sr): 32x32 images and their captions
     python generate_images.py --cascade=demo-text --prompt="a red circle on a blue background, at the center" \\
         --seeds=0-15 --grid=out/cascade.png --outdir=out/cascade --device=cpu
+
+    \b
+    # CLIP guidance of the unconditional 16x16 demo net by the demo-clip guide (runs/demo-clip)
+    python generate_images.py --net=runs/demo-tiny --clip=runs/demo-clip --clip-scale=100 \\
+        --prompt="a red circle on a blue background, at the center" --grid=out/clip.png --device=cpu
     """
     dist.init()
     if outdir is None and grid is None and npz is None:
@@ -326,11 +364,12 @@ def main(outdir: str | None, subdirs: bool, seeds: str, class_idx: int | None, m
             if cascade not in cascades:
                 raise GenerationError(f'Unknown cascade {cascade!r}; choose one of: {", ".join(cascades)}.')
             batches = generate_cascade(cascades[cascade], prompts, seed_list, max_batch_size, torch_device, verbose=True,
-                                       guidance=opts['guidance'], aug_sigma=aug_sigma)
+                                       guidance=opts['guidance'], aug_sigma=aug_sigma, clip=clip, clip_scale=clip_scale)
         else:
             c = resolve_sampler_options(**opts)
             batches = generate_images(c.net, gnet=c.gnet, seeds=seed_list, class_idx=class_idx, max_batch_size=max_batch_size,
-                                      device=torch_device, verbose=True, prompts=prompts, **c.sampler_kwargs)
+                                      device=torch_device, verbose=True, prompts=prompts, clip=clip, clip_scale=clip_scale,
+                                      **c.sampler_kwargs)
         dist.print0(f'Generating {len(seed_list)} images on {dist.get_world_size()} rank(s) ...')
         collected, captions = {}, {}
         for batch in batches:

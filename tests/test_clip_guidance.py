@@ -70,3 +70,28 @@ def test_correction_adds_to_the_cfg_estimate_and_denoiser_has_no_graph():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert grad_modes and not any(grad_modes)
     assert correction(x0, torch.tensor(3.0)).abs().sum() > 0
+
+
+def _generate(net, **kwargs) -> torch.Tensor:
+    from generate_images import generate_images
+    batches = generate_images(net, seeds=range(3), max_batch_size=2, device='cpu', num_steps=3, **kwargs)
+    return torch.cat([b.images for b in batches])
+
+
+def test_generate_images_with_clip_scale_zero_is_bit_identical_and_nonzero_scale_steers():
+    net, clip = tiny_denoiser(0), tiny_guide().eval()
+    plain = _generate(net)
+    assert torch.equal(_generate(net, prompts=CAPTIONS, clip=clip, clip_scale=0.0), plain)
+    assert not torch.equal(_generate(net, prompts=CAPTIONS, clip=clip, clip_scale=50.0), plain)
+
+
+def test_generate_images_clip_errors_are_one_sentence():
+    from generate_images import GenerationError, generate_images
+    from training.snapshots import NetworkPickleError
+    net, clip = tiny_denoiser(0), tiny_guide().eval()
+    with pytest.raises(GenerationError, match='needs prompts'):
+        next(generate_images(net, seeds=[0], device='cpu', clip=clip, clip_scale=1.0))
+    wide = Precond(img_resolution=16, img_channels=3, label_dim=0, model_channels=8, channel_mult=[1, 2],
+                   num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=8).eval()
+    with pytest.raises(NetworkPickleError, match='reads 3x8x8 images but the network makes 3x16x16'):
+        next(generate_images(wide, seeds=[0], device='cpu', prompts=['x'], clip=clip, clip_scale=1.0))
