@@ -71,7 +71,7 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
                           synthetic=EasyDict(resolution=16, num_images=10000), sample_steps=24,
                           **_text(text_channels=64, text_layers=1, channels_per_head=32)),
     'demo-sr': EasyDict(duration=64 << 10, batch=32, channels=16, lr=0.0100, decay=600, dropout=0.00,
-                        P_mean=-0.4, P_std=1.4, rampup=0.005, channel_mult=[1, 2, 2], num_blocks=1,
+                        P_mean=-1.2, P_std=1.2, rampup=0.005, channel_mult=[1, 2, 2], num_blocks=1,
                         attn_resolutions=[8], status=8 << 10, snapshot=32 << 10, checkpoint=32 << 10,
                         synthetic=EasyDict(resolution=32, num_images=10000), sample_steps=16,
                         **_text(lowres=16, text_channels=0)),
