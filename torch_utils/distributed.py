@@ -1,6 +1,7 @@
 """One process per GPU, launched by torchrun; a plain `python` run is a single process without a
 process group, so the same code runs in both."""
 
+import atexit
 import os
 from typing import Any
 
@@ -25,8 +26,16 @@ def init() -> None:
             torch.cuda.set_device(get_local_rank())
         backend = 'nccl' if torch.cuda.is_available() else 'gloo'
         torch.distributed.init_process_group(backend=backend, init_method='env://')
+        atexit.register(_shutdown)
     sync_device = device() if get_world_size() > 1 else None
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+
+def _shutdown() -> None:
+    """Leave the process group before the interpreter exits: gloo's threads still running at exit
+    abort the process ('terminate called without an active exception')."""
+    if _initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _initialized() -> bool:

@@ -1,11 +1,13 @@
 """EDM2 training: loss, learning-rate schedule and the main loop with snapshots, checkpoints and resume."""
 
+import contextlib
 import copy
 import json
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import psutil
@@ -76,22 +78,47 @@ def _save_sample_grid(net, encoder, path: str, device, num_steps: int, grid_size
     save_image_grid(images.cpu().numpy(), path, grid_w=grid_size)
 
 
-def _install_stop_handler() -> dict:
-    """SIGTERM/SIGINT set a flag; the loop then checkpoints and exits at the end of the step."""
+@contextlib.contextmanager
+def _stop_signals_caught() -> Iterator[dict]:
+    """SIGTERM/SIGINT set a flag; the loop then checkpoints and exits at the end of the step. The previous
+    handlers come back on exit, so a caller (a test, a notebook) gets its Ctrl-C back."""
     flag = dict(stop=False)
 
     def handler(signum, frame):
         flag['stop'] = True
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-    return flag
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Data workers leave SIGTERM/SIGINT (sent to the whole process group) to the main process, which
-    checkpoints and then shuts them down; a killed worker would crash the run instead."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+_WORKER_GRACE_S = 60  # How long a data worker outlives a SIGTERM while the main process checkpoints.
+
+
+def _worker_defers_stop_signals(worker_id: int) -> None:
+    """Schedulers and Ctrl-C signal every process of the job; a data worker dying first would crash the
+    main process before it saves its state. So a worker ignores SIGINT and dies _WORKER_GRACE_S after a
+    SIGTERM (SIGALRM's default action) unless the main process shuts it down sooner, as it does after
+    checkpointing. Ignoring SIGTERM outright would hang multiprocessing's exit, which terminates and
+    then joins leftover workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(_WORKER_GRACE_S))
+
+
+@contextlib.contextmanager
+def _data_batches(dataset, sampler, batch_gpu: int, data_loader_kwargs: dict) -> Iterator:
+    """An endless iterator of batches whose worker processes are shut down however the loop ends; a
+    traceback holding the iterator would otherwise keep them alive."""
+    iterator = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu,
+                                                worker_init_fn=_worker_defers_stop_signals, **data_loader_kwargs))
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, '_shutdown_workers', None)  # Only the multi-process iterator has workers.
+        if shutdown is not None:
+            shutdown()
 
 
 def _agreed_stop(flag: dict, device) -> bool:
@@ -178,94 +205,92 @@ def training_loop(
         del state
 
     sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
-    dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu,
-                                                        worker_init_fn=_ignore_stop_signals, **data_loader_kwargs))
-    if rng_states is not None:
-        ckpt.set_rng_state(rng_states[rank])  # After the DataLoader, which draws its own base seed.
+    with _stop_signals_caught() as stop_flag, _data_batches(dataset, sampler, batch_gpu, data_loader_kwargs) as dataset_iterator:
+        if rng_states is not None:
+            ckpt.set_rng_state(rng_states[rank])  # After the DataLoader, which draws its own base seed.
 
-    stats_path = os.path.join(run_dir, 'stats.jsonl')
-    start_nimg, start_time = cur_nimg, time.time()
-    prev_status_time, prev_status_nimg = start_time, cur_nimg
-    stop_flag = _install_stop_handler()
-    while True:
-        done = cur_nimg >= stop_at_nimg
-        stop_requested = not done and _agreed_stop(stop_flag, device)
-        at_start = cur_nimg == start_nimg
+        stats_path = os.path.join(run_dir, 'stats.jsonl')
+        start_nimg, start_time = cur_nimg, time.time()
+        prev_status_time, prev_status_nimg = start_time, cur_nimg
+        while True:
+            done = cur_nimg >= stop_at_nimg
+            stop_requested = not done and _agreed_stop(stop_flag, device)
+            at_start = cur_nimg == start_nimg
 
-        if _is_due(cur_nimg, status_nimg, done) and (not at_start or cur_nimg == 0):
-            now = time.time()
-            sec_per_kimg = (now - prev_status_time) / max(cur_nimg - prev_status_nimg, 1) * 1e3
-            training_stats.report0('Progress/kimg', cur_nimg / 1e3)
-            training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
-            training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
-            if device.type == 'cuda':
-                training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
-                torch.cuda.reset_peak_memory_stats()
-            if hasattr(loss_fn, 'status_report'):  # Statistics of the loss's own, e.g. CLIP's held-out retrieval.
-                loss_fn.status_report(net=net, encoder=encoder, dataset_kwargs=dataset_kwargs, device=device)
-            training_stats.default_collector.update()
-            stats = training_stats.default_collector.as_dict()
-            loss_mean = stats['Loss/loss'].mean if 'Loss/loss' in stats else float('nan')
-            images_per_sec = (cur_nimg - prev_status_nimg) / max(now - prev_status_time, 1e-9)
-            dist.print0(f'kimg {cur_nimg / 1e3:<9.1f} time {dnnlib.util.format_time(now - start_time):<12s} '
-                        f'sec/kimg {sec_per_kimg:<8.2f} loss {loss_mean:<8.4f} img/s {images_per_sec:<8.1f} '
-                        f'cpumem {stats["Resources/cpu_mem_gb"].mean:<6.2f}'
-                        + (f' gpumem {stats["Resources/peak_gpu_mem_gb"].mean:<6.2f}' if device.type == 'cuda' else ''))
-            if rank == 0:
-                with open(stats_path, 'at') as f:
-                    f.write(json.dumps(dict({k: v.mean for k, v in stats.items()}, timestamp=now)) + '\n')
-            if 'Loss/loss' in stats and not math.isfinite(loss_mean):
-                raise TrainingError(f'Training diverged: the loss is {loss_mean} at kimg {cur_nimg / 1e3:.1f}; '
-                                    f'lower --lr and re-run to resume from the last checkpoint in {run_dir}.')
-            prev_status_time, prev_status_nimg = time.time(), cur_nimg
+            if _is_due(cur_nimg, status_nimg, done) and (not at_start or cur_nimg == 0):
+                now = time.time()
+                sec_per_kimg = (now - prev_status_time) / max(cur_nimg - prev_status_nimg, 1) * 1e3
+                training_stats.report0('Progress/kimg', cur_nimg / 1e3)
+                training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+                training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
+                if device.type == 'cuda':
+                    training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
+                    torch.cuda.reset_peak_memory_stats()
+                if hasattr(loss_fn, 'status_report'):  # Statistics of the loss's own, e.g. CLIP's held-out retrieval.
+                    loss_fn.status_report(net=net, encoder=encoder, dataset_kwargs=dataset_kwargs, device=device)
+                training_stats.default_collector.update()
+                stats = training_stats.default_collector.as_dict()
+                loss_mean = stats['Loss/loss'].mean if 'Loss/loss' in stats else float('nan')
+                images_per_sec = (cur_nimg - prev_status_nimg) / max(now - prev_status_time, 1e-9)
+                dist.print0(f'kimg {cur_nimg / 1e3:<9.1f} time {dnnlib.util.format_time(now - start_time):<12s} '
+                            f'sec/kimg {sec_per_kimg:<8.2f} loss {loss_mean:<8.4f} img/s {images_per_sec:<8.1f} '
+                            f'cpumem {stats["Resources/cpu_mem_gb"].mean:<6.2f}'
+                            + (f' gpumem {stats["Resources/peak_gpu_mem_gb"].mean:<6.2f}' if device.type == 'cuda' else ''))
+                if rank == 0:
+                    with open(stats_path, 'at') as f:
+                        f.write(json.dumps(dict({k: v.mean for k, v in stats.items()}, timestamp=now)) + '\n')
+                if 'Loss/loss' in stats and not math.isfinite(loss_mean):
+                    raise TrainingError(f'Training diverged: the loss is {loss_mean} at kimg {cur_nimg / 1e3:.1f}; '
+                                        f'lower --lr and re-run to resume from the last checkpoint in {run_dir}.')
+                prev_status_time, prev_status_nimg = time.time(), cur_nimg
 
-        if _is_due(cur_nimg, snapshot_nimg, done) and not at_start and rank == 0:
-            for ema_net, ema_std in ema.get():
-                data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
-                data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False)
-                if not snapshot_fp32:
-                    data.ema = data.ema.to(torch.float16)
-                save_network_pickle(dict(data), os.path.join(run_dir, snapshot_name('network-snapshot', cur_nimg // 1000, ema_std)))
-                del data
-            grid_net = ema.get()[0][0]
-            if getattr(grid_net, 'makes_images', True):  # A CLIP guide is no denoiser: no grid.
-                grid_net.eval()
-                _save_sample_grid(grid_net, encoder, os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'), device, sample_steps,
-                                  dataset=dataset)
+            if _is_due(cur_nimg, snapshot_nimg, done) and not at_start and rank == 0:
+                for ema_net, ema_std in ema.get():
+                    data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
+                    data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False)
+                    if not snapshot_fp32:
+                        data.ema = data.ema.to(torch.float16)
+                    save_network_pickle(dict(data), os.path.join(run_dir, snapshot_name('network-snapshot', cur_nimg // 1000, ema_std)))
+                    del data
+                grid_net = ema.get()[0][0]
+                if getattr(grid_net, 'makes_images', True):  # A CLIP guide is no denoiser: no grid.
+                    grid_net.eval()
+                    _save_sample_grid(grid_net, encoder, os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'), device, sample_steps,
+                                      dataset=dataset)
 
-        if (_is_due(cur_nimg, checkpoint_nimg, done) or stop_requested) and not at_start:
-            rng_states = ckpt.gather_rng_states()
-            if rank == 0:
-                ckpt.save_checkpoint(os.path.join(run_dir, ckpt.checkpoint_name(cur_nimg // 1000)), dict(
-                    net=net.state_dict(), optimizer=optimizer.state_dict(), ema=ema.state_dict(),
-                    cur_nimg=cur_nimg, rng=rng_states, loss_fn=loss_fn))
-            if world > 1:
-                torch.distributed.barrier()
-        if done or stop_requested:
-            if stop_requested:
-                dist.print0(f'Stop requested: state saved at kimg {cur_nimg / 1e3:.1f}; re-run the same command to resume.')
-            break
+            if (_is_due(cur_nimg, checkpoint_nimg, done) or stop_requested) and not at_start:
+                rng_states = ckpt.gather_rng_states()
+                if rank == 0:
+                    ckpt.save_checkpoint(os.path.join(run_dir, ckpt.checkpoint_name(cur_nimg // 1000)), dict(
+                        net=net.state_dict(), optimizer=optimizer.state_dict(), ema=ema.state_dict(),
+                        cur_nimg=cur_nimg, rng=rng_states, loss_fn=loss_fn))
+                if world > 1:
+                    torch.distributed.barrier()
+            if done or stop_requested:
+                if stop_requested:
+                    dist.print0(f'Stop requested: state saved at kimg {cur_nimg / 1e3:.1f}; re-run the same command to resume.')
+                break
 
-        # One optimiser step over the global batch, accumulated in rounds of batch_gpu per process.
-        lr = dnnlib.util.call_func_by_name(cur_nimg=cur_nimg, batch_size=batch_size, **lr_kwargs)
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            with misc.ddp_sync(ddp, sync=(round_idx == num_accumulation_rounds - 1)):
-                images, labels = next(dataset_iterator)
-                images = encoder.encode_latents(images.to(device))
-                labels = labels.to(device) if isinstance(labels, torch.Tensor) else labels  # Captions stay strings.
-                loss = loss_fn(net=ddp, images=images, labels=labels)
-                training_stats.report('Loss/loss', loss)
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        if force_finite:
-            grads = [p.grad for p in net.parameters() if p.grad is not None]
-            nonfinite = sum((~torch.isfinite(g)).sum() for g in grads)  # Stays on the device: no sync per step.
-            for g in grads:
-                torch.nan_to_num(g, nan=0, posinf=0, neginf=0, out=g)
-            training_stats.report('Loss/nonfinite_grads', nonfinite)
-        training_stats.report('Progress/lr', lr)
-        optimizer.step()
-        cur_nimg += batch_size
-        ema.update(cur_nimg=cur_nimg, batch_size=batch_size)
+            # One optimiser step over the global batch, accumulated in rounds of batch_gpu per process.
+            lr = dnnlib.util.call_func_by_name(cur_nimg=cur_nimg, batch_size=batch_size, **lr_kwargs)
+            optimizer.zero_grad(set_to_none=True)
+            for round_idx in range(num_accumulation_rounds):
+                with misc.ddp_sync(ddp, sync=(round_idx == num_accumulation_rounds - 1)):
+                    images, labels = next(dataset_iterator)
+                    images = encoder.encode_latents(images.to(device))
+                    labels = labels.to(device) if isinstance(labels, torch.Tensor) else labels  # Captions stay strings.
+                    loss = loss_fn(net=ddp, images=images, labels=labels)
+                    training_stats.report('Loss/loss', loss)
+                    loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+            for g in optimizer.param_groups:
+                g['lr'] = lr
+            if force_finite:
+                grads = [p.grad for p in net.parameters() if p.grad is not None]
+                nonfinite = sum((~torch.isfinite(g)).sum() for g in grads)  # Stays on the device: no sync per step.
+                for g in grads:
+                    torch.nan_to_num(g, nan=0, posinf=0, neginf=0, out=g)
+                training_stats.report('Loss/nonfinite_grads', nonfinite)
+            training_stats.report('Progress/lr', lr)
+            optimizer.step()
+            cur_nimg += batch_size
+            ema.update(cur_nimg=cur_nimg, batch_size=batch_size)
