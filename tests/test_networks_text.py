@@ -93,3 +93,21 @@ def test_super_resolution_net_reads_the_low_resolution_image_and_its_augmentatio
     assert not torch.allclose(net(x, 1.0, lowres=lowres, aug_sigma=0.3), d)
     with pytest.raises(ValueError, match='4x4 lowres'):
         net(x, 1.0)
+
+
+@torch.no_grad()
+def test_residual_super_resolution_denoises_the_detail_over_the_bicubic_image():
+    plain = tiny_text_net(text_channels=0, lowres=4, sigma_data=0.1)
+    plain.unet.out_gain.fill_(1)
+    residual = tiny_text_net(text_channels=0, lowres=4, sigma_data=0.1, residual=True)
+    residual.load_state_dict(plain.state_dict())
+    x, lowres = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    up = torch.nn.functional.interpolate(lowres, size=8, mode='bicubic', align_corners=False)
+    for sigma in (0.01, 0.3, 20.0):
+        torch.testing.assert_close(residual(x, sigma, lowres=lowres), up + plain(x - up, sigma, lowres=lowres))
+    # Untrained (zero output gain), the denoiser of the bicubic image is the bicubic image at every noise level.
+    untrained = tiny_text_net(text_channels=0, lowres=4, sigma_data=0.1, residual=True)
+    for sigma in (0.01, 0.3, 20.0):
+        torch.testing.assert_close(untrained(up, sigma, lowres=lowres), up)
+    with pytest.raises(ValueError, match='super-resolution'):
+        tiny_text_net(residual=True)

@@ -5,6 +5,9 @@ cross-attention after every self-attention block (queries from the image, keys a
 text encoder's token features), the pooled caption feature joined to the embedding like the class
 label, and for super-resolution a low-resolution image, upsampled and concatenated to the input, whose
 noise-augmentation level enters the embedding like the noise level (Imagen, Saharia et al. 2022).
+With `residual=True` a super-resolution stage denoises the image minus that upsampled input, the
+detail bicubic interpolation misses (as SR3's and ResShift's residual formulations do); `sigma_data`
+is then the std of that residual, and an untrained net already returns the bicubic image.
 
 `class_labels` of `TextPrecond` are captions: a list of strings, or token ids [N, text_length]; None
 or '' is the empty caption, which gives the unconditional prediction (caption dropout in training).
@@ -98,14 +101,17 @@ class TextPrecond(Precond):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool | str = True,
                  sigma_data: float = 0.5, logvar_channels: int = 128, text_length: int = 48,
                  tokenizer_path: str | None = None, text_channels: int = 128, text_layers: int = 2,
-                 lowres: int | None = None, **unet_kwargs):
+                 lowres: int | None = None, residual: bool = False, **unet_kwargs):
         torch.nn.Module.__init__(self)
+        if residual and not lowres:
+            raise ValueError('residual=True needs a super-resolution net (lowres)')
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = 0  # Captions, not classes: generate_images draws no random class.
         self.use_fp16 = use_fp16
         self.sigma_data = sigma_data
         self.lowres = lowres
+        self.residual = residual
         self.tokenizer = make_tokenizer(text_length, tokenizer_path)
         self.text_encoder = MPTextEncoder(self.tokenizer.vocab_size, text_length=text_length, channels=text_channels,
                                           num_layers=text_layers) if text_channels else None
@@ -124,14 +130,14 @@ class TextPrecond(Precond):
         tokens = captions if isinstance(captions, torch.Tensor) else self.tokenizer(list(captions))
         return self.text_encoder(tokens.to(device))
 
-    # Low-resolution conditioning: upsampled to img_resolution, scaled to unit variance by 1/σ_data;
-    # its augmentation level enters the embedding as c_aug = ln(σ_aug + 0.002) / 4, like c_noise.
+    # Low-resolution conditioning: bicubic-upsampled to img_resolution, input to the U-Net scaled by 1/0.5 (the
+    # pixel std EDM assumes); its augmentation level enters the embedding as c_aug = ln(σ_aug + 0.002) / 4.
     def _lowres_inputs(self, lowres: torch.Tensor, aug_sigma: float | torch.Tensor,
                        n: int) -> tuple[torch.Tensor, torch.Tensor]:
         up = torch.nn.functional.interpolate(lowres.to(torch.float32), size=self.img_resolution, mode='bicubic',
                                              align_corners=False)
         aug = torch.as_tensor(aug_sigma, dtype=torch.float32, device=up.device).flatten().expand(n)
-        return up / self.sigma_data, (aug + 0.002).log() / 4
+        return up, (aug + 0.002).log() / 4
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: list[str] | torch.Tensor | None = None,
                 force_fp32: bool = False, return_logvar: bool = False, lowres: torch.Tensor | None = None,
@@ -141,11 +147,15 @@ class TextPrecond(Precond):
         sigma = sigma.expand(x.shape[0], 1, 1, 1)
         dtype = self._compute_dtype(x.device, force_fp32)
         cond = aug_labels = None
+        base = 0  # What the preconditioned denoiser works relative to: the upsampled input when residual.
         if self.lowres:
             if lowres is None:
                 raise ValueError(f'this super-resolution net needs a {self.lowres}x{self.lowres} lowres image')
-            cond, aug_labels = self._lowres_inputs(lowres, aug_sigma, x.shape[0])
-            cond = cond.to(dtype)
+            up, aug_labels = self._lowres_inputs(lowres, aug_sigma, x.shape[0])
+            cond = (up / 0.5).to(dtype)
+            if getattr(self, 'residual', False):  # Pickles from before the option lack the attribute.
+                base = up
+                x = x - base
         text = self.encode_text(class_labels, x.shape[0], x.device)
 
         # Preconditioning, EDM2 Eq. 21 / SPEC §3.
@@ -155,7 +165,7 @@ class TextPrecond(Precond):
         c_noise = sigma.flatten().log() / 4
 
         F_x = self.unet((c_in * x).to(dtype), c_noise, text=text, cond=cond, aug_labels=aug_labels)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        D_x = base + c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x
         logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
