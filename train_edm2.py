@@ -147,7 +147,7 @@ def main(outdir: str, data: str | None, preset: str | None, dry_run: bool, **opt
     Examples:
 
     \b
-    # Demo on CPU with the built-in shapes data (about 12 minutes on 2 cores)
+    # Demo on CPU with the built-in shapes data (12-13 minutes on 2 cores)
     python train_edm2.py --outdir=runs/demo --preset=demo
 
     \b
