@@ -1,7 +1,6 @@
 """Tests for training/clip_guide.py and training/clip_eval.py: contrastive loss, gradient caching,
 gathering across 2 gloo processes, the held-out split and a short training run."""
 
-import copy
 import json
 import math
 import os

@@ -1,11 +1,12 @@
 """Tests for training/text.py: byte tokenizer and the MP text encoder."""
 
 import pickle
+import sys
 
 import pytest
 import torch
 
-from training.text import PAD_TOKEN, START_TOKEN, ByteTokenizer, MPTextEncoder
+from training.text import PAD_TOKEN, START_TOKEN, ByteTokenizer, MPTextEncoder, make_tokenizer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -71,3 +72,9 @@ def test_text_encoder_pickles_and_rejects_wrong_length():
         assert '[N, 8]' in str(e)
     else:
         raise AssertionError('expected ValueError')
+
+
+def test_hugging_face_tokenizer_without_transformers_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'transformers', None)  # import transformers now raises ImportError
+    with pytest.raises(ImportError, match='needs the transformers package: pip install transformers'):
+        make_tokenizer(16, str(tmp_path))

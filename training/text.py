@@ -45,7 +45,10 @@ class HFTokenizer:
     """A Hugging Face tokenizer from a local folder (no download); its ids shift by one so 0 is padding."""
 
     def __init__(self, path: str, text_length: int = 48):
-        import transformers  # optional dependency, only for this route
+        try:
+            import transformers  # Optional dependency, only for this route.
+        except ImportError as e:
+            raise ImportError(f'The tokenizer in {path} needs the transformers package: pip install transformers') from e
         self.path = path
         self.text_length = text_length
         self._tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
