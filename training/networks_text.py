@@ -153,7 +153,7 @@ class TextPrecond(Precond):
                 raise ValueError(f'this super-resolution net needs a {self.lowres}x{self.lowres} lowres image')
             up, aug_labels = self._lowres_inputs(lowres, aug_sigma, x.shape[0])
             cond = (up / 0.5).to(dtype)
-            if getattr(self, 'residual', False):  # Pickles from before the option lack the attribute.
+            if self.residual:
                 base = up
                 x = x - base
         text = self.encode_text(class_labels, x.shape[0], x.device)
