@@ -78,6 +78,23 @@ def _save_sample_grid(net, encoder, path: str, device, num_steps: int, grid_size
     save_image_grid(images.cpu().numpy(), path, grid_w=grid_size)
 
 
+def _save_snapshots(ema, encoder, dataset, dataset_kwargs: dict, loss_fn, run_dir: str, cur_nimg: int,
+                    snapshot_fp32: bool, device, sample_steps: int) -> None:
+    """One network pickle per tracked EMA length, and a sample grid from the first."""
+    for ema_net, ema_std in ema.get():
+        data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
+        data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False)
+        if not snapshot_fp32:
+            data.ema = data.ema.to(torch.float16)
+        save_network_pickle(dict(data), os.path.join(run_dir, snapshot_name('network-snapshot', cur_nimg // 1000, ema_std)))
+        del data
+    grid_net = ema.get()[0][0]
+    if getattr(grid_net, 'makes_images', True):  # A CLIP guide is no denoiser: no grid.
+        grid_net.eval()
+        _save_sample_grid(grid_net, encoder, os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'), device,
+                          sample_steps, dataset=dataset)
+
+
 @contextlib.contextmanager
 def _stop_signals_caught() -> Iterator[dict]:
     """SIGTERM/SIGINT set a flag; the loop then checkpoints and exits at the end of the step. The previous
@@ -245,18 +262,8 @@ def training_loop(
                 prev_status_time, prev_status_nimg = time.time(), cur_nimg
 
             if _is_due(cur_nimg, snapshot_nimg, done) and not at_start and rank == 0:
-                for ema_net, ema_std in ema.get():
-                    data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
-                    data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False)
-                    if not snapshot_fp32:
-                        data.ema = data.ema.to(torch.float16)
-                    save_network_pickle(dict(data), os.path.join(run_dir, snapshot_name('network-snapshot', cur_nimg // 1000, ema_std)))
-                    del data
-                grid_net = ema.get()[0][0]
-                if getattr(grid_net, 'makes_images', True):  # A CLIP guide is no denoiser: no grid.
-                    grid_net.eval()
-                    _save_sample_grid(grid_net, encoder, os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'), device, sample_steps,
-                                      dataset=dataset)
+                _save_snapshots(ema, encoder, dataset, dataset_kwargs, loss_fn, run_dir, cur_nimg, snapshot_fp32,
+                                device, sample_steps)
 
             if (_is_due(cur_nimg, checkpoint_nimg, done) or stop_requested) and not at_start:
                 rng_states = ckpt.gather_rng_states()
