@@ -65,6 +65,25 @@ def ensure_synthetic_dataset(spec: dnnlib.EasyDict) -> str:
     return path
 
 
+def text_encoder_kwargs(p: dnnlib.EasyDict, network_class: str) -> dict:
+    """TextPrecond options of --text-encoder and --tokenizer, as absolute paths (snapshots store them)."""
+    kwargs = {}
+    for opt, key in (('text_encoder', 'text_encoder_path'), ('tokenizer', 'tokenizer_path')):
+        if p.get(opt) is None:
+            continue
+        flag = '--' + opt.replace('_', '-')
+        if not network_class.endswith('.TextPrecond'):
+            text_presets = [name for name, row in TRAIN_PRESETS.items()
+                            if row.get('network_kwargs', {}).get('class_name', '').endswith('.TextPrecond')]
+            raise click.ClickException(f'{flag} applies to text-to-image and super-resolution presets only '
+                                       f'({", ".join(text_presets)}).')
+        if not os.path.isdir(p[opt]):
+            raise click.ClickException(f'{flag}: {p[opt]} is not a folder; give the folder a Hugging Face '
+                                       'save_pretrained wrote.')
+        kwargs[key] = os.path.abspath(p[opt])
+    return kwargs
+
+
 def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnlib.EasyDict:
     """Resolve preset and command-line options into the keyword arguments of training_loop()."""
     if preset is not None and preset not in TRAIN_PRESETS:
@@ -77,6 +96,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
     if missing:
         raise click.ClickException(f'Without --preset, give {", ".join("--" + k for k in missing)} '
                                    f'(presets: {", ".join(TRAIN_PRESETS)}).')
+    text_kwargs = text_encoder_kwargs(p, p.get('network_kwargs', {}).get('class_name', ''))
     if data is None:
         if 'synthetic' not in p:
             raise click.ClickException(f'--data is required with preset {preset!r}; only the demo presets make their own data.')
@@ -101,6 +121,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         if key in p:
             c.network_kwargs[key] = p[key]
     c.network_kwargs.update(p.get('network_kwargs', {}))  # A preset may name another class and its options.
+    c.network_kwargs.update(text_kwargs)
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=p.get('P_mean', -0.4),
                                     P_std=p.get('P_std', 1.0))
     c.loss_kwargs.update(p.get('loss_kwargs', {}))
@@ -130,6 +151,8 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
 @click.option('--decay', metavar='BATCHES', type=click.FloatRange(min=0), default=None, help='Learning-rate decay time t_ref in batches.')
 @click.option('--batch-gpu', 'batch_gpu', metavar='NIMG', type=NIMG, default=None, help='Images per device per round (gradient accumulation).')
 @click.option('--vae', metavar='ID|DIR', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True, help='VAE of latent (8-channel) datasets: hub id or save_pretrained folder.')
+@click.option('--text-encoder', 'text_encoder', metavar='DIR', type=str, default=None, help='Text presets: a frozen pretrained Hugging Face text encoder and its tokenizer (local folder) instead of training the MP text encoder.')
+@click.option('--tokenizer', metavar='DIR', type=str, default=None, help='Text presets: a Hugging Face tokenizer (local folder) instead of the byte tokenizer.')
 @click.option('--fp16', metavar='BOOL', type=bool, default=True, show_default=True, help='Mixed precision (float16) on CUDA.')
 @click.option('--bf16', metavar='BOOL', type=bool, default=False, show_default=True, help='bfloat16 compute, also on CPU (fast only with bf16 instructions).')
 @click.option('--ls', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True, help='Loss scaling.')

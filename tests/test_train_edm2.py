@@ -122,6 +122,8 @@ def test_two_processes_train_with_the_same_loss_level_as_one(tmp_path, cache_env
     (['--preset=edm2-img64-s'], '--data is required'),
     (['--preset=demo-tiny', '--data=/does/not/exist.zip'], '/does/not/exist.zip'),
     (['--preset=demo-tiny', '--duration=12X'], 'Invalid value for'),
+    (['--preset=demo-tiny', f'--text-encoder={ROOT}'], '--text-encoder applies to text-to-image'),
+    (['--preset=demo-text', '--data=/x', '--tokenizer=/no/folder'], '--tokenizer: /no/folder is not a folder'),
 ])
 def test_bad_input_ends_with_one_clear_line(tmp_path, cache_env, args, message):
     result = CliRunner().invoke(train_edm2.main, [f'--outdir={tmp_path / "run"}', *args])

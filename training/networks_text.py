@@ -9,6 +9,8 @@ With `residual=True` a super-resolution stage denoises the image minus that upsa
 detail bicubic interpolation misses (as SR3's and ResShift's residual formulations do); `sigma_data`
 is then the std of that residual, and an untrained net already returns the bicubic image.
 
+The captions' encoder is trained with the net (MPTextEncoder) unless `text_encoder_path` names a local
+Hugging Face model to use frozen (FrozenTextEncoder), whose weights stay outside the net's pickles.
 `class_labels` of `TextPrecond` are captions: a list of strings, or token ids [N, text_length]; None
 or '' is the empty caption, which gives the unconditional prediction (caption dropout in training).
 """
@@ -17,7 +19,7 @@ import torch
 
 from torch_utils import persistence
 from training.networks_edm2 import MPConv, MPFourier, Precond, UNet, mp_cat, mp_silu, mp_sum
-from training.text import MPTextEncoder, make_tokenizer, mp_attention
+from training.text import FrozenTextEncoder, MPTextEncoder, make_tokenizer, mp_attention
 
 # ----------------------------------------------------------------------------
 # Cross-attention from image pixels to caption tokens.
@@ -101,7 +103,8 @@ class TextPrecond(Precond):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool | str = True,
                  sigma_data: float = 0.5, logvar_channels: int = 128, text_length: int = 48,
                  tokenizer_path: str | None = None, text_channels: int = 128, text_layers: int = 2,
-                 lowres: int | None = None, residual: bool = False, **unet_kwargs):
+                 text_encoder_path: str | None = None, lowres: int | None = None, residual: bool = False,
+                 **unet_kwargs):
         torch.nn.Module.__init__(self)
         if residual and not lowres:
             raise ValueError('residual=True needs a super-resolution net (lowres)')
@@ -112,9 +115,14 @@ class TextPrecond(Precond):
         self.sigma_data = sigma_data
         self.lowres = lowres
         self.residual = residual
-        self.tokenizer = make_tokenizer(text_length, tokenizer_path)
-        self.text_encoder = MPTextEncoder(self.tokenizer.vocab_size, text_length=text_length, channels=text_channels,
-                                          num_layers=text_layers) if text_channels else None
+        if text_encoder_path:  # Frozen pretrained encoder with its own tokenizer; its width sets text_channels.
+            self.tokenizer = make_tokenizer(text_length, tokenizer_path or text_encoder_path)
+            self.text_encoder = FrozenTextEncoder(text_encoder_path, text_length)
+            text_channels = self.text_encoder.channels
+        else:
+            self.tokenizer = make_tokenizer(text_length, tokenizer_path)
+            self.text_encoder = MPTextEncoder(self.tokenizer.vocab_size, text_length=text_length,
+                                              channels=text_channels, num_layers=text_layers) if text_channels else None
         self.unet = TextUNet(img_resolution=img_resolution, img_channels=img_channels, text_channels=text_channels,
                              cond_channels=img_channels if lowres else 0, augment_embedding=bool(lowres), **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)

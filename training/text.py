@@ -3,7 +3,9 @@
 Token ids: 0 is padding, 1 starts every caption (so the empty caption still has one token to attend
 to), the rest encode the caption. `ByteTokenizer` needs nothing downloaded; `HFTokenizer` wraps a
 Hugging Face tokenizer saved in a local folder. `MPTextEncoder` is a small transformer built from the
-EDM2 MP layers: every token feature it returns has unit RMS, as does the pooled caption feature.
+EDM2 MP layers, trained with the denoiser; `FrozenTextEncoder` instead runs a pretrained Hugging Face
+encoder from a local folder without training it (as Stable Diffusion uses CLIP's). Either returns token
+features and a pooled caption feature that all have unit RMS.
 
 Example:
     >>> tokenizer = ByteTokenizer(text_length=48)
@@ -16,6 +18,7 @@ Example:
 import torch
 
 from torch_utils import persistence
+from training.hf_text import load_text_model, load_tokenizer
 from training.networks_edm2 import MPConv, mp_silu, mp_sum, normalize
 
 PAD_TOKEN = 0
@@ -45,13 +48,9 @@ class HFTokenizer:
     """A Hugging Face tokenizer from a local folder (no download); its ids shift by one so 0 is padding."""
 
     def __init__(self, path: str, text_length: int = 48):
-        try:
-            import transformers  # Optional dependency, only for this route.
-        except ImportError as e:
-            raise ImportError(f'The tokenizer in {path} needs the transformers package: pip install transformers') from e
         self.path = path
         self.text_length = text_length
-        self._tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._tokenizer = load_tokenizer(path)
         self.vocab_size = len(self._tokenizer) + 1
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
@@ -141,8 +140,51 @@ class MPTextEncoder(torch.nn.Module):
         x = normalize(x, dim=2)
         for layer in self.layers:
             x = layer(x, mask)
-        # Pooled feature: mean over the caption's tokens, pixel-normalised back to unit RMS.
-        weights = mask.to(x.dtype).unsqueeze(2)
-        pooled = normalize((x * weights).sum(dim=1) / weights.sum(dim=1).clip(min=1), dim=1)
-        return x, pooled, mask
+        return x, normalize(masked_mean(x, mask), dim=1), mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token features x [N, L, C] over the caption's tokens (mask [N, L]): [N, C]."""
+    weights = mask.to(x.dtype).unsqueeze(2)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clip(min=1)
+
+# ----------------------------------------------------------------------------
+# Frozen pretrained encoder: a Hugging Face model from a local folder, never trained.
+
+
+@persistence.persistent_class
+class FrozenTextEncoder(torch.nn.Module):
+    """A pretrained transformer encoder (BERT/MiniLM, CLIP text, T5) loaded from `path`, run without gradients.
+
+    Tokens come from `HFTokenizer` on the same folder. Its weights are neither parameters of the net nor
+    part of its pickles: the pickle keeps the folder's path and the model loads from there on first use.
+    Token features are its last hidden states pixel-normalised to unit RMS (zero at padding); the pooled
+    feature is their plain mean over the caption, normalised (the sentence-transformers pooling).
+    """
+
+    def __init__(self, path: str, text_length: int = 48):
+        super().__init__()
+        self.path = path
+        self.text_length = text_length
+        probe = torch.full([1, text_length], PAD_TOKEN, dtype=torch.int64)  # Any ids do: only the width is read.
+        probe[0, :2] = START_TOKEN
+        self.channels = self._hidden_states(probe)[0].shape[2]
+
+    def _hidden_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states [N, L', C] of the tokens up to the last non-padding column L', and their mask."""
+        mask = tokens != PAD_TOKEN
+        length = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
+        ids, mask = (tokens[:, :length] - 1).clamp(min=0), mask[:, :length]  # HFTokenizer shifted ids by one.
+        model = load_text_model(self.path, tokens.device)
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=mask.to(torch.int64)).last_hidden_state
+        return hidden.to(torch.float32), mask
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if tokens.ndim != 2 or tokens.shape[1] != self.text_length:
+            raise ValueError(f'tokens must have shape [N, {self.text_length}], not {list(tokens.shape)}')
+        hidden, mask = self._hidden_states(tokens)
+        features = hidden.new_zeros([tokens.shape[0], self.text_length, hidden.shape[2]])
+        features[:, :hidden.shape[1]] = normalize(hidden, dim=2) * mask.unsqueeze(2)
+        return features, normalize(masked_mean(hidden, mask), dim=1), tokens != PAD_TOKEN
 
