@@ -134,7 +134,8 @@ def test_a_net_whose_text_encoder_folder_is_gone_says_what_to_place_where(minilm
     data = pickle.dumps(tiny_net(text_encoder_path=folder))
     shutil.rmtree(folder)
     loaded_text_models.pop((folder, 'cpu'))
-    with pytest.raises(FileNotFoundError, match=f'{folder} not found: place the Hugging Face tokenizer there'):
+    message = f'{folder} not found: place the Hugging Face tokenizer \\(or text encoder\\) the net was made with there'
+    with pytest.raises(FileNotFoundError, match=message):
         pickle.loads(data)
     with pytest.raises(FileNotFoundError, match=f'{folder} not found: place the pretrained Hugging Face model'):
         FrozenTextEncoder(folder)

@@ -25,8 +25,8 @@ def load_tokenizer(path: str) -> Any:
     """The tokenizer save_pretrained wrote into the folder `path`."""
     transformers = import_transformers(f'The tokenizer in {path}')
     if not os.path.isdir(path):
-        raise FileNotFoundError(f'Tokenizer folder {path} not found: place the Hugging Face tokenizer there '
-                                '(the files save_pretrained writes).')
+        raise FileNotFoundError(f'Tokenizer folder {path} not found: place the Hugging Face tokenizer (or text '
+                                'encoder) the net was made with there (the files save_pretrained writes).')
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
