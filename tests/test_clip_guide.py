@@ -1,6 +1,7 @@
 """Tests for training/clip_guide.py and training/clip_eval.py: contrastive loss, gradient caching,
 gathering across 2 gloo processes, the held-out split and a short training run."""
 
+import gc
 import json
 import math
 import os
@@ -89,6 +90,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group('gloo')
+    _train_step(rank, out_dir)
+    # DDP's reducer and the loss graph hold the process group; freed after it is destroyed, gloo's
+    # destructor can wait forever on its threads, so they go first.
+    gc.collect()
+    torch.distributed.destroy_process_group()
+
+
+def _train_step(rank: int, out_dir: str) -> None:
     net = tiny_guide()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     images, captions, sigma, noise = tiny_batch()
@@ -96,7 +105,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     loss = CLIPLoss(batch_gpu=2)(ddp, images[part], captions[part], sigma=sigma[part], noise=noise[part])
     loss.sum().div(4).backward()  # As the training loop: sum / per-rank batch.
     torch.save(dict(loss=loss.detach(), grads=grads(net)), os.path.join(out_dir, f'rank{rank}.pt'))
-    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
