@@ -165,6 +165,11 @@ def encode(model_url: str, source: str, dest: str, max_images: int | None, resum
         encoder.init(device)
     except (RuntimeError, OSError) as e:
         raise click.ClickException(re.sub(r'\s+', ' ', str(e))) from None
+    shape = decode_image(images.read(images.relpaths[0]), images.describe(images.relpaths[0])).shape
+    factor = encoder.downsampling
+    if shape[0] % factor or shape[1] % factor:
+        raise click.ClickException(f'{images.describe(images.relpaths[0])}: image is {shape[1]}x{shape[0]}, but the VAE '
+                                   f'needs sides divisible by {factor}; resize with convert --resolution')
     if not os.path.isdir(partial):
         os.makedirs(partial)
         with dnnlib.util.atomic_write(os.path.join(partial, 'settings.json'), 'wt') as f:
@@ -179,7 +184,6 @@ def encode(model_url: str, source: str, dest: str, max_images: int | None, resum
     while done < len(images) and os.path.isfile(item_path(done)):
         done += 1
     start = done - done % batch
-    shape = decode_image(images.read(images.relpaths[0]), images.describe(images.relpaths[0])).shape
     with tqdm(total=len(images), initial=start, desc='encode', unit='img') as progress:
         for first in range(start, len(images), batch):
             pixels = _load_images(images, images.relpaths[first:first + batch], shape)

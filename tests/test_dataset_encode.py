@@ -88,6 +88,14 @@ def test_encode_errors_are_one_line(tmp_path, pixels_zip):
     assert_one_line_error(run(f'--source={tmp_path / "missing.zip"}', f'--dest={tmp_path / "a.zip"}'), 'missing.zip')
 
 
+def test_encode_rejects_sizes_the_vae_cannot_halve(tmp_path, vae_dir):
+    odd = str(tmp_path / 'odd.zip')
+    dataset_tool.write_synthetic_dataset(odd, resolution=9, num_images=2, seed=0, progress=False)
+    dest = tmp_path / 'a.zip'
+    assert_one_line_error(run(f'--model-url={vae_dir}', f'--source={odd}', f'--dest={dest}'), '9x9', 'divisible by 2')
+    assert not dest.exists() and not os.path.exists(f'{dest}.partial')
+
+
 def test_latent_pipeline_from_pixels_to_generated_images(tmp_path, vae_dir, pixels_zip):
     latents = str(tmp_path / 'latents.zip')
     assert run(f'--model-url={vae_dir}', f'--source={pixels_zip}', f'--dest={latents}', '--device=cpu').exit_code == 0

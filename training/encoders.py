@@ -123,6 +123,13 @@ class StabilityVAEEncoder(Encoder):
             self._vae = load_vae(self.vae_name, device)
         self._vae.to(device)
 
+    @property
+    def downsampling(self) -> int:
+        """Pixels per latent along each side (8 for Stable Diffusion's VAE); the VAE must be loaded."""
+        if self._vae is None:
+            raise RuntimeError('StabilityVAEEncoder.downsampling: call init(device) first')
+        return 2 ** (len(self._vae.config.block_out_channels) - 1)
+
     def _run_batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat([fn(batch) for batch in x.split(self.batch_size)])
