@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from training import detectors as detectors_mod
-from training.detectors import DetectorError, load_detector, resolve_detector_sources
+from training.detectors import DetectorError, DetectorWarning, load_detector, resolve_detector_sources
 from training.dinov2 import DinoVisionTransformer, vit_kwargs_from_state_dict
 from training.inception import InceptionV3, _avg_pool_tf, tf1_resize_bilinear
 
@@ -97,8 +97,9 @@ def test_inception_matches_published_layout_except_unused_classifier():
 def test_dinov2_vitl14_matches_published_layout_except_mask_token():
     layout = dinov2_layout()
     assert sum(math.prod(s) for s in layout.values()) == 304_368_640  # ViT-L/14 as published
-    assert vit_kwargs_from_state_dict({k: torch.empty(s, device='meta') for k, s in layout.items()}) == dict(
-        embed_dim=1024, depth=24, num_heads=16, patch_size=14, pos_grid=37)
+    kwargs = vit_kwargs_from_state_dict({k: torch.empty(s, device='meta') for k, s in layout.items()})
+    assert kwargs == dict(embed_dim=1024, depth=24, num_heads=16, patch_size=14, pos_grid=37)
+    assert (kwargs['embed_dim'], kwargs['depth'], kwargs['patch_size']) == detectors_mod.PUBLISHED_DINOV2  # No warning.
     with torch.device('meta'):
         module = DinoVisionTransformer()
     assert _shapes(module) == {k: v for k, v in layout.items() if k != 'mask_token'}
@@ -120,7 +121,8 @@ def test_inception_pth_loads_from_folder_with_batchnorm_counters(tmp_path, monke
 def test_dinov2_checkpoint_architecture_is_read_from_its_shapes(tmp_path):
     layout = dinov2_layout(dim=128, depth=2, grid=5)
     torch.save(random_state(layout), tmp_path / 'dinov2_vits_tiny.pth')
-    module = load_detector('fd_dinov2', str(tmp_path / 'dinov2_vits_tiny.pth'), verbose=False)
+    with pytest.warns(DetectorWarning, match=r'dinov2_vits_tiny\.pth is a DINOv2 ViT of width 128, depth 2 .* not ViT-L/14'):
+        module = load_detector('fd_dinov2', str(tmp_path / 'dinov2_vits_tiny.pth'), verbose=False)
     assert (module.feature_dim, len(module.blocks), module.blocks[0].attn.num_heads) == (128, 2, 2)
     features = module(torch.randint(0, 256, [2, 3, 20, 30], dtype=torch.uint8))
     assert features.shape == (2, 128) and torch.isfinite(features).all()

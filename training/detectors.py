@@ -9,6 +9,7 @@ searched for the published file names below; a file or URL is assigned to a metr
 
 import os
 import pickle
+import warnings
 
 import torch
 from torch import nn
@@ -28,11 +29,16 @@ DETECTOR_FILES: dict[str, tuple[tuple[str, ...], str]] = {
                   'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'),
 }
 METRICS = tuple(DETECTOR_FILES)
+PUBLISHED_DINOV2 = (1024, 24, 14)  # ViT-L/14 (width, depth, patch), the detector of FD-DINOv2 as published.
 _NAME_HINTS = {'fid': 'inception', 'fd_dinov2': 'dinov2'}
 
 
 class DetectorError(Exception):
     """A detector's weights could not be found or do not match its architecture (one-line message)."""
+
+
+class DetectorWarning(UserWarning):
+    """A detector loaded, but its numbers will not compare with published ones."""
 
 
 class TorchScriptInception(nn.Module):
@@ -127,8 +133,13 @@ def _load_dinov2(path: str) -> nn.Module:
     needed = ('cls_token', 'pos_embed', 'patch_embed.proj.weight')
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise DetectorError(f'{path} is not a DINOv2 checkpoint (it lacks {", ".join(needed)}).')
+    kwargs = vit_kwargs_from_state_dict(state)
+    if (kwargs['embed_dim'], kwargs['depth'], kwargs['patch_size']) != PUBLISHED_DINOV2:
+        warnings.warn(f'{path} is a DINOv2 ViT of width {kwargs["embed_dim"]}, depth {kwargs["depth"]} and patch '
+                      f'{kwargs["patch_size"]}, not ViT-L/14; its FD-DINOv2 will not compare with published numbers.',
+                      DetectorWarning, stacklevel=3)
     with torch.device('meta'):
-        module = DinoVisionTransformer(**vit_kwargs_from_state_dict(state))
+        module = DinoVisionTransformer(**kwargs)
     # mask_token only serves masked-image training.
     return _load_state_dict(module, state, path, ('mask_token',), 'DINOv2 ViT')
 
