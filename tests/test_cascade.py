@@ -89,8 +89,9 @@ def test_guided_stage_equals_the_classifier_free_guidance_formula():
 # No regression: EDM2 nets train and sample exactly as before the text additions (values recorded
 # with commit 64a42eb, which predates them; any change to the net, loss, loop or sampler moves them).
 # Forced weight normalisation keeps weight norms fixed, so the trained weights are fingerprinted by their
-# inner product with fixed random directions (a 1 % change of the learning rate moves it by ~1e-5 of its
-# value); CPU kernels (AVX2, AVX-512) differ only in the last bits. The samples: their first pixels, and
+# inner product with fixed random directions (a 1 % or 0.1 % change of the learning rate moves it by 1.4e-5 or
+# 4e-5 of its value); CPU kernels differ below that (3e-7 between the AMD AVX-512 machine that recorded the
+# values and an Intel Xeon), hence rel=2e-6. The samples: their first pixels, and
 # an inner product of all of them with fixed random weights (one pixel off by one moves it by ~1).
 
 GOLDEN = {
@@ -122,7 +123,7 @@ def test_class_conditional_and_unconditional_training_and_sampling_are_unchanged
     net, encoder = generate_images.load_network(str(run), torch.device('cpu'))
     (batch,) = generate_images.generate_images(net, encoder, seeds=[0, 1, 2], device='cpu', num_steps=3)
     weights, images, pixels = GOLDEN[cond]
-    assert _random_inner_product(net.parameters(), seed=0) == pytest.approx(weights, rel=1e-7)
+    assert _random_inner_product(net.parameters(), seed=0) == pytest.approx(weights, rel=2e-6)
     assert _random_inner_product([batch.images], seed=1) == pytest.approx(images, abs=3)
     np.testing.assert_allclose(batch.images.flatten()[:24].numpy(), pixels, atol=1)
 
