@@ -137,7 +137,7 @@ def test_profile_errors_match_numerical_integration():
     for j, std in enumerate([0.15, 0.03]):
         parts, target = [profile(t, s) for t, s in zip(in_kimg, in_std)], profile(8, std)
         diff = lambda x: (sum(c * p(x) for c, p in zip(coefs[:, j], parts)) - target(x)) ** 2
-        sq = sum(scipy.integrate.quad(diff, a, b, epsabs=0, epsrel=1e-10)[0] for a, b in [(0, 4), (4, 8)])
+        sq = sum(scipy.integrate.quad(diff, a, b, epsabs=0, epsrel=1e-9)[0] for a, b in [(0, 4), (4, 8)])
         norm = scipy.integrate.quad(lambda x: target(x) ** 2, 0, 8, epsabs=0, epsrel=1e-10)[0]
         assert errors[j] == pytest.approx(np.sqrt(sq / norm), rel=1e-5)
 
