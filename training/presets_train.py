@@ -66,7 +66,7 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
                           synthetic=EasyDict(resolution=16, num_images=256), sample_steps=8),
 
     # Text-to-image demo cascade on the built-in captioned shapes: base 16x16, then 16->32 (no text needed).
-    'demo-text': EasyDict(duration=64 << 10, batch=64, channels=16, lr=0.0300, decay=600, dropout=0.00,
+    'demo-text': EasyDict(duration=128 << 10, batch=64, channels=16, lr=0.0300, decay=600, dropout=0.00,
                           P_mean=-0.8, P_std=1.6, rampup=0.005, channel_mult=[1, 2], num_blocks=1,
                           attn_resolutions=[8], status=8 << 10, snapshot=32 << 10, checkpoint=32 << 10,
                           synthetic=EasyDict(resolution=16, num_images=10000), sample_steps=24,
