@@ -29,7 +29,7 @@ DETECTOR_FILES: dict[str, tuple[tuple[str, ...], str]] = {
                   'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'),
 }
 METRICS = tuple(DETECTOR_FILES)
-PUBLISHED_DINOV2 = (1024, 24, 14)  # ViT-L/14 (width, depth, patch), the detector of FD-DINOv2 as published.
+PUBLISHED_DINOV2 = dict(embed_dim=1024, depth=24, patch_size=14)  # ViT-L/14, the detector of FD-DINOv2 as published.
 _NAME_HINTS = {'fid': 'inception', 'fd_dinov2': 'dinov2'}
 
 
@@ -134,7 +134,7 @@ def _load_dinov2(path: str) -> nn.Module:
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise DetectorError(f'{path} is not a DINOv2 checkpoint (it lacks {", ".join(needed)}).')
     kwargs = vit_kwargs_from_state_dict(state)
-    if (kwargs['embed_dim'], kwargs['depth'], kwargs['patch_size']) != PUBLISHED_DINOV2:
+    if not PUBLISHED_DINOV2.items() <= kwargs.items():
         warnings.warn(f'{path} is a DINOv2 ViT of width {kwargs["embed_dim"]}, depth {kwargs["depth"]} and patch '
                       f'{kwargs["patch_size"]}, not ViT-L/14; its FD-DINOv2 will not compare with published numbers.',
                       DetectorWarning, stacklevel=3)
