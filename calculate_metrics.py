@@ -14,12 +14,27 @@ import click
 import numpy as np
 import torch
 
-from generate_images import GenerationError, generate_images, load_network, read_prompts, resolve_sampler_options, sampler_options
+from generate_images import (
+    GenerationError,
+    generate_images,
+    load_network,
+    read_prompts,
+    resolve_sampler_options,
+    sampler_options,
+)
 from torch_utils import distributed as dist
 from training.dataset import DatasetError, ImageFolderDataset
 from training.detectors import DETECTORS_ENV, DetectorError
-from training.metrics import (MetricsError, Stats, calculate_metrics_from_stats, calculate_stats_for_iterable,
-                              load_stats, parse_metrics, require_metrics, save_stats)
+from training.metrics import (
+    MetricsError,
+    Stats,
+    calculate_metrics_from_stats,
+    calculate_stats_for_iterable,
+    load_stats,
+    parse_metrics,
+    require_metrics,
+    save_stats,
+)
 from training.snapshots import NetworkPickleError
 
 _REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
@@ -37,14 +52,15 @@ def _open_images(path: str, num: int | None = None, seed: int = 0) -> ImageFolde
     """The RGB images of a folder or ZIP; with `num`, exactly `num` of them, subsampled by `seed`."""
     dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:
-        raise MetricsError(f'{path} holds {len(dataset)} images, fewer than --num={num}; '
-                           f'add images or lower --num.')
+        raise MetricsError(f'{path} holds {len(dataset)} images, fewer than --num={num}; add images or lower --num.')
     image, _label = dataset[0]
     if image.dtype != np.uint8:
         raise MetricsError(f'{path} holds {image.dtype} arrays (latents?), not PNG images; metrics need pixels.')
     if dataset.num_channels != 3:
-        raise MetricsError(f'{path} holds images with {dataset.num_channels} channel(s); the detectors need RGB '
-                           f'(3 channels); convert them with dataset_tool.py.')
+        raise MetricsError(
+            f'{path} holds images with {dataset.num_channels} channel(s); the detectors need RGB '
+            f'(3 channels); convert them with dataset_tool.py.'
+        )
     return dataset
 
 
@@ -80,14 +96,36 @@ def _check_metrics(metrics: str) -> list[str]:
 
 def _common_options(fn: Any) -> Any:
     options = [
-        click.option('--metrics', metavar='LIST', type=str, default='fid,fd_dinov2', show_default=True,
-                     help='Comma-separated metrics: fid, fd_dinov2.'),
-        click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True,
-                     help='Images per batch and rank.'),
-        click.option('--detectors', metavar='PATH[,PATH]', type=str, default=None,
-                     help=f'Detector weight files, folders or URLs  [default: ${DETECTORS_ENV}, else download]'),
-        click.option('--device', metavar='DEVICE', type=str, default=None,
-                     help='Torch device, e.g. cpu or cuda:1  [default: cuda if available]'),
+        click.option(
+            '--metrics',
+            metavar='LIST',
+            type=str,
+            default='fid,fd_dinov2',
+            show_default=True,
+            help='Comma-separated metrics: fid, fd_dinov2.',
+        ),
+        click.option(
+            '--batch',
+            metavar='INT',
+            type=click.IntRange(min=1),
+            default=64,
+            show_default=True,
+            help='Images per batch and rank.',
+        ),
+        click.option(
+            '--detectors',
+            metavar='PATH[,PATH]',
+            type=str,
+            default=None,
+            help=f'Detector weight files, folders or URLs  [default: ${DETECTORS_ENV}, else download]',
+        ),
+        click.option(
+            '--device',
+            metavar='DEVICE',
+            type=str,
+            default=None,
+            help='Torch device, e.g. cpu or cuda:1  [default: cuda if available]',
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -128,9 +166,17 @@ def cli() -> None:
 @click.option('--data', metavar='PATH', type=str, required=True, help='Dataset folder or ZIP of PNG images.')
 @click.option('--dest', metavar='PKL|NPZ', type=str, required=True, help='Where to write the statistics.')
 @_common_options
-@click.option('--workers', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True,
-              help='Data loader processes per rank.')
-def ref(data: str, dest: str, metrics: str, batch: int, detectors: str | None, device: str | None, workers: int) -> None:
+@click.option(
+    '--workers',
+    metavar='INT',
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help='Data loader processes per rank.',
+)
+def ref(
+    data: str, dest: str, metrics: str, batch: int, detectors: str | None, device: str | None, workers: int
+) -> None:
     """Reference statistics of every image in a dataset.
 
     \b
@@ -140,8 +186,14 @@ def ref(data: str, dest: str, metrics: str, batch: int, detectors: str | None, d
     metric_list, torch_device = _check_metrics(metrics), _device(device)
     dataset = _run(_open_images, data)
     dist.print0(f'Embedding {len(dataset)} images of {data} for {",".join(metric_list)} ...')
-    stats = _run(calculate_stats_for_iterable, _dataset_batches(dataset, batch, workers), metric_list,
-                 detector_source=detectors, device=torch_device, num_images=len(dataset))
+    stats = _run(
+        calculate_stats_for_iterable,
+        _dataset_batches(dataset, batch, workers),
+        metric_list,
+        detector_source=detectors,
+        device=torch_device,
+        num_images=len(dataset),
+    )
     if dist.is_main():
         _run(save_stats, stats, dest)
         print(f'Saved {dest}')
@@ -166,14 +218,35 @@ def _report(stats: Stats, ref_stats: Stats | None, ref_path: str, metric_list: l
 @cli.command()
 @click.option('--images', metavar='PATH', type=str, required=True, help='Folder or ZIP of PNG images to evaluate.')
 @click.option('--ref', 'ref_path', metavar='PKL|NPZ|URL', type=str, required=True, help='Reference statistics.')
-@click.option('--num', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True,
-              help='Number of images; more are subsampled, fewer is an error.')
+@click.option(
+    '--num',
+    metavar='INT',
+    type=click.IntRange(min=2),
+    default=50000,
+    show_default=True,
+    help='Number of images; more are subsampled, fewer is an error.',
+)
 @click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Seed of the subsampling.')
 @_common_options
-@click.option('--workers', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True,
-              help='Data loader processes per rank.')
-def calc(images: str, ref_path: str, num: int, seed: int, metrics: str, batch: int, detectors: str | None,
-         device: str | None, workers: int) -> None:
+@click.option(
+    '--workers',
+    metavar='INT',
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help='Data loader processes per rank.',
+)
+def calc(
+    images: str,
+    ref_path: str,
+    num: int,
+    seed: int,
+    metrics: str,
+    batch: int,
+    detectors: str | None,
+    device: str | None,
+    workers: int,
+) -> None:
     """Metrics of a folder or ZIP of images against reference statistics.
 
     \b
@@ -184,8 +257,14 @@ def calc(images: str, ref_path: str, num: int, seed: int, metrics: str, batch: i
     ref_stats = _load_ref(ref_path, metric_list)
     dataset = _run(_open_images, images, num, seed)
     dist.print0(f'Embedding {len(dataset)} images of {images} for {",".join(metric_list)} ...')
-    stats = _run(calculate_stats_for_iterable, _dataset_batches(dataset, batch, workers), metric_list,
-                 detector_source=detectors, device=torch_device, num_images=len(dataset))
+    stats = _run(
+        calculate_stats_for_iterable,
+        _dataset_batches(dataset, batch, workers),
+        metric_list,
+        detector_source=detectors,
+        device=torch_device,
+        num_images=len(dataset),
+    )
     _report(stats, ref_stats, ref_path, metric_list)
 
 
@@ -198,17 +277,54 @@ def _default_ref(preset: str | None) -> str | None:
 
 @cli.command()
 @sampler_options
-@click.option('--ref', 'ref_path', metavar='PKL|NPZ|URL', type=str, default=None,
-              help="Reference statistics  [default: the preset's dataset reference]")
-@click.option('--num', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True,
-              help='Number of images to generate.')
-@click.option('--seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True,
-              help='First seed; images use seeds seed .. seed+num-1.')
-@click.option('--class', 'class_idx', metavar='INT', type=int, default=None, help='Class label  [default: random per seed]')
-@click.option('--prompts', 'prompts_file', metavar='FILE', type=str, default=None, help='Prompts of a text-to-image net, one per line (cycled over seeds).')
+@click.option(
+    '--ref',
+    'ref_path',
+    metavar='PKL|NPZ|URL',
+    type=str,
+    default=None,
+    help="Reference statistics  [default: the preset's dataset reference]",
+)
+@click.option(
+    '--num',
+    metavar='INT',
+    type=click.IntRange(min=2),
+    default=50000,
+    show_default=True,
+    help='Number of images to generate.',
+)
+@click.option(
+    '--seed',
+    metavar='INT',
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help='First seed; images use seeds seed .. seed+num-1.',
+)
+@click.option(
+    '--class', 'class_idx', metavar='INT', type=int, default=None, help='Class label  [default: random per seed]'
+)
+@click.option(
+    '--prompts',
+    'prompts_file',
+    metavar='FILE',
+    type=str,
+    default=None,
+    help='Prompts of a text-to-image net, one per line (cycled over seeds).',
+)
 @_common_options
-def gen(ref_path: str | None, num: int, seed: int, class_idx: int | None, prompts_file: str | None, metrics: str,
-        batch: int, detectors: str | None, device: str | None, **opts: Any) -> None:
+def gen(
+    ref_path: str | None,
+    num: int,
+    seed: int,
+    class_idx: int | None,
+    prompts_file: str | None,
+    metrics: str,
+    batch: int,
+    detectors: str | None,
+    device: str | None,
+    **opts: Any,
+) -> None:
     """Metrics of images generated on the fly (nothing is written).
 
     \b
@@ -223,13 +339,34 @@ def gen(ref_path: str | None, num: int, seed: int, class_idx: int | None, prompt
     c = _run(resolve_sampler_options, **opts)
     prompts = _run(read_prompts, (), prompts_file) if prompts_file is not None else None
     net, encoder = _run(load_network, c.net, torch_device, verbose=True)
-    gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and c.sampler_kwargs.guidance != 1 else None
-    dist.print0(f'Generating and embedding {num} images (seeds {seed}-{seed + num - 1}) for {",".join(metric_list)} ...')
-    batches = (b.images for b in generate_images(net, encoder, gnet, seeds=range(seed, seed + num), class_idx=class_idx,
-                                                 max_batch_size=batch, device=torch_device, prompts=prompts,
-                                                 **c.sampler_kwargs))
-    stats = _run(calculate_stats_for_iterable, batches, metric_list, detector_source=detectors,
-                 device=torch_device, num_images=num)
+    gnet = (
+        _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and c.sampler_kwargs.guidance != 1 else None
+    )
+    dist.print0(
+        f'Generating and embedding {num} images (seeds {seed}-{seed + num - 1}) for {",".join(metric_list)} ...'
+    )
+    batches = (
+        b.images
+        for b in generate_images(
+            net,
+            encoder,
+            gnet,
+            seeds=range(seed, seed + num),
+            class_idx=class_idx,
+            max_batch_size=batch,
+            device=torch_device,
+            prompts=prompts,
+            **c.sampler_kwargs,
+        )
+    )
+    stats = _run(
+        calculate_stats_for_iterable,
+        batches,
+        metric_list,
+        detector_source=detectors,
+        device=torch_device,
+        num_images=num,
+    )
     _report(stats, ref_stats, ref_path, metric_list)
 
 

@@ -80,16 +80,24 @@ def build_train_preset_net(preset: str, label_dim: int | None = None) -> torch.n
     kwargs = {key: p[key] for key in ('channel_mult', 'num_blocks', 'attn_resolutions') if key in p}
     with torch.device('meta'):
         return dnnlib.util.construct_class_by_name(
-            class_name='training.networks_edm2.Precond', img_resolution=resolution, img_channels=channels,
-            label_dim=classes if label_dim is None else label_dim, model_channels=p.channels,
-            dropout=p.get('dropout', 0.0), use_fp16=False, **kwargs)
+            class_name='training.networks_edm2.Precond',
+            img_resolution=resolution,
+            img_channels=channels,
+            label_dim=classes if label_dim is None else label_dim,
+            model_channels=p.channels,
+            dropout=p.get('dropout', 0.0),
+            use_fp16=False,
+            **kwargs,
+        )
 
 
 def build_published_net(url: str) -> torch.nn.Module:
     """The architecture of a published EDM2 pickle, read from its name (edm2-{dataset}-{size}[-uncond]-...)."""
     match = re.search(r'(edm2-img(?:512|64)-[a-z]+)(-uncond)?-\d+-[\d.]+\.pkl$', url)
     if match is None or match.group(1) not in TRAIN_PRESETS:
-        raise click.ClickException(f'{url}: not an EDM2 network name (edm2-DATASET-SIZE-KIMG-STD.pkl); pass the pickle itself')
+        raise click.ClickException(
+            f'{url}: not an EDM2 network name (edm2-DATASET-SIZE-KIMG-STD.pkl); pass the pickle itself'
+        )
     return build_train_preset_net(match.group(1), label_dim=0 if match.group(2) else None)
 
 
@@ -100,7 +108,9 @@ def load_pickled_net(path: str) -> torch.nn.Module:
         net = load_network_pickle(path)['ema']
     except (NetworkPickleError, OSError) as e:
         raise click.ClickException(re.sub(r'\s+', ' ', str(e))) from None
-    if not isinstance(net, torch.nn.Module) or not all(hasattr(net, k) for k in ('img_resolution', 'img_channels', 'label_dim')):
+    if not isinstance(net, torch.nn.Module) or not all(
+        hasattr(net, k) for k in ('img_resolution', 'img_channels', 'label_dim')
+    ):
         raise click.ClickException(f"{path}: its 'ema' entry is a {type(net).__name__}, not an EDM2 network")
     return net
 
@@ -115,8 +125,10 @@ def resolve(pkl_or_preset: str) -> list[tuple[str, torch.nn.Module]]:
         return [(role, build_published_net(ref) if '://' in ref else load_pickled_net(ref)) for role, ref in refs]
     if pkl_or_preset.endswith('.pkl') or os.path.exists(pkl_or_preset):
         return [('net', load_pickled_net(pkl_or_preset))]
-    raise click.ClickException(f'{pkl_or_preset}: no such pickle, run folder or preset; pass a training preset '
-                               f'({", ".join(TRAIN_PRESETS)}) or a generation preset of generate_images.py')
+    raise click.ClickException(
+        f'{pkl_or_preset}: no such pickle, run folder or preset; pass a training preset '
+        f'({", ".join(TRAIN_PRESETS)}) or a generation preset of generate_images.py'
+    )
 
 
 @click.command()
@@ -132,8 +144,10 @@ def main(pkl_or_preset: str) -> None:
     for role, net in resolve(pkl_or_preset):
         num_params = sum(p.numel() for p in net.parameters())
         shape = f'{net.img_channels}x{net.img_resolution}x{net.img_resolution}'
-        click.echo(f'{role}: {count_flops(net) / 1e9:.2f} Gflops per image '
-                   f'({shape}, {net.label_dim} classes, {num_params / 1e6:.1f}M parameters)')
+        click.echo(
+            f'{role}: {count_flops(net) / 1e9:.2f} Gflops per image '
+            f'({shape}, {net.label_dim} classes, {num_params / 1e6:.1f}M parameters)'
+        )
 
 
 if __name__ == '__main__':

@@ -14,8 +14,17 @@ import numpy as np
 from tqdm import tqdm
 
 import dnnlib
-from training.dataset_io import (TRANSFORMS, DatasetWriter, ImageSource, decode_image, item_relpath,
-                                 load_caption_mapping, make_transform, parse_resolution, write_synthetic_dataset)
+from training.dataset_io import (
+    TRANSFORMS,
+    DatasetWriter,
+    ImageSource,
+    decode_image,
+    item_relpath,
+    load_caption_mapping,
+    make_transform,
+    parse_resolution,
+    write_synthetic_dataset,
+)
 
 # ---- command line ----
 
@@ -53,9 +62,30 @@ def _parse_count(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 @cli.command()
 @click.option('--dest', metavar='PATH', required=True, help='Output ZIP (ends in .zip) or new folder.')
-@click.option('--resolution', metavar='INT', type=click.IntRange(min=4), default=32, show_default=True, help='Image size in pixels.')
-@click.option('--max-images', metavar='INT', callback=_parse_count, default='10000', show_default=True, help='Number of images (suffixes K M Ki Mi).')
-@click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Random seed; item i depends only on it and i.')
+@click.option(
+    '--resolution',
+    metavar='INT',
+    type=click.IntRange(min=4),
+    default=32,
+    show_default=True,
+    help='Image size in pixels.',
+)
+@click.option(
+    '--max-images',
+    metavar='INT',
+    callback=_parse_count,
+    default='10000',
+    show_default=True,
+    help='Number of images (suffixes K M Ki Mi).',
+)
+@click.option(
+    '--seed',
+    metavar='INT',
+    type=int,
+    default=0,
+    show_default=True,
+    help='Random seed; item i depends only on it and i.',
+)
 def synth(dest: str, resolution: int, max_images: int, seed: int) -> None:
     """Write the built-in coloured-shapes dataset with labels (shape) and captions.
 
@@ -71,9 +101,21 @@ def synth(dest: str, resolution: int, max_images: int, seed: int) -> None:
 @click.option('--resolution', metavar='N|WxH', help='Output size, e.g. 64 or 512x256 (default: keep).')
 @click.option('--transform', metavar='NAME', type=click.Choice(TRANSFORMS), help='Crop: ' + ', '.join(TRANSFORMS) + '.')
 @click.option('--max-images', metavar='INT', callback=_parse_count, help='Convert at most this many (first by path).')
-@click.option('--captions', 'captions_file', metavar='JSON|CSV', default=None, help='Captions by image path (JSON object or CSV rows path,caption).')
-def convert(source: str, dest: str, resolution: str | None, transform: str | None, max_images: int | None,
-            captions_file: str | None) -> None:
+@click.option(
+    '--captions',
+    'captions_file',
+    metavar='JSON|CSV',
+    default=None,
+    help='Captions by image path (JSON object or CSV rows path,caption).',
+)
+def convert(
+    source: str,
+    dest: str,
+    resolution: str | None,
+    transform: str | None,
+    max_images: int | None,
+    captions_file: str | None,
+) -> None:
     """Convert a folder or ZIP of images to an edm2x dataset.
 
     \b
@@ -95,7 +137,8 @@ def convert(source: str, dest: str, resolution: str | None, transform: str | Non
             if image.shape != first_shape[0]:
                 raise click.ClickException(
                     f'{images.describe(item.relpath)}: image is {image.shape[1]}x{image.shape[0]} but '
-                    f'{first_shape[1]} is {first_shape[0][1]}x{first_shape[0][0]}; pass --resolution to resize all')
+                    f'{first_shape[1]} is {first_shape[0][1]}x{first_shape[0][0]}; pass --resolution to resize all'
+                )
             writer.add_image(item_relpath(idx), image, label=item.label, caption=item.caption)
 
 
@@ -104,7 +147,9 @@ def _check_partial(partial: str, settings: dict, resume: bool) -> None:
     if not os.path.isdir(partial):
         return
     if not resume:
-        raise click.ClickException(f'{partial}: holds an interrupted encode; pass --resume to continue it, or delete it')
+        raise click.ClickException(
+            f'{partial}: holds an interrupted encode; pass --resume to continue it, or delete it'
+        )
     settings_path = os.path.join(partial, 'settings.json')
     try:
         with open(settings_path, encoding='utf-8') as f:
@@ -113,8 +158,10 @@ def _check_partial(partial: str, settings: dict, resume: bool) -> None:
         raise click.ClickException(f'{settings_path}: unreadable ({e}); delete {partial} and start over') from None
     for key, value in settings.items():
         if previous.get(key) != value:
-            raise click.ClickException(f'{partial}: was started with {key} {previous.get(key)!r}, not {value!r}; '
-                                       f'resume with the same --{key.replace("_", "-")} or delete it')
+            raise click.ClickException(
+                f'{partial}: was started with {key} {previous.get(key)!r}, not {value!r}; '
+                f'resume with the same --{key.replace("_", "-")} or delete it'
+            )
 
 
 def _load_images(images: ImageSource, relpaths: list[str], shape: tuple) -> np.ndarray:
@@ -122,22 +169,35 @@ def _load_images(images: ImageSource, relpaths: list[str], shape: tuple) -> np.n
     for relpath in relpaths:
         image = decode_image(images.read(relpath), images.describe(relpath))
         if image.shape != shape:
-            raise click.ClickException(f'{images.describe(relpath)}: image is {image.shape[1]}x{image.shape[0]} but the '
-                                       f'first is {shape[1]}x{shape[0]}; make them one size with convert --resolution')
+            raise click.ClickException(
+                f'{images.describe(relpath)}: image is {image.shape[1]}x{image.shape[0]} but the '
+                f'first is {shape[1]}x{shape[0]}; make them one size with convert --resolution'
+            )
         batch.append(image.transpose(2, 0, 1))
     return np.stack(batch)
 
 
 @cli.command()
-@click.option('--model-url', metavar='ID|DIR', default='stabilityai/sd-vae-ft-mse', show_default=True,
-              help='VAE: Hugging Face hub id or a folder saved with AutoencoderKL.save_pretrained.')
+@click.option(
+    '--model-url',
+    metavar='ID|DIR',
+    default='stabilityai/sd-vae-ft-mse',
+    show_default=True,
+    help='VAE: Hugging Face hub id or a folder saved with AutoencoderKL.save_pretrained.',
+)
 @click.option('--source', metavar='PATH', required=True, help='Pixel dataset: folder or ZIP of equal-size images.')
 @click.option('--dest', metavar='PATH', required=True, help='Output ZIP (ends in .zip) or new folder of NPY latents.')
 @click.option('--max-images', metavar='INT', callback=_parse_count, help='Encode at most this many (first by path).')
 @click.option('--resume', is_flag=True, help='Continue an interrupted run from the items finished in DEST.partial.')
-@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True, help='Images per VAE call.')
-@click.option('--device', metavar='DEVICE', default=None, help='Torch device, e.g. cpu or cuda:1  [default: cuda if available]')
-def encode(model_url: str, source: str, dest: str, max_images: int | None, resume: bool, batch: int, device: str | None) -> None:
+@click.option(
+    '--batch', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True, help='Images per VAE call.'
+)
+@click.option(
+    '--device', metavar='DEVICE', default=None, help='Torch device, e.g. cpu or cuda:1  [default: cuda if available]'
+)
+def encode(
+    model_url: str, source: str, dest: str, max_images: int | None, resume: bool, batch: int, device: str | None
+) -> None:
     """Encode a pixel dataset with the Stable Diffusion VAE into NPY latents (SPEC §6).
 
     Each item stores 8 float32 channels, the posterior mean and std; labels and captions are carried over.
@@ -149,13 +209,18 @@ def encode(model_url: str, source: str, dest: str, max_images: int | None, resum
     python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip --resume
     """
     import torch
+
     from training.encoders import StabilityVAEEncoder
 
     images = ImageSource(source, max_images=max_images)
     partial = os.path.abspath(dest).rstrip(os.sep) + '.partial'
     settings = {'model_url': model_url, 'source': os.path.abspath(source)}
     _check_partial(partial, settings, resume)
-    if not dest.lower().endswith('.zip') and os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
+    if (
+        not dest.lower().endswith('.zip')
+        and os.path.exists(dest)
+        and not (os.path.isdir(dest) and not os.listdir(dest))
+    ):
         raise click.ClickException(f'{dest}: already exists and is not an empty folder; choose a new --dest')
     try:
         device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -168,8 +233,10 @@ def encode(model_url: str, source: str, dest: str, max_images: int | None, resum
     shape = decode_image(images.read(images.relpaths[0]), images.describe(images.relpaths[0])).shape
     factor = encoder.downsampling
     if shape[0] % factor or shape[1] % factor:
-        raise click.ClickException(f'{images.describe(images.relpaths[0])}: image is {shape[1]}x{shape[0]}, but the VAE '
-                                   f'needs sides divisible by {factor}; resize with convert --resolution')
+        raise click.ClickException(
+            f'{images.describe(images.relpaths[0])}: image is {shape[1]}x{shape[0]}, but the VAE '
+            f'needs sides divisible by {factor}; resize with convert --resolution'
+        )
     if not os.path.isdir(partial):
         os.makedirs(partial)
         with dnnlib.util.atomic_write(os.path.join(partial, 'settings.json'), 'wt') as f:
@@ -186,7 +253,7 @@ def encode(model_url: str, source: str, dest: str, max_images: int | None, resum
     start = done - done % batch
     with tqdm(total=len(images), initial=start, desc='encode', unit='img') as progress:
         for first in range(start, len(images), batch):
-            pixels = _load_images(images, images.relpaths[first:first + batch], shape)
+            pixels = _load_images(images, images.relpaths[first : first + batch], shape)
             latents = encoder.encode_pixels(torch.from_numpy(pixels).to(device)).cpu().numpy()
             for idx, array in enumerate(latents, start=first):
                 os.makedirs(os.path.dirname(item_path(idx)), exist_ok=True)
@@ -197,7 +264,9 @@ def encode(model_url: str, source: str, dest: str, max_images: int | None, resum
     with DatasetWriter(dest) as writer:
         for idx, relpath in enumerate(images.relpaths):
             label = images.labels[relpath] if images.labels is not None else None
-            writer.add_array(item_relpath(idx, 'npy'), np.load(item_path(idx)), label=label, caption=images.caption(relpath))
+            writer.add_array(
+                item_relpath(idx, 'npy'), np.load(item_path(idx)), label=label, caption=images.caption(relpath)
+            )
     shutil.rmtree(partial)
 
 

@@ -28,6 +28,7 @@ from training.snapshots import NetworkPickleError, load_network_pickle, parse_sn
 class GenerationError(Exception):
     """Settings that cannot generate images; the message is one sentence for the user."""
 
+
 # ----------------------------------------------------------------------------
 # Loading networks: a pickle path or URL, or a run folder (its newest snapshot).
 
@@ -55,7 +56,9 @@ def load_network(path_or_url: str, device: torch.device, verbose: bool = False) 
         dist.print0(f'Loading network from {path} ...')
     data = load_network_pickle(path)
     net = data['ema']
-    if not isinstance(net, torch.nn.Module) or not all(hasattr(net, k) for k in ('img_resolution', 'img_channels', 'label_dim')):
+    if not isinstance(net, torch.nn.Module) or not all(
+        hasattr(net, k) for k in ('img_resolution', 'img_channels', 'label_dim')
+    ):
         raise NetworkPickleError(f"{path} holds no network: its 'ema' entry is a {type(net).__name__}.")
     encoder = data.get('encoder')
     return net.eval().requires_grad_(False).to(device), encoder
@@ -67,6 +70,7 @@ def _shape(net: torch.nn.Module) -> str:
 
 def _is_text_net(net: torch.nn.Module) -> bool:
     return hasattr(net, 'text_encoder')  # training/networks_text.py: captions as labels, maybe a low-res input
+
 
 # ----------------------------------------------------------------------------
 # The generator shared by this script and calculate_metrics.py gen.
@@ -105,29 +109,41 @@ def generate_images(
     if sampler_kwargs.get('guidance', 1) == 1:
         gnet = None
     elif gnet is None and not _is_text_net(net):
-        raise GenerationError(f"Guidance {sampler_kwargs['guidance']} needs a guiding network (--gnet).")
+        raise GenerationError(f'Guidance {sampler_kwargs["guidance"]} needs a guiding network (--gnet).')
     elif isinstance(gnet, str):
         gnet = load_network(gnet, device, verbose)[0]
     if gnet is not None and (_shape(gnet) != _shape(net) or gnet.label_dim not in (0, net.label_dim)):
-        raise GenerationError(f'The guiding network makes {_shape(gnet)} images with {gnet.label_dim} classes, but the '
-                              f'network makes {_shape(net)} with {net.label_dim}; guide it with a net trained on the same data.')
+        raise GenerationError(
+            f'The guiding network makes {_shape(gnet)} images with {gnet.label_dim} classes, but the '
+            f'network makes {_shape(net)} with {net.label_dim}; guide it with a net trained on the same data.'
+        )
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
         labels_range = f'has classes 0 to {net.label_dim - 1}' if net.label_dim else 'is unconditional'
         raise GenerationError(f'Class {class_idx} was requested, but the network {labels_range}.')
     if getattr(net, 'lowres', None):
-        raise GenerationError(f'The network is a {net.lowres}->{net.img_resolution} super-resolution stage; '
-                              f'run it after a base net with --cascade.')
+        raise GenerationError(
+            f'The network is a {net.lowres}->{net.img_resolution} super-resolution stage; '
+            f'run it after a base net with --cascade.'
+        )
     if _is_text_net(net) and not prompts:
         raise GenerationError('The network is text-to-image: give --prompt="..." or --prompts=FILE.')
     clip = _load_clip(clip, clip_scale, [net], prompts, device, verbose)
     encoder.init(device)
     with_captions = _is_text_net(net) or clip is not None
     for batch_seeds, captions in _rank_batches(seeds, prompts if with_captions else None, max_batch_size, verbose):
-        yield _generate_batch(net, encoder, gnet, batch_seeds, class_idx, device, sampler_kwargs, captions, clip, clip_scale)
+        yield _generate_batch(
+            net, encoder, gnet, batch_seeds, class_idx, device, sampler_kwargs, captions, clip, clip_scale
+        )
 
 
-def _load_clip(clip: torch.nn.Module | str | None, clip_scale: float, nets: list[torch.nn.Module],
-               prompts: list[str] | None, device: torch.device, verbose: bool) -> torch.nn.Module | None:
+def _load_clip(
+    clip: torch.nn.Module | str | None,
+    clip_scale: float,
+    nets: list[torch.nn.Module],
+    prompts: list[str] | None,
+    device: torch.device,
+    verbose: bool,
+) -> torch.nn.Module | None:
     """The CLIP guide when CLIP guidance is on (scale != 0), checked to read the images of one of `nets`; else None."""
     if clip is None or clip_scale == 0:
         return None
@@ -142,8 +158,9 @@ def _load_clip(clip: torch.nn.Module | str | None, clip_scale: float, nets: list
     return clip
 
 
-def _rank_batches(seeds: Iterable[int], prompts: list[str] | None, max_batch_size: int,
-                  verbose: bool) -> Iterator[tuple[list[int], list[str] | None]]:
+def _rank_batches(
+    seeds: Iterable[int], prompts: list[str] | None, max_batch_size: int, verbose: bool
+) -> Iterator[tuple[list[int], list[str] | None]]:
     """This rank's batches of (seeds, captions); image i of the run gets prompts[i % len(prompts)]."""
     # Interleave batches over ranks: global step k runs batches k*world ... k*world + world - 1.
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -155,20 +172,30 @@ def _rank_batches(seeds: Iterable[int], prompts: list[str] | None, max_batch_siz
         idx = batches[step * world + rank]
         if len(idx) > 0:
             yield seeds[idx].tolist(), None if prompts is None else [prompts[i % len(prompts)] for i in idx]
-        progress.update(sum(len(b) for b in batches[step * world:(step + 1) * world]))
+        progress.update(sum(len(b) for b in batches[step * world : (step + 1) * world]))
     progress.close()
 
 
-def _generate_batch(net: torch.nn.Module, encoder: Any, gnet: torch.nn.Module | None, seeds: list[int],
-                    class_idx: int | None, device: torch.device, sampler_kwargs: dict,
-                    captions: list[str] | None = None, clip: torch.nn.Module | None = None,
-                    clip_scale: float = 0.0) -> dnnlib.EasyDict:
+def _generate_batch(
+    net: torch.nn.Module,
+    encoder: Any,
+    gnet: torch.nn.Module | None,
+    seeds: list[int],
+    class_idx: int | None,
+    device: torch.device,
+    sampler_kwargs: dict,
+    captions: list[str] | None = None,
+    clip: torch.nn.Module | None = None,
+    clip_scale: float = 0.0,
+) -> dnnlib.EasyDict:
     # Per image: noise first, then (without --class) its random class, then churn noise (SPEC §9).
     rnd = StackedRandomGenerator(device, seeds)
     noise = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
     labels = None
     if net.label_dim > 0:
-        idx = rnd.randint(net.label_dim, size=[len(seeds)]) if class_idx is None else torch.full([len(seeds)], class_idx)
+        idx = (
+            rnd.randint(net.label_dim, size=[len(seeds)]) if class_idx is None else torch.full([len(seeds)], class_idx)
+        )
         labels = torch.eye(net.label_dim, device=device)[idx.to(device)]
     if clip is not None:  # S·σ²·∇ₓ sim(image, prompt) added to every denoised estimate.
         sampler_kwargs = dict(sampler_kwargs, correction=clip_correction(clip, captions, clip_scale))
@@ -181,11 +208,18 @@ def _generate_batch(net: torch.nn.Module, encoder: Any, gnet: torch.nn.Module | 
     return dnnlib.EasyDict(images=images, seeds=seeds, labels=labels, captions=captions)
 
 
-
-def generate_cascade(stages: list[dnnlib.EasyDict], prompts: list[str], seeds: Iterable[int] = range(16),
-                     max_batch_size: int = 32, device: torch.device | str | None = None, verbose: bool = False,
-                     guidance: float | None = None, aug_sigma: float | None = None,
-                     clip: torch.nn.Module | str | None = None, clip_scale: float = 0.0) -> Iterator[dnnlib.EasyDict]:
+def generate_cascade(
+    stages: list[dnnlib.EasyDict],
+    prompts: list[str],
+    seeds: Iterable[int] = range(16),
+    max_batch_size: int = 32,
+    device: torch.device | str | None = None,
+    verbose: bool = False,
+    guidance: float | None = None,
+    aug_sigma: float | None = None,
+    clip: torch.nn.Module | str | None = None,
+    clip_scale: float = 0.0,
+) -> Iterator[dnnlib.EasyDict]:
     """Run a text-to-image net and its super-resolution stages in order (SPEC §8), yielding per batch
     EasyDict(images, seeds, labels=None, captions) at the last stage's resolution. A stage is
     EasyDict(net, num_steps, guidance, aug_sigma) as in presets_generate.cascades; `guidance` overrides
@@ -207,14 +241,22 @@ def generate_cascade(stages: list[dnnlib.EasyDict], prompts: list[str], seeds: I
         with torch.no_grad():
             for k, ((net, _encoder), stage) in enumerate(zip(nets, stages)):
                 noise = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution])
-                x = sample_stage(net, noise, captions, lowres=None if x is None else x.clamp(-1, 1),
-                                 aug_sigma=stage.aug_sigma if aug_sigma is None else aug_sigma,
-                                 guidance=stage.guidance if guidance is None or k else guidance,
-                                 num_steps=stage.num_steps, randn_like=rnd.randn_like,
-                                 correction=clip_correction(clip, captions, clip_scale)
-                                 if clip is not None and _shape(clip) == _shape(net) else None)
+                x = sample_stage(
+                    net,
+                    noise,
+                    captions,
+                    lowres=None if x is None else x.clamp(-1, 1),
+                    aug_sigma=stage.aug_sigma if aug_sigma is None else aug_sigma,
+                    guidance=stage.guidance if guidance is None or k else guidance,
+                    num_steps=stage.num_steps,
+                    randn_like=rnd.randn_like,
+                    correction=clip_correction(clip, captions, clip_scale)
+                    if clip is not None and _shape(clip) == _shape(net)
+                    else None,
+                )
             images = encoder.decode(x)
         yield dnnlib.EasyDict(images=images, seeds=batch_seeds, labels=None, captions=captions)
+
 
 # ----------------------------------------------------------------------------
 # Command-line options shared with calculate_metrics.py gen.
@@ -224,27 +266,112 @@ def sampler_options(fn: Callable) -> Callable:
     """Add --preset --net --gnet --guidance and the sampler options (EDM2's names) to a click command;
     pass the resulting keyword arguments to resolve_sampler_options()."""
     options = [
-        click.option('--preset', metavar='NAME', type=str, default=None,
-                     help='Named net/gnet/guidance, e.g. edm2-img512-s-autog-fid, or demo (newest snapshot in runs/demo).'),
-        click.option('--net', metavar='PKL|URL|DIR', type=str, default=None, help='Network pickle, or a run folder (its newest snapshot).'),
-        click.option('--gnet', metavar='PKL|URL|DIR', type=str, default=None, help='Guiding network: unconditional (CFG) or weaker (autoguidance).'),
-        click.option('--guidance', metavar='FLOAT', type=float, default=None, help='Guidance strength w; 1 = none  [default: preset, else 1]'),
-        click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True, help='Number of sampling steps.'),
-        click.option('--sigma_min', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True, help='Lowest noise level.'),
-        click.option('--sigma_max', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True, help='Highest noise level.'),
-        click.option('--rho', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True, help='Time step exponent.'),
-        click.option('--S_churn', 'S_churn', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True, help='Stochasticity strength.'),
-        click.option('--S_min', 'S_min', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True, help='Lowest noise level with churn.'),
-        click.option('--S_max', 'S_max', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'), show_default=True, help='Highest noise level with churn.'),
-        click.option('--S_noise', 'S_noise', metavar='FLOAT', type=float, default=1.0, show_default=True, help='Churn noise inflation.'),
+        click.option(
+            '--preset',
+            metavar='NAME',
+            type=str,
+            default=None,
+            help='Named net/gnet/guidance, e.g. edm2-img512-s-autog-fid, or demo (newest snapshot in runs/demo).',
+        ),
+        click.option(
+            '--net',
+            metavar='PKL|URL|DIR',
+            type=str,
+            default=None,
+            help='Network pickle, or a run folder (its newest snapshot).',
+        ),
+        click.option(
+            '--gnet',
+            metavar='PKL|URL|DIR',
+            type=str,
+            default=None,
+            help='Guiding network: unconditional (CFG) or weaker (autoguidance).',
+        ),
+        click.option(
+            '--guidance',
+            metavar='FLOAT',
+            type=float,
+            default=None,
+            help='Guidance strength w; 1 = none  [default: preset, else 1]',
+        ),
+        click.option(
+            '--steps',
+            'num_steps',
+            metavar='INT',
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help='Number of sampling steps.',
+        ),
+        click.option(
+            '--sigma_min',
+            metavar='FLOAT',
+            type=click.FloatRange(min=0, min_open=True),
+            default=0.002,
+            show_default=True,
+            help='Lowest noise level.',
+        ),
+        click.option(
+            '--sigma_max',
+            metavar='FLOAT',
+            type=click.FloatRange(min=0, min_open=True),
+            default=80.0,
+            show_default=True,
+            help='Highest noise level.',
+        ),
+        click.option(
+            '--rho',
+            metavar='FLOAT',
+            type=click.FloatRange(min=0, min_open=True),
+            default=7.0,
+            show_default=True,
+            help='Time step exponent.',
+        ),
+        click.option(
+            '--S_churn',
+            'S_churn',
+            metavar='FLOAT',
+            type=click.FloatRange(min=0),
+            default=0.0,
+            show_default=True,
+            help='Stochasticity strength.',
+        ),
+        click.option(
+            '--S_min',
+            'S_min',
+            metavar='FLOAT',
+            type=click.FloatRange(min=0),
+            default=0.0,
+            show_default=True,
+            help='Lowest noise level with churn.',
+        ),
+        click.option(
+            '--S_max',
+            'S_max',
+            metavar='FLOAT',
+            type=click.FloatRange(min=0),
+            default=float('inf'),
+            show_default=True,
+            help='Highest noise level with churn.',
+        ),
+        click.option(
+            '--S_noise',
+            'S_noise',
+            metavar='FLOAT',
+            type=float,
+            default=1.0,
+            show_default=True,
+            help='Churn noise inflation.',
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def resolve_sampler_options(preset: str | None, net: str | None, gnet: str | None, guidance: float | None,
-                            **sampler_kwargs: Any) -> dnnlib.EasyDict:
+def resolve_sampler_options(
+    preset: str | None, net: str | None, gnet: str | None, guidance: float | None, **sampler_kwargs: Any
+) -> dnnlib.EasyDict:
     """Expand a preset under the options given: EasyDict(net, gnet, sampler_kwargs) for generate_images()."""
     if preset is not None:
         if preset not in presets:
@@ -256,6 +383,7 @@ def resolve_sampler_options(preset: str | None, net: str | None, gnet: str | Non
         raise GenerationError('No network given: use --net=PKL or --preset=NAME.')
     guidance = 1.0 if guidance is None else guidance
     return dnnlib.EasyDict(net=net, gnet=gnet, sampler_kwargs=dnnlib.EasyDict(guidance=guidance, **sampler_kwargs))
+
 
 # ----------------------------------------------------------------------------
 # Output files.
@@ -275,16 +403,22 @@ def read_prompts(prompt: Iterable[str], prompts_file: str | None) -> list[str]:
             with open(prompts_file, encoding='utf-8') as f:
                 prompts += [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise GenerationError(f'--prompts={prompts_file}: cannot read it ({e}); give a UTF-8 text file, one prompt a line.') from None
+            raise GenerationError(
+                f'--prompts={prompts_file}: cannot read it ({e}); give a UTF-8 text file, one prompt a line.'
+            ) from None
         if not prompts:
             raise GenerationError(f'--prompts={prompts_file} holds no prompts; write one prompt a line.')
     return prompts
 
 
-def _save_captions(captions: dict[int, str], seeds: list[int], outdir: str | None, subdirs: bool, grid: str | None) -> None:
+def _save_captions(
+    captions: dict[int, str], seeds: list[int], outdir: str | None, subdirs: bool, grid: str | None
+) -> None:
     """captions.txt in --outdir (file, seed, prompt per line) and GRID.txt beside --grid (seed, prompt in grid order)."""
     if outdir is not None:
-        lines = [f'{seed // 1000 * 1000:06d}/' * subdirs + f'{seed:06d}.png\t{seed}\t{captions[seed]}\n' for seed in seeds]
+        lines = [
+            f'{seed // 1000 * 1000:06d}/' * subdirs + f'{seed:06d}.png\t{seed}\t{captions[seed]}\n' for seed in seeds
+        ]
         with dnnlib.util.atomic_write(os.path.join(outdir, 'captions.txt'), 'wt') as f:
             f.writelines(lines)
     if grid is not None:
@@ -305,21 +439,91 @@ def _gather_to_rank0(images: dict[int, Any]) -> dict[int, Any]:
 @sampler_options
 @click.option('--outdir', metavar='DIR', type=str, default=None, help='Write {seed:06d}.png images here.')
 @click.option('--subdirs', is_flag=True, help='Put images in subfolders of 1000 seeds ({seed//1000*1000:06d}/).')
-@click.option('--seeds', metavar='LIST', type=str, default='0-63', show_default=True, help='Seeds, e.g. 0-49999 or 1,2,5-10.')
-@click.option('--class', 'class_idx', metavar='INT', type=int, default=None, help='Class label  [default: random per seed]')
-@click.option('--batch', 'max_batch_size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True, help='Images per batch and rank.')
+@click.option(
+    '--seeds', metavar='LIST', type=str, default='0-63', show_default=True, help='Seeds, e.g. 0-49999 or 1,2,5-10.'
+)
+@click.option(
+    '--class', 'class_idx', metavar='INT', type=int, default=None, help='Class label  [default: random per seed]'
+)
+@click.option(
+    '--batch',
+    'max_batch_size',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help='Images per batch and rank.',
+)
 @click.option('--grid', metavar='PNG', type=str, default=None, help='Also write all images as one PNG grid.')
-@click.option('--npz', metavar='NPZ', type=str, default=None, help='Also write all images to one .npz (uint8 NHWC under arr_0).')
-@click.option('--device', metavar='DEVICE', type=str, default=None, help='Torch device, e.g. cpu or cuda:1  [default: cuda if available]')
-@click.option('--prompt', 'prompt', metavar='TEXT', type=str, multiple=True, help='Caption for text-to-image nets; repeat for several (cycled over seeds).')
-@click.option('--prompts', 'prompts_file', metavar='FILE', type=str, default=None, help='Text file of prompts, one per line.')
-@click.option('--cascade', metavar='NAME', type=str, default=None, help='Run a named cascade (base + super-resolution stages, their steps and guidance).')
-@click.option('--aug-sigma', 'aug_sigma', metavar='FLOAT', type=click.FloatRange(min=0), default=None, help='Noise augmentation of low-res inputs  [default: cascade preset]')
-@click.option('--clip', metavar='PKL|DIR', type=str, default=None, help='Noise-aware CLIP guide (pickle or run folder) steering towards the prompts.')
-@click.option('--clip-scale', 'clip_scale', metavar='FLOAT', type=float, default=0.0, show_default=True, help='CLIP guidance scale S (adds S*sigma^2*grad sim); 0 = off.')
-def main(outdir: str | None, subdirs: bool, seeds: str, class_idx: int | None, max_batch_size: int,
-         grid: str | None, npz: str | None, device: str | None, prompt: tuple[str, ...], prompts_file: str | None,
-         cascade: str | None, aug_sigma: float | None, clip: str | None, clip_scale: float, **opts: Any) -> None:
+@click.option(
+    '--npz', metavar='NPZ', type=str, default=None, help='Also write all images to one .npz (uint8 NHWC under arr_0).'
+)
+@click.option(
+    '--device',
+    metavar='DEVICE',
+    type=str,
+    default=None,
+    help='Torch device, e.g. cpu or cuda:1  [default: cuda if available]',
+)
+@click.option(
+    '--prompt',
+    'prompt',
+    metavar='TEXT',
+    type=str,
+    multiple=True,
+    help='Caption for text-to-image nets; repeat for several (cycled over seeds).',
+)
+@click.option(
+    '--prompts', 'prompts_file', metavar='FILE', type=str, default=None, help='Text file of prompts, one per line.'
+)
+@click.option(
+    '--cascade',
+    metavar='NAME',
+    type=str,
+    default=None,
+    help='Run a named cascade (base + super-resolution stages, their steps and guidance).',
+)
+@click.option(
+    '--aug-sigma',
+    'aug_sigma',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0),
+    default=None,
+    help='Noise augmentation of low-res inputs  [default: cascade preset]',
+)
+@click.option(
+    '--clip',
+    metavar='PKL|DIR',
+    type=str,
+    default=None,
+    help='Noise-aware CLIP guide (pickle or run folder) steering towards the prompts.',
+)
+@click.option(
+    '--clip-scale',
+    'clip_scale',
+    metavar='FLOAT',
+    type=float,
+    default=0.0,
+    show_default=True,
+    help='CLIP guidance scale S (adds S*sigma^2*grad sim); 0 = off.',
+)
+def main(
+    outdir: str | None,
+    subdirs: bool,
+    seeds: str,
+    class_idx: int | None,
+    max_batch_size: int,
+    grid: str | None,
+    npz: str | None,
+    device: str | None,
+    prompt: tuple[str, ...],
+    prompts_file: str | None,
+    cascade: str | None,
+    aug_sigma: float | None,
+    clip: str | None,
+    clip_scale: float,
+    **opts: Any,
+) -> None:
     """Generate images with an EDM2 network (edm2x or NVIDIA pickle), with optional guidance.
 
     Examples:
@@ -363,20 +567,42 @@ def main(outdir: str | None, subdirs: bool, seeds: str, class_idx: int | None, m
         if cascade is not None:
             if cascade not in cascades:
                 raise GenerationError(f'Unknown cascade {cascade!r}; choose one of: {", ".join(cascades)}.')
-            batches = generate_cascade(cascades[cascade], prompts, seed_list, max_batch_size, torch_device, verbose=True,
-                                       guidance=opts['guidance'], aug_sigma=aug_sigma, clip=clip, clip_scale=clip_scale)
+            batches = generate_cascade(
+                cascades[cascade],
+                prompts,
+                seed_list,
+                max_batch_size,
+                torch_device,
+                verbose=True,
+                guidance=opts['guidance'],
+                aug_sigma=aug_sigma,
+                clip=clip,
+                clip_scale=clip_scale,
+            )
         else:
             c = resolve_sampler_options(**opts)
-            batches = generate_images(c.net, gnet=c.gnet, seeds=seed_list, class_idx=class_idx, max_batch_size=max_batch_size,
-                                      device=torch_device, verbose=True, prompts=prompts, clip=clip, clip_scale=clip_scale,
-                                      **c.sampler_kwargs)
+            batches = generate_images(
+                c.net,
+                gnet=c.gnet,
+                seeds=seed_list,
+                class_idx=class_idx,
+                max_batch_size=max_batch_size,
+                device=torch_device,
+                verbose=True,
+                prompts=prompts,
+                clip=clip,
+                clip_scale=clip_scale,
+                **c.sampler_kwargs,
+            )
         dist.print0(f'Generating {len(seed_list)} images on {dist.get_world_size()} rank(s) ...')
         collected, captions = {}, {}
         for batch in batches:
             images = batch.images.permute(0, 2, 3, 1).cpu().numpy()
             for i, (seed, image) in enumerate(zip(batch.seeds, images)):
                 if outdir is not None:
-                    _save_png(image, os.path.join(outdir, f'{seed // 1000 * 1000:06d}' if subdirs else '', f'{seed:06d}.png'))
+                    _save_png(
+                        image, os.path.join(outdir, f'{seed // 1000 * 1000:06d}' if subdirs else '', f'{seed:06d}.png')
+                    )
                 if grid is not None or npz is not None:
                     collected[seed] = image
                 if batch.get('captions') is not None:

@@ -12,8 +12,13 @@ import torch
 import tqdm
 
 from training import phema
-from training.snapshots import (NetworkPickleError, load_network_pickle, parse_snapshot_name, save_network_pickle,
-                                snapshot_name)
+from training.snapshots import (
+    NetworkPickleError,
+    load_network_pickle,
+    parse_snapshot_name,
+    save_network_pickle,
+    snapshot_name,
+)
 
 
 class PhemaError(Exception):
@@ -31,7 +36,7 @@ def parse_std_list(s: str) -> list[float]:
             except ValueError:
                 raise ValueError(f'{tok!r} is not a number') from None
             continue
-        if idx < 2 or '...' in tokens[idx - 2:idx] or idx + 1 >= len(tokens) or tokens[idx + 1] == '...':
+        if idx < 2 or '...' in tokens[idx - 2 : idx] or idx + 1 >= len(tokens) or tokens[idx + 1] == '...':
             raise ValueError("'...' needs two values before it and one after it, e.g. 0.010,0.015,...,0.250")
         step, end = stds[-1] - stds[-2], float(tokens[idx + 1])
         num = (end - stds[-1]) / step if step != 0 else -1
@@ -61,7 +66,9 @@ def list_snapshots(indir: str, exclude_prefix: str | None = None) -> list[str]:
         if prefix != exclude_prefix:
             found.append((kimg, std, path))
     if not found:
-        raise PhemaError(f'No snapshots named PREFIX-KIMG-STD.pkl (e.g. network-snapshot-0008388-0.050.pkl) found in {indir}')
+        raise PhemaError(
+            f'No snapshots named PREFIX-KIMG-STD.pkl (e.g. network-snapshot-0008388-0.050.pkl) found in {indir}'
+        )
     return [path for _kimg, _std, path in sorted(found)]
 
 
@@ -78,11 +85,13 @@ def profile_errors(in_kimg, in_std, out_kimg, out_std, coefs: np.ndarray) -> np.
     return np.sqrt(np.maximum(sq, 0) / pp)
 
 
-def _check_fit(in_kimg: list[int], in_std: list[float], out_kimg: int, out_std: list[float], coefs: np.ndarray,
-               max_error: float) -> None:
+def _check_fit(
+    in_kimg: list[int], in_std: list[float], out_kimg: int, out_std: list[float], coefs: np.ndarray, max_error: float
+) -> None:
     errors = profile_errors(in_kimg, in_std, out_kimg, out_std, coefs)
-    bad = [(std, err) for j, (std, err) in enumerate(zip(out_std, errors))
-           if not (err <= max_error and coefs[:, j].any())]
+    bad = [
+        (std, err) for j, (std, err) in enumerate(zip(out_std, errors)) if not (err <= max_error and coefs[:, j].any())
+    ]
     if not bad:
         return
     std, err = bad[0]
@@ -90,13 +99,19 @@ def _check_fit(in_kimg: list[int], in_std: list[float], out_kimg: int, out_std: 
     if not usable:
         why = f'no snapshot lies in 0 < kimg <= {out_kimg} (the oldest is at kimg {min(in_kimg)})'
     elif out_kimg > max(usable):
-        why = (f'kimg {out_kimg} is past the newest usable snapshot (kimg {max(usable)}), and an EMA cannot be '
-               f'extended beyond its last snapshot')
+        why = (
+            f'kimg {out_kimg} is past the newest usable snapshot (kimg {max(usable)}), and an EMA cannot be '
+            f'extended beyond its last snapshot'
+        )
     else:
-        why = (f'{len(usable)} snapshots up to kimg {out_kimg} cannot form that profile (tracked stds: '
-               f'{", ".join(f"{s:.3f}" for s in sorted(set(in_std)))}); use more snapshots or a std nearer the tracked ones')
-    raise PhemaError(f'Cannot reconstruct std {std:.3f} at kimg {out_kimg}: the least-squares fit leaves a relative '
-                     f'profile error of {err:.3f} > --max-error {max_error:g}, because {why}.')
+        why = (
+            f'{len(usable)} snapshots up to kimg {out_kimg} cannot form that profile (tracked stds: '
+            f'{", ".join(f"{s:.3f}" for s in sorted(set(in_std)))}); use more snapshots or a std nearer the tracked ones'
+        )
+    raise PhemaError(
+        f'Cannot reconstruct std {std:.3f} at kimg {out_kimg}: the least-squares fit leaves a relative '
+        f'profile error of {err:.3f} > --max-error {max_error:g}, because {why}.'
+    )
 
 
 def _arch_signature(net: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -110,12 +125,20 @@ def _check_same_arch(ref: tuple[str, dict], path: str, sig: dict) -> None:
     names = sorted(set(ref_sig) ^ set(sig)) or sorted(n for n in sig if sig[n] != ref_sig[n])
     name = names[0]
     detail = f'{name!r} is {ref_sig.get(name, "missing")} vs {sig.get(name, "missing")}'
-    raise PhemaError(f'Snapshots {ref_path} and {path} hold different architectures ({detail}); '
-                     f'reconstruct from the snapshots of one run only.')
+    raise PhemaError(
+        f'Snapshots {ref_path} and {path} hold different architectures ({detail}); '
+        f'reconstruct from the snapshots of one run only.'
+    )
 
 
-def reconstruct_phema(in_pkls: list[str], out_std: list[float], out_kimg: int, batch_size: int = 8,
-                      max_error: float = 0.1, verbose: bool = False) -> Iterator[tuple[float, dict]]:
+def reconstruct_phema(
+    in_pkls: list[str],
+    out_std: list[float],
+    out_kimg: int,
+    batch_size: int = 8,
+    max_error: float = 0.1,
+    verbose: bool = False,
+) -> Iterator[tuple[float, dict]]:
     """Yield (std, snapshot dict) for each std in `out_std`, the EMA at `out_kimg` rebuilt from `in_pkls`.
 
     Inputs are streamed one at a time; each pass over them builds `batch_size` outputs, accumulated in
@@ -195,21 +218,59 @@ def _parse_std_option(_ctx: click.Context, _param: click.Parameter, value: str) 
 
 
 @click.command()
-@click.option('--indir', metavar='DIR', type=str, required=True, help='Folder of training snapshots PREFIX-KIMG-STD.pkl')
+@click.option(
+    '--indir', metavar='DIR', type=str, required=True, help='Folder of training snapshots PREFIX-KIMG-STD.pkl'
+)
 @click.option('--outdir', metavar='DIR', type=str, required=True, help='Folder to write the reconstructed pickles to')
-@click.option('--outprefix', metavar='STR', type=str, default='phema', show_default=True, help='File name prefix of the outputs')
-@click.option('--outstd', metavar='LIST', type=str, required=True, callback=_parse_std_option,
-              help="EMA stds to build, e.g. 0.050,0.100 or 0.010,0.015,...,0.250")
-@click.option('--outkimg', metavar='KIMG', type=click.IntRange(min=1), default=None, show_default='newest snapshot',
-              help='Training time of the outputs in kimg')
-@click.option('--batch', 'batch_size', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True,
-              help='Outputs built per pass over the snapshots')
-@click.option('--max-error', metavar='FLOAT', type=click.FloatRange(min=0), default=0.1, show_default=True,
-              help='Largest relative profile error of the fit to accept')
-@click.option('--skip-existing/--overwrite', default=True, show_default=True,
-              help='Skip outputs whose file already exists')
-def main(indir: str, outdir: str, outprefix: str, outstd: list[float], outkimg: int | None, batch_size: int,
-         max_error: float, skip_existing: bool) -> None:
+@click.option(
+    '--outprefix', metavar='STR', type=str, default='phema', show_default=True, help='File name prefix of the outputs'
+)
+@click.option(
+    '--outstd',
+    metavar='LIST',
+    type=str,
+    required=True,
+    callback=_parse_std_option,
+    help='EMA stds to build, e.g. 0.050,0.100 or 0.010,0.015,...,0.250',
+)
+@click.option(
+    '--outkimg',
+    metavar='KIMG',
+    type=click.IntRange(min=1),
+    default=None,
+    show_default='newest snapshot',
+    help='Training time of the outputs in kimg',
+)
+@click.option(
+    '--batch',
+    'batch_size',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help='Outputs built per pass over the snapshots',
+)
+@click.option(
+    '--max-error',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0),
+    default=0.1,
+    show_default=True,
+    help='Largest relative profile error of the fit to accept',
+)
+@click.option(
+    '--skip-existing/--overwrite', default=True, show_default=True, help='Skip outputs whose file already exists'
+)
+def main(
+    indir: str,
+    outdir: str,
+    outprefix: str,
+    outstd: list[float],
+    outkimg: int | None,
+    batch_size: int,
+    max_error: float,
+    skip_existing: bool,
+) -> None:
     """Reconstruct post-hoc EMA networks of any std from the snapshots of a training run.
 
     Examples:
@@ -233,8 +294,10 @@ def main(indir: str, outdir: str, outprefix: str, outstd: list[float], outkimg: 
         if not todo:
             return
         passes = math.ceil(len(todo) / batch_size)
-        click.echo(f'Reconstructing {len(todo)} EMA stds at kimg {outkimg} from {len(in_pkls)} snapshots in '
-                   f'{passes} pass{"es" if passes > 1 else ""} over them.')
+        click.echo(
+            f'Reconstructing {len(todo)} EMA stds at kimg {outkimg} from {len(in_pkls)} snapshots in '
+            f'{passes} pass{"es" if passes > 1 else ""} over them.'
+        )
         recons = reconstruct_phema(in_pkls, todo, outkimg, batch_size=batch_size, max_error=max_error, verbose=True)
         for std, data in recons:
             os.makedirs(outdir, exist_ok=True)  # only once the fit checks have passed

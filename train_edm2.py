@@ -21,6 +21,7 @@ warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides
 
 class NimgType(click.ParamType):
     """Image counts with K/M/G (10^3…) or Ki/Mi/Gi (2^10…) suffixes, e.g. 8Mi."""
+
     name = 'nimg'
 
     def convert(self, value, param, ctx):
@@ -43,7 +44,9 @@ def encoder_for_channels(num_channels: int, data: str, vae: str) -> dict:
         # Snapshots store the VAE's name, so a local folder must stay findable from any working directory.
         vae_name = os.path.abspath(vae) if os.path.isdir(vae) else vae
         return dict(class_name='training.encoders.StabilityVAEEncoder', vae_name=vae_name)
-    raise click.ClickException(f'{data}: items have {num_channels} channels; expected 3 (RGB pixels) or 8 (VAE latents).')
+    raise click.ClickException(
+        f'{data}: items have {num_channels} channels; expected 3 (RGB pixels) or 8 (VAE latents).'
+    )
 
 
 def one_line_message(e: Exception) -> str:
@@ -73,13 +76,18 @@ def text_encoder_kwargs(p: dnnlib.EasyDict, network_class: str) -> dict:
             continue
         flag = '--' + opt.replace('_', '-')
         if not network_class.endswith('.TextPrecond'):
-            text_presets = [name for name, row in TRAIN_PRESETS.items()
-                            if row.get('network_kwargs', {}).get('class_name', '').endswith('.TextPrecond')]
-            raise click.ClickException(f'{flag} applies to text-to-image and super-resolution presets only '
-                                       f'({", ".join(text_presets)}).')
+            text_presets = [
+                name
+                for name, row in TRAIN_PRESETS.items()
+                if row.get('network_kwargs', {}).get('class_name', '').endswith('.TextPrecond')
+            ]
+            raise click.ClickException(
+                f'{flag} applies to text-to-image and super-resolution presets only ({", ".join(text_presets)}).'
+            )
         if not os.path.isdir(p[opt]):
-            raise click.ClickException(f'{flag}: {p[opt]} is not a folder; give the folder a Hugging Face '
-                                       'save_pretrained wrote.')
+            raise click.ClickException(
+                f'{flag}: {p[opt]} is not a folder; give the folder a Hugging Face save_pretrained wrote.'
+            )
         kwargs[key] = os.path.abspath(p[opt])
     return kwargs
 
@@ -94,12 +102,15 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
             p[key] = value
     missing = [k for k in ('duration', 'batch', 'channels', 'lr', 'decay') if k not in p]
     if missing:
-        raise click.ClickException(f'Without --preset, give {", ".join("--" + k for k in missing)} '
-                                   f'(presets: {", ".join(TRAIN_PRESETS)}).')
+        raise click.ClickException(
+            f'Without --preset, give {", ".join("--" + k for k in missing)} (presets: {", ".join(TRAIN_PRESETS)}).'
+        )
     text_kwargs = text_encoder_kwargs(p, p.get('network_kwargs', {}).get('class_name', ''))
     if data is None:
         if 'synthetic' not in p:
-            raise click.ClickException(f'--data is required with preset {preset!r}; only the demo presets make their own data.')
+            raise click.ClickException(
+                f'--data is required with preset {preset!r}; only the demo presets make their own data.'
+            )
         data = ensure_synthetic_dataset(p.synthetic)
 
     c = dnnlib.EasyDict()
@@ -112,56 +123,167 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
     if p.cond and not ds.has_labels and not p.get('dataset_kwargs'):
         raise click.ClickException(f'{data} has no class labels (dataset.json "labels"); train with --cond=False.')
     c.encoder_kwargs = dnnlib.EasyDict(encoder_for_channels(ds.num_channels, data, p.vae))
-    c.data_loader_kwargs = dnnlib.EasyDict(num_workers=p.workers, pin_memory=torch.cuda.is_available(),
-                                           prefetch_factor=2 if p.workers else None, persistent_workers=p.workers > 0)
+    c.data_loader_kwargs = dnnlib.EasyDict(
+        num_workers=p.workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=2 if p.workers else None,
+        persistent_workers=p.workers > 0,
+    )
     precision = 'bf16' if p.bf16 else bool(p.fp16)
-    c.network_kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=p.channels,
-                                       dropout=p.get('dropout', 0.0), use_fp16=precision)
+    c.network_kwargs = dnnlib.EasyDict(
+        class_name='training.networks_edm2.Precond',
+        model_channels=p.channels,
+        dropout=p.get('dropout', 0.0),
+        use_fp16=precision,
+    )
     for key in ('channel_mult', 'num_blocks', 'attn_resolutions'):
         if key in p:
             c.network_kwargs[key] = p[key]
     c.network_kwargs.update(p.get('network_kwargs', {}))  # A preset may name another class and its options.
     c.network_kwargs.update(text_kwargs)
-    c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=p.get('P_mean', -0.4),
-                                    P_std=p.get('P_std', 1.0))
+    c.loss_kwargs = dnnlib.EasyDict(
+        class_name='training.training_loop.EDM2Loss', P_mean=p.get('P_mean', -0.4), P_std=p.get('P_std', 1.0)
+    )
     c.loss_kwargs.update(p.get('loss_kwargs', {}))
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', betas=(0.9, 0.99), eps=1e-8)
-    c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=p.lr,
-                                  ref_batches=p.decay, rampup_Mimg=p.get('rampup', 10))
+    c.lr_kwargs = dnnlib.EasyDict(
+        func_name='training.training_loop.learning_rate_schedule',
+        ref_lr=p.lr,
+        ref_batches=p.decay,
+        rampup_Mimg=p.get('rampup', 10),
+    )
     c.ema_kwargs = dnnlib.EasyDict(class_name='training.phema.PowerFunctionEMA', stds=[0.050, 0.100])
-    c.update(seed=p.seed, batch_size=p.batch, batch_gpu=p.get('batch_gpu') or None, total_nimg=p.duration,
-             status_nimg=p.get('status', 128 << 10), snapshot_nimg=p.get('snapshot', 8 << 20),
-             checkpoint_nimg=p.get('checkpoint', 128 << 20), loss_scaling=p.ls, cudnn_benchmark=p.bench,
-             snapshot_fp32=p.snapshot_fp32, sample_steps=p.get('sample_steps', 32))
+    c.update(
+        seed=p.seed,
+        batch_size=p.batch,
+        batch_gpu=p.get('batch_gpu') or None,
+        total_nimg=p.duration,
+        status_nimg=p.get('status', 128 << 10),
+        snapshot_nimg=p.get('snapshot', 8 << 20),
+        checkpoint_nimg=p.get('checkpoint', 128 << 20),
+        loss_scaling=p.ls,
+        cudnn_benchmark=p.bench,
+        snapshot_fp32=p.snapshot_fp32,
+        sample_steps=p.get('sample_steps', 32),
+    )
     return c
 
 
 @click.command(context_settings=dict(max_content_width=110))
-@click.option('--outdir', metavar='DIR', type=str, required=True, help='Run folder; a re-run resumes from its newest checkpoint.')
-@click.option('--data', metavar='ZIP|DIR', type=str, default=None, help='Dataset folder or ZIP (demo presets make their own).')
-@click.option('--cond', metavar='BOOL', type=bool, default=True, show_default=True, help='Train class-conditional (needs labels).')
-@click.option('--preset', metavar='STR', type=str, default=None, help=f'Configuration preset: {", ".join(TRAIN_PRESETS)}.')
+@click.option(
+    '--outdir', metavar='DIR', type=str, required=True, help='Run folder; a re-run resumes from its newest checkpoint.'
+)
+@click.option(
+    '--data', metavar='ZIP|DIR', type=str, default=None, help='Dataset folder or ZIP (demo presets make their own).'
+)
+@click.option(
+    '--cond', metavar='BOOL', type=bool, default=True, show_default=True, help='Train class-conditional (needs labels).'
+)
+@click.option(
+    '--preset', metavar='STR', type=str, default=None, help=f'Configuration preset: {", ".join(TRAIN_PRESETS)}.'
+)
 @click.option('--duration', metavar='NIMG', type=NIMG, default=None, help='Training duration in images, e.g. 2048Mi.')
 @click.option('--batch', metavar='NIMG', type=NIMG, default=None, help='Global batch size in images.')
-@click.option('--channels', metavar='INT', type=click.IntRange(min=1), default=None, help='Base channel count (model_channels).')
-@click.option('--dropout', metavar='FLOAT', type=click.FloatRange(0, 1), default=None, help='Dropout probability in blocks.')
+@click.option(
+    '--channels', metavar='INT', type=click.IntRange(min=1), default=None, help='Base channel count (model_channels).'
+)
+@click.option(
+    '--dropout', metavar='FLOAT', type=click.FloatRange(0, 1), default=None, help='Dropout probability in blocks.'
+)
 @click.option('--P_mean', 'P_mean', metavar='FLOAT', type=float, default=None, help='Mean of ln(sigma) in training.')
-@click.option('--P_std', 'P_std', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None, help='Std of ln(sigma) in training.')
-@click.option('--lr', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None, help='Reference learning rate alpha_ref.')
-@click.option('--decay', metavar='BATCHES', type=click.FloatRange(min=0), default=None, help='Learning-rate decay time t_ref in batches.')
-@click.option('--batch-gpu', 'batch_gpu', metavar='NIMG', type=NIMG, default=None, help='Images per device per round (gradient accumulation).')
-@click.option('--vae', metavar='ID|DIR', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True, help='VAE of latent (8-channel) datasets: hub id or save_pretrained folder.')
-@click.option('--text-encoder', 'text_encoder', metavar='DIR', type=str, default=None, help='Text presets: a frozen pretrained Hugging Face text encoder and its tokenizer (local folder) instead of training the MP text encoder.')
-@click.option('--tokenizer', metavar='DIR', type=str, default=None, help='Text presets: a Hugging Face tokenizer (local folder) instead of the byte tokenizer.')
-@click.option('--fp16', metavar='BOOL', type=bool, default=True, show_default=True, help='Mixed precision (float16) on CUDA.')
-@click.option('--bf16', metavar='BOOL', type=bool, default=False, show_default=True, help='bfloat16 compute, also on CPU (fast only with bf16 instructions).')
-@click.option('--ls', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True, help='Loss scaling.')
+@click.option(
+    '--P_std',
+    'P_std',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help='Std of ln(sigma) in training.',
+)
+@click.option(
+    '--lr',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help='Reference learning rate alpha_ref.',
+)
+@click.option(
+    '--decay',
+    metavar='BATCHES',
+    type=click.FloatRange(min=0),
+    default=None,
+    help='Learning-rate decay time t_ref in batches.',
+)
+@click.option(
+    '--batch-gpu',
+    'batch_gpu',
+    metavar='NIMG',
+    type=NIMG,
+    default=None,
+    help='Images per device per round (gradient accumulation).',
+)
+@click.option(
+    '--vae',
+    metavar='ID|DIR',
+    type=str,
+    default='stabilityai/sd-vae-ft-mse',
+    show_default=True,
+    help='VAE of latent (8-channel) datasets: hub id or save_pretrained folder.',
+)
+@click.option(
+    '--text-encoder',
+    'text_encoder',
+    metavar='DIR',
+    type=str,
+    default=None,
+    help='Text presets: a frozen pretrained Hugging Face text encoder and its tokenizer (local folder) instead of training the MP text encoder.',
+)
+@click.option(
+    '--tokenizer',
+    metavar='DIR',
+    type=str,
+    default=None,
+    help='Text presets: a Hugging Face tokenizer (local folder) instead of the byte tokenizer.',
+)
+@click.option(
+    '--fp16', metavar='BOOL', type=bool, default=True, show_default=True, help='Mixed precision (float16) on CUDA.'
+)
+@click.option(
+    '--bf16',
+    metavar='BOOL',
+    type=bool,
+    default=False,
+    show_default=True,
+    help='bfloat16 compute, also on CPU (fast only with bf16 instructions).',
+)
+@click.option(
+    '--ls',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True),
+    default=1,
+    show_default=True,
+    help='Loss scaling.',
+)
 @click.option('--bench', metavar='BOOL', type=bool, default=True, show_default=True, help='cuDNN benchmarking.')
-@click.option('--status', metavar='NIMG', type=NIMG, default=None, help='Status line interval [default: 128Ki or preset].')
-@click.option('--snapshot', metavar='NIMG', type=NIMG, default=None, help='Network snapshot interval [default: 8Mi or preset].')
-@click.option('--checkpoint', metavar='NIMG', type=NIMG, default=None, help='Training-state interval [default: 128Mi or preset].')
-@click.option('--snapshot-fp32', 'snapshot_fp32', is_flag=True, help='Keep snapshot weights in float32 (default float16).')
-@click.option('--workers', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True, help='Data loader processes per device.')
+@click.option(
+    '--status', metavar='NIMG', type=NIMG, default=None, help='Status line interval [default: 128Ki or preset].'
+)
+@click.option(
+    '--snapshot', metavar='NIMG', type=NIMG, default=None, help='Network snapshot interval [default: 8Mi or preset].'
+)
+@click.option(
+    '--checkpoint', metavar='NIMG', type=NIMG, default=None, help='Training-state interval [default: 128Mi or preset].'
+)
+@click.option(
+    '--snapshot-fp32', 'snapshot_fp32', is_flag=True, help='Keep snapshot weights in float32 (default float16).'
+)
+@click.option(
+    '--workers',
+    metavar='INT',
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help='Data loader processes per device.',
+)
 @click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Random seed.')
 @click.option('-n', '--dry-run', is_flag=True, help='Print the resolved options and exit.')
 def main(outdir: str, data: str | None, preset: str | None, dry_run: bool, **opts) -> None:

@@ -27,8 +27,9 @@ from training.image_grid import save_image_grid  # noqa: E402
 from training.sampling import StackedRandomGenerator, edm_sampler  # noqa: E402
 
 
-def sample(net, encoder, clip, scenes: list, seeds: list[int], scale: float, steps: int, guidance: float,
-           device: torch.device) -> np.ndarray:
+def sample(
+    net, encoder, clip, scenes: list, seeds: list[int], scale: float, steps: int, guidance: float, device: torch.device
+) -> np.ndarray:
     """uint8 NHWC images for the scenes' captions, CLIP-guided with `scale`."""
     captions = [s.caption for s in scenes]
     rnd = StackedRandomGenerator(device, seeds)
@@ -37,6 +38,7 @@ def sample(net, encoder, clip, scenes: list, seeds: list[int], scale: float, ste
     with torch.no_grad():
         if hasattr(net, 'text_encoder'):
             from training.cascade import sample_stage
+
             latents = sample_stage(net, noise, captions, guidance=guidance, **kwargs)
         else:
             labels = torch.eye(net.label_dim, device=device)[[s.label for s in scenes]] if net.label_dim else None
@@ -45,16 +47,49 @@ def sample(net, encoder, clip, scenes: list, seeds: list[int], scale: float, ste
 
 
 @click.command()
-@click.option('--net', metavar='PKL|DIR', type=str, required=True, help='Denoiser pickle or run folder (its newest snapshot).')
-@click.option('--clip', metavar='PKL|DIR', type=str, required=True, help='CLIP guide pickle or run folder (its newest snapshot).')
-@click.option('--scales', metavar='LIST', type=str, default='0,1,3,10', show_default=True, help='CLIP guidance scales, comma-separated.')
-@click.option('--num', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Prompts (one image each) per scale.')
-@click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True, help='Sampling steps.')
-@click.option('--guidance', metavar='FLOAT', type=float, default=1.0, show_default=True, help='CFG with the empty caption (text nets only).')
-@click.option('--scene-seed', metavar='INT', type=int, default=12345, show_default=True, help='Seed of the prompt scenes.')
-@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True, help='Images per batch.')
+@click.option(
+    '--net', metavar='PKL|DIR', type=str, required=True, help='Denoiser pickle or run folder (its newest snapshot).'
+)
+@click.option(
+    '--clip', metavar='PKL|DIR', type=str, required=True, help='CLIP guide pickle or run folder (its newest snapshot).'
+)
+@click.option(
+    '--scales',
+    metavar='LIST',
+    type=str,
+    default='0,1,3,10',
+    show_default=True,
+    help='CLIP guidance scales, comma-separated.',
+)
+@click.option(
+    '--num',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help='Prompts (one image each) per scale.',
+)
+@click.option(
+    '--steps', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True, help='Sampling steps.'
+)
+@click.option(
+    '--guidance',
+    metavar='FLOAT',
+    type=float,
+    default=1.0,
+    show_default=True,
+    help='CFG with the empty caption (text nets only).',
+)
+@click.option(
+    '--scene-seed', metavar='INT', type=int, default=12345, show_default=True, help='Seed of the prompt scenes.'
+)
+@click.option(
+    '--batch', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True, help='Images per batch.'
+)
 @click.option('--device', metavar='STR', type=str, default='cpu', show_default=True, help='Torch device.')
-@click.option('--outdir', metavar='DIR', type=str, default=None, help='Also write a grid per scale (scale-S.png) and the prompts.')
+@click.option(
+    '--outdir', metavar='DIR', type=str, default=None, help='Also write a grid per scale (scale-S.png) and the prompts.'
+)
 def main(net, clip, scales, num, steps, guidance, scene_seed, batch, device, outdir):
     """Measure how often generated images show the colour their prompt names, per CLIP guidance scale."""
     device = torch.device(device)
@@ -73,10 +108,19 @@ def main(net, clip, scales, num, steps, guidance, scene_seed, batch, device, out
     for scale in scale_list:
         start, hits, empty, grid = time.time(), 0, 0, []
         for i in range(0, num, batch):
-            images = sample(denoiser, encoder, guide, scenes[i:i + batch], list(range(i, min(i + batch, num))),
-                            scale, steps, guidance, device)
+            images = sample(
+                denoiser,
+                encoder,
+                guide,
+                scenes[i : i + batch],
+                list(range(i, min(i + batch, num))),
+                scale,
+                steps,
+                guidance,
+                device,
+            )
             colors = [shapes.dominant_foreground_color(image) for image in images]
-            hits += sum(c == s.color for c, s in zip(colors, scenes[i:i + batch]))
+            hits += sum(c == s.color for c, s in zip(colors, scenes[i : i + batch]))
             empty += sum(c is None for c in colors)
             grid.append(images)
         if outdir is not None:

@@ -36,28 +36,53 @@ def color_prompts(num: int) -> tuple[list[str], list[str]]:
     return prompts, colors
 
 
-def match_rate(net: torch.nn.Module, encoder, prompts: list[str], colors: list[str], guidance: float, steps: int) -> float:
+def match_rate(
+    net: torch.nn.Module, encoder, prompts: list[str], colors: list[str], guidance: float, steps: int
+) -> float:
     seeds = list(range(len(prompts)))
     rnd = StackedRandomGenerator('cpu', seeds)
     noise = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
     with torch.no_grad():
-        images = encoder.decode(sample_stage(net, noise, prompts, guidance=guidance, num_steps=steps,
-                                             randn_like=rnd.randn_like))
+        images = encoder.decode(
+            sample_stage(net, noise, prompts, guidance=guidance, num_steps=steps, randn_like=rnd.randn_like)
+        )
     found = [dominant_foreground_color(image) for image in images.permute(0, 2, 3, 1).numpy()]
     return float(np.mean([f == c for f, c in zip(found, colors)]))
 
 
 @click.command()
-@click.option('--net', metavar='PKL|DIR', type=str, default=None, help='Text-to-image net  [default: train demo-text into --outdir]')
-@click.option('--outdir', metavar='DIR', type=str, default='runs/demo-text', show_default=True, help='Run folder when training.')
-@click.option('--num', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images per measurement.')
-@click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=24, show_default=True, help='Sampling steps.')
-@click.option('--guidance', metavar='FLOAT', type=float, default=2.0, show_default=True, help='Classifier-free guidance (empty caption).')
+@click.option(
+    '--net',
+    metavar='PKL|DIR',
+    type=str,
+    default=None,
+    help='Text-to-image net  [default: train demo-text into --outdir]',
+)
+@click.option(
+    '--outdir', metavar='DIR', type=str, default='runs/demo-text', show_default=True, help='Run folder when training.'
+)
+@click.option(
+    '--num', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images per measurement.'
+)
+@click.option(
+    '--steps', metavar='INT', type=click.IntRange(min=1), default=24, show_default=True, help='Sampling steps.'
+)
+@click.option(
+    '--guidance',
+    metavar='FLOAT',
+    type=float,
+    default=2.0,
+    show_default=True,
+    help='Classifier-free guidance (empty caption).',
+)
 def main(net: str | None, outdir: str, num: int, steps: int, guidance: float) -> None:
     """Train (if needed) and measure colour adherence with and without the caption."""
     if net is None:
-        subprocess.run([sys.executable, 'train_edm2.py', f'--outdir={outdir}', '--preset=demo-text', '--workers=1'],
-                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        subprocess.run(
+            [sys.executable, 'train_edm2.py', f'--outdir={outdir}', '--preset=demo-text', '--workers=1'],
+            check=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         net = outdir
     model, encoder = load_network(net, torch.device('cpu'), verbose=True)
     prompts, colors = color_prompts(num)

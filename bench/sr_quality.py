@@ -30,17 +30,45 @@ def errors(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]
 
 
 @click.command()
-@click.option('--net', metavar='PKL|DIR', type=str, default=None, help='Super-resolution net  [default: train demo-sr into --outdir]')
-@click.option('--outdir', metavar='DIR', type=str, default='runs/demo-sr', show_default=True, help='Run folder when training.')
+@click.option(
+    '--net',
+    metavar='PKL|DIR',
+    type=str,
+    default=None,
+    help='Super-resolution net  [default: train demo-sr into --outdir]',
+)
+@click.option(
+    '--outdir', metavar='DIR', type=str, default='runs/demo-sr', show_default=True, help='Run folder when training.'
+)
 @click.option('--num', metavar='INT', type=click.IntRange(min=1), default=128, show_default=True, help='Test images.')
-@click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True, help='Sampling steps.')
-@click.option('--aug-sigma', 'aug_sigma', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True, help='Noise augmentation of the low-res input.')
-@click.option('--seed', metavar='INT', type=int, default=1, show_default=True, help='Data seed of the test images (training uses 0).')
+@click.option(
+    '--steps', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True, help='Sampling steps.'
+)
+@click.option(
+    '--aug-sigma',
+    'aug_sigma',
+    metavar='FLOAT',
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help='Noise augmentation of the low-res input.',
+)
+@click.option(
+    '--seed',
+    metavar='INT',
+    type=int,
+    default=1,
+    show_default=True,
+    help='Data seed of the test images (training uses 0).',
+)
 def main(net: str | None, outdir: str, num: int, steps: int, aug_sigma: float, seed: int) -> None:
     """Train (if needed) and compare SR 16->32 with bicubic upsampling."""
     if net is None:
-        subprocess.run([sys.executable, 'train_edm2.py', f'--outdir={outdir}', '--preset=demo-sr', '--workers=1'],
-                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        subprocess.run(
+            [sys.executable, 'train_edm2.py', f'--outdir={outdir}', '--preset=demo-sr', '--workers=1'],
+            check=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         net = outdir
     model, encoder = load_network(net, torch.device('cpu'), verbose=True)
     encoder.init(torch.device('cpu'))

@@ -1,7 +1,7 @@
 """Training throughput of a preset's network on this device: images/s, and achieved TFLOP/s on CUDA.
 
-    python bench/train_speed.py --preset=demo --batch=64
-    python bench/train_speed.py --preset=edm2-img512-xs --batch=32 --resolution=64 --channels-in=4 --label-dim=1000
+python bench/train_speed.py --preset=demo --batch=64
+python bench/train_speed.py --preset=edm2-img512-xs --batch=32 --resolution=64 --channels-in=4 --label-dim=1000
 """
 
 import os
@@ -19,14 +19,53 @@ from training.training_loop import EDM2Loss  # noqa: E402
 
 
 @click.command()
-@click.option('--preset', metavar='STR', type=click.Choice(list(TRAIN_PRESETS)), default='demo', show_default=True, help='Training preset whose network to time.')
-@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images per step.')
-@click.option('--resolution', metavar='INT', type=int, default=None, help='Input resolution [default: preset data, else 64].')
-@click.option('--channels-in', 'img_channels', metavar='INT', type=int, default=3, show_default=True, help='Input channels (4 for SD latents).')
+@click.option(
+    '--preset',
+    metavar='STR',
+    type=click.Choice(list(TRAIN_PRESETS)),
+    default='demo',
+    show_default=True,
+    help='Training preset whose network to time.',
+)
+@click.option(
+    '--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images per step.'
+)
+@click.option(
+    '--resolution', metavar='INT', type=int, default=None, help='Input resolution [default: preset data, else 64].'
+)
+@click.option(
+    '--channels-in',
+    'img_channels',
+    metavar='INT',
+    type=int,
+    default=3,
+    show_default=True,
+    help='Input channels (4 for SD latents).',
+)
 @click.option('--label-dim', metavar='INT', type=int, default=10, show_default=True, help='Number of classes.')
-@click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), default='fp32', show_default=True, help='Compute precision.')
-@click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True, help='Timed steps (after 2 warm-up steps).')
-@click.option('--device', metavar='STR', type=str, default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True, help='Torch device.')
+@click.option(
+    '--precision',
+    type=click.Choice(['fp32', 'fp16', 'bf16']),
+    default='fp32',
+    show_default=True,
+    help='Compute precision.',
+)
+@click.option(
+    '--steps',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help='Timed steps (after 2 warm-up steps).',
+)
+@click.option(
+    '--device',
+    metavar='STR',
+    type=str,
+    default='cuda' if torch.cuda.is_available() else 'cpu',
+    show_default=True,
+    help='Torch device.',
+)
 def main(preset, batch, resolution, img_channels, label_dim, precision, steps, device):
     """Time optimiser steps of a preset's network on random data."""
     p = TRAIN_PRESETS[preset]
@@ -34,8 +73,19 @@ def main(preset, batch, resolution, img_channels, label_dim, precision, steps, d
     kwargs = {k: p[k] for k in ('channel_mult', 'num_blocks', 'attn_resolutions') if k in p}
     use_fp16 = dict(fp32=False, fp16=True, bf16='bf16')[precision]
     device = torch.device(device)
-    net = Precond(resolution, img_channels, label_dim, use_fp16=use_fp16, model_channels=p.channels,
-                  dropout=p.get('dropout', 0), **kwargs).train().to(device)
+    net = (
+        Precond(
+            resolution,
+            img_channels,
+            label_dim,
+            use_fp16=use_fp16,
+            model_channels=p.channels,
+            dropout=p.get('dropout', 0),
+            **kwargs,
+        )
+        .train()
+        .to(device)
+    )
     loss_fn = EDM2Loss(P_mean=p.get('P_mean', -0.4), P_std=p.get('P_std', 1.0))
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
     images = torch.randn([batch, img_channels, resolution, resolution], device=device)

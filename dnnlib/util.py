@@ -100,19 +100,34 @@ def _download(url: str, sink: IO[bytes], sha256: str | None, verbose: bool) -> N
     with requests.get(url, stream=True, timeout=(10, 60)) as response:
         response.raise_for_status()
         total = int(response.headers.get('content-length', 0)) or None
-        with tqdm.tqdm(total=total, unit='B', unit_scale=True, desc=os.path.basename(url),
-                       disable=not verbose, file=sys.stderr, leave=False) as progress:
+        with tqdm.tqdm(
+            total=total,
+            unit='B',
+            unit_scale=True,
+            desc=os.path.basename(url),
+            disable=not verbose,
+            file=sys.stderr,
+            leave=False,
+        ) as progress:
             for chunk in response.iter_content(chunk_size=1 << 20):
                 sink.write(chunk)
                 digest.update(chunk)
                 progress.update(len(chunk))
     if sha256 is not None and digest.hexdigest() != sha256.lower():
-        raise DownloadError(f'Downloaded {url} has sha256 {digest.hexdigest()}, expected {sha256}; '
-                            f'the file was not kept.')
+        raise DownloadError(
+            f'Downloaded {url} has sha256 {digest.hexdigest()}, expected {sha256}; the file was not kept.'
+        )
 
 
-def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 10, verbose: bool = True,
-             return_filename: bool = False, cache: bool = True, sha256: str | None = None) -> Any:
+def open_url(
+    url: str,
+    cache_dir: str | None = None,
+    num_attempts: int = 10,
+    verbose: bool = True,
+    return_filename: bool = False,
+    cache: bool = True,
+    sha256: str | None = None,
+) -> Any:
     """Open a local path, file:// URL or http(s) URL as a binary file (or return its local file name).
     Downloads are cached under make_cache_dir_path('downloads'); a file placed by hand at the cache
     path named in the DownloadError is used without any network access."""
@@ -133,8 +148,10 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 10, ver
     cache_file = os.path.join(cache_dir, _cache_file_name(url))
     if cache and os.path.isfile(cache_file):
         if sha256 is not None and _file_sha256(cache_file) != sha256.lower():
-            raise DownloadError(f'The cached copy of {url} at {cache_file} does not match sha256 {sha256}; '
-                                f'delete it or replace it with the right file.')
+            raise DownloadError(
+                f'The cached copy of {url} at {cache_file} does not match sha256 {sha256}; '
+                f'delete it or replace it with the right file.'
+            )
         return cache_file if return_filename else open(cache_file, 'rb')
 
     for attempt in range(num_attempts):
@@ -159,9 +176,11 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 10, ver
             unreachable = isinstance(err, requests.ConnectionError) and attempt >= 1
             if attempt + 1 == num_attempts or unreachable or (status is not None and 400 <= status < 500):
                 reason = f'HTTP {status}' if status is not None else type(err).__name__
-                raise DownloadError(f'Could not download {url} ({reason}); to work offline, place the file '
-                                    f'by hand at {cache_file} and run again.') from err
-            time.sleep(min(2 ** attempt, 30))
+                raise DownloadError(
+                    f'Could not download {url} ({reason}); to work offline, place the file '
+                    f'by hand at {cache_file} and run again.'
+                ) from err
+            time.sleep(min(2**attempt, 30))
 
 
 def get_obj_by_name(name: str) -> Any:
@@ -262,7 +281,7 @@ class Logger:
             self.stdout.file = self.stderr.file = None
 
 
-_NIMG_SUFFIXES = {'': 1, 'K': 10 ** 3, 'M': 10 ** 6, 'G': 10 ** 9, 'Ki': 1 << 10, 'Mi': 1 << 20, 'Gi': 1 << 30}
+_NIMG_SUFFIXES = {'': 1, 'K': 10**3, 'M': 10**6, 'G': 10**9, 'Ki': 1 << 10, 'Mi': 1 << 20, 'Gi': 1 << 30}
 
 
 def parse_nimg(s: str | int) -> int:
@@ -271,8 +290,10 @@ def parse_nimg(s: str | int) -> int:
         return s
     match = re.fullmatch(r'\s*(\d+(?:\.\d*)?)\s*(Ki|Mi|Gi|K|M|G|)\s*', s)
     if match is None:
-        raise ValueError(f"'{s}' is not an image count; write a whole number with an optional suffix "
-                         f"K, M, G (powers of 1000) or Ki, Mi, Gi (powers of 1024), e.g. 8Mi")
+        raise ValueError(
+            f"'{s}' is not an image count; write a whole number with an optional suffix "
+            f'K, M, G (powers of 1000) or Ki, Mi, Gi (powers of 1024), e.g. 8Mi'
+        )
     value = fractions.Fraction(match.group(1)) * _NIMG_SUFFIXES[match.group(2)]
     if value.denominator != 1:
         raise ValueError(f"'{s}' is not a whole number of images")

@@ -8,9 +8,16 @@ import torch
 def vae_dir(tmp_path_factory) -> str:
     """A tiny random AutoencoderKL (downsampling factor 2, 4 latent channels) saved with save_pretrained."""
     from diffusers import AutoencoderKL
+
     torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
-                        block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    vae = AutoencoderKL(
+        down_block_types=['DownEncoderBlock2D'] * 2,
+        up_block_types=['UpDecoderBlock2D'] * 2,
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
     path = str(tmp_path_factory.mktemp('vae'))
     vae.save_pretrained(path)
     return path

@@ -47,16 +47,36 @@ class _ScriptPickle:
 def _tiny_dinov2_state(seed: int = 0, dim: int = 64, grid: int = 5) -> dict[str, torch.Tensor]:
     """Random weights under dinov2_vitl14_pretrain.pth's key names, one block of width 64."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = {'cls_token': (1, 1, dim), 'pos_embed': (1, grid * grid + 1, dim), 'mask_token': (1, dim),
-              'patch_embed.proj.weight': (dim, 3, 14, 14), 'patch_embed.proj.bias': (dim,),
-              'norm.weight': (dim,), 'norm.bias': (dim,)}
-    for name, shape in [('norm1.weight', (dim,)), ('norm1.bias', (dim,)), ('attn.qkv.weight', (3 * dim, dim)),
-                        ('attn.qkv.bias', (3 * dim,)), ('attn.proj.weight', (dim, dim)), ('attn.proj.bias', (dim,)),
-                        ('ls1.gamma', (dim,)), ('norm2.weight', (dim,)), ('norm2.bias', (dim,)),
-                        ('mlp.fc1.weight', (4 * dim, dim)), ('mlp.fc1.bias', (4 * dim,)),
-                        ('mlp.fc2.weight', (dim, 4 * dim)), ('mlp.fc2.bias', (dim,)), ('ls2.gamma', (dim,))]:
+    shapes = {
+        'cls_token': (1, 1, dim),
+        'pos_embed': (1, grid * grid + 1, dim),
+        'mask_token': (1, dim),
+        'patch_embed.proj.weight': (dim, 3, 14, 14),
+        'patch_embed.proj.bias': (dim,),
+        'norm.weight': (dim,),
+        'norm.bias': (dim,),
+    }
+    for name, shape in [
+        ('norm1.weight', (dim,)),
+        ('norm1.bias', (dim,)),
+        ('attn.qkv.weight', (3 * dim, dim)),
+        ('attn.qkv.bias', (3 * dim,)),
+        ('attn.proj.weight', (dim, dim)),
+        ('attn.proj.bias', (dim,)),
+        ('ls1.gamma', (dim,)),
+        ('norm2.weight', (dim,)),
+        ('norm2.bias', (dim,)),
+        ('mlp.fc1.weight', (4 * dim, dim)),
+        ('mlp.fc1.bias', (4 * dim,)),
+        ('mlp.fc2.weight', (dim, 4 * dim)),
+        ('mlp.fc2.bias', (dim,)),
+        ('ls2.gamma', (dim,)),
+    ]:
         shapes[f'blocks.0.{name}'] = shape
-    return {k: torch.randn(s, generator=gen) * (0.5 if len(s) == 2 or k.startswith('patch_embed') else 1) for k, s in shapes.items()}
+    return {
+        k: torch.randn(s, generator=gen) * (0.5 if len(s) == 2 or k.startswith('patch_embed') else 1)
+        for k, s in shapes.items()
+    }
 
 
 def _write_pngs(folder, images: np.ndarray) -> str:
@@ -77,11 +97,23 @@ def files(tmp_path_factory) -> dict[str, str]:
     torch.save(_tiny_dinov2_state(), detectors / 'dinov2_vitl14_pretrain.pth')
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    net = Precond(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_channels=16,
-                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
-    save_network_pickle({'ema': net.eval().requires_grad_(False), 'encoder': StandardRGBEncoder()}, str(root / 'net.pkl'))
+    net = Precond(
+        img_resolution=8,
+        img_channels=3,
+        label_dim=0,
+        use_fp16=False,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+    )
+    save_network_pickle(
+        {'ema': net.eval().requires_grad_(False), 'encoder': StandardRGBEncoder()}, str(root / 'net.pkl')
+    )
     return dict(
-        detectors=str(detectors), root=str(root), net=str(root / 'net.pkl'),
+        detectors=str(detectors),
+        root=str(root),
+        net=str(root / 'net.pkl'),
         images=_write_pngs(root / 'images', rng.integers(0, 256, [6, 16, 16, 3], dtype=np.uint8)),
         gray=_write_pngs(root / 'gray', rng.integers(0, 256, [3, 16, 16, 1], dtype=np.uint8)),
     )
@@ -110,14 +142,23 @@ def _direct_stats(images: torch.Tensor, detectors: str) -> dict[str, dict[str, n
 
 def _folder_images(folder: str) -> torch.Tensor:
     names = sorted(os.listdir(folder))
-    return torch.from_numpy(np.stack([np.array(PIL.Image.open(os.path.join(folder, n))) for n in names])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([np.array(PIL.Image.open(os.path.join(folder, n))) for n in names])).permute(
+        0, 3, 1, 2
+    )
 
 
 @pytest.fixture(scope='module')
 def ref_pkl(files) -> str:
     dest = os.path.join(files['root'], 'refs', 'ref.pkl')
-    code, output = _cli('ref', f'--data={files["images"]}', f'--dest={dest}', f'--detectors={files["detectors"]}',
-                        '--batch=4', '--workers=0', '--device=cpu')
+    code, output = _cli(
+        'ref',
+        f'--data={files["images"]}',
+        f'--dest={dest}',
+        f'--detectors={files["detectors"]}',
+        '--batch=4',
+        '--workers=0',
+        '--device=cpu',
+    )
     assert code == 0, output
     return dest
 
@@ -129,19 +170,37 @@ def test_ref_statistics_equal_direct_embedding(files, ref_pkl):
     assert stats['fid']['mu'].shape == (12,) and stats['fd_dinov2']['mu'].shape == (64,)
     for metric in expected:
         for key in ('mu', 'sigma'):
-            np.testing.assert_allclose(stats[metric][key], expected[metric][key], rtol=1e-6, atol=1e-6 * np.abs(expected[metric][key]).max())
+            np.testing.assert_allclose(
+                stats[metric][key], expected[metric][key], rtol=1e-6, atol=1e-6 * np.abs(expected[metric][key]).max()
+            )
 
 
 def test_calc_of_the_reference_images_is_zero_and_subsets_are_not(files, ref_pkl):
-    code, output = _cli('calc', f'--images={files["images"]}', f'--ref={ref_pkl}', '--num=6',
-                        f'--detectors={files["detectors"]}', '--workers=0', '--device=cpu')
+    code, output = _cli(
+        'calc',
+        f'--images={files["images"]}',
+        f'--ref={ref_pkl}',
+        '--num=6',
+        f'--detectors={files["detectors"]}',
+        '--workers=0',
+        '--device=cpu',
+    )
     assert code == 0, output
     values = _metrics_from_output(output)
     assert set(values) == {'fid', 'fd_dinov2'} and all(abs(v) < 1e-6 for v in values.values())
     subsets = []
     for seed in (1, 1, 2):
-        code, output = _cli('calc', f'--images={files["images"]}', f'--ref={ref_pkl}', '--num=4', f'--seed={seed}',
-                            '--metrics=fid', f'--detectors={files["detectors"]}', '--workers=0', '--device=cpu')
+        code, output = _cli(
+            'calc',
+            f'--images={files["images"]}',
+            f'--ref={ref_pkl}',
+            '--num=4',
+            f'--seed={seed}',
+            '--metrics=fid',
+            f'--detectors={files["detectors"]}',
+            '--workers=0',
+            '--device=cpu',
+        )
         assert code == 0, output
         subsets.append(_metrics_from_output(output)['fid'])
     assert subsets[0] == subsets[1] > 0 and subsets[2] != subsets[0]
@@ -149,8 +208,16 @@ def test_calc_of_the_reference_images_is_zero_and_subsets_are_not(files, ref_pkl
 
 def test_gen_matches_direct_generation_and_embedding(files, ref_pkl, monkeypatch):
     monkeypatch.setenv('EDM2X_DETECTORS', files['detectors'])
-    code, output = _cli('gen', f'--net={files["net"]}', f'--ref={ref_pkl}', '--num=3', '--seed=5', '--steps=2',
-                        '--batch=2', '--device=cpu')
+    code, output = _cli(
+        'gen',
+        f'--net={files["net"]}',
+        f'--ref={ref_pkl}',
+        '--num=3',
+        '--seed=5',
+        '--steps=2',
+        '--batch=2',
+        '--device=cpu',
+    )
     assert code == 0, output
     values = _metrics_from_output(output)
     images = torch.cat([b.images for b in generate_images(files['net'], seeds=range(5, 8), num_steps=2, device='cpu')])
@@ -164,15 +231,34 @@ def test_gen_matches_direct_generation_and_embedding(files, ref_pkl, monkeypatch
 def test_bad_input_ends_with_one_error_line(files, ref_pkl, case):
     fid_only = os.path.join(files['root'], 'refs', 'fid-only.pkl')
     if case == 'ref-lacks-metric':
-        assert _cli('ref', f'--data={files["images"]}', f'--dest={fid_only}', '--metrics=fid',
-                    f'--detectors={files["detectors"]}', '--workers=0', '--device=cpu')[0] == 0
+        assert (
+            _cli(
+                'ref',
+                f'--data={files["images"]}',
+                f'--dest={fid_only}',
+                '--metrics=fid',
+                f'--detectors={files["detectors"]}',
+                '--workers=0',
+                '--device=cpu',
+            )[0]
+            == 0
+        )
     common = [f'--detectors={files["detectors"]}', '--workers=0', '--device=cpu']
     args, expected = {
-        'too-few': (['calc', f'--images={files["images"]}', f'--ref={ref_pkl}', '--num=7'], 'holds 6 images, fewer than --num=7'),
+        'too-few': (
+            ['calc', f'--images={files["images"]}', f'--ref={ref_pkl}', '--num=7'],
+            'holds 6 images, fewer than --num=7',
+        ),
         'gray-calc': (['calc', f'--images={files["gray"]}', f'--ref={ref_pkl}', '--num=3'], 'images with 1 channel(s)'),
         'gray-ref': (['ref', f'--data={files["gray"]}', f'--dest={files["root"]}/x.pkl'], 'images with 1 channel(s)'),
-        'ref-lacks-metric': (['calc', f'--images={files["images"]}', f'--ref={fid_only}', '--num=6'], 'holds no "fd_dinov2"'),
-        'bad-metric': (['calc', f'--images={files["images"]}', f'--ref={ref_pkl}', '--metrics=fid,kid'], 'Unknown metric "kid"'),
+        'ref-lacks-metric': (
+            ['calc', f'--images={files["images"]}', f'--ref={fid_only}', '--num=6'],
+            'holds no "fd_dinov2"',
+        ),
+        'bad-metric': (
+            ['calc', f'--images={files["images"]}', f'--ref={ref_pkl}', '--metrics=fid,kid'],
+            'Unknown metric "kid"',
+        ),
     }[case]
     code, output = _cli(*args, *common)
     lines = [line for line in output.splitlines() if line.strip()]
@@ -187,7 +273,9 @@ def _free_port() -> int:
 
 
 def _ref_worker(rank: int, world: int, port: int, args: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     calculate_metrics.cli.main(args=args, standalone_mode=False)
     assert torch.distributed.get_world_size() == world  # the command really ran sharded
@@ -195,7 +283,10 @@ def _ref_worker(rank: int, world: int, port: int, args: list[str]) -> None:
 
 def test_two_gloo_ranks_give_the_single_process_statistics(files, ref_pkl, tmp_path):
     # 5 images: the ranks get unequal shares (3 and 2) and different batch compositions.
-    data = _write_pngs(tmp_path / 'five', np.stack([np.array(PIL.Image.open(os.path.join(files['images'], f'{i:06d}.png'))) for i in range(5)]))
+    data = _write_pngs(
+        tmp_path / 'five',
+        np.stack([np.array(PIL.Image.open(os.path.join(files['images'], f'{i:06d}.png'))) for i in range(5)]),
+    )
     common = ['ref', f'--data={data}', f'--detectors={files["detectors"]}', '--batch=2', '--workers=0', '--device=cpu']
     assert _cli(*common, f'--dest={tmp_path}/one.pkl')[0] == 0
     torch.multiprocessing.spawn(_ref_worker, args=(2, _free_port(), [*common, f'--dest={tmp_path}/two.pkl']), nprocs=2)
@@ -209,13 +300,16 @@ def test_two_gloo_ranks_give_the_single_process_statistics(files, ref_pkl, tmp_p
 @pytest.mark.slow
 def test_real_size_detectors_end_to_end(files, tmp_path):
     from test_detectors import INCEPTION_LAYOUT, dinov2_layout, random_state
+
     torch.save(random_state(INCEPTION_LAYOUT), tmp_path / 'pt_inception-2015-12-05-6726825d.pth')
     torch.save(random_state(dinov2_layout()), tmp_path / 'dinov2_vitl14_pretrain.pth')
     common = [f'--detectors={tmp_path}', '--device=cpu', '--batch=3']
     assert _cli('ref', f'--data={files["images"]}', f'--dest={tmp_path}/ref.pkl', '--workers=0', *common)[0] == 0
     stats = load_stats(f'{tmp_path}/ref.pkl')
     assert stats['fid']['mu'].shape == (2048,) and stats['fd_dinov2']['mu'].shape == (1024,)
-    code, output = _cli('calc', f'--images={files["images"]}', f'--ref={tmp_path}/ref.pkl', '--num=6', '--workers=0', *common)
+    code, output = _cli(
+        'calc', f'--images={files["images"]}', f'--ref={tmp_path}/ref.pkl', '--num=6', '--workers=0', *common
+    )
     assert code == 0 and all(abs(v) < 1e-6 for v in _metrics_from_output(output).values()), output
     code, output = _cli('gen', f'--net={files["net"]}', f'--ref={tmp_path}/ref.pkl', '--num=2', '--steps=2', *common)
     assert code == 0 and set(_metrics_from_output(output)) == {'fid', 'fd_dinov2'}, output

@@ -64,15 +64,26 @@ def test_gaussian_blur_kernel_has_unit_mass_and_the_requested_variance():
     torch.testing.assert_close(blurred.sum(dim=(1, 2, 3)), torch.ones(3))
     torch.testing.assert_close(blurred[0], delta[0])
     offsets = torch.arange(21.0) - 10
-    variance = (blurred[:, 0].sum(dim=1) * offsets ** 2).sum(dim=1)
+    variance = (blurred[:, 0].sum(dim=1) * offsets**2).sum(dim=1)
     torch.testing.assert_close(variance[1:], sigma[1:] ** 2, atol=0.02, rtol=0.02)  # discretised Gaussian
     torch.testing.assert_close(downsample(delta, 7).sum(dim=(2, 3)) * 9, torch.ones(3, 1))
 
 
 def test_guided_stage_equals_the_classifier_free_guidance_formula():
     torch.manual_seed(0)
-    net = TextPrecond(8, 3, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                      channels_per_head=8, text_length=16, text_channels=16, text_layers=1, use_fp16=False).eval()
+    net = TextPrecond(
+        8,
+        3,
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        channels_per_head=8,
+        text_length=16,
+        text_channels=16,
+        text_layers=1,
+        use_fp16=False,
+    ).eval()
     with torch.no_grad():
         net.unet.out_gain.fill_(1)
         for p in net.unet.emb_text.parameters():
@@ -85,6 +96,7 @@ def test_guided_stage_equals_the_classifier_free_guidance_formula():
     assert not torch.allclose(d, d_u)
     torch.testing.assert_close(out, d_u + w * (d - d_u), atol=1e-5, rtol=1e-5)
 
+
 # ----------------------------------------------------------------------------
 # No regression: EDM2 nets train and sample exactly as before the text additions (values recorded
 # with commit 64a42eb, which predates them; any change to the net, loss, loop or sampler moves them).
@@ -95,17 +107,24 @@ def test_guided_stage_equals_the_classifier_free_guidance_formula():
 # an inner product of all of them with fixed random weights (one pixel off by one moves it by ~1).
 
 GOLDEN = {
-    True: (124.11397801355133, 4451.318492155475,
-           [0, 0, 62, 15, 255, 255, 45, 0, 214, 0, 221, 211, 163, 255, 255, 63, 0, 0, 255, 255, 255, 0, 43, 255]),
-    False: (157.65665757633775, 4451.504771110176,
-            [0, 0, 59, 12, 255, 255, 44, 0, 211, 0, 217, 207, 161, 255, 255, 61, 0, 0, 255, 255, 255, 0, 44, 255]),
+    True: (
+        124.11397801355133,
+        4451.318492155475,
+        [0, 0, 62, 15, 255, 255, 45, 0, 214, 0, 221, 211, 163, 255, 255, 63, 0, 0, 255, 255, 255, 0, 43, 255],
+    ),
+    False: (
+        157.65665757633775,
+        4451.504771110176,
+        [0, 0, 59, 12, 255, 255, 44, 0, 211, 0, 217, 207, 161, 255, 255, 61, 0, 0, 255, 255, 255, 0, 44, 255],
+    ),
 }
 
 
 def _random_inner_product(tensors, seed: int) -> float:
     generator = torch.Generator().manual_seed(seed)
-    return float(sum((t.double() * torch.randn(t.shape, generator=generator, dtype=torch.float64)).sum()
-                     for t in tensors))
+    return float(
+        sum((t.double() * torch.randn(t.shape, generator=generator, dtype=torch.float64)).sum() for t in tensors)
+    )
 
 
 @pytest.mark.parametrize('cond', [True, False])
@@ -130,13 +149,33 @@ def test_class_conditional_and_unconditional_training_and_sampling_are_unchanged
 
 def _train_tiny(tmp_path, run, cond: bool) -> None:
     training_loop(
-        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(tmp_path / 'data'), use_labels=cond),
-        encoder_kwargs=dict(class_name='training.encoders.StandardRGBEncoder'), data_loader_kwargs=dict(num_workers=0),
-        network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                            attn_resolutions=[4], channels_per_head=8, use_fp16=False),
+        dataset_kwargs=dict(
+            class_name='training.dataset.ImageFolderDataset', path=str(tmp_path / 'data'), use_labels=cond
+        ),
+        encoder_kwargs=dict(class_name='training.encoders.StandardRGBEncoder'),
+        data_loader_kwargs=dict(num_workers=0),
+        network_kwargs=dict(
+            class_name='training.networks_edm2.Precond',
+            model_channels=8,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[4],
+            channels_per_head=8,
+            use_fp16=False,
+        ),
         loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=-0.8, P_std=1.6),
         optimizer_kwargs=dict(class_name='torch.optim.Adam', betas=(0.9, 0.99), eps=1e-8),
-        lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.01, ref_batches=100, rampup_Mimg=0),
+        lr_kwargs=dict(
+            func_name='training.training_loop.learning_rate_schedule', ref_lr=0.01, ref_batches=100, rampup_Mimg=0
+        ),
         ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.05]),
-        run_dir=str(run), batch_size=4, total_nimg=12, status_nimg=4, snapshot_nimg=12, checkpoint_nimg=None,
-        sample_steps=2, snapshot_fp32=True, device=torch.device('cpu'))
+        run_dir=str(run),
+        batch_size=4,
+        total_nimg=12,
+        status_nimg=4,
+        snapshot_nimg=12,
+        checkpoint_nimg=None,
+        sample_steps=2,
+        snapshot_fp32=True,
+        device=torch.device('cpu'),
+    )

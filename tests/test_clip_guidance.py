@@ -2,20 +2,28 @@
 
 import pytest
 import torch
+from test_clip_guide import tiny_guide
 
 from training.clip_guidance import clip_correction
 from training.networks_edm2 import Precond
 from training.sampling import edm_sampler
-
-from test_clip_guide import tiny_guide
 
 CAPTIONS = ['a red circle on a blue background, at the top', 'a white cross on a black background, at the left']
 
 
 def tiny_denoiser(seed: int) -> Precond:
     torch.manual_seed(seed)
-    net = Precond(img_resolution=8, img_channels=3, label_dim=0, model_channels=8, channel_mult=[1, 2],
-                  num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=8)
+    net = Precond(
+        img_resolution=8,
+        img_channels=3,
+        label_dim=0,
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        channels_per_head=8,
+        logvar_channels=8,
+    )
     with torch.no_grad():
         net.unet.out_gain.fill_(1.0)
     return net.eval().requires_grad_(False)
@@ -46,7 +54,7 @@ def test_correction_is_scaled_sigma_squared_similarity_gradient():
             e = torch.zeros_like(v)
             e[i] = v[i]
             fd = (sim(x + eps * e)[i] - sim(x - eps * e)[i]) / (2 * eps)
-            assert (c[i] * v[i]).sum().item() == pytest.approx(scale * 1.5 ** 2 * fd.item(), rel=2e-2, abs=1e-6)
+            assert (c[i] * v[i]).sum().item() == pytest.approx(scale * 1.5**2 * fd.item(), rel=2e-2, abs=1e-6)
 
 
 def test_correction_adds_to_the_cfg_estimate_and_denoiser_has_no_graph():
@@ -59,6 +67,7 @@ def test_correction_adds_to_the_cfg_estimate_and_denoiser_has_no_graph():
     def gnet(x, sigma, labels):
         grad_modes.append(torch.is_grad_enabled())
         return 0.2 * x
+
     clip = tiny_guide().eval().requires_grad_(False)
     noise = torch.randn([2, 3, 8, 8], generator=torch.Generator().manual_seed(4))
     correction = clip_correction(clip, CAPTIONS, 0.3)
@@ -74,6 +83,7 @@ def test_correction_adds_to_the_cfg_estimate_and_denoiser_has_no_graph():
 
 def _generate(net, **kwargs) -> torch.Tensor:
     from generate_images import generate_images
+
     batches = generate_images(net, seeds=range(3), max_batch_size=2, device='cpu', num_steps=3, **kwargs)
     return torch.cat([b.images for b in batches])
 
@@ -88,10 +98,20 @@ def test_generate_images_with_clip_scale_zero_is_bit_identical_and_nonzero_scale
 def test_generate_images_clip_errors_are_one_sentence():
     from generate_images import GenerationError, generate_images
     from training.snapshots import NetworkPickleError
+
     net, clip = tiny_denoiser(0), tiny_guide().eval()
     with pytest.raises(GenerationError, match='needs prompts'):
         next(generate_images(net, seeds=[0], device='cpu', clip=clip, clip_scale=1.0))
-    wide = Precond(img_resolution=16, img_channels=3, label_dim=0, model_channels=8, channel_mult=[1, 2],
-                   num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=8).eval()
+    wide = Precond(
+        img_resolution=16,
+        img_channels=3,
+        label_dim=0,
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        channels_per_head=8,
+        logvar_channels=8,
+    ).eval()
     with pytest.raises(NetworkPickleError, match='reads 3x8x8 images but the network makes 3x16x16'):
         next(generate_images(wide, seeds=[0], device='cpu', prompts=['x'], clip=clip, clip_scale=1.0))

@@ -16,8 +16,18 @@ from training.clip_eval import HeldOutSplit, retrieval_top1
 from training.clip_guide import CLIPGuide, CLIPLoss, contrastive_loss
 from training.dataset_io import write_synthetic_dataset
 
-TINY = dict(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1, 2], attn_resolutions=[4],
-            channels_per_head=8, embed_dim=8, text_length=16, text_channels=16, text_layers=1)
+TINY = dict(
+    img_resolution=8,
+    img_channels=3,
+    model_channels=8,
+    channel_mult=[1, 2],
+    attn_resolutions=[4],
+    channels_per_head=8,
+    embed_dim=8,
+    text_length=16,
+    text_channels=16,
+    text_layers=1,
+)
 
 
 def tiny_guide(seed: int = 0) -> CLIPGuide:
@@ -51,8 +61,8 @@ def test_contrastive_loss_equals_direct_cross_entropies():
     scale = 7.5
     loss = contrastive_loss(torch.tensor(img), torch.tensor(txt), torch.tensor(scale))
     for i in range(6):
-        logits_row = [scale * img[i] @ txt[j] for j in range(6)]   # image i against every caption
-        logits_col = [scale * img[j] @ txt[i] for j in range(6)]   # caption i against every image
+        logits_row = [scale * img[i] @ txt[j] for j in range(6)]  # image i against every caption
+        logits_col = [scale * img[j] @ txt[i] for j in range(6)]  # caption i against every image
         ce_row = -logits_row[i] + math.log(sum(math.exp(v) for v in logits_row))
         ce_col = -logits_col[i] + math.log(sum(math.exp(v) for v in logits_col))
         assert loss[i].item() == pytest.approx((ce_row + ce_col) / 2, rel=1e-12)
@@ -64,6 +74,7 @@ def test_loss_draws_sigma_like_the_denoiser():
     def net(x, sigma, captions):
         seen['sigma'] = sigma
         return torch.eye(len(x))[:, :4], torch.eye(len(x))[:, :4], torch.tensor(1.0)
+
     torch.manual_seed(0)
     CLIPLoss(P_mean=-0.4, P_std=1.2)(net, torch.zeros([4096, 1, 1, 1]), [''] * 4096)
     ln_sigma = seen['sigma'].log().flatten().double()
@@ -86,8 +97,9 @@ def test_gradient_caching_gives_full_batch_gradients():
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group('gloo')
     _train_step(rank, out_dir)
@@ -115,8 +127,9 @@ def _free_port() -> int:
 
 def test_two_processes_gather_the_single_process_loss_and_gradients(tmp_path):
     start_method = 'fork' if sys.platform == 'linux' else 'spawn'
-    torch.multiprocessing.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                                          start_method=start_method)
+    torch.multiprocessing.start_processes(
+        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method=start_method
+    )
     results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
     net = tiny_guide()
     images, captions, sigma, noise = tiny_batch()
@@ -149,6 +162,7 @@ def test_held_out_split_is_the_last_files_with_captions_as_labels(shapes_zip):
 def test_retrieval_counts_a_hit_when_the_best_caption_matches():
     class Oracle:
         """Image i's embedding is caption j's, for j = perm[i]."""
+
         def __init__(self, perm):
             self.perm = perm
 
@@ -157,6 +171,7 @@ def test_retrieval_counts_a_hit_when_the_best_caption_matches():
 
         def encode_image(self, x, sigma):
             return torch.eye(len(x))[self.perm[x[:, 0, 0, 0].round().long()]]
+
     images = torch.arange(4.0).reshape(4, 1, 1, 1)
     captions = ['a', 'b', 'a', 'c']
     # Image 0 retrieves caption 2 (same text), image 1 caption 3 (wrong), 2 and 3 their own.
@@ -165,18 +180,28 @@ def test_retrieval_counts_a_hit_when_the_best_caption_matches():
 
 def test_training_reports_retrieval_and_skips_sample_grids(shapes_zip, tmp_path):
     from training.training_loop import training_loop
+
     torch.manual_seed(0)
     training_loop(
         dataset_kwargs=dict(class_name='training.clip_eval.HeldOutSplit', path=shapes_zip, holdout=16),
         encoder_kwargs=dict(class_name='training.encoders.StandardRGBEncoder'),
         data_loader_kwargs=dict(num_workers=0),
-        network_kwargs=dict(class_name='training.clip_guide.CLIPGuide', **{k: v for k, v in TINY.items() if 'img_' not in k}),
+        network_kwargs=dict(
+            class_name='training.clip_guide.CLIPGuide', **{k: v for k, v in TINY.items() if 'img_' not in k}
+        ),
         loss_kwargs=dict(class_name='training.clip_guide.CLIPLoss', eval_sigmas=[0.1, 10]),
         optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=0.01),
         lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.01, rampup_Mimg=0),
         ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA'),
-        run_dir=str(tmp_path), batch_size=16, batch_gpu=8, total_nimg=32, status_nimg=16, snapshot_nimg=32,
-        checkpoint_nimg=32, device=torch.device('cpu'))
+        run_dir=str(tmp_path),
+        batch_size=16,
+        batch_gpu=8,
+        total_nimg=32,
+        status_nimg=16,
+        snapshot_nimg=32,
+        checkpoint_nimg=32,
+        device=torch.device('cpu'),
+    )
     stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
     assert len(stats) == 3
     for row in stats:

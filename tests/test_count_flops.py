@@ -41,7 +41,7 @@ def test_generation_presets_count_net_and_guiding_net_from_their_names():
     nets = count_flops.resolve('edm2-img512-s-uncond-autog-fid')
     assert [role for role, _ in nets] == ['net', 'gnet']
     assert [(net.unet.enc['64x64_conv'].weight.shape[0], net.label_dim) for _, net in nets] == [(192, 0), (128, 0)]
-    (_, net), = count_flops.resolve('edm2-img64-s-fid')
+    ((_, net),) = count_flops.resolve('edm2-img64-s-fid')
     assert (net.img_channels, net.label_dim) == (3, 1000)
 
 
@@ -55,7 +55,9 @@ def test_pickle_counts_the_same_as_the_preset_that_built_it(tmp_path):
     path = str(tmp_path / 'network-snapshot-0000001-0.050.pkl')
     save_network_pickle({'ema': net.eval()}, path)
     runner = CliRunner()
-    from_pickle, from_preset, from_folder = (runner.invoke(count_flops.main, [arg]) for arg in (path, 'demo-tiny', str(tmp_path)))
+    from_pickle, from_preset, from_folder = (
+        runner.invoke(count_flops.main, [arg]) for arg in (path, 'demo-tiny', str(tmp_path))
+    )
     assert from_pickle.exit_code == 0, from_pickle.output
     assert gflops_line(from_pickle.output) == gflops_line(from_preset.output) == gflops_line(from_folder.output) > 0
 

@@ -74,8 +74,10 @@ def test_xflip_appends_mirrored_copies(synth_paths):
 
 def test_max_size_keeps_a_seeded_subset(synth_paths):
     full = ImageFolderDataset(synth_paths[0])
-    subsets = [[ImageFolderDataset(synth_paths[0], max_size=5, random_seed=seed).get_details(i).raw_idx
-                for i in range(5)] for seed in (0, 0, 1)]
+    subsets = [
+        [ImageFolderDataset(synth_paths[0], max_size=5, random_seed=seed).get_details(i).raw_idx for i in range(5)]
+        for seed in (0, 0, 1)
+    ]
     assert subsets[0] == subsets[1] != subsets[2]
     assert len(set(subsets[0])) == 5 and subsets[0] == sorted(subsets[0])
     small = ImageFolderDataset(synth_paths[0], max_size=5, random_seed=0)
@@ -117,6 +119,7 @@ def test_pickled_dataset_reads_zip_in_worker_processes(synth_paths):
 
 
 # ---- bad inputs: each raises DatasetError naming the offending file ----
+
 
 def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(DatasetError, match='nothing-here'):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_one_line_error
 
 import dataset_tool
 import generate_images
@@ -15,7 +16,6 @@ import train_edm2
 from training import encoders
 from training.dataset import ImageFolderDataset
 from training.training_loop import training_loop
-from conftest import assert_one_line_error
 
 
 @pytest.fixture(scope='module')
@@ -31,7 +31,14 @@ def run(*args: str):
 
 def test_encode_stores_posterior_statistics_with_labels_and_captions(tmp_path, vae_dir, pixels_zip):
     dest = tmp_path / 'latents.zip'
-    result = run(f'--model-url={vae_dir}', f'--source={pixels_zip}', f'--dest={dest}', '--batch=4', '--max-images=7', '--device=cpu')
+    result = run(
+        f'--model-url={vae_dir}',
+        f'--source={pixels_zip}',
+        f'--dest={dest}',
+        '--batch=4',
+        '--max-images=7',
+        '--device=cpu',
+    )
     assert result.exit_code == 0, result.output
     assert not os.path.exists(f'{dest}.partial')
 
@@ -41,8 +48,11 @@ def test_encode_stores_posterior_statistics_with_labels_and_captions(tmp_path, v
     stored = np.stack([latents[i][0] for i in range(7)])
     assert stored.dtype == np.float32
     # A second code path: the encoder on the whole batch at once, straight from the source dataset.
-    expected = encoders.StabilityVAEEncoder(vae_name=vae_dir).encode_pixels(
-        torch.from_numpy(np.stack([source[i][0] for i in range(7)]))).numpy()
+    expected = (
+        encoders.StabilityVAEEncoder(vae_name=vae_dir)
+        .encode_pixels(torch.from_numpy(np.stack([source[i][0] for i in range(7)])))
+        .numpy()
+    )
     np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-5)
     for i in range(7):
         assert np.array_equal(latents.get_label(i), source.get_label(i))
@@ -64,6 +74,7 @@ def test_interrupted_encode_resumes_to_the_same_zip(tmp_path, vae_dir, pixels_zi
         if len(calls) in interrupt_at:
             raise KeyboardInterrupt
         return encode_pixels(self, x)
+
     monkeypatch.setattr(encoders.StabilityVAEEncoder, 'encode_pixels', interrupted)
     assert run(*args, f'--dest={dest}').exit_code != 0
     partial = f'{dest}.partial'
@@ -71,7 +82,9 @@ def test_interrupted_encode_resumes_to_the_same_zip(tmp_path, vae_dir, pixels_zi
     os.remove(os.path.join(partial, dataset_tool.item_relpath(3, 'npy')))
 
     assert_one_line_error(run(*args, f'--dest={dest}'), partial, '--resume')
-    assert_one_line_error(run(*args, f'--dest={dest}', '--resume', f'--model-url={tmp_path / "other"}'), partial, 'model_url')
+    assert_one_line_error(
+        run(*args, f'--dest={dest}', '--resume', f'--model-url={tmp_path / "other"}'), partial, 'model_url'
+    )
 
     calls.clear()
     interrupt_at.clear()
@@ -83,8 +96,11 @@ def test_interrupted_encode_resumes_to_the_same_zip(tmp_path, vae_dir, pixels_zi
 
 
 def test_encode_errors_are_one_line(tmp_path, pixels_zip):
-    assert_one_line_error(run(f'--model-url={tmp_path / "missing"}', f'--source={pixels_zip}', f'--dest={tmp_path / "a.zip"}'),
-                          str(tmp_path / 'missing'), 'save_pretrained')
+    assert_one_line_error(
+        run(f'--model-url={tmp_path / "missing"}', f'--source={pixels_zip}', f'--dest={tmp_path / "a.zip"}'),
+        str(tmp_path / 'missing'),
+        'save_pretrained',
+    )
     assert_one_line_error(run(f'--source={tmp_path / "missing.zip"}', f'--dest={tmp_path / "a.zip"}'), 'missing.zip')
 
 
@@ -101,9 +117,22 @@ def test_latent_pipeline_from_pixels_to_generated_images(tmp_path, vae_dir, pixe
     assert run(f'--model-url={vae_dir}', f'--source={pixels_zip}', f'--dest={latents}', '--device=cpu').exit_code == 0
 
     # train_edm2 picks the VAE encoder from the 8-channel data and sizes the net from the latents.
-    c = train_edm2.setup_training_config('demo-tiny', latents, cond=True, workers=0, fp16=False, bf16=False, ls=1,
-                                         bench=False, snapshot_fp32=False, seed=0, vae=vae_dir)
-    assert c.encoder_kwargs == dict(class_name='training.encoders.StabilityVAEEncoder', vae_name=os.path.abspath(vae_dir))
+    c = train_edm2.setup_training_config(
+        'demo-tiny',
+        latents,
+        cond=True,
+        workers=0,
+        fp16=False,
+        bf16=False,
+        ls=1,
+        bench=False,
+        snapshot_fp32=False,
+        seed=0,
+        vae=vae_dir,
+    )
+    assert c.encoder_kwargs == dict(
+        class_name='training.encoders.StabilityVAEEncoder', vae_name=os.path.abspath(vae_dir)
+    )
     c.update(total_nimg=64, status_nimg=64, snapshot_nimg=64, checkpoint_nimg=None, sample_steps=4)
     run_dir = str(tmp_path / 'run')
     os.makedirs(run_dir)

@@ -5,13 +5,12 @@ import zipfile
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import assert_one_line_error
 from PIL import Image
 
 import dataset_tool
-from training import dataset_io
-from training import shapes
+from training import dataset_io, shapes
 from training.dataset import ImageFolderDataset
-from conftest import assert_one_line_error
 
 
 def run(*args: str):
@@ -61,7 +60,6 @@ def test_convert_folder_labels_from_subfolders_and_captions_from_sidecars(tmp_pa
     assert np.array_equal(dataset[3][0], noise(6, 6, 1).transpose(2, 0, 1))
 
 
-
 @pytest.mark.parametrize('mapping', ['csv', 'json'])
 def test_convert_takes_captions_from_a_csv_or_json_mapping_over_sidecars(tmp_path, mapping):
     src = tmp_path / 'src'
@@ -80,8 +78,10 @@ def test_convert_takes_captions_from_a_csv_or_json_mapping_over_sidecars(tmp_pat
     assert result.exit_code == 0, result.output
     dataset = ImageFolderDataset(str(tmp_path / 'out'), use_captions=True)
     assert [dataset[i][1] for i in range(3)] == ['a red, "quoted" cat', 'ünïcode 猫', 'kept sidecar']
-    assert_one_line_error(run('convert', f'--source={src}', f'--dest={tmp_path / "x"}', f'--captions={tmp_path / "no.csv"}'),
-                          'no.csv')
+    assert_one_line_error(
+        run('convert', f'--source={src}', f'--dest={tmp_path / "x"}', f'--captions={tmp_path / "no.csv"}'), 'no.csv'
+    )
+
 
 def test_convert_zip_with_dataset_json_round_trips(tmp_path):
     src, dest = tmp_path / 'src.zip', tmp_path / 'copy'
@@ -105,14 +105,14 @@ def test_center_crop_dhariwal_matches_independent_computation(height, width, fac
     out_w = round(width * size / height)
     resized = np.array(Image.fromarray(base).resize((out_w, size), Image.Resampling.BICUBIC))
     left = (out_w - size) // 2
-    assert np.array_equal(dataset_io.center_crop_dhariwal(image, size), resized[:, left:left + size])
+    assert np.array_equal(dataset_io.center_crop_dhariwal(image, size), resized[:, left : left + size])
 
 
 def test_center_crop_dhariwal_without_halving_and_odd_sizes():
     image = noise(45, 61)  # short side < 2*32: only the bicubic resize
     width = round(61 * 32 / 45)
     resized = np.array(Image.fromarray(image).resize((width, 32), Image.Resampling.BICUBIC))
-    assert np.array_equal(dataset_io.center_crop_dhariwal(image, 32), resized[:, (width - 32) // 2:][:, :32])
+    assert np.array_equal(dataset_io.center_crop_dhariwal(image, 32), resized[:, (width - 32) // 2 :][:, :32])
     assert dataset_io.center_crop_dhariwal(noise(301, 133), 16).shape == (16, 16, 3)
 
 
@@ -130,8 +130,13 @@ def test_convert_resolution_and_transform_via_cli(tmp_path):
     save(tmp_path / 'src' / 'a.png', noise(30, 50))
     save(tmp_path / 'src' / 'b.png', noise(40, 20))
     dest = tmp_path / 'out.zip'
-    result = run('convert', f'--source={tmp_path / "src"}', f'--dest={dest}', '--resolution=16',
-                 '--transform=center-crop-dhariwal')
+    result = run(
+        'convert',
+        f'--source={tmp_path / "src"}',
+        f'--dest={dest}',
+        '--resolution=16',
+        '--transform=center-crop-dhariwal',
+    )
     assert result.exit_code == 0, result.output
     dataset = ImageFolderDataset(str(dest))
     assert dataset.image_shape == [3, 16, 16] and not dataset.has_labels
@@ -148,6 +153,7 @@ def test_parse_resolution():
 
 
 # ---- bad inputs: one clear error line, no traceback, nothing left at --dest ----
+
 
 def test_corrupt_source_zip(tmp_path):
     src = tmp_path / 'broken.zip'
@@ -184,10 +190,14 @@ def test_missing_label_in_source_dataset_json(tmp_path):
 def test_option_errors(tmp_path):
     save(tmp_path / 'src' / 'a.png', noise(8, 8))
     src = f'--source={tmp_path / "src"}'
-    assert_one_line_error(run('convert', src, f'--dest={tmp_path / "o.zip"}', '--transform=center-crop'), '--resolution')
+    assert_one_line_error(
+        run('convert', src, f'--dest={tmp_path / "o.zip"}', '--transform=center-crop'), '--resolution'
+    )
     assert_one_line_error(run('convert', src, f'--dest={tmp_path / "o.zip"}', '--resolution=8y'), '8y')
-    assert_one_line_error(run('convert', src, f'--dest={tmp_path / "o.zip"}', '--resolution=16x8',
-                              '--transform=center-crop'), 'center-crop-wide')
+    assert_one_line_error(
+        run('convert', src, f'--dest={tmp_path / "o.zip"}', '--resolution=16x8', '--transform=center-crop'),
+        'center-crop-wide',
+    )
     assert_one_line_error(run('convert', f'--source={tmp_path / "none"}', f'--dest={tmp_path / "o.zip"}'), 'none')
     (tmp_path / 'full').mkdir()
     (tmp_path / 'full' / 'x').write_text('')

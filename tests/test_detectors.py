@@ -16,59 +16,111 @@ from training.inception import InceptionV3, _avg_pool_tf, tf1_resize_bilinear
 def _conv(name: str, cin: int, cout: int, kh: int, kw: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
     # torchvision BasicConv2d as saved in pt_inception-2015-12-05-6726825d.pth (bias-free conv + batch norm).
     kw = kh if kw is None else kw
-    return [(f'{name}.conv.weight', (cout, cin, kh, kw))] + [(f'{name}.bn.{k}', (cout,)) for k in
-                                                             ('weight', 'bias', 'running_mean', 'running_var')]
+    return [(f'{name}.conv.weight', (cout, cin, kh, kw))] + [
+        (f'{name}.bn.{k}', (cout,)) for k in ('weight', 'bias', 'running_mean', 'running_var')
+    ]
 
 
 def _mixed_a(n: str, cin: int, pool: int) -> list:
-    return (_conv(f'{n}.branch1x1', cin, 64, 1) + _conv(f'{n}.branch5x5_1', cin, 48, 1) + _conv(f'{n}.branch5x5_2', 48, 64, 5)
-            + _conv(f'{n}.branch3x3dbl_1', cin, 64, 1) + _conv(f'{n}.branch3x3dbl_2', 64, 96, 3)
-            + _conv(f'{n}.branch3x3dbl_3', 96, 96, 3) + _conv(f'{n}.branch_pool', cin, pool, 1))
+    return (
+        _conv(f'{n}.branch1x1', cin, 64, 1)
+        + _conv(f'{n}.branch5x5_1', cin, 48, 1)
+        + _conv(f'{n}.branch5x5_2', 48, 64, 5)
+        + _conv(f'{n}.branch3x3dbl_1', cin, 64, 1)
+        + _conv(f'{n}.branch3x3dbl_2', 64, 96, 3)
+        + _conv(f'{n}.branch3x3dbl_3', 96, 96, 3)
+        + _conv(f'{n}.branch_pool', cin, pool, 1)
+    )
 
 
 def _mixed_c(n: str, c7: int) -> list:
-    return (_conv(f'{n}.branch1x1', 768, 192, 1) + _conv(f'{n}.branch7x7_1', 768, c7, 1)
-            + _conv(f'{n}.branch7x7_2', c7, c7, 1, 7) + _conv(f'{n}.branch7x7_3', c7, 192, 7, 1)
-            + _conv(f'{n}.branch7x7dbl_1', 768, c7, 1) + _conv(f'{n}.branch7x7dbl_2', c7, c7, 7, 1)
-            + _conv(f'{n}.branch7x7dbl_3', c7, c7, 1, 7) + _conv(f'{n}.branch7x7dbl_4', c7, c7, 7, 1)
-            + _conv(f'{n}.branch7x7dbl_5', c7, 192, 1, 7) + _conv(f'{n}.branch_pool', 768, 192, 1))
+    return (
+        _conv(f'{n}.branch1x1', 768, 192, 1)
+        + _conv(f'{n}.branch7x7_1', 768, c7, 1)
+        + _conv(f'{n}.branch7x7_2', c7, c7, 1, 7)
+        + _conv(f'{n}.branch7x7_3', c7, 192, 7, 1)
+        + _conv(f'{n}.branch7x7dbl_1', 768, c7, 1)
+        + _conv(f'{n}.branch7x7dbl_2', c7, c7, 7, 1)
+        + _conv(f'{n}.branch7x7dbl_3', c7, c7, 1, 7)
+        + _conv(f'{n}.branch7x7dbl_4', c7, c7, 7, 1)
+        + _conv(f'{n}.branch7x7dbl_5', c7, 192, 1, 7)
+        + _conv(f'{n}.branch_pool', 768, 192, 1)
+    )
 
 
 def _mixed_e(n: str, cin: int) -> list:
-    return (_conv(f'{n}.branch1x1', cin, 320, 1) + _conv(f'{n}.branch3x3_1', cin, 384, 1)
-            + _conv(f'{n}.branch3x3_2a', 384, 384, 1, 3) + _conv(f'{n}.branch3x3_2b', 384, 384, 3, 1)
-            + _conv(f'{n}.branch3x3dbl_1', cin, 448, 1) + _conv(f'{n}.branch3x3dbl_2', 448, 384, 3)
-            + _conv(f'{n}.branch3x3dbl_3a', 384, 384, 1, 3) + _conv(f'{n}.branch3x3dbl_3b', 384, 384, 3, 1)
-            + _conv(f'{n}.branch_pool', cin, 192, 1))
+    return (
+        _conv(f'{n}.branch1x1', cin, 320, 1)
+        + _conv(f'{n}.branch3x3_1', cin, 384, 1)
+        + _conv(f'{n}.branch3x3_2a', 384, 384, 1, 3)
+        + _conv(f'{n}.branch3x3_2b', 384, 384, 3, 1)
+        + _conv(f'{n}.branch3x3dbl_1', cin, 448, 1)
+        + _conv(f'{n}.branch3x3dbl_2', 448, 384, 3)
+        + _conv(f'{n}.branch3x3dbl_3a', 384, 384, 1, 3)
+        + _conv(f'{n}.branch3x3dbl_3b', 384, 384, 3, 1)
+        + _conv(f'{n}.branch_pool', cin, 192, 1)
+    )
 
 
 # Published layout of pt_inception-2015-12-05-6726825d.pth (torchvision Inception3, no aux head, 1008 classes).
 INCEPTION_LAYOUT = dict(
-    _conv('Conv2d_1a_3x3', 3, 32, 3) + _conv('Conv2d_2a_3x3', 32, 32, 3) + _conv('Conv2d_2b_3x3', 32, 64, 3)
-    + _conv('Conv2d_3b_1x1', 64, 80, 1) + _conv('Conv2d_4a_3x3', 80, 192, 3)
-    + _mixed_a('Mixed_5b', 192, 32) + _mixed_a('Mixed_5c', 256, 64) + _mixed_a('Mixed_5d', 288, 64)
-    + _conv('Mixed_6a.branch3x3', 288, 384, 3) + _conv('Mixed_6a.branch3x3dbl_1', 288, 64, 1)
-    + _conv('Mixed_6a.branch3x3dbl_2', 64, 96, 3) + _conv('Mixed_6a.branch3x3dbl_3', 96, 96, 3)
-    + _mixed_c('Mixed_6b', 128) + _mixed_c('Mixed_6c', 160) + _mixed_c('Mixed_6d', 160) + _mixed_c('Mixed_6e', 192)
-    + _conv('Mixed_7a.branch3x3_1', 768, 192, 1) + _conv('Mixed_7a.branch3x3_2', 192, 320, 3)
-    + _conv('Mixed_7a.branch7x7x3_1', 768, 192, 1) + _conv('Mixed_7a.branch7x7x3_2', 192, 192, 1, 7)
-    + _conv('Mixed_7a.branch7x7x3_3', 192, 192, 7, 1) + _conv('Mixed_7a.branch7x7x3_4', 192, 192, 3)
-    + _mixed_e('Mixed_7b', 1280) + _mixed_e('Mixed_7c', 2048)
-    + [('fc.weight', (1008, 2048)), ('fc.bias', (1008,))])
+    _conv('Conv2d_1a_3x3', 3, 32, 3)
+    + _conv('Conv2d_2a_3x3', 32, 32, 3)
+    + _conv('Conv2d_2b_3x3', 32, 64, 3)
+    + _conv('Conv2d_3b_1x1', 64, 80, 1)
+    + _conv('Conv2d_4a_3x3', 80, 192, 3)
+    + _mixed_a('Mixed_5b', 192, 32)
+    + _mixed_a('Mixed_5c', 256, 64)
+    + _mixed_a('Mixed_5d', 288, 64)
+    + _conv('Mixed_6a.branch3x3', 288, 384, 3)
+    + _conv('Mixed_6a.branch3x3dbl_1', 288, 64, 1)
+    + _conv('Mixed_6a.branch3x3dbl_2', 64, 96, 3)
+    + _conv('Mixed_6a.branch3x3dbl_3', 96, 96, 3)
+    + _mixed_c('Mixed_6b', 128)
+    + _mixed_c('Mixed_6c', 160)
+    + _mixed_c('Mixed_6d', 160)
+    + _mixed_c('Mixed_6e', 192)
+    + _conv('Mixed_7a.branch3x3_1', 768, 192, 1)
+    + _conv('Mixed_7a.branch3x3_2', 192, 320, 3)
+    + _conv('Mixed_7a.branch7x7x3_1', 768, 192, 1)
+    + _conv('Mixed_7a.branch7x7x3_2', 192, 192, 1, 7)
+    + _conv('Mixed_7a.branch7x7x3_3', 192, 192, 7, 1)
+    + _conv('Mixed_7a.branch7x7x3_4', 192, 192, 3)
+    + _mixed_e('Mixed_7b', 1280)
+    + _mixed_e('Mixed_7c', 2048)
+    + [('fc.weight', (1008, 2048)), ('fc.bias', (1008,))]
+)
 
 
 def dinov2_layout(dim: int = 1024, depth: int = 24, grid: int = 37, patch: int = 14) -> dict[str, tuple[int, ...]]:
     """Published layout of dinov2_vitl14_pretrain.pth (defaults); smaller arguments give test-sized twins."""
-    layout = {'cls_token': (1, 1, dim), 'pos_embed': (1, grid * grid + 1, dim), 'mask_token': (1, dim),
-              'patch_embed.proj.weight': (dim, 3, patch, patch), 'patch_embed.proj.bias': (dim,)}
+    layout = {
+        'cls_token': (1, 1, dim),
+        'pos_embed': (1, grid * grid + 1, dim),
+        'mask_token': (1, dim),
+        'patch_embed.proj.weight': (dim, 3, patch, patch),
+        'patch_embed.proj.bias': (dim,),
+    }
     for i in range(depth):
         b = f'blocks.{i}'
-        layout.update({f'{b}.norm1.weight': (dim,), f'{b}.norm1.bias': (dim,),
-                       f'{b}.attn.qkv.weight': (3 * dim, dim), f'{b}.attn.qkv.bias': (3 * dim,),
-                       f'{b}.attn.proj.weight': (dim, dim), f'{b}.attn.proj.bias': (dim,), f'{b}.ls1.gamma': (dim,),
-                       f'{b}.norm2.weight': (dim,), f'{b}.norm2.bias': (dim,),
-                       f'{b}.mlp.fc1.weight': (4 * dim, dim), f'{b}.mlp.fc1.bias': (4 * dim,),
-                       f'{b}.mlp.fc2.weight': (dim, 4 * dim), f'{b}.mlp.fc2.bias': (dim,), f'{b}.ls2.gamma': (dim,)})
+        layout.update(
+            {
+                f'{b}.norm1.weight': (dim,),
+                f'{b}.norm1.bias': (dim,),
+                f'{b}.attn.qkv.weight': (3 * dim, dim),
+                f'{b}.attn.qkv.bias': (3 * dim,),
+                f'{b}.attn.proj.weight': (dim, dim),
+                f'{b}.attn.proj.bias': (dim,),
+                f'{b}.ls1.gamma': (dim,),
+                f'{b}.norm2.weight': (dim,),
+                f'{b}.norm2.bias': (dim,),
+                f'{b}.mlp.fc1.weight': (4 * dim, dim),
+                f'{b}.mlp.fc1.bias': (4 * dim,),
+                f'{b}.mlp.fc2.weight': (dim, 4 * dim),
+                f'{b}.mlp.fc2.bias': (dim,),
+                f'{b}.ls2.gamma': (dim,),
+            }
+        )
     layout.update({'norm.weight': (dim,), 'norm.bias': (dim,)})
     return layout
 
@@ -107,7 +159,13 @@ def test_dinov2_vitl14_matches_published_layout_except_mask_token():
 
 def test_inception_pth_loads_from_folder_with_batchnorm_counters(tmp_path, monkeypatch):
     state = random_state(INCEPTION_LAYOUT)
-    state.update({k.replace('running_var', 'num_batches_tracked'): torch.tensor(7) for k in INCEPTION_LAYOUT if k.endswith('running_var')})
+    state.update(
+        {
+            k.replace('running_var', 'num_batches_tracked'): torch.tensor(7)
+            for k in INCEPTION_LAYOUT
+            if k.endswith('running_var')
+        }
+    )
     torch.save(state, tmp_path / 'pt_inception-2015-12-05-6726825d.pth')
     monkeypatch.setenv('EDM2X_DETECTORS', str(tmp_path))
     source = resolve_detector_sources(['fid'])['fid']
@@ -121,7 +179,9 @@ def test_inception_pth_loads_from_folder_with_batchnorm_counters(tmp_path, monke
 def test_dinov2_checkpoint_architecture_is_read_from_its_shapes(tmp_path):
     layout = dinov2_layout(dim=128, depth=2, grid=5)
     torch.save(random_state(layout), tmp_path / 'dinov2_vits_tiny.pth')
-    with pytest.warns(DetectorWarning, match=r'dinov2_vits_tiny\.pth is a DINOv2 ViT of width 128, depth 2 .* not ViT-L/14'):
+    with pytest.warns(
+        DetectorWarning, match=r'dinov2_vits_tiny\.pth is a DINOv2 ViT of width 128, depth 2 .* not ViT-L/14'
+    ):
         module = load_detector('fd_dinov2', str(tmp_path / 'dinov2_vits_tiny.pth'), verbose=False)
     assert (module.feature_dim, len(module.blocks), module.blocks[0].attn.num_heads) == (128, 2, 2)
     features = module(torch.randint(0, 256, [2, 3, 20, 30], dtype=torch.uint8))
@@ -132,14 +192,19 @@ def test_wrong_checkpoint_names_the_file_and_keys(tmp_path):
     state = {k: torch.zeros(shape) for k, shape in INCEPTION_LAYOUT.items()}
     del state['Mixed_7c.branch_pool.conv.weight']
     torch.save(state, tmp_path / 'inception.pth')
-    with pytest.raises(DetectorError, match=r'inception\.pth does not hold FID Inception-v3 weights \(missing Mixed_7c'):
+    with pytest.raises(
+        DetectorError, match=r'inception\.pth does not hold FID Inception-v3 weights \(missing Mixed_7c'
+    ):
         load_detector('fid', str(tmp_path / 'inception.pth'), verbose=False)
 
 
 def test_unreachable_download_tells_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path))
-    monkeypatch.setitem(detectors_mod.DETECTOR_FILES, 'fd_dinov2',
-                        (('dinov2_vitl14_pretrain.pth',), 'http://127.0.0.1:9/dinov2_vitl14_pretrain.pth'))
+    monkeypatch.setitem(
+        detectors_mod.DETECTOR_FILES,
+        'fd_dinov2',
+        (('dinov2_vitl14_pretrain.pth',), 'http://127.0.0.1:9/dinov2_vitl14_pretrain.pth'),
+    )
     monkeypatch.setattr(detectors_mod.dnnlib.util.time, 'sleep', lambda s: None)
     source = resolve_detector_sources(['fd_dinov2'], detectors='')['fd_dinov2']
     with pytest.raises(DetectorError) as info:
@@ -151,7 +216,9 @@ def test_unreachable_download_tells_where_to_put_the_file(tmp_path, monkeypatch)
 def test_detector_file_names_pick_the_metric(tmp_path):
     (tmp_path / 'my-dinov2.pth').write_bytes(b'')
     (tmp_path / 'weights.pth').write_bytes(b'')
-    assert resolve_detector_sources(['fd_dinov2'], str(tmp_path / 'my-dinov2.pth')) == {'fd_dinov2': str(tmp_path / 'my-dinov2.pth')}
+    assert resolve_detector_sources(['fd_dinov2'], str(tmp_path / 'my-dinov2.pth')) == {
+        'fd_dinov2': str(tmp_path / 'my-dinov2.pth')
+    }
     with pytest.raises(DetectorError, match='neither "inception"'):
         resolve_detector_sources(['fid'], str(tmp_path / 'weights.pth'))
     with pytest.raises(DetectorError, match='does not exist'):
@@ -173,7 +240,7 @@ def test_tf1_resize_hand_computed_pixel():
     x = torch.arange(12, dtype=torch.float32).reshape(1, 1, 3, 4)
     y = tf1_resize_bilinear(x, 5)
     # out row 3 -> in row 3*3/5 = 1.8; out col 4 -> in col 4*4/5 = 3.2, clamped to the last column.
-    expected = (0.2 * x[0, 0, 1, 3] + 0.8 * x[0, 0, 2, 3])
+    expected = 0.2 * x[0, 0, 1, 3] + 0.8 * x[0, 0, 2, 3]
     assert y[0, 0, 3, 4].item() == pytest.approx(expected.item())
 
 

@@ -21,8 +21,9 @@ def _rank_values(rank: int) -> np.ndarray:
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     distributed.init()
     collector = training_stats.Collector(regex='loss|only0')
@@ -37,9 +38,14 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
     distributed.barrier()
 
-    result = dict(rank=distributed.get_rank(), world=distributed.get_world_size(),
-                  names=collector.names(), stats=collector.as_dict(), printed=printed.getvalue(),
-                  backend=torch.distributed.get_backend())
+    result = dict(
+        rank=distributed.get_rank(),
+        world=distributed.get_world_size(),
+        names=collector.names(),
+        stats=collector.as_dict(),
+        printed=printed.getvalue(),
+        backend=torch.distributed.get_backend(),
+    )
     with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()
@@ -61,8 +67,9 @@ def test_two_gloo_ranks_agree_with_direct_statistics(tmp_path):
     world = 2
     # Fork skips re-importing torch in each child (seconds); other platforms need spawn.
     start_method = 'fork' if sys.platform == 'linux' else 'spawn'
-    torch.multiprocessing.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
-                                          start_method=start_method)
+    torch.multiprocessing.start_processes(
+        _worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method=start_method
+    )
     results = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(world)]
     union = np.concatenate([_rank_values(r).ravel() for r in range(world)])
     for rank, result in enumerate(results):

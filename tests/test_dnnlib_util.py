@@ -188,10 +188,20 @@ def test_logger_tees_both_streams_and_restores_them(tmp_path, capsys):
     assert captured.out == 'to stdout\nafter close\n' and captured.err == 'to stderr\n'
 
 
-@pytest.mark.parametrize('text, expected', [
-    ('2048', 2048), ('8Mi', 8 * 1024 ** 2), ('3K', 3000), ('2G', 2 * 10 ** 9), ('5Ki', 5 * 1024),
-    ('1Gi', 1024 ** 3), ('7M', 7 * 10 ** 6), ('1.5K', 1500), ('0.5Mi', 1024 ** 2 // 2),
-])
+@pytest.mark.parametrize(
+    'text, expected',
+    [
+        ('2048', 2048),
+        ('8Mi', 8 * 1024**2),
+        ('3K', 3000),
+        ('2G', 2 * 10**9),
+        ('5Ki', 5 * 1024),
+        ('1Gi', 1024**3),
+        ('7M', 7 * 10**6),
+        ('1.5K', 1500),
+        ('0.5Mi', 1024**2 // 2),
+    ],
+)
 def test_parse_nimg_matches_suffix_arithmetic(text, expected):
     assert util.parse_nimg(text) == expected
 
@@ -219,8 +229,14 @@ def test_parse_int_list_errors_say_what_to_write():
         util.parse_int_list('1,x')
 
 
-@pytest.mark.parametrize('seconds, expected', [
-    (42, '42s'), (185, '3m 05s'), (2 * 3600 + 3 * 60 + 5, '2h 03m 05s'), (86400 + 2 * 3600 + 3 * 60, '1d 02h 03m'),
-])
+@pytest.mark.parametrize(
+    'seconds, expected',
+    [
+        (42, '42s'),
+        (185, '3m 05s'),
+        (2 * 3600 + 3 * 60 + 5, '2h 03m 05s'),
+        (86400 + 2 * 3600 + 3 * 60, '1d 02h 03m'),
+    ],
+)
 def test_format_time_splits_units(seconds, expected):
     assert util.format_time(seconds) == expected

@@ -24,8 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_precond(seed: int, label_dim: int = 3, img_resolution: int = 8) -> Precond:
     torch.manual_seed(seed)
-    net = Precond(img_resolution=img_resolution, img_channels=3, label_dim=label_dim, use_fp16=False,
-                  model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    net = Precond(
+        img_resolution=img_resolution,
+        img_channels=3,
+        label_dim=label_dim,
+        use_fp16=False,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+    )
     # Fresh nets have zero output gains; give the U-Net a non-trivial output so that tests can fail.
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -63,10 +71,11 @@ def run_cli(*args: str) -> str:
 def read_pngs(folder: str) -> dict[str, np.ndarray]:
     return {name: np.asarray(PIL.Image.open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
 
+
 # ----------------------------------------------------------------------------
 # Acceptance 1: a pickle in NVIDIA's persistence format, built by hand, against a reference sampler.
 
-NVIDIA_STYLE_SRC = '''
+NVIDIA_STYLE_SRC = """
 import numpy as np
 import torch
 import dnnlib
@@ -108,7 +117,7 @@ class TinyEncoder:
         return x.to(torch.float32) / 127.5 - 1
     def decode(self, x):
         return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
-'''
+"""
 
 
 class _HandBuiltPersistent:
@@ -127,14 +136,16 @@ def reference_sample(net, encoder, seed: int, num_steps: int, S_churn: float, S_
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn([1, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
     label = torch.nn.functional.one_hot(torch.randint(net.label_dim, [1], generator=gen), net.label_dim)
-    sigmas = [(80 ** (1 / 7) + i / (num_steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(num_steps)] + [0]
+    sigmas = [
+        (80 ** (1 / 7) + i / (num_steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(num_steps)
+    ] + [0]
     x = x * sigmas[0]
     for i in range(num_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
-        gamma = min(S_churn / num_steps, 2 ** 0.5 - 1) if S_min <= s <= S_max else 0
+        gamma = min(S_churn / num_steps, 2**0.5 - 1) if S_min <= s <= S_max else 0
         s_hat = s * (1 + gamma)
         if gamma > 0:
-            x = x + (s_hat ** 2 - s ** 2) ** 0.5 * torch.randn(x.shape[1:], generator=gen)[None]
+            x = x + (s_hat**2 - s**2) ** 0.5 * torch.randn(x.shape[1:], generator=gen)[None]
         slope = (x - net(x, torch.tensor([s_hat]), label)) / s_hat
         x_euler = x + (s_next - s_hat) * slope
         if s_next > 0:
@@ -150,13 +161,24 @@ def test_nvidia_format_pickle_gives_the_reference_samplers_images(tmp_path) -> N
     torch.manual_seed(5)
     net = namespace['TinyPrecond'](8, 3, 4).eval().requires_grad_(False)
     encoder = namespace['TinyEncoder']()
-    data = {'ema': _HandBuiltPersistent(net, 'TinyPrecond', (8, 3, 4)), 'encoder': _HandBuiltPersistent(encoder, 'TinyEncoder', ())}
+    data = {
+        'ema': _HandBuiltPersistent(net, 'TinyPrecond', (8, 3, 4)),
+        'encoder': _HandBuiltPersistent(encoder, 'TinyEncoder', ()),
+    }
     pkl = tmp_path / 'edm2-nvidia-style.pkl'
     pkl.write_bytes(pickle.dumps(data))
     assert b'torch_utils.persistence' in pkl.read_bytes() and b'_HandBuilt' not in pkl.read_bytes()
 
-    run_cli(f'--net={pkl}', f'--outdir={tmp_path / "out"}', '--seeds=0-4', '--batch=3', '--steps=6',
-            '--S_churn=10', '--S_min=0.1', '--S_max=20')
+    run_cli(
+        f'--net={pkl}',
+        f'--outdir={tmp_path / "out"}',
+        '--seeds=0-4',
+        '--batch=3',
+        '--steps=6',
+        '--S_churn=10',
+        '--S_min=0.1',
+        '--S_max=20',
+    )
     pngs = read_pngs(str(tmp_path / 'out'))
     assert sorted(pngs) == [f'{seed:06d}.png' for seed in range(5)]
     with torch.no_grad():
@@ -164,6 +186,7 @@ def test_nvidia_format_pickle_gives_the_reference_samplers_images(tmp_path) -> N
             ref = reference_sample(net, encoder, seed, num_steps=6, S_churn=10, S_min=0.1, S_max=20)
             assert np.abs(pngs[f'{seed:06d}.png'].astype(int) - ref.astype(int)).max() <= 1
     assert len({png.tobytes() for png in pngs.values()}) == 5
+
 
 # ----------------------------------------------------------------------------
 # Acceptance 2: images depend on seeds and settings only.
@@ -174,9 +197,20 @@ def test_same_pngs_for_any_batch_size_two_ranks_and_repeated_runs(pickles, tmp_p
     for name, batch in [('b1', 1), ('b7', 7), ('b7-again', 7)]:
         run_cli(*common, f'--batch={batch}', f'--outdir={tmp_path / name}')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate_images.py',
-           *common, '--batch=3', '--device=cpu', f'--outdir={tmp_path / "ranks2"}',
-           f'--grid={tmp_path / "grid.png"}', f'--npz={tmp_path / "all.npz"}']
+    cmd = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        '--nproc_per_node=2',
+        'generate_images.py',
+        *common,
+        '--batch=3',
+        '--device=cpu',
+        f'--outdir={tmp_path / "ranks2"}',
+        f'--grid={tmp_path / "grid.png"}',
+        f'--npz={tmp_path / "all.npz"}',
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -196,8 +230,9 @@ def test_same_pngs_for_any_batch_size_two_ranks_and_repeated_runs(pickles, tmp_p
     assert grid.shape == (3 * 8, 4 * 8, 3)  # 10 images: 4 columns, 3 rows
     for seed in range(10):
         row, col = divmod(seed, 4)
-        assert np.array_equal(grid[row * 8:(row + 1) * 8, col * 8:(col + 1) * 8], stacked[seed])
+        assert np.array_equal(grid[row * 8 : (row + 1) * 8, col * 8 : (col + 1) * 8], stacked[seed])
     assert not grid[16:, 16:].any()
+
 
 # ----------------------------------------------------------------------------
 # Acceptance 3: guidance.
@@ -217,37 +252,60 @@ class CountingNet(torch.nn.Module):
 
 def test_guidance_one_never_evaluates_or_loads_the_guiding_net(pickles, tmp_path) -> None:
     gnet = CountingNet(tiny_precond(1, label_dim=0))
-    batches = list(generate_images.generate_images(tiny_precond(0), gnet=gnet, seeds=range(3), device='cpu', num_steps=3, guidance=1))
+    batches = list(
+        generate_images.generate_images(
+            tiny_precond(0), gnet=gnet, seeds=range(3), device='cpu', num_steps=3, guidance=1
+        )
+    )
     assert gnet.calls == 0 and sum(len(b.seeds) for b in batches) == 3
-    list(generate_images.generate_images(tiny_precond(0), gnet=gnet, seeds=range(3), device='cpu', num_steps=3, guidance=2))
+    list(
+        generate_images.generate_images(
+            tiny_precond(0), gnet=gnet, seeds=range(3), device='cpu', num_steps=3, guidance=2
+        )
+    )
     assert gnet.calls == 5
-    run_cli(f'--net={pickles["net"]}', f'--gnet={tmp_path / "missing.pkl"}', '--guidance=1', '--steps=2',
-            '--seeds=0', f'--outdir={tmp_path}')
+    run_cli(
+        f'--net={pickles["net"]}',
+        f'--gnet={tmp_path / "missing.pkl"}',
+        '--guidance=1',
+        '--steps=2',
+        '--seeds=0',
+        f'--outdir={tmp_path}',
+    )
 
 
 def test_guided_images_equal_the_guidance_formula(pickles) -> None:
     # One step from sigma to 0 lands on the guided denoiser's output: D_g + w (D - D_g) at x = sigma * noise.
     net, gnet, w, sigma, seeds = tiny_precond(0), tiny_precond(1, label_dim=0), 2.5, 1.3, [4, 9]
-    (batch,) = generate_images.generate_images(net, gnet=gnet, seeds=seeds, device='cpu', num_steps=1,
-                                               sigma_max=sigma, guidance=w)
+    (batch,) = generate_images.generate_images(
+        net, gnet=gnet, seeds=seeds, device='cpu', num_steps=1, sigma_max=sigma, guidance=w
+    )
     for i, seed in enumerate(seeds):
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn([1, 3, 8, 8], generator=gen) * sigma
         label = torch.nn.functional.one_hot(torch.randint(3, [1], generator=gen), 3).float()
-        assert torch.equal(batch.labels[i:i + 1], label)
+        assert torch.equal(batch.labels[i : i + 1], label)
         d, d_g = net(x, torch.tensor(sigma), label), gnet(x, torch.tensor(sigma))
         expected = StandardRGBEncoder().decode(d_g + w * (d - d_g))
-        assert (batch.images[i:i + 1].int() - expected.int()).abs().max() <= 1
+        assert (batch.images[i : i + 1].int() - expected.int()).abs().max() <= 1
     (unguided,) = generate_images.generate_images(net, seeds=seeds, device='cpu', num_steps=1, sigma_max=sigma)
     assert not torch.equal(unguided.images, batch.images)
+
 
 # ----------------------------------------------------------------------------
 # Output layout and presets.
 
 
 def test_subdirs_class_and_npz_layout(pickles, tmp_path) -> None:
-    run_cli(f'--net={pickles["net"]}', '--seeds=999-1001', '--steps=2', '--class=2', '--subdirs',
-            f'--outdir={tmp_path / "out"}', f'--npz={tmp_path / "a.npz"}')
+    run_cli(
+        f'--net={pickles["net"]}',
+        '--seeds=999-1001',
+        '--steps=2',
+        '--class=2',
+        '--subdirs',
+        f'--outdir={tmp_path / "out"}',
+        f'--npz={tmp_path / "a.npz"}',
+    )
     assert sorted(os.listdir(tmp_path / 'out')) == ['000000', '001000']
     assert sorted(os.listdir(tmp_path / 'out' / '001000')) == ['001000.png', '001001.png']
     with np.load(tmp_path / 'a.npz') as npz:
@@ -272,6 +330,7 @@ def test_demo_preset_uses_the_newest_snapshot_in_runs_demo(pickles, tmp_path, mo
 
 def test_every_published_preset_names_a_published_pickle() -> None:
     from training.presets_generate import presets
+
     name_re = r'https://nvlabs-fi-cdn\.nvidia\.com/edm2/posthoc-reconstructions/edm2-img(512|64)-(xs|s|m|l|xl|xxl)(-uncond)?-\d{7}-0\.\d{3}\.pkl'
     published = [name for name in presets if name.startswith('edm2-')]
     assert len(published) == 36
@@ -282,30 +341,38 @@ def test_every_published_preset_names_a_published_pickle() -> None:
         assert p.net.split('/')[-1].startswith(f'edm2-{name.split("-")[1]}-')
     assert presets['edm2-img512-xxl-autog-dino'].gnet.endswith('edm2-img512-m-0268435-0.205.pkl')
 
+
 # ----------------------------------------------------------------------------
 # Acceptance 6: bad input ends with one clear line.
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--net={missing}'], 'not found'),
-    (['--net={not-network}'], 'holds no network'),
-    (['--net={ema-not-module}'], 'holds no network'),
-    (['--net={garbage}'], 'not a readable network pickle'),
-    (['--net={net}', '--seeds=5-2'], 'reversed range'),
-    (['--net={net}', '--class=3'], 'classes 0 to 2'),
-    (['--net={uncond}', '--class=0'], 'unconditional'),
-    (['--net={net}', '--gnet={res16}', '--guidance=2'], '3x16x16'),
-    (['--net={net}', '--guidance=2'], 'guiding network'),
-    (['--preset=no-such-preset'], 'Unknown preset'),
-    (['--net={emptydir}'], 'holds no network snapshot'),
-    (['--net={net}', '--device=nonsense'], '--device=nonsense'),
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--net={missing}'], 'not found'),
+        (['--net={not-network}'], 'holds no network'),
+        (['--net={ema-not-module}'], 'holds no network'),
+        (['--net={garbage}'], 'not a readable network pickle'),
+        (['--net={net}', '--seeds=5-2'], 'reversed range'),
+        (['--net={net}', '--class=3'], 'classes 0 to 2'),
+        (['--net={uncond}', '--class=0'], 'unconditional'),
+        (['--net={net}', '--gnet={res16}', '--guidance=2'], '3x16x16'),
+        (['--net={net}', '--guidance=2'], 'guiding network'),
+        (['--preset=no-such-preset'], 'Unknown preset'),
+        (['--net={emptydir}'], 'holds no network snapshot'),
+        (['--net={net}', '--device=nonsense'], '--device=nonsense'),
+    ],
+)
 def test_bad_input_gives_one_error_line(pickles, tmp_path, args, message) -> None:
     (tmp_path / 'empty').mkdir()
     paths = dict(pickles, missing=str(tmp_path / 'missing.pkl'), emptydir=str(tmp_path / 'empty'))
     args = [arg.format(**paths) for arg in args]
     result = CliRunner().invoke(generate_images.main, [*args, '--steps=2', f'--outdir={tmp_path / "out"}'])
-    lines = [line for line in result.output.splitlines() if line.strip() and '%|' not in line and not line.startswith(('Loading', 'Generating'))]
+    lines = [
+        line
+        for line in result.output.splitlines()
+        if line.strip() and '%|' not in line and not line.startswith(('Loading', 'Generating'))
+    ]
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith('Error: ') and message in lines[0], result.output
     assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')

@@ -10,7 +10,7 @@ def test_tile_places_each_image_in_its_cell_row_by_row():
     assert grid.shape == (3 * 4, 2 * 6, 3)
     for i in range(5):
         row, col = divmod(i, 2)
-        cell = grid[row * 4:(row + 1) * 4, col * 6:(col + 1) * 6]
+        cell = grid[row * 4 : (row + 1) * 4, col * 6 : (col + 1) * 6]
         np.testing.assert_array_equal(cell, images[i].transpose(1, 2, 0))
     assert not grid[8:, 6:].any()
 

@@ -7,8 +7,16 @@ import pytest
 import scipy.linalg
 import torch
 
-from training.metrics import (FeatureStats, MetricsError, calculate_metrics_from_stats, calculate_stats_for_iterable,
-                              frechet_distance, load_stats, parse_metrics, save_stats)
+from training.metrics import (
+    FeatureStats,
+    MetricsError,
+    calculate_metrics_from_stats,
+    calculate_stats_for_iterable,
+    frechet_distance,
+    load_stats,
+    parse_metrics,
+    save_stats,
+)
 
 
 def _random_stats(dim: int, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -22,7 +30,9 @@ def _fd_by_eigenvalues(mu1, sigma1, mu2, sigma2) -> float:
     w, v = np.linalg.eigh(sigma1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     lam = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sum(np.sqrt(np.clip(lam, 0, None))))
+    return float(
+        np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sum(np.sqrt(np.clip(lam, 0, None)))
+    )
 
 
 @pytest.mark.parametrize('dim', [8, 64])
@@ -77,12 +87,14 @@ class _ChannelMeans(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255
-        return torch.cat([x.mean(dim=[2, 3]), (x ** 2).mean(dim=[2, 3])], dim=1)
+        return torch.cat([x.mean(dim=[2, 3]), (x**2).mean(dim=[2, 3])], dim=1)
 
 
 def test_stats_for_iterable_equal_direct_computation():
     images = torch.randint(0, 256, [10, 3, 4, 4], dtype=torch.uint8)
-    stats = calculate_stats_for_iterable(images.split(3), ['fid'], detectors={'fid': _ChannelMeans()}, device='cpu', verbose=False)
+    stats = calculate_stats_for_iterable(
+        images.split(3), ['fid'], detectors={'fid': _ChannelMeans()}, device='cpu', verbose=False
+    )
     features = _ChannelMeans()(images).double().numpy()
     np.testing.assert_allclose(stats['fid']['mu'], features.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(stats['fid']['sigma'], np.cov(features, rowvar=False), rtol=1e-9)
@@ -90,8 +102,13 @@ def test_stats_for_iterable_equal_direct_computation():
 
 def test_stats_for_iterable_rejects_non_rgb_batches():
     with pytest.raises(MetricsError, match='3 channels, got 1'):
-        calculate_stats_for_iterable([torch.zeros([2, 1, 4, 4], dtype=torch.uint8)], ['fid'],
-                                     detectors={'fid': _ChannelMeans()}, device='cpu', verbose=False)
+        calculate_stats_for_iterable(
+            [torch.zeros([2, 1, 4, 4], dtype=torch.uint8)],
+            ['fid'],
+            detectors={'fid': _ChannelMeans()},
+            device='cpu',
+            verbose=False,
+        )
 
 
 def test_stats_files_round_trip_as_pkl_and_npz(tmp_path):

@@ -35,12 +35,14 @@ def test_constant_broadcasts_to_shape_and_memory_format():
 @pytest.mark.parametrize('num_replicas', [1, 3])
 def test_sampler_ranks_cover_each_epoch_exactly_once(num_replicas):
     n = 10
-    streams = [_take(misc.InfiniteSampler(range(n), rank=r, num_replicas=num_replicas, seed=1), 2 * n)
-               for r in range(num_replicas)]
+    streams = [
+        _take(misc.InfiniteSampler(range(n), rank=r, num_replicas=num_replicas, seed=1), 2 * n)
+        for r in range(num_replicas)
+    ]
     # Rebuild the global stream: position p belongs to rank p % num_replicas.
     merged = [streams[p % num_replicas][p // num_replicas] for p in range(2 * n)]
-    assert sorted(merged[:n]) == list(range(n)) and sorted(merged[n:2 * n]) == list(range(n))
-    assert merged[:n] != merged[n:2 * n]  # A fresh permutation per epoch.
+    assert sorted(merged[:n]) == list(range(n)) and sorted(merged[n : 2 * n]) == list(range(n))
+    assert merged[:n] != merged[n : 2 * n]  # A fresh permutation per epoch.
 
 
 @pytest.mark.parametrize('num_replicas, start_idx', [(1, 7), (2, 7), (2, 8), (3, 23)])
@@ -48,12 +50,13 @@ def test_resumed_sampler_continues_the_uninterrupted_stream(num_replicas, start_
     n = 9
     for rank in range(num_replicas):
         full = _take(misc.InfiniteSampler(range(n), rank=rank, num_replicas=num_replicas, seed=5), 40)
-        resumed = _take(misc.InfiniteSampler(range(n), rank=rank, num_replicas=num_replicas, seed=5,
-                                             start_idx=start_idx), 20)
+        resumed = _take(
+            misc.InfiniteSampler(range(n), rank=rank, num_replicas=num_replicas, seed=5, start_idx=start_idx), 20
+        )
         # Global positions of this rank's items in the uninterrupted run, and the first one not skipped.
         positions = [rank + k * num_replicas for k in range(40)]
         first = next(k for k, p in enumerate(positions) if p >= start_idx)
-        assert resumed == full[first:first + 20]
+        assert resumed == full[first : first + 20]
 
 
 def test_sampler_seed_and_shuffle_flag():

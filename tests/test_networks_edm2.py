@@ -74,7 +74,7 @@ def test_mp_silu_keeps_unit_rms():
     assert_unit_mean_square(y.pow(2), bias=2e-3)
 
 
-@pytest.mark.parametrize("t", [0.3, 0.5, 0.8])
+@pytest.mark.parametrize('t', [0.3, 0.5, 0.8])
 def test_mp_sum_keeps_unit_rms(t):
     torch.manual_seed(0)
     a, b = torch.randn(2, 1 << 20)
@@ -83,7 +83,7 @@ def test_mp_sum_keeps_unit_rms(t):
     assert_unit_mean_square(y.pow(2))
 
 
-@pytest.mark.parametrize("t", [0.3, 0.5])
+@pytest.mark.parametrize('t', [0.3, 0.5])
 def test_mp_cat_keeps_unit_rms_for_unequal_channel_counts(t):
     torch.manual_seed(0)
     a = torch.randn(512, 8, 4, 4)
@@ -128,29 +128,29 @@ def test_mp_fourier_keeps_unit_rms_and_matches_buffers():
 def test_resample_up_repeats_pixels_and_down_inverts_it():
     torch.manual_seed(0)
     x = torch.randn(256, 4, 8, 8)
-    up = nets.resample(x, mode="up")
+    up = nets.resample(x, mode='up')
     torch.testing.assert_close(up, x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
     assert_unit_mean_square(up.pow(2).mean(dim=[1, 2, 3]))
     # Down on a signal constant over 2x2 tiles (the low-frequency content images carry) keeps it.
-    down = nets.resample(up, mode="down")
+    down = nets.resample(up, mode='down')
     torch.testing.assert_close(down, x)
     assert_unit_mean_square(down.pow(2).mean(dim=[1, 2, 3]))
-    assert nets.resample(x, mode="keep") is x
+    assert nets.resample(x, mode='keep') is x
 
 
 def test_resample_down_halves_rms_of_white_noise_and_encoder_pixel_norm_restores_it():
     torch.manual_seed(0)
     x = torch.randn(256, 32, 8, 8)
-    down = nets.resample(x, mode="down")
+    down = nets.resample(x, mode='down')
     # A 2x2 mean of 4 independent unit values has variance 1/4.
     assert_unit_mean_square(4 * down.pow(2).mean(dim=[1, 2, 3]))
     # The encoder block pixel-normalises right after downsampling, restoring unit RMS per pixel.
-    block = nets.Block(32, 32, 8, flavor="enc", resample_mode="down").eval()
+    block = nets.Block(32, 32, 8, flavor='enc', resample_mode='down').eval()
     seen = {}
-    record_input(block.conv_res0, seen, "x")
+    record_input(block.conv_res0, seen, 'x')
     block(x, torch.randn(256, 8))
     rms = down.pow(2).mean(dim=1, keepdim=True).sqrt()
-    torch.testing.assert_close(seen["x"], nets.mp_silu(down / (1e-4 + rms)))
+    torch.testing.assert_close(seen['x'], nets.mp_silu(down / (1e-4 + rms)))
 
 
 # ----------------------------------------------------------------------------
@@ -196,44 +196,44 @@ def expected_tiny_state_dict_shapes() -> dict[str, tuple[int, ...]]:
 
     def block(prefix, cin, cout, flavor, attn):
         d = {
-            f"{prefix}.emb_gain": (),
-            f"{prefix}.conv_res0.weight": (cout, cout if flavor == "enc" else cin, 3, 3),
-            f"{prefix}.emb_linear.weight": (cout, 32),
-            f"{prefix}.conv_res1.weight": (cout, cout, 3, 3),
+            f'{prefix}.emb_gain': (),
+            f'{prefix}.conv_res0.weight': (cout, cout if flavor == 'enc' else cin, 3, 3),
+            f'{prefix}.emb_linear.weight': (cout, 32),
+            f'{prefix}.conv_res1.weight': (cout, cout, 3, 3),
         }
         if cin != cout:
-            d[f"{prefix}.conv_skip.weight"] = (cout, cin, 1, 1)
+            d[f'{prefix}.conv_skip.weight'] = (cout, cin, 1, 1)
         if attn:
-            d[f"{prefix}.attn_qkv.weight"] = (3 * cout, cout, 1, 1)
-            d[f"{prefix}.attn_proj.weight"] = (cout, cout, 1, 1)
+            d[f'{prefix}.attn_qkv.weight'] = (3 * cout, cout, 1, 1)
+            d[f'{prefix}.attn_proj.weight'] = (cout, cout, 1, 1)
         return d
 
-    e, d = "unet.enc", "unet.dec"
+    e, d = 'unet.enc', 'unet.dec'
     return {
-        "logvar_fourier.freqs": (8,),
-        "logvar_fourier.phases": (8,),
-        "logvar_linear.weight": (1, 8),
-        "unet.out_gain": (),
-        "unet.emb_fourier.freqs": (16,),
-        "unet.emb_fourier.phases": (16,),
-        "unet.emb_noise.weight": (32, 16),
-        "unet.emb_label.weight": (32, 10),
-        f"{e}.16x16_conv.weight": (16, 4, 3, 3),
-        **block(f"{e}.16x16_block0", 16, 16, "enc", False),
-        **block(f"{e}.16x16_block1", 16, 16, "enc", False),
-        **block(f"{e}.8x8_down", 16, 16, "enc", False),
-        **block(f"{e}.8x8_block0", 16, 32, "enc", True),
-        **block(f"{e}.8x8_block1", 32, 32, "enc", True),
-        **block(f"{d}.8x8_in0", 32, 32, "dec", True),
-        **block(f"{d}.8x8_in1", 32, 32, "dec", False),
-        **block(f"{d}.8x8_block0", 64, 32, "dec", True),
-        **block(f"{d}.8x8_block1", 64, 32, "dec", True),
-        **block(f"{d}.8x8_block2", 48, 32, "dec", True),
-        **block(f"{d}.16x16_up", 32, 32, "dec", False),
-        **block(f"{d}.16x16_block0", 48, 16, "dec", False),
-        **block(f"{d}.16x16_block1", 32, 16, "dec", False),
-        **block(f"{d}.16x16_block2", 32, 16, "dec", False),
-        "unet.out_conv.weight": (3, 16, 3, 3),
+        'logvar_fourier.freqs': (8,),
+        'logvar_fourier.phases': (8,),
+        'logvar_linear.weight': (1, 8),
+        'unet.out_gain': (),
+        'unet.emb_fourier.freqs': (16,),
+        'unet.emb_fourier.phases': (16,),
+        'unet.emb_noise.weight': (32, 16),
+        'unet.emb_label.weight': (32, 10),
+        f'{e}.16x16_conv.weight': (16, 4, 3, 3),
+        **block(f'{e}.16x16_block0', 16, 16, 'enc', False),
+        **block(f'{e}.16x16_block1', 16, 16, 'enc', False),
+        **block(f'{e}.8x8_down', 16, 16, 'enc', False),
+        **block(f'{e}.8x8_block0', 16, 32, 'enc', True),
+        **block(f'{e}.8x8_block1', 32, 32, 'enc', True),
+        **block(f'{d}.8x8_in0', 32, 32, 'dec', True),
+        **block(f'{d}.8x8_in1', 32, 32, 'dec', False),
+        **block(f'{d}.8x8_block0', 64, 32, 'dec', True),
+        **block(f'{d}.8x8_block1', 64, 32, 'dec', True),
+        **block(f'{d}.8x8_block2', 48, 32, 'dec', True),
+        **block(f'{d}.16x16_up', 32, 32, 'dec', False),
+        **block(f'{d}.16x16_block0', 48, 16, 'dec', False),
+        **block(f'{d}.16x16_block1', 32, 16, 'dec', False),
+        **block(f'{d}.16x16_block2', 32, 16, 'dec', False),
+        'unet.out_conv.weight': (3, 16, 3, 3),
     }
 
 
@@ -248,21 +248,21 @@ def test_state_dict_names_and_shapes_match_spec():
         "8x8_in0", "8x8_in1", "8x8_block0", "8x8_block1", "8x8_block2",
         "16x16_up", "16x16_block0", "16x16_block1", "16x16_block2",
     ]  # fmt: skip
-    assert {k for k, _ in net.named_buffers()} == {k for k in got if k.endswith(("freqs", "phases"))}
+    assert {k for k, _ in net.named_buffers()} == {k for k in got if k.endswith(('freqs', 'phases'))}
 
 
 def test_unconditional_net_has_no_label_embedding():
-    net = nets.Precond(**{**TINY, "label_dim": 0})
-    expected = {k for k in expected_tiny_state_dict_shapes() if k != "unet.emb_label.weight"}
+    net = nets.Precond(**{**TINY, 'label_dim': 0})
+    expected = {k for k in expected_tiny_state_dict_shapes() if k != 'unet.emb_label.weight'}
     assert set(net.state_dict()) == expected
 
 
 @pytest.mark.parametrize(
-    "model_channels, published_millions",
+    'model_channels, published_millions',
     [(128, 125), (192, 280), (256, 498), (320, 777), (384, 1119), (448, 1523)],
 )
 def test_img512_parameter_counts_match_published_table(model_channels, published_millions):
-    with torch.device("meta"):
+    with torch.device('meta'):
         net = nets.Precond(img_resolution=64, img_channels=4, label_dim=1000, model_channels=model_channels)
     count = sum(p.numel() for p in net.parameters())
     assert abs(count / 1e6 - published_millions) <= 0.005 * published_millions, count
@@ -272,10 +272,10 @@ def test_decoder_blocks_read_mp_cat_of_previous_output_and_matching_encoder_skip
     torch.manual_seed(0)
     net = tiny_precond(concat_balance=0.3)
     unet, outputs, inputs = net.unet, {}, {}
-    for prefix, modules in [("enc", unet.enc), ("dec", unet.dec)]:
+    for prefix, modules in [('enc', unet.enc), ('dec', unet.dec)]:
         for name, module in modules.items():
-            record_output(module, outputs, f"{prefix}.{name}")
-            record_input(module, inputs, f"{prefix}.{name}")
+            record_output(module, outputs, f'{prefix}.{name}')
+            record_input(module, inputs, f'{prefix}.{name}')
     net(torch.randn(2, 3, 16, 16), 1.0, torch.eye(10)[[2, 3]])
     # (decoder block, decoder module before it, encoder output it pairs with): skips pair in reverse order.
     pairs = [
@@ -285,11 +285,11 @@ def test_decoder_blocks_read_mp_cat_of_previous_output_and_matching_encoder_skip
     ]  # fmt: skip
     t = 0.3
     for block, prev, skip in pairs:
-        a, b = outputs[f"dec.{prev}"], outputs[f"enc.{skip}"]
+        a, b = outputs[f'dec.{prev}'], outputs[f'enc.{skip}']
         Na, Nb = a.shape[1], b.shape[1]
         C = math.sqrt((Na + Nb) / ((1 - t) ** 2 + t**2))
         expected = torch.cat([C * (1 - t) / math.sqrt(Na) * a, C * t / math.sqrt(Nb) * b], dim=1)
-        torch.testing.assert_close(inputs[f"dec.{block}"], expected)
+        torch.testing.assert_close(inputs[f'dec.{block}'], expected)
 
 
 # ----------------------------------------------------------------------------
@@ -353,15 +353,15 @@ def test_class_labels_matter_and_are_ignored_when_label_dim_is_zero():
 
 def test_one_hot_label_embedding_is_a_column_of_the_normalised_weight():
     torch.manual_seed(0)
-    net = nets.Precond(**{**TINY, "label_dim": 1000}).eval()
+    net = nets.Precond(**{**TINY, 'label_dim': 1000}).eval()
     seen = {}
-    record_output(net.unet.emb_label, seen, "emb")
+    record_output(net.unet.emb_label, seen, 'emb')
     labels = torch.tensor([0, 17, 500, 999])
     net(torch.randn(4, 3, 16, 16), 1.0, torch.eye(1000)[labels])
     # The one-hot is scaled by sqrt(label_dim), so it picks column j of the row-normalised weight.
     w = net.unet.emb_label.weight
     w_hat = w / (1e-4 + w.pow(2).mean(dim=1, keepdim=True).sqrt())
-    torch.testing.assert_close(seen["emb"], w_hat[:, labels].t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen['emb'], w_hat[:, labels].t(), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -370,21 +370,22 @@ def test_one_hot_label_embedding_is_a_column_of_the_normalised_weight():
 
 def test_attention_equals_plain_softmax_einsum_with_per_head_qkv_split():
     torch.manual_seed(0)
-    block = nets.Block(32, 32, 8, flavor="enc", attention=True, channels_per_head=8).eval()
+    block = nets.Block(32, 32, 8, flavor='enc', attention=True, channels_per_head=8).eval()
     seen = {}
-    record_output(block.attn_qkv, seen, "qkv")
-    record_input(block.attn_proj, seen, "attn")
+    record_output(block.attn_qkv, seen, 'qkv')
+    record_input(block.attn_proj, seen, 'attn')
     block(torch.randn(2, 32, 4, 4), torch.randn(2, 8))
 
-    qkv = seen["qkv"].double().reshape(2, 4, 8, 3, 16)  # (N, heads, head_channels, q/k/v, pixels)
+    qkv = seen['qkv'].double().reshape(2, 4, 8, 3, 16)  # (N, heads, head_channels, q/k/v, pixels)
     q, k, v = (t / (1e-4 + t.pow(2).mean(dim=2, keepdim=True).sqrt()) for t in qkv.unbind(3))
-    w = torch.softmax(torch.einsum("nhcq,nhck->nhqk", q, k) / math.sqrt(8), dim=3)
-    expected = torch.einsum("nhqk,nhck->nhcq", w, v).reshape(2, 32, 4, 4)
-    torch.testing.assert_close(seen["attn"].double(), expected, rtol=1e-5, atol=1e-5)
+    w = torch.softmax(torch.einsum('nhcq,nhck->nhqk', q, k) / math.sqrt(8), dim=3)
+    expected = torch.einsum('nhqk,nhck->nhcq', w, v).reshape(2, 32, 4, 4)
+    torch.testing.assert_close(seen['attn'].double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def reference_block(block: nets.Block, x: torch.Tensor, emb: torch.Tensor, res_t: float, attn_t: float,
-                    heads: int, clip: float) -> torch.Tensor:
+def reference_block(
+    block: nets.Block, x: torch.Tensor, emb: torch.Tensor, res_t: float, attn_t: float, heads: int, clip: float
+) -> torch.Tensor:
     """The block of SPEC §2 in plain float64 ops, reading only the block's weights."""
     F = torch.nn.functional
 
@@ -403,23 +404,23 @@ def reference_block(block: nets.Block, x: torch.Tensor, emb: torch.Tensor, res_t
         return ((1 - t) * a + t * b) / math.sqrt((1 - t) ** 2 + t**2)
 
     x, emb = x.double(), emb.double()
-    if block.flavor == "enc":
+    if block.flavor == 'enc':
         x = pixel_norm(F.conv2d(x, weight(block.conv_skip)))
     y = F.conv2d(silu(x), weight(block.conv_res0), padding=1)
     scale = 1 + block.emb_gain.double() * emb @ weight(block.emb_linear).t()
     y = F.conv2d(silu(y * scale[:, :, None, None]), weight(block.conv_res1), padding=1)
-    if block.flavor == "dec":
+    if block.flavor == 'dec':
         x = F.conv2d(x, weight(block.conv_skip))
     x = blend(x, y, res_t)
     n, c, h, w = x.shape
     qkv = F.conv2d(x, weight(block.attn_qkv)).reshape(n, heads, c // heads, 3, h * w)
     q, k, v = (pixel_norm(t, dim=2) for t in qkv.unbind(3))
-    a = torch.softmax(torch.einsum("nhcq,nhck->nhqk", q, k) / math.sqrt(c // heads), dim=3)
-    y = F.conv2d(torch.einsum("nhqk,nhck->nhcq", a, v).reshape(n, c, h, w), weight(block.attn_proj))
+    a = torch.softmax(torch.einsum('nhcq,nhck->nhqk', q, k) / math.sqrt(c // heads), dim=3)
+    y = F.conv2d(torch.einsum('nhqk,nhck->nhcq', a, v).reshape(n, c, h, w), weight(block.attn_proj))
     return blend(x, y, attn_t).clip(-clip, clip)
 
 
-@pytest.mark.parametrize("flavor", ["enc", "dec"])
+@pytest.mark.parametrize('flavor', ['enc', 'dec'])
 def test_block_matches_plain_reference(flavor):
     torch.manual_seed(0)
     block = nets.Block(16, 32, 8, flavor=flavor, attention=True, channels_per_head=8, res_balance=0.2,
@@ -468,7 +469,7 @@ def test_bf16_mode_computes_in_bfloat16_on_cpu_close_to_fp32_and_force_fp32_over
     torch.manual_seed(0)
     net = tiny_precond()
     bf16 = copy.deepcopy(net)
-    bf16.use_fp16 = "bf16"
+    bf16.use_fp16 = 'bf16'
     seen = []
     bf16.unet.out_conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     x = torch.randn(2, 3, 16, 16)
@@ -478,11 +479,12 @@ def test_bf16_mode_computes_in_bfloat16_on_cpu_close_to_fp32_and_force_fp32_over
     torch.testing.assert_close(bf16(x, 0.8, force_fp32=True), ref)
     assert seen[-1] == torch.float32
     with pytest.raises(ValueError):
-        nets.Precond(**TINY, use_fp16="fp8")
+        nets.Precond(**TINY, use_fp16='fp8')
 
 
 # ----------------------------------------------------------------------------
 # Pickling.
+
 
 def test_precond_pickles_as_persistent_class_and_reloads_identically():
     import pickle
@@ -491,9 +493,9 @@ def test_precond_pickles_as_persistent_class_and_reloads_identically():
 
     torch.manual_seed(0)
     net = tiny_precond()
-    assert persistence.is_persistent(net) and persistence.is_persistent(net.unet.enc["8x8_block0"])
+    assert persistence.is_persistent(net) and persistence.is_persistent(net.unet.enc['8x8_block0'])
     loaded = pickle.loads(pickle.dumps(net))
-    assert loaded.init_kwargs["model_channels"] == 16
+    assert loaded.init_kwargs['model_channels'] == 16
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(loaded(x, 0.5, torch.eye(10)[[4, 9]]), net(x, 0.5, torch.eye(10)[[4, 9]]))
 
@@ -521,4 +523,3 @@ def test_tiny_net_reduces_loss_on_fixed_batch():
         losses.append(loss.item())
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.8 * losses[0], losses
-

@@ -14,8 +14,17 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 def tiny_text_net(**kwargs) -> TextPrecond:
     torch.manual_seed(0)
-    options = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8,
-                   text_length=16, text_channels=16, text_layers=1, use_fp16=False)
+    options = dict(
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        channels_per_head=8,
+        text_length=16,
+        text_channels=16,
+        text_layers=1,
+        use_fp16=False,
+    )
     return TextPrecond(img_resolution=8, img_channels=3, **{**options, **kwargs}).eval()
 
 
@@ -32,7 +41,7 @@ def test_cross_attention_preserves_unit_magnitude():
     assert abs(float(y.square().mean()) - 1) < 0.05
     # The residual branch is exactly proj(value of token 0), recovered by inverting the MP-sum (Eq. 88).
     t = layer.balance
-    branch = (y * np.sqrt((1 - t) ** 2 + t ** 2) - (1 - t) * x) / t
+    branch = (y * np.sqrt((1 - t) ** 2 + t**2) - (1 - t) * x) / t
     v = layer.kv(features)[:, :1, 64:]
     v = v.reshape(8, 1, 4, 16)
     v = (v / (1e-4 + v.norm(dim=3, keepdim=True) / 4)).reshape(8, 64, 1, 1).expand(8, 64, 6, 6)

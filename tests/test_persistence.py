@@ -11,7 +11,7 @@ import torch
 
 from torch_utils import persistence
 
-MODULE_SRC = textwrap.dedent('''
+MODULE_SRC = textwrap.dedent("""
     import torch
     from torch_utils import persistence
 
@@ -35,7 +35,7 @@ MODULE_SRC = textwrap.dedent('''
             return self.inner(x) * self.scale
 
     OFFSET = 1.0
-''')
+""")
 
 
 class _MetaCapture(pickle.Unpickler):
@@ -89,16 +89,21 @@ def test_meta_follows_spec_and_survives_repickling(temp_module):
     module, forget = temp_module
     data = pickle.dumps(module.Outer(3))
     meta = _raw_meta(data)
-    assert {k: meta[k] for k in ('type', 'version', 'class_name')} == {'type': 'class', 'version': 6,
-                                                                        'class_name': 'Outer'}
+    assert {k: meta[k] for k in ('type', 'version', 'class_name')} == {
+        'type': 'class',
+        'version': 6,
+        'class_name': 'Outer',
+    }
     assert meta['module_src'] == MODULE_SRC
     inner_meta = meta['state']['_modules']['inner']
     assert inner_meta['class_name'] == 'Inner' and inner_meta['module_src'] == MODULE_SRC
     forget()
     again = _raw_meta(pickle.dumps(pickle.loads(data)))
     assert again['module_src'] == MODULE_SRC
-    assert torch.equal(again['state']['_modules']['inner']['state']['_modules']['linear'].weight,
-                       meta['state']['_modules']['inner']['state']['_modules']['linear'].weight)
+    assert torch.equal(
+        again['state']['_modules']['inner']['state']['_modules']['linear'].weight,
+        meta['state']['_modules']['inner']['state']['_modules']['linear'].weight,
+    )
 
 
 def test_same_source_is_executed_once(temp_module):
@@ -143,7 +148,7 @@ def test_unknown_format_is_rejected():
         persistence._reconstruct_persistent_obj(meta)
 
 
-NVIDIA_STYLE_SRC = textwrap.dedent('''
+NVIDIA_STYLE_SRC = textwrap.dedent("""
     import numpy as np
     import torch
     import psutil
@@ -161,7 +166,7 @@ NVIDIA_STYLE_SRC = textwrap.dedent('''
 
         def forward(self, x):
             return x * misc.const_like(x, [1.0, 2.0]) * np.float32(self.k), dnnlib.make_cache_dir_path('x')
-''')
+""")
 
 
 class _HandBuilt:

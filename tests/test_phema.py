@@ -18,7 +18,7 @@ class Trajectory(torch.nn.Module):
 def unit_profile(t: float, std: float):
     """Unit-mass power profile p(τ) = (γ+1) τ^γ / t^(γ+1) on [0, t], evaluated independently."""
     g = phema.std_to_exp(std)
-    return lambda tau: (g + 1) * tau ** g / t ** (g + 1) if 0 <= tau <= t else 0.0
+    return lambda tau: (g + 1) * tau**g / t ** (g + 1) if 0 <= tau <= t else 0.0
 
 
 @pytest.mark.parametrize('exp', [-0.2, 0.0, 1.5, 6.94, 16.97, 100.0])
@@ -48,9 +48,16 @@ def test_std_to_exp_rejects_stds_without_profile(std):
         phema.std_to_exp(std)
 
 
-@pytest.mark.parametrize('a_ofs, a_std, b_ofs, b_std', [
-    (10, 0.05, 10, 0.05), (3, 0.10, 10, 0.05), (10, 0.05, 3, 0.10), (7, 0.2, 8, 0.01), (1, 0.15, 4, 0.15),
-])
+@pytest.mark.parametrize(
+    'a_ofs, a_std, b_ofs, b_std',
+    [
+        (10, 0.05, 10, 0.05),
+        (3, 0.10, 10, 0.05),
+        (10, 0.05, 3, 0.10),
+        (7, 0.2, 8, 0.01),
+        (1, 0.15, 4, 0.15),
+    ],
+)
 def test_correlation_matches_numerical_integration(a_ofs, a_std, b_ofs, b_std):
     pa, pb = unit_profile(a_ofs, a_std), unit_profile(b_ofs, b_std)
     end = min(a_ofs, b_ofs)
@@ -86,7 +93,7 @@ def test_ema_tracks_power_function_average(std):
             net.theta.copy_(torch.tensor([k / steps, (k / steps) ** 2]))
             net.step.fill_(k)
         ema.update(cur_nimg=k * batch, batch_size=batch)
-    (ema_net, ema_std), = ema.get()
+    ((ema_net, ema_std),) = ema.get()
     g = phema.std_to_exp(std)
     analytic = np.array([(g + 1) / (g + 2), (g + 1) / (g + 3)])
     # Each step holds f at its right end, so the average exceeds the integral by at most Δt·max f'.

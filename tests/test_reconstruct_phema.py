@@ -30,7 +30,9 @@ class Trajectory(torch.nn.Module):
         LIVE_NETS.add(self)
 
 
-def simulate_run(outdir, num_snapshots: int, steps_per_snapshot: int = 100, dtype=torch.float32, width: int = 3) -> None:
+def simulate_run(
+    outdir, num_snapshots: int, steps_per_snapshot: int = 100, dtype=torch.float32, width: int = 3
+) -> None:
     """Train the toy with PowerFunctionEMA, 10 images a step, and save snapshots as training does."""
     batch, total = 10, num_snapshots * steps_per_snapshot * 10
     net, noise = Trajectory(width, dtype), np.random.default_rng(0).uniform(-1, 1, num_snapshots * steps_per_snapshot)
@@ -45,7 +47,9 @@ def simulate_run(outdir, num_snapshots: int, steps_per_snapshot: int = 100, dtyp
         if step % steps_per_snapshot == 0:
             for ema_net, std in ema.get():
                 data = dict(ema=ema_net, encoder=None, dataset_kwargs=dict(kimg=cur_nimg // 1000))
-                save_network_pickle(data, os.path.join(outdir, snapshot_name('network-snapshot', cur_nimg // 1000, std)))
+                save_network_pickle(
+                    data, os.path.join(outdir, snapshot_name('network-snapshot', cur_nimg // 1000, std))
+                )
 
 
 def analytic_average(std: float, t: float) -> np.ndarray:
@@ -64,7 +68,11 @@ def run32(tmp_path_factory):
 
 
 def snapshot_theta(run: str, kimg: int, std: float) -> np.ndarray:
-    return load_network_pickle(os.path.join(run, snapshot_name('network-snapshot', kimg, std)))['ema'].theta.detach().numpy()
+    return (
+        load_network_pickle(os.path.join(run, snapshot_name('network-snapshot', kimg, std)))['ema']
+        .theta.detach()
+        .numpy()
+    )
 
 
 @pytest.mark.parametrize('out_kimg', [32, 20])
@@ -80,7 +88,7 @@ def test_reconstruction_matches_closed_form_average(run32, out_kimg):
 
 @pytest.mark.parametrize('std', [0.050, 0.100])
 def test_tracked_std_at_final_snapshot_reproduces_it(run32, std):
-    (_, data), = reconstruct_phema.reconstruct_phema(reconstruct_phema.list_snapshots(run32), [std], 32)
+    ((_, data),) = reconstruct_phema.reconstruct_phema(reconstruct_phema.list_snapshots(run32), [std], 32)
     expected = snapshot_theta(run32, 32, std)  # includes the noise component, so weights must be exact
     np.testing.assert_allclose(data['ema'].theta.detach().numpy(), expected, rtol=1e-4)
     assert data['dataset_kwargs'] == dict(kimg=32) and list(data) == ['ema', 'encoder', 'dataset_kwargs']
@@ -98,8 +106,10 @@ def test_sweep_streams_inputs_once_per_pass(run32, tmp_path, monkeypatch):
 
     monkeypatch.setattr(reconstruct_phema, 'load_network_pickle', counting_loader)
     outdir = str(tmp_path / 'out')
-    result = CliRunner().invoke(reconstruct_phema.main, [f'--indir={run32}', f'--outdir={outdir}',
-                                                         '--outstd=0.030,0.035,...,0.180', '--batch=8'])
+    result = CliRunner().invoke(
+        reconstruct_phema.main,
+        [f'--indir={run32}', f'--outdir={outdir}', '--outstd=0.030,0.035,...,0.180', '--batch=8'],
+    )
     assert result.exit_code == 0, result.output
     assert len(os.listdir(outdir)) == 31
     assert len(reads) == 64 and set(reads.values()) == {4}
@@ -132,7 +142,7 @@ def test_profile_errors_match_numerical_integration():
 
     def profile(t, std):
         g = phema.std_to_exp(std)
-        return lambda x: (g + 1) * x ** g / t ** (g + 1) * (x <= t)
+        return lambda x: (g + 1) * x**g / t ** (g + 1) * (x <= t)
 
     for j, std in enumerate([0.15, 0.03]):
         parts, target = [profile(t, s) for t, s in zip(in_kimg, in_std)], profile(8, std)
@@ -149,14 +159,17 @@ def test_parse_std_list_expands_ellipsis():
     assert reconstruct_phema.parse_std_list('0.02,0.04,...,0.08,0.15') == [0.02, 0.04, 0.06, 0.08, 0.15]
 
 
-@pytest.mark.parametrize('text, message', [
-    ('0.01,...,0.2', 'two values before'),
-    ('0.010,0.015,...,0.252', 'not reached'),
-    ('0.1,0.05,...,0.2', 'not reached'),
-    ('0.05,abc', 'not a number'),
-    ('0.05,0.35', 'wider'),
-    ('0.0501,0.0502', 'same file name'),
-])
+@pytest.mark.parametrize(
+    'text, message',
+    [
+        ('0.01,...,0.2', 'two values before'),
+        ('0.010,0.015,...,0.252', 'not reached'),
+        ('0.1,0.05,...,0.2', 'not reached'),
+        ('0.05,abc', 'not a number'),
+        ('0.05,0.35', 'wider'),
+        ('0.0501,0.0502', 'same file name'),
+    ],
+)
 def test_parse_std_list_rejects_bad_lists(text, message):
     with pytest.raises(ValueError, match=message):
         reconstruct_phema.parse_std_list(text)
@@ -175,7 +188,9 @@ def test_cli_errors_are_one_clear_line(run32, tmp_path):
     assert 'No snapshots named' in run_cli([f'--indir={empty}', out, '--outstd=0.1'])
     assert 'Input folder not found' in run_cli([f'--indir={tmp_path / "nope"}', out, '--outstd=0.1'])
     assert "'...' needs two values" in run_cli([f'--indir={run32}', out, '--outstd=0.05,...,0.1'])
-    assert 'past the newest usable snapshot (kimg 32)' in run_cli([f'--indir={run32}', out, '--outstd=0.1', '--outkimg=36'])
+    assert 'past the newest usable snapshot (kimg 32)' in run_cli(
+        [f'--indir={run32}', out, '--outstd=0.1', '--outkimg=36']
+    )
     assert not os.path.exists(tmp_path / 'out')
 
 
@@ -183,7 +198,9 @@ def test_too_few_snapshots_is_refused(tmp_path):
     simulate_run(tmp_path, 1, steps_per_snapshot=200)  # one snapshot pair at kimg 2
     message = run_cli([f'--indir={tmp_path}', f'--outdir={tmp_path}', '--outstd=0.2'])
     assert 'Cannot reconstruct std 0.200 at kimg 2' in message and 'cannot form that profile' in message
-    assert 'no snapshot lies in' in run_cli([f'--indir={tmp_path}', f'--outdir={tmp_path}', '--outstd=0.1', '--outkimg=1'])
+    assert 'no snapshot lies in' in run_cli(
+        [f'--indir={tmp_path}', f'--outdir={tmp_path}', '--outstd=0.1', '--outkimg=1']
+    )
     in_pkls = reconstruct_phema.list_snapshots(str(tmp_path))
     assert len(list(reconstruct_phema.reconstruct_phema(in_pkls, [0.2], 2, max_error=0.5))) == 1
 

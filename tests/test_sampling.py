@@ -13,7 +13,7 @@ S = torch.tensor([0.7, 0.2], dtype=torch.float64).reshape(1, 2, 1, 1)
 
 def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
     # E[y | y + n = x] for y ~ N(MU, S^2), n ~ N(0, sigma^2).
-    return (S ** 2 * x + sigma ** 2 * MU) / (S ** 2 + sigma ** 2)
+    return (S**2 * x + sigma**2 * MU) / (S**2 + sigma**2)
 
 
 class CountingNet(torch.nn.Module):
@@ -30,12 +30,12 @@ class CountingNet(torch.nn.Module):
         self.calls += 1
         sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
         x = x.to(torch.float32)
-        c_in = 1 / (sigma ** 2 + 0.25).sqrt()
+        c_in = 1 / (sigma**2 + 0.25).sqrt()
         inp = torch.cat([c_in * x, torch.log(sigma).expand(x.shape[0], 1, *x.shape[2:]) / 4], dim=1)
         out = torch.nn.functional.conv2d(inp, self.weight, padding=1)
         if labels is not None:
             out = out + (labels.to(torch.float32) @ self.label_weight).reshape(-1, 2, 1, 1)
-        return 0.25 / (sigma ** 2 + 0.25) * x + sigma * 0.5 / (sigma ** 2 + 0.25).sqrt() * out
+        return 0.25 / (sigma**2 + 0.25) * x + sigma * 0.5 / (sigma**2 + 0.25).sqrt() * out
 
 
 def test_sigma_steps_are_linear_in_sigma_to_the_one_over_rho() -> None:
@@ -50,9 +50,11 @@ def test_sigma_steps_are_linear_in_sigma_to_the_one_over_rho() -> None:
 def test_deterministic_sampler_converges_to_the_exact_ode_solution_at_second_order() -> None:
     # For Gaussian data the probability-flow ODE is linear: x(0) = MU + (x(sigma) - MU) * S / sqrt(S^2 + sigma^2).
     noise = torch.randn([64, 2, 4, 4], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    exact = MU + (noise * 80 - MU) * S / (S ** 2 + 80 ** 2).sqrt()
-    errors = [(edm_sampler(gaussian_denoiser, noise, num_steps=n, dtype=torch.float64) - exact).abs().max().item()
-              for n in (32, 128)]
+    exact = MU + (noise * 80 - MU) * S / (S**2 + 80**2).sqrt()
+    errors = [
+        (edm_sampler(gaussian_denoiser, noise, num_steps=n, dtype=torch.float64) - exact).abs().max().item()
+        for n in (32, 128)
+    ]
     assert errors[1] < 2e-3
     assert errors[0] / errors[1] > 10  # Heun: 4x the steps, ~16x less error; Euler would give ~4x
 
@@ -62,8 +64,16 @@ def test_samples_of_gaussian_data_match_mean_and_std(S_churn: float) -> None:
     n = 4096
     rnd = StackedRandomGenerator('cpu', range(n))
     noise = rnd.randn([n, 2, 2, 2], dtype=torch.float64)
-    out = edm_sampler(gaussian_denoiser, noise, num_steps=128, S_churn=S_churn, S_min=0.01, S_max=10,
-                      dtype=torch.float64, randn_like=rnd.randn_like)
+    out = edm_sampler(
+        gaussian_denoiser,
+        noise,
+        num_steps=128,
+        S_churn=S_churn,
+        S_min=0.01,
+        S_max=10,
+        dtype=torch.float64,
+        randn_like=rnd.randn_like,
+    )
     samples = out.permute(1, 0, 2, 3).reshape(2, -1)  # per channel; all values are independent draws
     m = samples.shape[1]
     for c in range(2):
@@ -120,6 +130,13 @@ def test_stacked_generator_draws_each_images_noise_then_class_from_its_own_seed(
 def test_churned_image_does_not_depend_on_the_other_seeds_in_its_batch() -> None:
     def sample(seeds: list[int]) -> torch.Tensor:
         rnd = StackedRandomGenerator('cpu', seeds)
-        return edm_sampler(gaussian_denoiser, rnd.randn([len(seeds), 2, 4, 4], dtype=torch.float64), num_steps=8,
-                           S_churn=20, dtype=torch.float64, randn_like=rnd.randn_like)
+        return edm_sampler(
+            gaussian_denoiser,
+            rnd.randn([len(seeds), 2, 4, 4], dtype=torch.float64),
+            num_steps=8,
+            S_churn=20,
+            dtype=torch.float64,
+            randn_like=rnd.randn_like,
+        )
+
     torch.testing.assert_close(sample([1, 42, 3])[1], sample([42])[0], rtol=0, atol=0)

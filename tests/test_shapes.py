@@ -17,8 +17,13 @@ def coverage(image: np.ndarray, scene: shapes.Scene) -> np.ndarray:
 def shape_area(shape: str, r: float) -> float:
     """Closed-form area of each outline drawn with radius r."""
     w = 0.38 * r
-    return {'circle': np.pi * r ** 2, 'square': (1.7 * r) ** 2, 'triangle': 0.5 * 2 * r * 1.8 * r,
-            'diamond': 2 * r ** 2, 'cross': 2 * (2 * r) * (2 * w) - (2 * w) ** 2}[shape]
+    return {
+        'circle': np.pi * r**2,
+        'square': (1.7 * r) ** 2,
+        'triangle': 0.5 * 2 * r * 1.8 * r,
+        'diamond': 2 * r**2,
+        'cross': 2 * (2 * r) * (2 * w) - (2 * w) ** 2,
+    }[shape]
 
 
 def scenes_with_shape(shape: str, count: int = 3) -> list[shapes.Scene]:

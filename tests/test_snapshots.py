@@ -23,11 +23,14 @@ def test_save_then_load_returns_equal_dict(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ['phema-0000010-0.100.pkl']
 
 
-@pytest.mark.parametrize('content, message', [
-    (b'not a pickle at all', 'not a readable network pickle'),
-    (pickle.dumps({'net': 1}), "no network"),
-    (pickle.dumps([1, 2]), "no network"),
-])
+@pytest.mark.parametrize(
+    'content, message',
+    [
+        (b'not a pickle at all', 'not a readable network pickle'),
+        (pickle.dumps({'net': 1}), 'no network'),
+        (pickle.dumps([1, 2]), 'no network'),
+    ],
+)
 def test_load_rejects_non_network_files(tmp_path, content, message):
     path = tmp_path / 'x.pkl'
     path.write_bytes(content)

@@ -57,8 +57,10 @@ def test_text_encoder_pools_the_mean_of_caption_tokens_only():
     encoder = _encoder_with_unit_gains(channels=32, num_layers=1, channels_per_head=16)
     features, pooled, mask = encoder(ByteTokenizer(16)(['blue square', '']))
     for i in range(2):
-        mean = features[i, :int(mask[i].sum())].mean(dim=0)
-        torch.testing.assert_close(pooled[i], mean / mean.square().mean().sqrt(), atol=2e-3, rtol=0)  # normalize() adds eps=1e-4
+        mean = features[i, : int(mask[i].sum())].mean(dim=0)
+        torch.testing.assert_close(
+            pooled[i], mean / mean.square().mean().sqrt(), atol=2e-3, rtol=0
+        )  # normalize() adds eps=1e-4
 
 
 def test_text_encoder_pickles_and_rejects_wrong_length():

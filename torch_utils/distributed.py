@@ -20,8 +20,10 @@ def init() -> None:
     if present:
         missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
         if missing:
-            raise RuntimeError(f'Found {", ".join(present)} but not {", ".join(missing)} in the environment; '
-                               f'launch with torchrun or set all of {", ".join(_TORCHRUN_VARS)}.')
+            raise RuntimeError(
+                f'Found {", ".join(present)} but not {", ".join(missing)} in the environment; '
+                f'launch with torchrun or set all of {", ".join(_TORCHRUN_VARS)}.'
+            )
         if torch.cuda.is_available():
             torch.cuda.set_device(get_local_rank())
         backend = 'nccl' if torch.cuda.is_available() else 'gloo'

@@ -13,8 +13,13 @@ import torch
 _constant_cache: dict[tuple, torch.Tensor] = {}
 
 
-def constant(value: Any, shape: Any = None, dtype: torch.dtype | None = None, device: Any = None,
-             memory_format: torch.memory_format | None = None) -> torch.Tensor:
+def constant(
+    value: Any,
+    shape: Any = None,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    memory_format: torch.memory_format | None = None,
+) -> torch.Tensor:
     """A cached tensor holding `value` (broadcast to `shape` if given); treat it as read-only."""
     value = np.asarray(value)
     shape = tuple(shape) if shape is not None else None
@@ -32,11 +37,22 @@ def constant(value: Any, shape: Any = None, dtype: torch.dtype | None = None, de
     return tensor
 
 
-def const_like(ref: torch.Tensor, value: Any, shape: Any = None, dtype: torch.dtype | None = None,
-               device: Any = None, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+def const_like(
+    ref: torch.Tensor,
+    value: Any,
+    shape: Any = None,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    memory_format: torch.memory_format | None = None,
+) -> torch.Tensor:
     """A cached constant with `ref`'s dtype and device unless others are given."""
-    return constant(value, shape=shape, dtype=dtype if dtype is not None else ref.dtype,
-                    device=device if device is not None else ref.device, memory_format=memory_format)
+    return constant(
+        value,
+        shape=shape,
+        dtype=dtype if dtype is not None else ref.dtype,
+        device=device if device is not None else ref.device,
+        memory_format=memory_format,
+    )
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -46,8 +62,15 @@ class InfiniteSampler(torch.utils.data.Sampler):
     global position p goes to rank p % num_replicas. `start_idx` skips that many global positions, so a
     run resumed with start_idx = images consumed so far continues the uninterrupted stream exactly."""
 
-    def __init__(self, dataset: Any, rank: int = 0, num_replicas: int = 1, shuffle: bool = True,
-                 seed: int = 0, start_idx: int = 0):
+    def __init__(
+        self,
+        dataset: Any,
+        rank: int = 0,
+        num_replicas: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        start_idx: int = 0,
+    ):
         super().__init__()
         if len(dataset) == 0:
             raise ValueError('InfiniteSampler needs a non-empty dataset')
@@ -80,8 +103,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
             pos += self.num_replicas
 
 
-def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Module,
-                            require_all: bool = False) -> None:
+def copy_params_and_buffers(
+    src_module: torch.nn.Module, dst_module: torch.nn.Module, require_all: bool = False
+) -> None:
     """Copy parameters and buffers from `src_module` into same-named ones of `dst_module`, in place."""
     src_tensors = dict(src_module.named_parameters()) | dict(src_module.named_buffers())
     dst_tensors = dict(dst_module.named_parameters()) | dict(dst_module.named_buffers())

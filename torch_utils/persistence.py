@@ -16,10 +16,10 @@ from typing import Any
 
 import dnnlib
 
-_version = 6                                        # Format version written into every meta dict.
-_decorators: set[type] = set()                      # Every class persistent_class has produced.
-_decorated: dict[type, type] = {}                   # Original class -> its decorated subclass.
-_import_hooks: list[Callable[[dict], dict]] = []    # Patches applied to meta before loading.
+_version = 6  # Format version written into every meta dict.
+_decorators: set[type] = set()  # Every class persistent_class has produced.
+_decorated: dict[type, type] = {}  # Original class -> its decorated subclass.
+_import_hooks: list[Callable[[dict], dict]] = []  # Patches applied to meta before loading.
 _module_to_src_dict: dict[types.ModuleType, str] = {}
 _src_to_module_dict: dict[str, types.ModuleType] = {}
 
@@ -55,8 +55,13 @@ def persistent_class(orig_class: type) -> type:
             return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
 
         def __reduce__(self) -> tuple:
-            meta = dict(type='class', version=_version, module_src=self._orig_module_src,
-                        class_name=self._orig_class_name, state=_get_state(self, orig_class))
+            meta = dict(
+                type='class',
+                version=_version,
+                module_src=self._orig_module_src,
+                class_name=self._orig_class_name,
+                state=_get_state(self, orig_class),
+            )
             return _reconstruct_persistent_obj, (meta,), None
 
     Decorator.__name__ = orig_class.__name__
@@ -105,8 +110,10 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
     if meta.get('type') != 'class':
         raise ValueError(f"unknown persistent object type {meta.get('type')!r}; expected 'class'")
     if not isinstance(meta.get('version'), int) or not 1 <= meta.version <= _version:
-        raise ValueError(f'persistent object format version {meta.get("version")!r} is newer than '
-                         f'this code understands ({_version}); update edm2x')
+        raise ValueError(
+            f'persistent object format version {meta.get("version")!r} is newer than '
+            f'this code understands ({_version}); update edm2x'
+        )
 
     module = _src_to_module(meta.module_src)
     cls = persistent_class(getattr(module, meta.class_name))

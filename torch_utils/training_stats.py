@@ -13,10 +13,10 @@ import torch
 import dnnlib
 
 _counter_dtype = torch.float64
-_rank: int | None = None                                # Set by init_multiprocessing; else read from torch.distributed.
-_sync_device: torch.device | None = None                # Device the all-reduce runs on; None: chosen by backend.
+_rank: int | None = None  # Set by init_multiprocessing; else read from torch.distributed.
+_sync_device: torch.device | None = None  # Device the all-reduce runs on; None: chosen by backend.
 _pending: dict[str, dict[torch.device, torch.Tensor]] = {}  # Moments reported since the last sync, per device.
-_cumulative: dict[str, torch.Tensor] = {}               # All-rank moments since start (CPU, float64).
+_cumulative: dict[str, torch.Tensor] = {}  # All-rank moments since start (CPU, float64).
 
 
 def init_multiprocessing(rank: int, sync_device: Any) -> None:
@@ -92,7 +92,7 @@ class Collector:
         self._keep_previous = keep_previous
         # _cumulative at this collector's last update; starts now, so earlier intervals are not counted.
         self._seen = {name: moments.clone() for name, moments in _cumulative.items()}
-        self._moments: dict[str, torch.Tensor] = {}   # Moments of the last interval.
+        self._moments: dict[str, torch.Tensor] = {}  # Moments of the last interval.
 
     def names(self) -> list[str]:
         """Names this collector has seen, sorted."""
@@ -128,12 +128,13 @@ class Collector:
             return float('nan')
         mean = float(moments[1] / moments[0])
         # Rounding can push E[x²] − mean² slightly below zero for constant values.
-        return math.sqrt(max(float(moments[2] / moments[0]) - mean ** 2, 0.0))
+        return math.sqrt(max(float(moments[2] / moments[0]) - mean**2, 0.0))
 
     def as_dict(self) -> dict[str, dnnlib.EasyDict]:
         """{name: EasyDict(num, mean, std)} for every name, ready for JSON."""
-        return {name: dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
-                for name in self.names()}
+        return {
+            name: dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name)) for name in self.names()
+        }
 
 
 default_collector = Collector()

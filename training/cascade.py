@@ -40,6 +40,7 @@ def gaussian_blur(images: torch.Tensor, blur_sigma: torch.Tensor) -> torch.Tenso
 def _unwrap(net: Any) -> Any:
     return getattr(net, 'module', net)  # DistributedDataParallel holds the net as .module
 
+
 # ----------------------------------------------------------------------------
 # Loss.
 
@@ -52,9 +53,16 @@ class TextEDM2Loss(EDM2Loss):
     aug_max: the noise-augmentation std of the low-res image is drawn uniformly from [0, aug_max].
     """
 
-    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5,
-                 caption_dropout: float = 0.1, blur_prob: float = 0.5, blur_sigma: tuple[float, float] = (0.4, 0.8),
-                 aug_max: float = 0.2):
+    def __init__(
+        self,
+        P_mean: float = -0.4,
+        P_std: float = 1.0,
+        sigma_data: float = 0.5,
+        caption_dropout: float = 0.1,
+        blur_prob: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.4, 0.8),
+        aug_max: float = 0.2,
+    ):
         super().__init__(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
         self.caption_dropout = caption_dropout
         self.blur_prob = blur_prob
@@ -73,7 +81,7 @@ class TextEDM2Loss(EDM2Loss):
         n = images.shape[0]
         lowres = downsample(images, resolution)
         lo, hi = self.blur_sigma
-        blur = (torch.rand(n, device=images.device) * (hi - lo) + lo)
+        blur = torch.rand(n, device=images.device) * (hi - lo) + lo
         blur = blur * (torch.rand(n, device=images.device) < self.blur_prob)
         if self.blur_prob > 0:
             lowres = gaussian_blur(lowres, blur)
@@ -87,6 +95,7 @@ class TextEDM2Loss(EDM2Loss):
             kwargs['lowres'], kwargs['aug_sigma'] = self.degrade(images, lowres)
         return super().__call__(functools.partial(net, **kwargs), images, self.drop_captions(labels))
 
+
 # ----------------------------------------------------------------------------
 # Sampling one stage.
 
@@ -96,9 +105,16 @@ def condition_on(net: Callable, captions: list[str] | None = None, **kwargs: Any
     return lambda x, sigma, labels=None: net(x, sigma, captions, **kwargs)
 
 
-def sample_stage(net: torch.nn.Module, noise: torch.Tensor, captions: list[str] | None = None,
-                 lowres: torch.Tensor | None = None, aug_sigma: float = 0.0, guidance: float = 1.0,
-                 gnet: torch.nn.Module | None = None, **sampler_kwargs: Any) -> torch.Tensor:
+def sample_stage(
+    net: torch.nn.Module,
+    noise: torch.Tensor,
+    captions: list[str] | None = None,
+    lowres: torch.Tensor | None = None,
+    aug_sigma: float = 0.0,
+    guidance: float = 1.0,
+    gnet: torch.nn.Module | None = None,
+    **sampler_kwargs: Any,
+) -> torch.Tensor:
     """One cascade stage: text (and low-res) conditioned sampling, guided by gnet or else the empty caption."""
     kwargs = dict(lowres=lowres, aug_sigma=aug_sigma) if getattr(net, 'lowres', None) else {}
     if kwargs and aug_sigma > 0:  # Sampling-time augmentation, as in training (Imagen §2.4); per-seed noise.
@@ -111,8 +127,9 @@ def sample_stage(net: torch.nn.Module, noise: torch.Tensor, captions: list[str] 
     return edm_sampler(condition_on(net, captions, **kwargs), noise, None, guide, guidance=guidance, **sampler_kwargs)
 
 
-def dataset_conditioning(net: torch.nn.Module, dataset: Any, encoder: Any, n: int,
-                         device: torch.device) -> dict[str, Any]:
+def dataset_conditioning(
+    net: torch.nn.Module, dataset: Any, encoder: Any, n: int, device: torch.device
+) -> dict[str, Any]:
     """sample_stage kwargs for a training sample grid: the first n captions (and low-res images) of the data."""
     idx = [i % len(dataset) for i in range(n)]
     cond: dict[str, Any] = dict(captions=[dataset.get_caption(i) for i in idx])

@@ -65,4 +65,6 @@ def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise CheckpointError(f'Cannot resume from {path}: the file is unreadable ({e}); delete it to resume from the one before.') from e
+        raise CheckpointError(
+            f'Cannot resume from {path}: the file is unreadable ({e}); delete it to resume from the one before.'
+        ) from e

@@ -32,14 +32,19 @@ class HeldOutSplit(ImageFolderDataset):
         return super().__getitem__(idx)[0], self.get_caption(idx)
 
 
-def retrieval_top1(net, images: torch.Tensor, captions: list[str], sigma: float, seed: int = 0,
-                   batch: int = 256) -> float:
+def retrieval_top1(
+    net, images: torch.Tensor, captions: list[str], sigma: float, seed: int = 0, batch: int = 256
+) -> float:
     """Fraction of noisy images whose most similar caption (among `captions`) equals their own."""
     gen = torch.Generator(images.device).manual_seed(seed)
     noise = torch.randn(images.shape, generator=gen, device=images.device)
     txt = net.encode_text(captions)
-    img = torch.cat([net.encode_image(images[i:i + batch] + sigma * noise[i:i + batch], sigma)
-                     for i in range(0, len(images), batch)])
+    img = torch.cat(
+        [
+            net.encode_image(images[i : i + batch] + sigma * noise[i : i + batch], sigma)
+            for i in range(0, len(images), batch)
+        ]
+    )
     best = (img @ txt.T).argmax(dim=1).tolist()
     return float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)]))
 

@@ -30,7 +30,9 @@ def load_clip_guide(path: str, device: torch.device) -> torch.nn.Module:
     """The guide of a CLIP snapshot pickle, float32, eval mode, frozen, on `device`."""
     clip = load_network_pickle(path)['ema']
     if not all(hasattr(clip, k) for k in ('encode_image', 'encode_text')):
-        raise NetworkPickleError(f'{path} holds a {type(clip).__name__}, not a CLIP guide; train one with --preset=demo-clip.')
+        raise NetworkPickleError(
+            f'{path} holds a {type(clip).__name__}, not a CLIP guide; train one with --preset=demo-clip.'
+        )
     return clip.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 
 
@@ -38,9 +40,11 @@ def check_clip_guide(clip: torch.nn.Module, net: torch.nn.Module) -> None:
     """The guide must read the images the denoiser makes."""
     shape = lambda m: (m.img_channels, m.img_resolution)
     if shape(clip) != shape(net):
-        raise NetworkPickleError(f'The CLIP guide reads {clip.img_channels}x{clip.img_resolution}x{clip.img_resolution} '
-                                 f'images but the network makes {net.img_channels}x{net.img_resolution}x{net.img_resolution}; '
-                                 f'train the guide on the same data.')
+        raise NetworkPickleError(
+            f'The CLIP guide reads {clip.img_channels}x{clip.img_resolution}x{clip.img_resolution} '
+            f'images but the network makes {net.img_channels}x{net.img_resolution}x{net.img_resolution}; '
+            f'train the guide on the same data.'
+        )
 
 
 def clip_correction(clip: torch.nn.Module, captions: list[str], scale: float) -> Callable | None:
@@ -54,6 +58,7 @@ def clip_correction(clip: torch.nn.Module, captions: list[str], scale: float) ->
         with torch.enable_grad():
             x = x.detach().to(torch.float32).requires_grad_(True)
             sim = (clip.encode_image(x, sigma) * txt).sum()  # Images are independent: each gets its own gradient.
-            grad, = torch.autograd.grad(sim, x)
+            (grad,) = torch.autograd.grad(sim, x)
         return scale * torch.as_tensor(sigma, dtype=torch.float32) ** 2 * grad
+
     return correction

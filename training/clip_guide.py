@@ -31,9 +31,18 @@ from training.text import ByteTokenizer, MPTextEncoder
 
 @persistence.persistent_class
 class ImageTower(torch.nn.Module):
-    def __init__(self, img_resolution: int, img_channels: int, embed_dim: int, model_channels: int = 32,
-                 channel_mult: list[int] = [1, 2, 2], num_blocks: int = 1, attn_resolutions: list[int] = [8],
-                 sigma_data: float = 0.5, **block_kwargs):
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        embed_dim: int,
+        model_channels: int = 32,
+        channel_mult: list[int] = [1, 2, 2],
+        num_blocks: int = 1,
+        attn_resolutions: list[int] = [8],
+        sigma_data: float = 0.5,
+        **block_kwargs,
+    ):
         super().__init__()
         self.sigma_data = sigma_data
         cblock = [model_channels * m for m in channel_mult]
@@ -48,18 +57,25 @@ class ImageTower(torch.nn.Module):
                 cin, cout = cout, channels
                 self.enc[f'{res}x{res}_conv'] = MPConv(cin, cout, kernel=[3, 3])
             else:
-                self.enc[f'{res}x{res}_down'] = Block(cout, cout, cemb, flavor='enc', resample_mode='down', **block_kwargs)
+                self.enc[f'{res}x{res}_down'] = Block(
+                    cout, cout, cemb, flavor='enc', resample_mode='down', **block_kwargs
+                )
             for idx in range(num_blocks):
                 cin, cout = cout, channels
-                self.enc[f'{res}x{res}_block{idx}'] = Block(cin, cout, cemb, flavor='enc',
-                                                            attention=(res in attn_resolutions), **block_kwargs)
+                self.enc[f'{res}x{res}_block{idx}'] = Block(
+                    cin, cout, cemb, flavor='enc', attention=(res in attn_resolutions), **block_kwargs
+                )
         self.out_linear = MPConv(cout, embed_dim, kernel=[])
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        sigma = (
+            torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+            .reshape(-1, 1, 1, 1)
+            .expand(x.shape[0], 1, 1, 1)
+        )
         # Preconditioning, EDM2 Eq. 21: c_in = 1/sqrt(σ² + σ_d²), c_noise = ln(σ)/4.
-        c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
+        c_in = 1 / (self.sigma_data**2 + sigma**2).sqrt()
         c_noise = sigma.flatten().log() / 4
         emb = mp_silu(self.emb_noise(self.emb_fourier(c_noise)))
         x = torch.cat([c_in * x, torch.ones_like(x[:, :1])], dim=1)
@@ -67,6 +83,7 @@ class ImageTower(torch.nn.Module):
             x = block(x) if 'conv' in name else block(x, emb)
         # Global average pool, pixel-normalised back to unit RMS for the MP projection.
         return self.out_linear(normalize(x.mean(dim=[2, 3]), dim=1))
+
 
 # ----------------------------------------------------------------------------
 # The guide: both towers, the shared normalised space and the learned temperature.
@@ -76,10 +93,21 @@ class ImageTower(torch.nn.Module):
 class CLIPGuide(torch.nn.Module):
     makes_images = False  # Not a denoiser: the training loop draws no sample grids for it.
 
-    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, embed_dim: int = 128,
-                 text_length: int = 48, text_channels: int = 128, text_layers: int = 2, channels_per_head: int = 64,
-                 logit_scale_init: float = 1 / 0.07, logit_scale_max: float = 100, use_fp16: bool | str = False,
-                 **tower_kwargs):
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        embed_dim: int = 128,
+        text_length: int = 48,
+        text_channels: int = 128,
+        text_layers: int = 2,
+        channels_per_head: int = 64,
+        logit_scale_init: float = 1 / 0.07,
+        logit_scale_max: float = 100,
+        use_fp16: bool | str = False,
+        **tower_kwargs,
+    ):
         # use_fp16 is accepted for the training CLI's network options; the guide always computes in float32.
         super().__init__()
         self.img_resolution = img_resolution
@@ -87,10 +115,16 @@ class CLIPGuide(torch.nn.Module):
         self.label_dim = 0  # Captions, not class labels, condition the guide.
         self.text_length = text_length
         self.logit_scale_max = logit_scale_max
-        self.image_tower = ImageTower(img_resolution, img_channels, embed_dim, channels_per_head=channels_per_head,
-                                      **tower_kwargs)
-        self.text_tower = MPTextEncoder(ByteTokenizer(text_length).vocab_size, text_length=text_length,
-                                        channels=text_channels, num_layers=text_layers, channels_per_head=channels_per_head)
+        self.image_tower = ImageTower(
+            img_resolution, img_channels, embed_dim, channels_per_head=channels_per_head, **tower_kwargs
+        )
+        self.text_tower = MPTextEncoder(
+            ByteTokenizer(text_length).vocab_size,
+            text_length=text_length,
+            channels=text_channels,
+            num_layers=text_layers,
+            channels_per_head=channels_per_head,
+        )
         self.text_proj = MPConv(text_channels, embed_dim, kernel=[])
         # CLIP's temperature: logits = exp(t) · cosine similarity, t learned, exp(t) capped.
         self.logit_scale_log = torch.nn.Parameter(torch.tensor(math.log(logit_scale_init)))
@@ -107,9 +141,12 @@ class CLIPGuide(torch.nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.logit_scale_log.to(torch.float32).exp().clamp(max=self.logit_scale_max)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, captions: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image embeddings, text embeddings, logit scale): everything the loss needs, in one DDP call."""
         return self.encode_image(x, sigma), self.encode_text(captions), self.logit_scale()
+
 
 # ----------------------------------------------------------------------------
 # Symmetric contrastive loss over the global batch (CLIP, Radford et al. 2021, Fig. 3).
@@ -145,7 +182,7 @@ class _CachedEmbeddings(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, net, x, sigma, captions, chunk):
         ctx.net, ctx.x, ctx.sigma, ctx.captions, ctx.chunk = net, x, sigma, captions, chunk
-        outs = [net(x[i:i + chunk], sigma[i:i + chunk], captions[i:i + chunk]) for i in range(0, len(x), chunk)]
+        outs = [net(x[i : i + chunk], sigma[i : i + chunk], captions[i : i + chunk]) for i in range(0, len(x), chunk)]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[0][2]
 
     @staticmethod
@@ -158,6 +195,7 @@ class _CachedEmbeddings(torch.autograd.Function):
                 torch.autograd.backward([img, txt, scale], [grad_img[s], grad_txt[s], grad_scale / len(starts)])
         return (None,) * 6
 
+
 # ----------------------------------------------------------------------------
 # Training loss: images noised as for the denoiser, optional gradient caching, held-out retrieval.
 
@@ -166,15 +204,26 @@ class _CachedEmbeddings(torch.autograd.Function):
 class CLIPLoss:
     owns_accumulation = True  # The training loop hands over the whole per-rank batch and its batch_gpu.
 
-    def __init__(self, P_mean: float = -0.8, P_std: float = 1.6, batch_gpu: int | None = None,
-                 eval_sigmas: list[float] = [0.02, 0.1, 0.5, 1, 2, 5, 20]):
+    def __init__(
+        self,
+        P_mean: float = -0.8,
+        P_std: float = 1.6,
+        batch_gpu: int | None = None,
+        eval_sigmas: list[float] = [0.02, 0.1, 0.5, 1, 2, 5, 20],
+    ):
         self.P_mean = P_mean
         self.P_std = P_std
         self.batch_gpu = batch_gpu  # Gradient-caching chunk; the training loop sets it from --batch-gpu.
         self.eval_sigmas = list(eval_sigmas)
 
-    def __call__(self, net, images: torch.Tensor, labels: list[str], sigma: torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        net,
+        images: torch.Tensor,
+        labels: list[str],
+        sigma: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-sample contrastive losses; sigma and noise are drawn (ln σ ~ N(P_mean, P_std²)) unless given."""
         captions = list(labels)
         if sigma is None:

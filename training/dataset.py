@@ -41,9 +41,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     `use_captions` makes each item's label its caption (a string; '' where none) for text-conditioned nets.
     """
 
-    def __init__(self, path: str, resolution: int | None = None, max_size: int | None = None,
-                 use_labels: bool = False, xflip: bool = False, random_seed: int = 0, cache: bool = False,
-                 use_captions: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        resolution: int | None = None,
+        max_size: int | None = None,
+        use_labels: bool = False,
+        xflip: bool = False,
+        random_seed: int = 0,
+        cache: bool = False,
+        use_captions: bool = False,
+    ) -> None:
         self._path = str(path)
         self._cache = cache
         self._cached_images: dict[int, np.ndarray] = {}
@@ -53,8 +61,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         if os.path.isdir(self._path):
             self._type = 'dir'
-            all_fnames = {os.path.relpath(os.path.join(root, fname), self._path).replace(os.sep, '/')
-                          for root, _dirs, files in os.walk(self._path, followlinks=True) for fname in files}
+            all_fnames = {
+                os.path.relpath(os.path.join(root, fname), self._path).replace(os.sep, '/')
+                for root, _dirs, files in os.walk(self._path, followlinks=True)
+                for fname in files
+            }
         elif os.path.isfile(self._path):
             self._type = 'zip'
             all_fnames = {name for name in self._get_zipfile().namelist() if not name.endswith('/')}
@@ -68,8 +79,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         self._raw_shape = [len(self._image_fnames), *self._load_raw_image(0).shape]
         if resolution is not None and self._raw_shape[2:] != [resolution, resolution]:
-            raise DatasetError(f'{self._describe(0)}: image is {self._shape_str(self._raw_shape[1:])} but resolution '
-                               f'{resolution} was requested; convert the data with dataset_tool.py convert --resolution')
+            raise DatasetError(
+                f'{self._describe(0)}: image is {self._shape_str(self._raw_shape[1:])} but resolution '
+                f'{resolution} was requested; convert the data with dataset_tool.py convert --resolution'
+            )
 
         metadata = self._load_metadata() if 'dataset.json' in all_fnames else {}
         self._raw_labels = self._parse_labels(metadata) if use_labels else None
@@ -77,7 +90,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._captions = self._parse_captions(metadata)
         self._use_captions = use_captions
         if use_captions and not self._captions:
-            raise DatasetError(f'{self._path}: has no captions (dataset.json "captions"); add them with dataset_tool.py convert')
+            raise DatasetError(
+                f'{self._path}: has no captions (dataset.json "captions"); add them with dataset_tool.py convert'
+            )
 
         num_raw = len(self._image_fnames)
         self._raw_idx = np.arange(num_raw, dtype=np.int64)
@@ -105,8 +120,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 self._zipfile = zipfile.ZipFile(self._path)
             except (zipfile.BadZipFile, OSError) as e:
-                raise DatasetError(f'{self._path}: not a folder or a valid ZIP file ({e}); '
-                                   f're-create it with dataset_tool.py') from None
+                raise DatasetError(
+                    f'{self._path}: not a folder or a valid ZIP file ({e}); re-create it with dataset_tool.py'
+                ) from None
             self._zip_pid = os.getpid()
         return self._zipfile
 
@@ -149,9 +165,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if image is None:
             image = self._load_raw_image(raw_idx)
             if list(image.shape) != self.image_shape:
-                raise DatasetError(f'{self._describe(raw_idx)}: image is {self._shape_str(list(image.shape))}, but '
-                                   f'{self._describe(0)} is {self._shape_str(self.image_shape)}; give all images one '
-                                   f'size, e.g. with dataset_tool.py convert --resolution')
+                raise DatasetError(
+                    f'{self._describe(raw_idx)}: image is {self._shape_str(list(image.shape))}, but '
+                    f'{self._describe(0)} is {self._shape_str(self.image_shape)}; give all images one '
+                    f'size, e.g. with dataset_tool.py convert --resolution'
+                )
             if self._cache:
                 self._cached_images[raw_idx] = image
         return image
@@ -195,8 +213,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             mapping = dict(entries)
         except (TypeError, ValueError):
-            raise DatasetError(f'{self._describe_fname("dataset.json")}: "{key}" must be a list of '
-                               f'[relative/path, value] pairs') from None
+            raise DatasetError(
+                f'{self._describe_fname("dataset.json")}: "{key}" must be a list of [relative/path, value] pairs'
+            ) from None
         return {str(fname).replace('\\', '/'): value for fname, value in mapping.items()}
 
     def _parse_labels(self, metadata: dict) -> np.ndarray | None:
@@ -207,8 +226,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raw_labels = []
         for fname in self._image_fnames:
             if fname not in labels:
-                raise DatasetError(f'{where}: no label for {fname}; add ["{fname}", <class index>] to "labels" '
-                                   f'or train without labels')
+                raise DatasetError(
+                    f'{where}: no label for {fname}; add ["{fname}", <class index>] to "labels" or train without labels'
+                )
             label = labels[fname]
             if isinstance(label, bool) or not isinstance(label, int) or label < 0:
                 raise DatasetError(f'{where}: label of {fname} is {label!r}; labels must be class indices 0, 1, 2, ...')
@@ -219,8 +239,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         captions = self._parse_mapping(metadata, 'captions')
         for fname, caption in captions.items():
             if not isinstance(caption, str):
-                raise DatasetError(f'{self._describe_fname("dataset.json")}: caption of {fname} is {caption!r}; '
-                                   f'captions must be strings')
+                raise DatasetError(
+                    f'{self._describe_fname("dataset.json")}: caption of {fname} is {caption!r}; '
+                    f'captions must be strings'
+                )
         return {fname: captions[fname] for fname in self._image_fnames if fname in captions}
 
     # ---- items ----
@@ -245,9 +267,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def get_details(self, idx: int) -> dnnlib.EasyDict:
         raw_idx = int(self._raw_idx[idx])
-        return dnnlib.EasyDict(raw_idx=raw_idx, fname=self._image_fnames[raw_idx], xflip=bool(self._xflip[idx]),
-                               raw_label=None if self._raw_labels is None else int(self._raw_labels[raw_idx]),
-                               caption=self.get_caption(idx))
+        return dnnlib.EasyDict(
+            raw_idx=raw_idx,
+            fname=self._image_fnames[raw_idx],
+            xflip=bool(self._xflip[idx]),
+            raw_label=None if self._raw_labels is None else int(self._raw_labels[raw_idx]),
+            caption=self.get_caption(idx),
+        )
 
     # ---- properties ----
 
@@ -263,8 +289,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def resolution(self) -> int:
         _channels, height, width = self.image_shape
         if height != width:
-            raise DatasetError(f'{self._path}: images are {width}x{height}, not square; the networks need square '
-                               f'images, e.g. from dataset_tool.py convert --resolution={max(height, width)}')
+            raise DatasetError(
+                f'{self._path}: images are {width}x{height}, not square; the networks need square '
+                f'images, e.g. from dataset_tool.py convert --resolution={max(height, width)}'
+            )
         return height
 
     @property

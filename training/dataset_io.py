@@ -23,7 +23,15 @@ from training import shapes
 
 SOURCE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, KeyError, Image.DecompressionBombError)
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    KeyError,
+    Image.DecompressionBombError,
+)
 
 # ---- writing ----
 
@@ -68,8 +76,12 @@ class DatasetWriter:
             self._zip = zipfile.ZipFile(file, mode='w', compression=zipfile.ZIP_STORED)
         else:
             if os.path.exists(self.dest) and not (os.path.isdir(self.dest) and not os.listdir(self.dest)):
-                raise click.ClickException(f'{self.dest}: already exists and is not an empty folder; choose a new --dest')
-            self._tmp_dir = os.path.join(parent, f'.{os.path.basename(os.path.abspath(self.dest))}.{uuid.uuid4().hex}.tmp')
+                raise click.ClickException(
+                    f'{self.dest}: already exists and is not an empty folder; choose a new --dest'
+                )
+            self._tmp_dir = os.path.join(
+                parent, f'.{os.path.basename(os.path.abspath(self.dest))}.{uuid.uuid4().hex}.tmp'
+            )
             os.mkdir(self._tmp_dir)
         return self
 
@@ -104,8 +116,10 @@ class DatasetWriter:
 
     def metadata(self) -> dict:
         has_labels = any(label is not None for _, label in self._labels)
-        return {'labels': [[relpath, label] for relpath, label in self._labels] if has_labels else None,
-                'captions': [[relpath, caption] for relpath, caption in self._captions] or None}
+        return {
+            'labels': [[relpath, label] for relpath, label in self._labels] if has_labels else None,
+            'captions': [[relpath, caption] for relpath, caption in self._captions] or None,
+        }
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         try:
@@ -124,20 +138,22 @@ class DatasetWriter:
         return False
 
 
-def write_synthetic_dataset(dest: str, resolution: int = 32, num_images: int = 10000, seed: int = 0,
-                            progress: bool = True) -> None:
+def write_synthetic_dataset(
+    dest: str, resolution: int = 32, num_images: int = 10000, seed: int = 0, progress: bool = True
+) -> None:
     """Write the coloured-shapes demo dataset (training/shapes.py) with labels and captions."""
     with DatasetWriter(dest) as writer:
         for idx in tqdm(range(num_images), desc='synth', unit='img', disable=not progress):
             image, label, caption = shapes.make_image(seed, idx, resolution)
             writer.add_image(item_relpath(idx), image, label=label, caption=caption)
 
+
 # ---- reading ----
 
 
 class SourceImage(NamedTuple):
     relpath: str
-    image: np.ndarray       # uint8 HWC RGB
+    image: np.ndarray  # uint8 HWC RGB
     label: int | None
     caption: str
 
@@ -184,8 +200,11 @@ class ImageSource:
         self.source = str(source)
         self._zip: zipfile.ZipFile | None = None
         if os.path.isdir(self.source):
-            fnames = {os.path.relpath(os.path.join(root, f), self.source).replace(os.sep, '/')
-                      for root, _dirs, files in os.walk(self.source, followlinks=True) for f in files}
+            fnames = {
+                os.path.relpath(os.path.join(root, f), self.source).replace(os.sep, '/')
+                for root, _dirs, files in os.walk(self.source, followlinks=True)
+                for f in files
+            }
         elif os.path.isfile(self.source):
             try:
                 self._zip = zipfile.ZipFile(self.source)
@@ -227,12 +246,20 @@ class ImageSource:
         if labels:
             missing = [relpath for relpath in self.relpaths if relpath not in labels]
             if missing:
-                raise click.ClickException(f'{self.describe("dataset.json")}: no label for {missing[0]}; '
-                                           f'add it to "labels" or delete dataset.json')
-            bad = [relpath for relpath in self.relpaths if isinstance(labels[relpath], bool) or not isinstance(labels[relpath], int)]
+                raise click.ClickException(
+                    f'{self.describe("dataset.json")}: no label for {missing[0]}; '
+                    f'add it to "labels" or delete dataset.json'
+                )
+            bad = [
+                relpath
+                for relpath in self.relpaths
+                if isinstance(labels[relpath], bool) or not isinstance(labels[relpath], int)
+            ]
             if bad:
-                raise click.ClickException(f'{self.describe("dataset.json")}: label of {bad[0]} is {labels[bad[0]]!r}; '
-                                           f'labels must be class indices 0, 1, 2, ...')
+                raise click.ClickException(
+                    f'{self.describe("dataset.json")}: label of {bad[0]} is {labels[bad[0]]!r}; '
+                    f'labels must be class indices 0, 1, 2, ...'
+                )
             return {relpath: labels[relpath] for relpath in self.relpaths}
         if all('/' in relpath for relpath in self.relpaths):
             classes = sorted({relpath.split('/')[0] for relpath in self.relpaths})
@@ -253,6 +280,7 @@ class ImageSource:
             image = decode_image(self.read(relpath), self.describe(relpath))
             label = self.labels[relpath] if self.labels is not None else None
             yield SourceImage(relpath, image, label, self.caption(relpath))
+
 
 # ---- transforms ----
 
@@ -275,9 +303,11 @@ def _resize(image: np.ndarray, width: int, height: int, resample: int = Image.Re
 def center_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Largest centred box with the aspect ratio width:height, resized to width x height."""
     h, w = image.shape[:2]
-    crop_w, crop_h = (min(w, round(h * width / height)), h) if w * height >= h * width else (w, min(h, round(w * height / width)))
+    crop_w, crop_h = (
+        (min(w, round(h * width / height)), h) if w * height >= h * width else (w, min(h, round(w * height / width)))
+    )
     top, left = (h - crop_h) // 2, (w - crop_w) // 2
-    return _resize(image[top:top + crop_h, left:left + crop_w], width, height)
+    return _resize(image[top : top + crop_h, left : left + crop_w], width, height)
 
 
 def center_crop_dhariwal(image: np.ndarray, size: int) -> np.ndarray:
@@ -290,7 +320,7 @@ def center_crop_dhariwal(image: np.ndarray, size: int) -> np.ndarray:
     img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
     array = np.array(img)
     top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-    return array[top:top + size, left:left + size]
+    return array[top : top + size, left : left + size]
 
 
 def make_transform(transform: str | None, width: int | None, height: int | None) -> Callable[[np.ndarray], np.ndarray]:
@@ -304,8 +334,10 @@ def make_transform(transform: str | None, width: int | None, height: int | None)
     if width is None:
         raise ValueError(f'--transform={transform} needs --resolution')
     if transform != 'center-crop-wide' and width != height:
-        raise ValueError(f'--transform={transform} makes square images but --resolution is {width}x{height}; '
-                         f'use --transform=center-crop-wide')
+        raise ValueError(
+            f'--transform={transform} makes square images but --resolution is {width}x{height}; '
+            f'use --transform=center-crop-wide'
+        )
     if transform == 'center-crop-dhariwal':
         return lambda image: center_crop_dhariwal(image, width)
     return lambda image: center_crop(image, width, height)

@@ -23,10 +23,14 @@ DETECTORS_ENV = 'EDM2X_DETECTORS'
 # metric -> (file names recognised in a folder, in order of preference; default download URL).
 # inception-2015-12-05.pkl is NVIDIA's TorchScript translation, the detector EDM2's numbers come from.
 DETECTOR_FILES: dict[str, tuple[tuple[str, ...], str]] = {
-    'fid': (('inception-2015-12-05.pkl', 'pt_inception-2015-12-05-6726825d.pth'),
-            'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'),
-    'fd_dinov2': (('dinov2_vitl14_pretrain.pth',),
-                  'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'),
+    'fid': (
+        ('inception-2015-12-05.pkl', 'pt_inception-2015-12-05-6726825d.pth'),
+        'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth',
+    ),
+    'fd_dinov2': (
+        ('dinov2_vitl14_pretrain.pth',),
+        'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth',
+    ),
 }
 METRICS = tuple(DETECTOR_FILES)
 PUBLISHED_DINOV2 = dict(embed_dim=1024, depth=24, patch_size=14)  # ViT-L/14, the detector of FD-DINOv2 as published.
@@ -81,8 +85,10 @@ def resolve_detector_sources(metrics: list[str], detectors: str | None = None) -
             raise DetectorError(f'{origin} names {entry}, which does not exist.')
         metric = _metric_for_name(entry)
         if metric is None:
-            raise DetectorError(f'{origin} names {entry}, but its file name says neither "inception" (FID) '
-                                f'nor "dinov2" (FD-DINOv2); rename it, or pass its folder.')
+            raise DetectorError(
+                f'{origin} names {entry}, but its file name says neither "inception" (FID) '
+                f'nor "dinov2" (FD-DINOv2); rename it, or pass its folder.'
+            )
         found.setdefault(metric, entry)
     return {m: found.get(m, DETECTOR_FILES[m][1]) for m in metrics}
 
@@ -92,8 +98,9 @@ def _fetch(metric: str, source: str, verbose: bool) -> str:
         return dnnlib.util.open_url(source, return_filename=True, num_attempts=3, verbose=verbose)
     except dnnlib.util.DownloadError as err:
         names = ' or '.join(DETECTOR_FILES[metric][0])
-        raise DetectorError(f'{err} Alternatively put {names} in a folder and name it with --detectors '
-                            f'or {DETECTORS_ENV}.') from None
+        raise DetectorError(
+            f'{err} Alternatively put {names} in a folder and name it with --detectors or {DETECTORS_ENV}.'
+        ) from None
 
 
 def _load_state_dict(module: nn.Module, state: object, path: str, ignored: tuple[str, ...], what: str) -> nn.Module:
@@ -107,8 +114,11 @@ def _load_state_dict(module: nn.Module, state: object, path: str, ignored: tuple
     unexpected = sorted(state.keys() - expected.keys())
     reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
-        problems = [f'{label} {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""}'
-                    for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', reshaped)) if keys]
+        problems = [
+            f'{label} {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""}'
+            for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', reshaped))
+            if keys
+        ]
         raise DetectorError(f'{path} does not hold {what} weights ({"; ".join(problems)}).')
     module.load_state_dict(state, assign=True)
     return module
@@ -135,9 +145,12 @@ def _load_dinov2(path: str) -> nn.Module:
         raise DetectorError(f'{path} is not a DINOv2 checkpoint (it lacks {", ".join(needed)}).')
     kwargs = vit_kwargs_from_state_dict(state)
     if not PUBLISHED_DINOV2.items() <= kwargs.items():
-        warnings.warn(f'{path} is a DINOv2 ViT of width {kwargs["embed_dim"]}, depth {kwargs["depth"]} and patch '
-                      f'{kwargs["patch_size"]}, not ViT-L/14; its FD-DINOv2 will not compare with published numbers.',
-                      DetectorWarning, stacklevel=3)
+        warnings.warn(
+            f'{path} is a DINOv2 ViT of width {kwargs["embed_dim"]}, depth {kwargs["depth"]} and patch '
+            f'{kwargs["patch_size"]}, not ViT-L/14; its FD-DINOv2 will not compare with published numbers.',
+            DetectorWarning,
+            stacklevel=3,
+        )
     with torch.device('meta'):
         module = DinoVisionTransformer(**kwargs)
     # mask_token only serves masked-image training.
@@ -153,5 +166,7 @@ def load_detector(metric: str, source: str, device: torch.device | str = 'cpu', 
     try:
         module = _load_inception(path) if metric == 'fid' else _load_dinov2(path)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
-        raise DetectorError(f'{path} could not be read as {metric} detector weights: {str(err).splitlines()[0]}') from None
+        raise DetectorError(
+            f'{path} could not be read as {metric} detector weights: {str(err).splitlines()[0]}'
+        ) from None
     return module.eval().requires_grad_(False).to(device)

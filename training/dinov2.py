@@ -82,8 +82,9 @@ class PatchEmbed(nn.Module):
 class DinoVisionTransformer(nn.Module):
     """DINOv2 ViT; defaults are ViT-L/14 as published (pretrained at 518 px: 37x37 position grid)."""
 
-    def __init__(self, embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,
-                 patch_size: int = 14, pos_grid: int = 37) -> None:
+    def __init__(
+        self, embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, patch_size: int = 14, pos_grid: int = 37
+    ) -> None:
         super().__init__()
         self.feature_dim = embed_dim
         self.patch_size = patch_size
@@ -131,6 +132,10 @@ def vit_kwargs_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, int]
     """Architecture of a DINOv2 checkpoint, read from its tensor shapes (ViT-S/B/L/g share 64-channel heads)."""
     embed_dim = state['cls_token'].shape[-1]
     depth = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
-    return dict(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // DINOV2_HEAD_CHANNELS,
-                patch_size=state['patch_embed.proj.weight'].shape[-1],
-                pos_grid=math.isqrt(state['pos_embed'].shape[1] - 1))
+    return dict(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=embed_dim // DINOV2_HEAD_CHANNELS,
+        patch_size=state['patch_embed.proj.weight'].shape[-1],
+        pos_grid=math.isqrt(state['pos_embed'].shape[1] - 1),
+    )

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 import dnnlib
-from torch_utils import misc
-from torch_utils import persistence
+from torch_utils import misc, persistence
 
 
 @persistence.persistent_class
@@ -70,28 +69,38 @@ def load_vae(vae_name: str, device: torch.device | str = 'cpu') -> torch.nn.Modu
     cached under `dnnlib.make_cache_dir_path('diffusers')`; offline (no network or HF_HUB_OFFLINE=1) only
     the cache is tried. Failure raises `dnnlib.util.DownloadError` with one sentence saying what to do."""
     from diffusers import AutoencoderKL  # Slow to import; only latent pipelines need it.
+
     cache_dir = dnnlib.make_cache_dir_path('diffusers')
     is_local = os.path.isdir(vae_name)
     if not is_local and (vae_name.startswith(('/', '.', '~')) or vae_name.count('/') != 1):
-        raise dnnlib.util.DownloadError(f'{vae_name}: no such folder; pass a folder saved with save_pretrained or a '
-                                        f'hub id like stabilityai/sd-vae-ft-mse.')
+        raise dnnlib.util.DownloadError(
+            f'{vae_name}: no such folder; pass a folder saved with save_pretrained or a '
+            f'hub id like stabilityai/sd-vae-ft-mse.'
+        )
     # The cache first (fast, and enough offline), then the hub unless HF_HUB_OFFLINE forbids it.
     attempts = [True] if is_local or _truthy_env('HF_HUB_OFFLINE') else [True, False]
     for local_files_only in attempts:
         try:
-            vae = AutoencoderKL.from_pretrained(vae_name, cache_dir=None if is_local else cache_dir,
-                                                low_cpu_mem_usage=False, local_files_only=local_files_only)
+            vae = AutoencoderKL.from_pretrained(
+                vae_name,
+                cache_dir=None if is_local else cache_dir,
+                low_cpu_mem_usage=False,
+                local_files_only=local_files_only,
+            )
             break
         except (OSError, ValueError) as e:
             error = e
     else:
         if is_local:
-            raise dnnlib.util.DownloadError(f'{vae_name}: not a diffusers AutoencoderKL folder ({type(error).__name__}); '
-                                            f'save one there with AutoencoderKL.save_pretrained.') from error
+            raise dnnlib.util.DownloadError(
+                f'{vae_name}: not a diffusers AutoencoderKL folder ({type(error).__name__}); '
+                f'save one there with AutoencoderKL.save_pretrained.'
+            ) from error
         raise dnnlib.util.DownloadError(
             f'Cannot load the VAE {vae_name!r} (no network or not cached): on a connected machine run '
             f'`huggingface-cli download {vae_name} --cache-dir={cache_dir}` and copy that folder here, or pass a '
-            f'local folder saved with save_pretrained.') from error
+            f'local folder saved with save_pretrained.'
+        ) from error
     return vae.eval().requires_grad_(False).to(device)
 
 
@@ -104,9 +113,15 @@ class StabilityVAEEncoder(Encoder):
     `vae_name`, a hub id or a local folder saved with `save_pretrained`.
     """
 
-    def __init__(self, vae_name: str = 'stabilityai/sd-vae-ft-mse', raw_mean: list[float] = [5.81, 3.25, 0.12, -2.15],
-                 raw_std: list[float] = [4.17, 4.62, 3.71, 3.28], final_mean: float = 0, final_std: float = 0.5,
-                 batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        vae_name: str = 'stabilityai/sd-vae-ft-mse',
+        raw_mean: list[float] = [5.81, 3.25, 0.12, -2.15],
+        raw_std: list[float] = [4.17, 4.62, 3.71, 3.28],
+        final_mean: float = 0,
+        final_std: float = 0.5,
+        batch_size: int = 8,
+    ) -> None:
         self.vae_name = vae_name
         self.raw_mean = np.array(raw_mean, dtype=np.float32)
         self.raw_std = np.array(raw_std, dtype=np.float32)
@@ -142,6 +157,7 @@ class StabilityVAEEncoder(Encoder):
             # x/255 rather than the VAE's native [-1, 1]: the raw statistics were measured this way (SPEC §6).
             posterior = self._vae.encode(batch.to(torch.float32) / 255).latent_dist
             return torch.cat([posterior.mean, posterior.std], dim=1)
+
         return self._run_batched(encode, x)
 
     def _per_channel(self, value: np.ndarray, ref: torch.Tensor) -> torch.Tensor:

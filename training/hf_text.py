@@ -25,8 +25,10 @@ def load_tokenizer(path: str) -> Any:
     """The tokenizer save_pretrained wrote into the folder `path`."""
     transformers = import_transformers(f'The tokenizer in {path}')
     if not os.path.isdir(path):
-        raise FileNotFoundError(f'Tokenizer folder {path} not found: place the Hugging Face tokenizer (or text '
-                                'encoder) the net was made with there (the files save_pretrained writes).')
+        raise FileNotFoundError(
+            f'Tokenizer folder {path} not found: place the Hugging Face tokenizer (or text '
+            'encoder) the net was made with there (the files save_pretrained writes).'
+        )
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -36,8 +38,10 @@ def load_text_model(path: str, device: torch.device | str) -> torch.nn.Module:
     if key not in _models:
         transformers = import_transformers(f'The text encoder in {path}')
         if not os.path.isdir(path):
-            raise FileNotFoundError(f'Text encoder folder {path} not found: place the pretrained Hugging Face model '
-                                    'the net was trained with there (the files save_pretrained writes).')
+            raise FileNotFoundError(
+                f'Text encoder folder {path} not found: place the pretrained Hugging Face model '
+                'the net was trained with there (the files save_pretrained writes).'
+            )
         model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
         model = getattr(model, 'text_model', model)  # CLIP: the text tower of the dual encoder.
         if getattr(model.config, 'is_encoder_decoder', False):

@@ -46,8 +46,9 @@ def parse_metrics(metrics: str | Iterable[str]) -> list[str]:
     return names
 
 
-def load_detectors(metrics: Iterable[str], detectors: str | None = None,
-                   device: torch.device | str | None = None, verbose: bool = True) -> dict[str, nn.Module]:
+def load_detectors(
+    metrics: Iterable[str], detectors: str | None = None, device: torch.device | str | None = None, verbose: bool = True
+) -> dict[str, nn.Module]:
     """Detector modules by metric; rank 0 fetches the weights first so ranks never download twice."""
     device = device if device is not None else dist.device()
     sources = resolve_detector_sources(list(metrics), detectors)
@@ -93,16 +94,24 @@ class FeatureStats:
 def check_images(images: torch.Tensor) -> None:
     """Raise MetricsError unless `images` is a uint8 [N, 3, H, W] batch."""
     if images.ndim != 4 or images.dtype != torch.uint8:
-        raise MetricsError(f'Expected uint8 image batches of shape [N, 3, H, W], got {images.dtype} {list(images.shape)}.')
+        raise MetricsError(
+            f'Expected uint8 image batches of shape [N, 3, H, W], got {images.dtype} {list(images.shape)}.'
+        )
     if images.shape[1] != 3:
-        raise MetricsError(f'The detectors need RGB images with 3 channels, got {images.shape[1]}; '
-                           f'convert the images to RGB first.')
+        raise MetricsError(
+            f'The detectors need RGB images with 3 channels, got {images.shape[1]}; convert the images to RGB first.'
+        )
 
 
-def calculate_stats_for_iterable(image_iter: Iterable[torch.Tensor], metrics: str | Iterable[str] = METRICS,
-                                 detectors: dict[str, nn.Module] | None = None, detector_source: str | None = None,
-                                 device: torch.device | str | None = None, num_images: int | None = None,
-                                 verbose: bool = True) -> Stats:
+def calculate_stats_for_iterable(
+    image_iter: Iterable[torch.Tensor],
+    metrics: str | Iterable[str] = METRICS,
+    detectors: dict[str, nn.Module] | None = None,
+    detector_source: str | None = None,
+    device: torch.device | str | None = None,
+    num_images: int | None = None,
+    verbose: bool = True,
+) -> Stats:
     """Feature statistics of uint8 NCHW RGB batches; collective under torchrun (every rank must call it
     with its own share of the images). `detectors` reuses loaded modules (see load_detectors), else they
     are loaded from `detector_source` (files/folders/URLs, as --detectors). `num_images` (all ranks
@@ -132,8 +141,10 @@ def _sqrt_psd(sigma: np.ndarray, which: str) -> np.ndarray:
     """Symmetric square root of a covariance matrix; round-off negative eigenvalues count as zero."""
     w, v = np.linalg.eigh((sigma + sigma.T) / 2)
     if w[0] < -(MAX_NEGATIVE_EIGENVALUE * max(w[-1], 0.0) + NEGATIVE_EIGENVALUE_FLOOR):
-        raise MetricsError(f'The {which} covariance is not positive semi-definite (eigenvalue {w[0]:.3g}, largest '
-                           f'{w[-1]:.3g}); the statistics are corrupt.')
+        raise MetricsError(
+            f'The {which} covariance is not positive semi-definite (eigenvalue {w[0]:.3g}, largest '
+            f'{w[-1]:.3g}); the statistics are corrupt.'
+        )
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
@@ -145,7 +156,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise MetricsError(f'Statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}.')
+        raise MetricsError(
+            f'Statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}.'
+        )
     trace_root = np.linalg.svd(_sqrt_psd(sigma1, 'first') @ _sqrt_psd(sigma2, 'second'), compute_uv=False).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
@@ -155,12 +168,15 @@ def require_metrics(ref: Stats, metrics: Iterable[str], ref_name: str = 'the ref
     """Raise MetricsError naming what is missing unless `ref` holds every metric in `metrics`."""
     missing = [m for m in metrics if m not in ref]
     if missing:
-        raise MetricsError(f'{ref_name} holds no "{",".join(missing)}" statistics (only {",".join(ref) or "none"}); '
-                           f'compute them with: calculate_metrics.py ref --metrics={",".join(metrics)}')
+        raise MetricsError(
+            f'{ref_name} holds no "{",".join(missing)}" statistics (only {",".join(ref) or "none"}); '
+            f'compute them with: calculate_metrics.py ref --metrics={",".join(metrics)}'
+        )
 
 
-def calculate_metrics_from_stats(stats: Stats, ref: Stats, metrics: Iterable[str] | None = None,
-                                 ref_name: str = 'the reference statistics') -> dict[str, float]:
+def calculate_metrics_from_stats(
+    stats: Stats, ref: Stats, metrics: Iterable[str] | None = None, ref_name: str = 'the reference statistics'
+) -> dict[str, float]:
     """FID / FD-DINOv2 of `stats` against `ref`, for `metrics` (default: all metrics in `stats`)."""
     metrics = parse_metrics(metrics if metrics is not None else list(stats))
     require_metrics(ref, metrics, ref_name)
@@ -172,9 +188,15 @@ def _stats_from_npz(data: dict[str, np.ndarray], name: str) -> Stats:
         dim_to_metric = {2048: 'fid', 1024: 'fd_dinov2'}
         metric = dim_to_metric.get(data['mu'].shape[-1])
         if metric is None:
-            raise MetricsError(f'{name}: mu has {data["mu"].shape[-1]} features; expected 2048 (FID) or 1024 (FD-DINOv2).')
+            raise MetricsError(
+                f'{name}: mu has {data["mu"].shape[-1]} features; expected 2048 (FID) or 1024 (FD-DINOv2).'
+            )
         return {metric: {'mu': data['mu'], 'sigma': data['sigma']}}
-    return {m: {'mu': data[f'{m}_mu'], 'sigma': data[f'{m}_sigma']} for m in METRICS if f'{m}_mu' in data and f'{m}_sigma' in data}
+    return {
+        m: {'mu': data[f'{m}_mu'], 'sigma': data[f'{m}_sigma']}
+        for m in METRICS
+        if f'{m}_mu' in data and f'{m}_sigma' in data
+    }
 
 
 def load_stats(path_or_url: str, verbose: bool = False) -> Stats:
@@ -192,11 +214,17 @@ def load_stats(path_or_url: str, verbose: bool = False) -> Stats:
             stats = pickle.loads(raw)
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
         raise MetricsError(f'{path_or_url} is not a statistics file ({type(err).__name__}: {err}).') from None
-    valid = isinstance(stats, dict) and stats and all(
-        isinstance(s, dict) and 'mu' in s and 'sigma' in s for s in stats.values())
+    valid = (
+        isinstance(stats, dict)
+        and stats
+        and all(isinstance(s, dict) and 'mu' in s and 'sigma' in s for s in stats.values())
+    )
     if not valid:
         raise MetricsError(f'{path_or_url} does not hold {{metric: {{"mu", "sigma"}}}} statistics.')
-    return {m: {'mu': np.asarray(s['mu'], np.float64), 'sigma': np.asarray(s['sigma'], np.float64)} for m, s in stats.items()}
+    return {
+        m: {'mu': np.asarray(s['mu'], np.float64), 'sigma': np.asarray(s['sigma'], np.float64)}
+        for m, s in stats.items()
+    }
 
 
 def save_stats(stats: Stats, path: str) -> None:
@@ -209,4 +237,3 @@ def save_stats(stats: Stats, path: str) -> None:
             np.savez(f, **{f'{m}_{k}': v for m, s in stats.items() for k, v in s.items()})
         else:
             pickle.dump(stats, f)
-

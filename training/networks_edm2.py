@@ -44,8 +44,8 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
 
 
 # Separable-filter resampling by 2 (EDM2 Fig. 21: box filter; the up path keeps each pixel's value).
-def resample(x: torch.Tensor, f: list[float] = [1, 1], mode: str = "keep") -> torch.Tensor:
-    if mode == "keep":
+def resample(x: torch.Tensor, f: list[float] = [1, 1], mode: str = 'keep') -> torch.Tensor:
+    if mode == 'keep':
         return x
     f = np.float32(f)
     pad = (len(f) - 1) // 2
@@ -53,9 +53,9 @@ def resample(x: torch.Tensor, f: list[float] = [1, 1], mode: str = "keep") -> to
     f = np.outer(f, f)[np.newaxis, np.newaxis]
     f = misc.const_like(x, f)
     c = x.shape[1]
-    if mode == "down":
+    if mode == 'down':
         return torch.nn.functional.conv2d(x, f.tile([c, 1, 1, 1]), groups=c, stride=2, padding=(pad,))
-    if mode == "up":
+    if mode == 'up':
         return torch.nn.functional.conv_transpose2d(x, (f * 4).tile([c, 1, 1, 1]), groups=c, stride=2, padding=(pad,))
     raise ValueError(f"resample mode must be 'keep', 'down' or 'up', not {mode!r}")
 
@@ -69,8 +69,8 @@ def resample(x: torch.Tensor, f: list[float] = [1, 1], mode: str = "keep") -> to
 class MPFourier(torch.nn.Module):
     def __init__(self, num_channels: int, bandwidth: float = 1):
         super().__init__()
-        self.register_buffer("freqs", 2 * np.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
+        self.register_buffer('freqs', 2 * np.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer('phases', 2 * np.pi * torch.rand(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.to(torch.float32).outer(self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
@@ -109,8 +109,8 @@ class Block(torch.nn.Module):
         in_channels: int,
         out_channels: int,
         emb_channels: int,
-        flavor: str = "enc",
-        resample_mode: str = "keep",
+        flavor: str = 'enc',
+        resample_mode: str = 'keep',
         resample_filter: list[float] = [1, 1],
         attention: bool = False,
         channels_per_head: int = 64,
@@ -120,7 +120,7 @@ class Block(torch.nn.Module):
         clip_act: float | None = 256,
     ):
         super().__init__()
-        if flavor not in ("enc", "dec"):
+        if flavor not in ('enc', 'dec'):
             raise ValueError(f"Block flavor must be 'enc' or 'dec', not {flavor!r}")
         self.out_channels = out_channels
         self.flavor = flavor
@@ -132,7 +132,7 @@ class Block(torch.nn.Module):
         self.attn_balance = attn_balance
         self.clip_act = clip_act
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
-        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
+        self.conv_res0 = MPConv(out_channels if flavor == 'enc' else in_channels, out_channels, kernel=[3, 3])
         self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
         self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
         self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
@@ -142,7 +142,7 @@ class Block(torch.nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # Main branch; the encoder pixel-normalises its input because it has no other normalisation.
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
-        if self.flavor == "enc":
+        if self.flavor == 'enc':
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
             x = normalize(x, dim=1)
@@ -156,7 +156,7 @@ class Block(torch.nn.Module):
         y = self.conv_res1(y)
 
         # Connect the branches.
-        if self.flavor == "dec" and self.conv_skip is not None:
+        if self.flavor == 'dec' and self.conv_skip is not None:
             x = self.conv_skip(x)
         x = mp_sum(x, y, t=self.res_balance)
 
@@ -217,16 +217,16 @@ class UNet(torch.nn.Module):
             res = img_resolution >> level
             if level == 0:
                 cin, cout = cout, channels
-                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
+                self.enc[f'{res}x{res}_conv'] = MPConv(cin, cout, kernel=[3, 3])
             else:
-                self.enc[f"{res}x{res}_down"] = Block(
-                    cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs
+                self.enc[f'{res}x{res}_down'] = Block(
+                    cout, cout, cemb, flavor='enc', resample_mode='down', **block_kwargs
                 )
             skips.append(cout)
             for idx in range(num_blocks):
                 cin, cout = cout, channels
-                self.enc[f"{res}x{res}_block{idx}"] = Block(
-                    cin, cout, cemb, flavor="enc", attention=(res in attn_resolutions), **block_kwargs
+                self.enc[f'{res}x{res}_block{idx}'] = Block(
+                    cin, cout, cemb, flavor='enc', attention=(res in attn_resolutions), **block_kwargs
                 )
                 skips.append(cout)
 
@@ -235,14 +235,14 @@ class UNet(torch.nn.Module):
         for level, channels in reversed(list(enumerate(cblock))):
             res = img_resolution >> level
             if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, flavor="dec", attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, cemb, flavor="dec", **block_kwargs)
+                self.dec[f'{res}x{res}_in0'] = Block(cout, cout, cemb, flavor='dec', attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = Block(cout, cout, cemb, flavor='dec', **block_kwargs)
             else:
-                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, flavor="dec", resample_mode="up", **block_kwargs)
+                self.dec[f'{res}x{res}_up'] = Block(cout, cout, cemb, flavor='dec', resample_mode='up', **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), channels
-                self.dec[f"{res}x{res}_block{idx}"] = Block(
-                    cin, cout, cemb, flavor="dec", attention=(res in attn_resolutions), **block_kwargs
+                self.dec[f'{res}x{res}_block{idx}'] = Block(
+                    cin, cout, cemb, flavor='dec', attention=(res in attn_resolutions), **block_kwargs
                 )
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
@@ -255,11 +255,11 @@ class UNet(torch.nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if "conv" in name else block(x, emb)
+            x = block(x) if 'conv' in name else block(x, emb)
             skips.append(x)
 
         for name, block in self.dec.items():
-            if "block" in name:
+            if 'block' in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
             x = block(x, emb)
         return self.out_conv(x, gain=self.out_gain)
@@ -282,7 +282,7 @@ class Precond(torch.nn.Module):
         **unet_kwargs,
     ):
         super().__init__()
-        if use_fp16 not in (True, False, "fp16", "bf16"):
+        if use_fp16 not in (True, False, 'fp16', 'bf16'):
             raise ValueError(f"use_fp16 must be True, False, 'fp16' or 'bf16', not {use_fp16!r}")
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -296,9 +296,9 @@ class Precond(torch.nn.Module):
     def _compute_dtype(self, device: torch.device, force_fp32: bool) -> torch.dtype:
         if force_fp32 or not self.use_fp16:
             return torch.float32
-        if self.use_fp16 == "bf16":
+        if self.use_fp16 == 'bf16':
             return torch.bfloat16
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return torch.float16 if device.type == 'cuda' else torch.float32
 
     def forward(
         self,

@@ -43,17 +43,31 @@ class CrossAttention(torch.nn.Module):
         y = mp_attention(q, k, v, self.num_heads, mask).mT.reshape(x.shape)
         return mp_sum(x, self.proj(y), t=self.balance)
 
+
 # ----------------------------------------------------------------------------
 # U-Net with text and low-resolution conditioning.
 
 
 @persistence.persistent_class
 class TextUNet(UNet):
-    def __init__(self, img_resolution: int, img_channels: int, text_channels: int = 0, cond_channels: int = 0,
-                 augment_embedding: bool = False, channels_per_head: int = 64, cross_balance: float = 0.3,
-                 **unet_kwargs):
-        super().__init__(img_resolution=img_resolution, img_channels=img_channels, label_dim=0,
-                         channels_per_head=channels_per_head, **unet_kwargs)
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        text_channels: int = 0,
+        cond_channels: int = 0,
+        augment_embedding: bool = False,
+        channels_per_head: int = 64,
+        cross_balance: float = 0.3,
+        **unet_kwargs,
+    ):
+        super().__init__(
+            img_resolution=img_resolution,
+            img_channels=img_channels,
+            label_dim=0,
+            channels_per_head=channels_per_head,
+            **unet_kwargs,
+        )
         cemb = self.emb_noise.out_channels
         self.emb_text = MPConv(text_channels, cemb, kernel=[]) if text_channels else None
         self.emb_aug_fourier = MPFourier(self.emb_fourier.freqs.numel()) if augment_embedding else None
@@ -61,14 +75,24 @@ class TextUNet(UNet):
         if cond_channels:  # The first conv also reads the upsampled low-resolution image.
             name = next(iter(self.enc))
             self.enc[name] = MPConv(img_channels + cond_channels + 1, self.enc[name].out_channels, kernel=[3, 3])
-        self.cross = torch.nn.ModuleDict({
-            f'{side}_{name}': CrossAttention(block.out_channels, text_channels, channels_per_head, cross_balance)
-            for side, blocks in (('enc', self.enc), ('dec', self.dec)) for name, block in blocks.items()
-            if text_channels and getattr(block, 'num_heads', 0)})
+        self.cross = torch.nn.ModuleDict(
+            {
+                f'{side}_{name}': CrossAttention(block.out_channels, text_channels, channels_per_head, cross_balance)
+                for side, blocks in (('enc', self.enc), ('dec', self.dec))
+                for name, block in blocks.items()
+                if text_channels and getattr(block, 'num_heads', 0)
+            }
+        )
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: None = None,
-                text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                cond: torch.Tensor | None = None, aug_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: None = None,
+        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        cond: torch.Tensor | None = None,
+        aug_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_text is not None:
             emb = mp_sum(emb, self.emb_text(text[1].to(emb.dtype)), t=self.label_balance)
@@ -92,6 +116,7 @@ class TextUNet(UNet):
                 x = self.cross[f'dec_{name}'](x, text[0], text[2])
         return self.out_conv(x, gain=self.out_gain)
 
+
 # ----------------------------------------------------------------------------
 # Preconditioning: captions -> text encoder; low-resolution image -> upsampled input channels.
 
@@ -100,11 +125,23 @@ class TextUNet(UNet):
 class TextPrecond(Precond):
     """EDM preconditioning (SPEC §3) of a TextUNet; `class_labels` are captions (list[str] or token ids)."""
 
-    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool | str = True,
-                 sigma_data: float = 0.5, logvar_channels: int = 128, text_length: int = 48,
-                 tokenizer_path: str | None = None, text_channels: int = 128, text_layers: int = 2,
-                 text_encoder_path: str | None = None, lowres: int | None = None, residual: bool = False,
-                 **unet_kwargs):
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        use_fp16: bool | str = True,
+        sigma_data: float = 0.5,
+        logvar_channels: int = 128,
+        text_length: int = 48,
+        tokenizer_path: str | None = None,
+        text_channels: int = 128,
+        text_layers: int = 2,
+        text_encoder_path: str | None = None,
+        lowres: int | None = None,
+        residual: bool = False,
+        **unet_kwargs,
+    ):
         torch.nn.Module.__init__(self)
         if residual and not lowres:
             raise ValueError('residual=True needs a super-resolution net (lowres)')
@@ -121,15 +158,27 @@ class TextPrecond(Precond):
             text_channels = self.text_encoder.channels
         else:
             self.tokenizer = make_tokenizer(text_length, tokenizer_path)
-            self.text_encoder = MPTextEncoder(self.tokenizer.vocab_size, text_length=text_length,
-                                              channels=text_channels, num_layers=text_layers) if text_channels else None
-        self.unet = TextUNet(img_resolution=img_resolution, img_channels=img_channels, text_channels=text_channels,
-                             cond_channels=img_channels if lowres else 0, augment_embedding=bool(lowres), **unet_kwargs)
+            self.text_encoder = (
+                MPTextEncoder(
+                    self.tokenizer.vocab_size, text_length=text_length, channels=text_channels, num_layers=text_layers
+                )
+                if text_channels
+                else None
+            )
+        self.unet = TextUNet(
+            img_resolution=img_resolution,
+            img_channels=img_channels,
+            text_channels=text_channels,
+            cond_channels=img_channels if lowres else 0,
+            augment_embedding=bool(lowres),
+            **unet_kwargs,
+        )
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
-    def encode_text(self, captions: list[str] | torch.Tensor | None, batch_size: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def encode_text(
+        self, captions: list[str] | torch.Tensor | None, batch_size: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(features, pooled, mask) of the captions; None or an empty list means empty captions."""
         if self.text_encoder is None:
             return None
@@ -140,16 +189,25 @@ class TextPrecond(Precond):
 
     # Low-resolution conditioning: bicubic-upsampled to img_resolution, input to the U-Net scaled by 1/0.5 (the
     # pixel std EDM assumes); its augmentation level enters the embedding as c_aug = ln(σ_aug + 0.002) / 4.
-    def _lowres_inputs(self, lowres: torch.Tensor, aug_sigma: float | torch.Tensor,
-                       n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        up = torch.nn.functional.interpolate(lowres.to(torch.float32), size=self.img_resolution, mode='bicubic',
-                                             align_corners=False)
+    def _lowres_inputs(
+        self, lowres: torch.Tensor, aug_sigma: float | torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        up = torch.nn.functional.interpolate(
+            lowres.to(torch.float32), size=self.img_resolution, mode='bicubic', align_corners=False
+        )
         aug = torch.as_tensor(aug_sigma, dtype=torch.float32, device=up.device).flatten().expand(n)
         return up, (aug + 0.002).log() / 4
 
-    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: list[str] | torch.Tensor | None = None,
-                force_fp32: bool = False, return_logvar: bool = False, lowres: torch.Tensor | None = None,
-                aug_sigma: float | torch.Tensor = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: list[str] | torch.Tensor | None = None,
+        force_fp32: bool = False,
+        return_logvar: bool = False,
+        lowres: torch.Tensor | None = None,
+        aug_sigma: float | torch.Tensor = 0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         sigma = sigma.expand(x.shape[0], 1, 1, 1)
@@ -167,9 +225,9 @@ class TextPrecond(Precond):
         text = self.encode_text(class_labels, x.shape[0], x.device)
 
         # Preconditioning, EDM2 Eq. 21 / SPEC §3.
-        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
-        c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
+        c_skip = self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+        c_out = sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
+        c_in = 1 / (self.sigma_data**2 + sigma**2).sqrt()
         c_noise = sigma.flatten().log() / 4
 
         F_x = self.unet((c_in * x).to(dtype), c_noise, text=text, cond=cond, aug_labels=aug_labels)
@@ -178,4 +236,3 @@ class TextPrecond(Precond):
             return D_x
         logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
         return D_x, logvar
-

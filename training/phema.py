@@ -16,7 +16,7 @@ import torch
 def _std_to_exp_scalar(std: float) -> float:
     if not std > 0:
         raise ValueError(f'EMA std must be positive, got {std}')
-    roots = np.roots([1, 7, 16 - std ** -2, 12 - std ** -2])
+    roots = np.roots([1, 7, 16 - std**-2, 12 - std**-2])
     real = roots.real[np.abs(roots.imag) <= 1e-9 * np.maximum(np.abs(roots.real), 1)]
     if len(real) == 0 or real.max() <= -1:
         raise ValueError(f'EMA std {std} is wider than any power-function profile allows (max ~0.2996)')
@@ -54,7 +54,9 @@ def power_function_correlation(a_ofs, a_std, b_ofs, b_std) -> np.ndarray:
 # Least-squares weights x with Σ_i x_i p_i ≈ p_target, from A x = b (EDM2 Alg. 3).
 def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std) -> np.ndarray:
     in_ofs, in_std = np.broadcast_arrays(np.asarray(in_ofs, np.float64).ravel(), np.asarray(in_std, np.float64).ravel())
-    out_ofs, out_std = np.broadcast_arrays(np.asarray(out_ofs, np.float64).ravel(), np.asarray(out_std, np.float64).ravel())
+    out_ofs, out_std = np.broadcast_arrays(
+        np.asarray(out_ofs, np.float64).ravel(), np.asarray(out_std, np.float64).ravel()
+    )
     coefs = np.zeros([len(in_ofs), len(out_ofs)], dtype=np.float64)
     for j, (t_out, s_out) in enumerate(zip(out_ofs, out_std)):
         use = np.flatnonzero((in_ofs > 0) & (in_ofs <= t_out))  # only snapshots up to the target take part
@@ -100,6 +102,6 @@ class PowerFunctionEMA:
 
     def load_state_dict(self, state: dict) -> None:
         if [round(s, 6) for s in state['stds']] != [round(s, 6) for s in self.stds]:
-            raise ValueError(f"EMA state tracks stds {state['stds']}, but this run tracks {self.stds}")
+            raise ValueError(f'EMA state tracks stds {state["stds"]}, but this run tracks {self.stds}')
         for ema, ema_state in zip(self.emas, state['emas']):
             ema.load_state_dict(ema_state)

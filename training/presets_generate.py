@@ -20,54 +20,86 @@ def _preset(net: str, gnet: str | None = None, guidance: float = 1.0) -> EasyDic
 
 presets: dict[str, EasyDict] = {
     # img512 (latent), no guidance.
-    'edm2-img512-xs-fid':          _preset(_pkl('img512-xs-2147483-0.135')),                                    # FID 3.53
-    'edm2-img512-xs-dino':         _preset(_pkl('img512-xs-2147483-0.200')),                                    # FD 103.39
-    'edm2-img512-s-fid':           _preset(_pkl('img512-s-2147483-0.130')),                                     # FID 2.56
-    'edm2-img512-s-dino':          _preset(_pkl('img512-s-2147483-0.190')),                                     # FD 68.64
-    'edm2-img512-m-fid':           _preset(_pkl('img512-m-2147483-0.100')),                                     # FID 2.25
-    'edm2-img512-m-dino':          _preset(_pkl('img512-m-2147483-0.155')),                                     # FD 58.44
-    'edm2-img512-l-fid':           _preset(_pkl('img512-l-1879048-0.085')),                                     # FID 2.06
-    'edm2-img512-l-dino':          _preset(_pkl('img512-l-1879048-0.155')),                                     # FD 52.25
-    'edm2-img512-xl-fid':          _preset(_pkl('img512-xl-1342177-0.085')),                                    # FID 1.96
-    'edm2-img512-xl-dino':         _preset(_pkl('img512-xl-1342177-0.155')),                                    # FD 45.96
-    'edm2-img512-xxl-fid':         _preset(_pkl('img512-xxl-0939524-0.070')),                                   # FID 1.91
-    'edm2-img512-xxl-dino':        _preset(_pkl('img512-xxl-0939524-0.150')),                                   # FD 42.84
-
+    'edm2-img512-xs-fid': _preset(_pkl('img512-xs-2147483-0.135')),  # FID 3.53
+    'edm2-img512-xs-dino': _preset(_pkl('img512-xs-2147483-0.200')),  # FD 103.39
+    'edm2-img512-s-fid': _preset(_pkl('img512-s-2147483-0.130')),  # FID 2.56
+    'edm2-img512-s-dino': _preset(_pkl('img512-s-2147483-0.190')),  # FD 68.64
+    'edm2-img512-m-fid': _preset(_pkl('img512-m-2147483-0.100')),  # FID 2.25
+    'edm2-img512-m-dino': _preset(_pkl('img512-m-2147483-0.155')),  # FD 58.44
+    'edm2-img512-l-fid': _preset(_pkl('img512-l-1879048-0.085')),  # FID 2.06
+    'edm2-img512-l-dino': _preset(_pkl('img512-l-1879048-0.155')),  # FD 52.25
+    'edm2-img512-xl-fid': _preset(_pkl('img512-xl-1342177-0.085')),  # FID 1.96
+    'edm2-img512-xl-dino': _preset(_pkl('img512-xl-1342177-0.155')),  # FD 45.96
+    'edm2-img512-xxl-fid': _preset(_pkl('img512-xxl-0939524-0.070')),  # FID 1.91
+    'edm2-img512-xxl-dino': _preset(_pkl('img512-xxl-0939524-0.150')),  # FD 42.84
     # img64 (pixels), no guidance.
-    'edm2-img64-s-fid':            _preset(_pkl('img64-s-1073741-0.075')),                                      # FID 1.58
-    'edm2-img64-m-fid':            _preset(_pkl('img64-m-2147483-0.060')),                                      # FID 1.43
-    'edm2-img64-l-fid':            _preset(_pkl('img64-l-1073741-0.040')),                                      # FID 1.33
-    'edm2-img64-xl-fid':           _preset(_pkl('img64-xl-0671088-0.040')),                                     # FID 1.33
-
+    'edm2-img64-s-fid': _preset(_pkl('img64-s-1073741-0.075')),  # FID 1.58
+    'edm2-img64-m-fid': _preset(_pkl('img64-m-2147483-0.060')),  # FID 1.43
+    'edm2-img64-l-fid': _preset(_pkl('img64-l-1073741-0.040')),  # FID 1.33
+    'edm2-img64-xl-fid': _preset(_pkl('img64-xl-0671088-0.040')),  # FID 1.33
     # img512, classifier-free guidance by an unconditional XS net.
-    'edm2-img512-xs-guid-fid':     _preset(_pkl('img512-xs-2147483-0.045'), _pkl('img512-xs-uncond-2147483-0.045'), 1.40),  # FID 2.91
-    'edm2-img512-xs-guid-dino':    _preset(_pkl('img512-xs-2147483-0.150'), _pkl('img512-xs-uncond-2147483-0.150'), 1.70),  # FD 79.94
-    'edm2-img512-s-guid-fid':      _preset(_pkl('img512-s-2147483-0.025'), _pkl('img512-xs-uncond-2147483-0.025'), 1.40),   # FID 2.23
-    'edm2-img512-s-guid-dino':     _preset(_pkl('img512-s-2147483-0.085'), _pkl('img512-xs-uncond-2147483-0.085'), 1.90),   # FD 52.32
-    'edm2-img512-m-guid-fid':      _preset(_pkl('img512-m-2147483-0.030'), _pkl('img512-xs-uncond-2147483-0.030'), 1.20),   # FID 2.01
-    'edm2-img512-m-guid-dino':     _preset(_pkl('img512-m-2147483-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 2.00),   # FD 41.98
-    'edm2-img512-l-guid-fid':      _preset(_pkl('img512-l-1879048-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 1.20),   # FID 1.88
-    'edm2-img512-l-guid-dino':     _preset(_pkl('img512-l-1879048-0.035'), _pkl('img512-xs-uncond-2147483-0.035'), 1.70),   # FD 38.20
-    'edm2-img512-xl-guid-fid':     _preset(_pkl('img512-xl-1342177-0.020'), _pkl('img512-xs-uncond-2147483-0.020'), 1.20),  # FID 1.85
-    'edm2-img512-xl-guid-dino':    _preset(_pkl('img512-xl-1342177-0.030'), _pkl('img512-xs-uncond-2147483-0.030'), 1.70),  # FD 35.67
-    'edm2-img512-xxl-guid-fid':    _preset(_pkl('img512-xxl-0939524-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 1.20), # FID 1.81
-    'edm2-img512-xxl-guid-dino':   _preset(_pkl('img512-xxl-0939524-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 1.70), # FD 33.09
-
+    'edm2-img512-xs-guid-fid': _preset(
+        _pkl('img512-xs-2147483-0.045'), _pkl('img512-xs-uncond-2147483-0.045'), 1.40
+    ),  # FID 2.91
+    'edm2-img512-xs-guid-dino': _preset(
+        _pkl('img512-xs-2147483-0.150'), _pkl('img512-xs-uncond-2147483-0.150'), 1.70
+    ),  # FD 79.94
+    'edm2-img512-s-guid-fid': _preset(
+        _pkl('img512-s-2147483-0.025'), _pkl('img512-xs-uncond-2147483-0.025'), 1.40
+    ),  # FID 2.23
+    'edm2-img512-s-guid-dino': _preset(
+        _pkl('img512-s-2147483-0.085'), _pkl('img512-xs-uncond-2147483-0.085'), 1.90
+    ),  # FD 52.32
+    'edm2-img512-m-guid-fid': _preset(
+        _pkl('img512-m-2147483-0.030'), _pkl('img512-xs-uncond-2147483-0.030'), 1.20
+    ),  # FID 2.01
+    'edm2-img512-m-guid-dino': _preset(
+        _pkl('img512-m-2147483-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 2.00
+    ),  # FD 41.98
+    'edm2-img512-l-guid-fid': _preset(
+        _pkl('img512-l-1879048-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 1.20
+    ),  # FID 1.88
+    'edm2-img512-l-guid-dino': _preset(
+        _pkl('img512-l-1879048-0.035'), _pkl('img512-xs-uncond-2147483-0.035'), 1.70
+    ),  # FD 38.20
+    'edm2-img512-xl-guid-fid': _preset(
+        _pkl('img512-xl-1342177-0.020'), _pkl('img512-xs-uncond-2147483-0.020'), 1.20
+    ),  # FID 1.85
+    'edm2-img512-xl-guid-dino': _preset(
+        _pkl('img512-xl-1342177-0.030'), _pkl('img512-xs-uncond-2147483-0.030'), 1.70
+    ),  # FD 35.67
+    'edm2-img512-xxl-guid-fid': _preset(
+        _pkl('img512-xxl-0939524-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 1.20
+    ),  # FID 1.81
+    'edm2-img512-xxl-guid-dino': _preset(
+        _pkl('img512-xxl-0939524-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 1.70
+    ),  # FD 33.09
     # Autoguidance by a smaller, less-trained net (Karras et al. 2024).
-    'edm2-img512-s-autog-fid':     _preset(_pkl('img512-s-2147483-0.070'), _pkl('img512-xs-0134217-0.125'), 2.10),          # FID 1.34
-    'edm2-img512-s-autog-dino':    _preset(_pkl('img512-s-2147483-0.120'), _pkl('img512-xs-0134217-0.165'), 2.45),          # FD 36.67
-    'edm2-img512-xxl-autog-fid':   _preset(_pkl('img512-xxl-0939524-0.075'), _pkl('img512-m-0268435-0.155'), 2.05),         # FID 1.25
-    'edm2-img512-xxl-autog-dino':  _preset(_pkl('img512-xxl-0939524-0.130'), _pkl('img512-m-0268435-0.205'), 2.30),         # FD 24.18
-    'edm2-img512-s-uncond-autog-fid':  _preset(_pkl('img512-s-uncond-2147483-0.070'), _pkl('img512-xs-uncond-0134217-0.110'), 2.85),  # FID 3.86
-    'edm2-img512-s-uncond-autog-dino': _preset(_pkl('img512-s-uncond-2147483-0.090'), _pkl('img512-xs-uncond-0134217-0.125'), 2.90),  # FD 90.39
-    'edm2-img64-s-autog-fid':      _preset(_pkl('img64-s-1073741-0.045'), _pkl('img64-xs-0134217-0.110'), 1.70),            # FID 1.01
-    'edm2-img64-s-autog-dino':     _preset(_pkl('img64-s-1073741-0.105'), _pkl('img64-xs-0134217-0.175'), 2.20),            # FD 31.85
-
+    'edm2-img512-s-autog-fid': _preset(
+        _pkl('img512-s-2147483-0.070'), _pkl('img512-xs-0134217-0.125'), 2.10
+    ),  # FID 1.34
+    'edm2-img512-s-autog-dino': _preset(
+        _pkl('img512-s-2147483-0.120'), _pkl('img512-xs-0134217-0.165'), 2.45
+    ),  # FD 36.67
+    'edm2-img512-xxl-autog-fid': _preset(
+        _pkl('img512-xxl-0939524-0.075'), _pkl('img512-m-0268435-0.155'), 2.05
+    ),  # FID 1.25
+    'edm2-img512-xxl-autog-dino': _preset(
+        _pkl('img512-xxl-0939524-0.130'), _pkl('img512-m-0268435-0.205'), 2.30
+    ),  # FD 24.18
+    'edm2-img512-s-uncond-autog-fid': _preset(
+        _pkl('img512-s-uncond-2147483-0.070'), _pkl('img512-xs-uncond-0134217-0.110'), 2.85
+    ),  # FID 3.86
+    'edm2-img512-s-uncond-autog-dino': _preset(
+        _pkl('img512-s-uncond-2147483-0.090'), _pkl('img512-xs-uncond-0134217-0.125'), 2.90
+    ),  # FD 90.39
+    'edm2-img64-s-autog-fid': _preset(_pkl('img64-s-1073741-0.045'), _pkl('img64-xs-0134217-0.110'), 1.70),  # FID 1.01
+    'edm2-img64-s-autog-dino': _preset(_pkl('img64-s-1073741-0.105'), _pkl('img64-xs-0134217-0.175'), 2.20),  # FD 31.85
     # The project's own CPU demos (`python train_edm2.py --outdir=runs/demo --preset=demo`, likewise
     # demo-tiny): the newest snapshot in the run folder.
-    'demo':                        _preset('runs/demo'),
-    'demo-tiny':                   _preset('runs/demo-tiny'),
-    'demo-text':                   _preset('runs/demo-text', guidance=2.0),  # text-to-image: guided by ''
+    'demo': _preset('runs/demo'),
+    'demo-tiny': _preset('runs/demo-tiny'),
+    'demo-text': _preset('runs/demo-text', guidance=2.0),  # text-to-image: guided by ''
 }
 
 # Text-to-image cascades (generate_images.py --cascade=NAME): stages in order, each a net (pickle or run folder)
@@ -82,6 +114,9 @@ cascades: dict[str, list[EasyDict]] = {
     # `python train_edm2.py --preset=demo-text --outdir=runs/demo-text`, likewise demo-sr.
     'demo-text': [_stage('runs/demo-text', 24, 2.0), _stage('runs/demo-sr', 16)],
     # presets text2img-64, sr-64-256 and sr-256-1024 trained into runs/ folders of the same names.
-    'text2img-1024': [_stage('runs/text2img-64', 64, 3.0), _stage('runs/sr-64-256', 32, 1.0, 0.05),
-                      _stage('runs/sr-256-1024', 24, 1.0, 0.05)],
+    'text2img-1024': [
+        _stage('runs/text2img-64', 64, 3.0),
+        _stage('runs/sr-64-256', 32, 1.0, 0.05),
+        _stage('runs/sr-256-1024', 24, 1.0, 0.05),
+    ],
 }

@@ -11,9 +11,11 @@ from dnnlib import EasyDict
 
 def _text(loss_kwargs: dict | None = None, **network_kwargs) -> dict:
     """Components of a text-to-image or super-resolution stage (SPEC §8): captions as labels, TextPrecond, TextEDM2Loss."""
-    return dict(dataset_kwargs=EasyDict(use_captions=True),
-                network_kwargs=EasyDict(class_name='training.networks_text.TextPrecond', **network_kwargs),
-                loss_kwargs=EasyDict(class_name='training.cascade.TextEDM2Loss', **(loss_kwargs or {})))
+    return dict(
+        dataset_kwargs=EasyDict(use_captions=True),
+        network_kwargs=EasyDict(class_name='training.networks_text.TextPrecond', **network_kwargs),
+        loss_kwargs=EasyDict(class_name='training.cascade.TextEDM2Loss', **(loss_kwargs or {})),
+    )
 
 
 # EDM2 paper, Table 2 / App. B: duration in images, global batch, channels, α_ref, t_ref (decay), dropout.
@@ -23,9 +25,11 @@ _IMG64 = dict(batch=2048, decay=35000, P_mean=-0.8, P_std=1.6)
 
 def _clip(holdout: int, **network_kwargs) -> dict:
     """Components of a CLIP-guide preset: held-out split of the data, CLIPGuide, CLIPLoss."""
-    return dict(dataset_kwargs=EasyDict(class_name='training.clip_eval.HeldOutSplit', holdout=holdout),
-                network_kwargs=EasyDict(class_name='training.clip_guide.CLIPGuide', **network_kwargs),
-                loss_kwargs=EasyDict(class_name='training.clip_guide.CLIPLoss'))
+    return dict(
+        dataset_kwargs=EasyDict(class_name='training.clip_eval.HeldOutSplit', holdout=holdout),
+        network_kwargs=EasyDict(class_name='training.clip_guide.CLIPGuide', **network_kwargs),
+        loss_kwargs=EasyDict(class_name='training.clip_guide.CLIPLoss'),
+    )
 
 
 TRAIN_PRESETS: dict[str, EasyDict] = {
@@ -41,51 +45,149 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
     'edm2-img64-m': EasyDict(_IMG64, duration=2048 << 20, channels=256, lr=0.0090, dropout=0.10),
     'edm2-img64-l': EasyDict(_IMG64, duration=1024 << 20, channels=320, lr=0.0080, dropout=0.10),
     'edm2-img64-xl': EasyDict(_IMG64, duration=640 << 20, channels=384, lr=0.0070, dropout=0.10),
-
     # Text-to-image cascade in the spirit of Diff-DALLE (SPEC §8): base 64, then 64->256 and 256->1024 stages,
     # smaller nets with fewer attention levels and smaller batches at higher resolution.
-    'text2img-64': EasyDict(_IMG64, duration=1024 << 20, channels=192, lr=0.0100, dropout=0.10,
-                            **_text(text_channels=512, text_layers=6)),
-    'sr-64-256': EasyDict(_IMG64, batch=512, duration=512 << 20, channels=128, lr=0.0100, dropout=0.00,
-                          channel_mult=[1, 2, 2, 3, 4], num_blocks=2, attn_resolutions=[16], P_mean=-0.4,
-                          **_text(lowres=64, text_channels=256, text_layers=2)),
-    'sr-256-1024': EasyDict(_IMG64, batch=256, duration=256 << 20, channels=64, lr=0.0120, dropout=0.00,
-                            channel_mult=[1, 1, 2, 2, 4, 4, 8], num_blocks=2, attn_resolutions=[16], P_mean=-0.4,
-                            **_text(lowres=256, text_channels=256, text_layers=2)),
-
+    'text2img-64': EasyDict(
+        _IMG64, duration=1024 << 20, channels=192, lr=0.0100, dropout=0.10, **_text(text_channels=512, text_layers=6)
+    ),
+    'sr-64-256': EasyDict(
+        _IMG64,
+        batch=512,
+        duration=512 << 20,
+        channels=128,
+        lr=0.0100,
+        dropout=0.00,
+        channel_mult=[1, 2, 2, 3, 4],
+        num_blocks=2,
+        attn_resolutions=[16],
+        P_mean=-0.4,
+        **_text(lowres=64, text_channels=256, text_layers=2),
+    ),
+    'sr-256-1024': EasyDict(
+        _IMG64,
+        batch=256,
+        duration=256 << 20,
+        channels=64,
+        lr=0.0120,
+        dropout=0.00,
+        channel_mult=[1, 1, 2, 2, 4, 4, 8],
+        num_blocks=2,
+        attn_resolutions=[16],
+        P_mean=-0.4,
+        **_text(lowres=256, text_channels=256, text_layers=2),
+    ),
     # CPU presets on the built-in 32x32 shapes data (made on first use when --data is omitted).
     # Short warm-up and decay so that under a hundred thousand images suffice; pixel-space noise levels. A high
     # α_ref for so few steps: at 20Ki images the demo's loss was -0.47 / -0.74 / -0.88 with 0.01 / 0.02 / 0.03.
-    'demo': EasyDict(duration=72 << 10, batch=64, channels=16, lr=0.0300, decay=500, dropout=0.00,
-                     P_mean=-0.8, P_std=1.6, rampup=0.005, channel_mult=[1, 2, 4], num_blocks=1,
-                     attn_resolutions=[8], status=4 << 10, snapshot=16 << 10, checkpoint=16 << 10,
-                     synthetic=EasyDict(resolution=32, num_images=10000), sample_steps=24),
-    'demo-tiny': EasyDict(duration=2 << 10, batch=16, channels=16, lr=0.0100, decay=100, dropout=0.00,
-                          P_mean=-0.8, P_std=1.6, rampup=0.001, channel_mult=[1, 2], num_blocks=1,
-                          attn_resolutions=[8], status=1 << 10, snapshot=1 << 10, checkpoint=1 << 10,
-                          synthetic=EasyDict(resolution=16, num_images=256), sample_steps=8),
-
+    'demo': EasyDict(
+        duration=72 << 10,
+        batch=64,
+        channels=16,
+        lr=0.0300,
+        decay=500,
+        dropout=0.00,
+        P_mean=-0.8,
+        P_std=1.6,
+        rampup=0.005,
+        channel_mult=[1, 2, 4],
+        num_blocks=1,
+        attn_resolutions=[8],
+        status=4 << 10,
+        snapshot=16 << 10,
+        checkpoint=16 << 10,
+        synthetic=EasyDict(resolution=32, num_images=10000),
+        sample_steps=24,
+    ),
+    'demo-tiny': EasyDict(
+        duration=2 << 10,
+        batch=16,
+        channels=16,
+        lr=0.0100,
+        decay=100,
+        dropout=0.00,
+        P_mean=-0.8,
+        P_std=1.6,
+        rampup=0.001,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        status=1 << 10,
+        snapshot=1 << 10,
+        checkpoint=1 << 10,
+        synthetic=EasyDict(resolution=16, num_images=256),
+        sample_steps=8,
+    ),
     # Text-to-image demo cascade on the built-in captioned shapes: base 16x16, then 16->32 (no text needed).
-    'demo-text': EasyDict(duration=128 << 10, batch=64, channels=16, lr=0.0300, decay=600, dropout=0.00,
-                          P_mean=-0.8, P_std=1.6, rampup=0.005, channel_mult=[1, 2], num_blocks=1,
-                          attn_resolutions=[8], status=8 << 10, snapshot=32 << 10, checkpoint=32 << 10,
-                          synthetic=EasyDict(resolution=16, num_images=10000), sample_steps=24,
-                          **_text(text_channels=64, text_layers=1, channels_per_head=32)),
+    'demo-text': EasyDict(
+        duration=128 << 10,
+        batch=64,
+        channels=16,
+        lr=0.0300,
+        decay=600,
+        dropout=0.00,
+        P_mean=-0.8,
+        P_std=1.6,
+        rampup=0.005,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        status=8 << 10,
+        snapshot=32 << 10,
+        checkpoint=32 << 10,
+        synthetic=EasyDict(resolution=16, num_images=10000),
+        sample_steps=24,
+        **_text(text_channels=64, text_layers=1, channels_per_head=32),
+    ),
     # demo-sr denoises the detail over the bicubic image: std 0.06, 0.125 with the training degradations.
-    'demo-sr': EasyDict(duration=64 << 10, batch=32, channels=16, lr=0.0100, decay=600, dropout=0.00,
-                        P_mean=-2.6, P_std=1.5, rampup=0.005, channel_mult=[1, 2, 2], num_blocks=1,
-                        attn_resolutions=[8], status=8 << 10, snapshot=32 << 10, checkpoint=32 << 10,
-                        synthetic=EasyDict(resolution=32, num_images=10000), sample_steps=16,
-                        **_text(lowres=16, text_channels=0, residual=True, sigma_data=0.1,
-                                loss_kwargs=dict(sigma_data=0.1))),
-
+    'demo-sr': EasyDict(
+        duration=64 << 10,
+        batch=32,
+        channels=16,
+        lr=0.0100,
+        decay=600,
+        dropout=0.00,
+        P_mean=-2.6,
+        P_std=1.5,
+        rampup=0.005,
+        channel_mult=[1, 2, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        status=8 << 10,
+        snapshot=32 << 10,
+        checkpoint=32 << 10,
+        synthetic=EasyDict(resolution=32, num_images=10000),
+        sample_steps=16,
+        **_text(lowres=16, text_channels=0, residual=True, sigma_data=0.1, loss_kwargs=dict(sigma_data=0.1)),
+    ),
     # Noise-aware CLIP guides (issue 8): training/clip_guide.py; σ drawn as for the denoiser of the same data.
-    'clip-img64': EasyDict(_IMG64, duration=256 << 20, channels=128, lr=0.0060, dropout=0.00, num_blocks=2,
-                           channel_mult=[1, 2, 3, 4], attn_resolutions=[16, 8],
-                           **_clip(holdout=10000, embed_dim=512, text_channels=512, text_layers=6)),
-    'demo-clip': EasyDict(duration=80 << 10, batch=64, channels=32, lr=0.0100, decay=400, dropout=0.00,
-                          P_mean=-0.8, P_std=1.6, rampup=0.002, channel_mult=[1, 2, 2], num_blocks=1,
-                          attn_resolutions=[8], status=8 << 10, snapshot=40 << 10, checkpoint=40 << 10,
-                          synthetic=EasyDict(resolution=16, num_images=4096),
-                          **_clip(holdout=256, embed_dim=64, text_channels=64, text_layers=2, channels_per_head=32)),
+    'clip-img64': EasyDict(
+        _IMG64,
+        duration=256 << 20,
+        channels=128,
+        lr=0.0060,
+        dropout=0.00,
+        num_blocks=2,
+        channel_mult=[1, 2, 3, 4],
+        attn_resolutions=[16, 8],
+        **_clip(holdout=10000, embed_dim=512, text_channels=512, text_layers=6),
+    ),
+    'demo-clip': EasyDict(
+        duration=80 << 10,
+        batch=64,
+        channels=32,
+        lr=0.0100,
+        decay=400,
+        dropout=0.00,
+        P_mean=-0.8,
+        P_std=1.6,
+        rampup=0.002,
+        channel_mult=[1, 2, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        status=8 << 10,
+        snapshot=40 << 10,
+        checkpoint=40 << 10,
+        synthetic=EasyDict(resolution=16, num_images=4096),
+        **_clip(holdout=256, embed_dim=64, text_channels=64, text_layers=2, channels_per_head=32),
+    ),
 }

@@ -19,7 +19,9 @@ class StackedRandomGenerator:
     def randn(self, size: Iterable[int], **kwargs) -> torch.Tensor:
         size = list(size)
         assert size[0] == len(self.generators)
-        return torch.stack([torch.randn(size[1:], generator=gen, device=self.device, **kwargs) for gen in self.generators])
+        return torch.stack(
+            [torch.randn(size[1:], generator=gen, device=self.device, **kwargs) for gen in self.generators]
+        )
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape, dtype=x.dtype, layout=x.layout)
@@ -27,18 +29,24 @@ class StackedRandomGenerator:
     def randint(self, high: int, size: Iterable[int], **kwargs) -> torch.Tensor:
         size = list(size)
         assert size[0] == len(self.generators)
-        return torch.stack([torch.randint(high, size[1:], generator=gen, device=self.device, **kwargs) for gen in self.generators])
+        return torch.stack(
+            [torch.randint(high, size[1:], generator=gen, device=self.device, **kwargs) for gen in self.generators]
+        )
+
 
 # ----------------------------------------------------------------------------
 # Noise levels of EDM Eq. 5: sigma_max^(1/rho) to sigma_min^(1/rho) linearly, to the power rho,
 # followed by sigma_N = 0.
 
 
-def sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def sigma_steps(
+    num_steps: int, sigma_min: float, sigma_max: float, rho: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     i = torch.arange(num_steps, dtype=dtype, device=device)
     frac = i / max(num_steps - 1, 1)
     t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([t, torch.zeros_like(t[:1])])
+
 
 # ----------------------------------------------------------------------------
 # EDM stochastic sampler (Alg. 2): Heun's 2nd-order method, Euler on the last step, optional churn.
@@ -86,7 +94,7 @@ def edm_sampler(
         t_hat = t_cur + gamma * t_cur
         x_hat = x_cur
         if gamma > 0:
-            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+            x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x_cur)
 
         # Euler step, then Heun's correction unless this step reaches sigma = 0.
         d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat

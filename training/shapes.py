@@ -39,14 +39,20 @@ SHAPES: tuple[str, ...] = ('circle', 'square', 'triangle', 'diamond', 'cross')
 
 # Position word -> centre of the shape as a fraction of the image width and height.
 POSITIONS: dict[str, tuple[float, float]] = {
-    'top left': (0.29, 0.29), 'top': (0.5, 0.29), 'top right': (0.71, 0.29),
-    'left': (0.29, 0.5), 'center': (0.5, 0.5), 'right': (0.71, 0.5),
-    'bottom left': (0.29, 0.71), 'bottom': (0.5, 0.71), 'bottom right': (0.71, 0.71),
+    'top left': (0.29, 0.29),
+    'top': (0.5, 0.29),
+    'top right': (0.71, 0.29),
+    'left': (0.29, 0.5),
+    'center': (0.5, 0.5),
+    'right': (0.71, 0.5),
+    'bottom left': (0.29, 0.71),
+    'bottom': (0.5, 0.71),
+    'bottom right': (0.71, 0.71),
 }
-POSITION_JITTER = 0.02          # max offset of the centre, as a fraction of the image size
-RADIUS_RANGE = (0.15, 0.21)     # shape radius, as a fraction of the image size; every shape fits
-                                # its [centre - radius, centre + radius] box, which keeps the border clear
-SUPERSAMPLE = 8                 # point samples per pixel along each axis (anti-aliasing)
+POSITION_JITTER = 0.02  # max offset of the centre, as a fraction of the image size
+RADIUS_RANGE = (0.15, 0.21)  # shape radius, as a fraction of the image size; every shape fits
+# its [centre - radius, centre + radius] box, which keeps the border clear
+SUPERSAMPLE = 8  # point samples per pixel along each axis (anti-aliasing)
 
 _PALETTE_ARRAY = np.array(list(PALETTE.values()), dtype=np.float64)
 
@@ -54,6 +60,7 @@ _PALETTE_ARRAY = np.array(list(PALETTE.values()), dtype=np.float64)
 @dataclass(frozen=True)
 class Scene:
     """What one image shows; geometry in fractions of the image size, so it renders at any size."""
+
     shape: str
     color: str
     background: str
@@ -88,7 +95,7 @@ def sample_scene(seed: int, index: int) -> Scene:
 def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Whether points at offset (dx, dy) from the centre lie inside a shape of radius r."""
     if shape == 'circle':
-        return dx ** 2 + dy ** 2 <= r ** 2
+        return dx**2 + dy**2 <= r**2
     if shape == 'square':
         h = 0.85 * r  # about the area of the circle
         return (np.abs(dx) <= h) & (np.abs(dy) <= h)
@@ -126,7 +133,7 @@ def make_image(seed: int, index: int, resolution: int) -> tuple[np.ndarray, int,
 def nearest_colors(pixels: np.ndarray) -> np.ndarray:
     """Index into COLOR_NAMES of the nearest palette colour (RGB distance) for each pixel [..., 3]."""
     diff = np.asarray(pixels, dtype=np.float64)[..., None, :] - _PALETTE_ARRAY
-    return np.argmin((diff ** 2).sum(axis=-1), axis=-1)
+    return np.argmin((diff**2).sum(axis=-1), axis=-1)
 
 
 def nearest_color(rgb: tuple[int, int, int] | np.ndarray) -> str:
@@ -140,8 +147,9 @@ def estimate_background(image: np.ndarray) -> np.ndarray:
     return np.median(border.astype(np.float64), axis=0)
 
 
-def dominant_foreground_color(image: np.ndarray, background_rgb: tuple[int, int, int] | None = None,
-                              threshold: float = 48.0) -> str | None:
+def dominant_foreground_color(
+    image: np.ndarray, background_rgb: tuple[int, int, int] | None = None, threshold: float = 48.0
+) -> str | None:
     """Palette name that best explains the foreground pixels of a uint8 HWC image.
 
     The background colour is `background_rgb` if given, else estimated from the border pixels.
@@ -151,15 +159,17 @@ def dominant_foreground_color(image: np.ndarray, background_rgb: tuple[int, int,
     votes for c with weight a. Returns the colour with the most votes, or None without foreground.
     """
     image = np.asarray(image)
-    background = np.asarray(background_rgb, dtype=np.float64) if background_rgb is not None else estimate_background(image)
+    background = (
+        np.asarray(background_rgb, dtype=np.float64) if background_rgb is not None else estimate_background(image)
+    )
     pixels = image.reshape(-1, image.shape[-1])[:, :3].astype(np.float64)
     offsets = pixels - background
-    offsets = offsets[np.sqrt((offsets ** 2).sum(axis=1)) > threshold]
+    offsets = offsets[np.sqrt((offsets**2).sum(axis=1)) > threshold]
     if len(offsets) == 0:
         return None
     candidates = np.array([k for k in range(len(COLOR_NAMES)) if k != nearest_colors(background)])
-    directions = _PALETTE_ARRAY[candidates] - background                              # [K, 3]
-    alphas = np.clip(offsets @ directions.T / (directions ** 2).sum(axis=1), 0, 1)    # [P, K]
+    directions = _PALETTE_ARRAY[candidates] - background  # [K, 3]
+    alphas = np.clip(offsets @ directions.T / (directions**2).sum(axis=1), 0, 1)  # [P, K]
     residuals = ((offsets[:, None, :] - alphas[..., None] * directions) ** 2).sum(axis=-1)
     best = np.argmin(residuals, axis=1)
     votes = np.bincount(best, weights=alphas[np.arange(len(best)), best], minlength=len(candidates))

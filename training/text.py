@@ -39,8 +39,8 @@ class ByteTokenizer:
         tokens = torch.full([len(captions), self.text_length], PAD_TOKEN, dtype=torch.int64)
         for i, caption in enumerate(captions):
             ids = [START_TOKEN] + [b + 2 for b in caption.encode('utf-8')]
-            ids = ids[:self.text_length]
-            tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+            ids = ids[: self.text_length]
+            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
         return tokens
 
 
@@ -54,8 +54,9 @@ class HFTokenizer:
         self.vocab_size = len(self._tokenizer) + 1
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
-        out = self._tokenizer(list(captions), padding='max_length', truncation=True, max_length=self.text_length,
-                              return_tensors='pt')
+        out = self._tokenizer(
+            list(captions), padding='max_length', truncation=True, max_length=self.text_length, return_tensors='pt'
+        )
         return torch.where(out['attention_mask'].bool(), out['input_ids'] + 1, PAD_TOKEN)
 
     def __getstate__(self) -> dict:
@@ -75,10 +76,12 @@ def make_tokenizer(text_length: int = 48, tokenizer_path: str | None = None) -> 
 
 
 # Multi-head attention with q, k, v pixel-normalised per head (as EDM2's self-attention, SPEC §2).
-def mp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def mp_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     def heads(x: torch.Tensor) -> torch.Tensor:
         return normalize(x.reshape(x.shape[0], x.shape[1], num_heads, -1), dim=3).transpose(1, 2)
+
     mask = None if key_mask is None else key_mask[:, None, None, :]
     y = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
     return y.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
@@ -113,17 +116,28 @@ class MPTransformerLayer(torch.nn.Module):
 
 @persistence.persistent_class
 class MPTextEncoder(torch.nn.Module):
-    def __init__(self, vocab_size: int, text_length: int = 48, channels: int = 128, num_layers: int = 2,
-                 channels_per_head: int = 64, mlp_mult: int = 2, balance: float = 0.3):
+    def __init__(
+        self,
+        vocab_size: int,
+        text_length: int = 48,
+        channels: int = 128,
+        num_layers: int = 2,
+        channels_per_head: int = 64,
+        mlp_mult: int = 2,
+        balance: float = 0.3,
+    ):
         super().__init__()
         self.vocab_size = vocab_size
         self.text_length = text_length
         self.channels = channels
         self.token_embedding = torch.nn.Parameter(torch.randn(vocab_size, channels))
         self.position_embedding = torch.nn.Parameter(torch.randn(text_length, channels))
-        self.layers = torch.nn.ModuleList([
-            MPTransformerLayer(channels, channels_per_head=channels_per_head, mlp_mult=mlp_mult, balance=balance)
-            for _ in range(num_layers)])
+        self.layers = torch.nn.ModuleList(
+            [
+                MPTransformerLayer(channels, channels_per_head=channels_per_head, mlp_mult=mlp_mult, balance=balance)
+                for _ in range(num_layers)
+            ]
+        )
 
     def _embedding(self, param: torch.Tensor) -> torch.Tensor:
         # Forced weight normalisation of embedding rows (EDM2 Eq. 47): each row has unit RMS.
@@ -147,6 +161,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of token features x [N, L, C] over the caption's tokens (mask [N, L]): [N, C]."""
     weights = mask.to(x.dtype).unsqueeze(2)
     return (x * weights).sum(dim=1) / weights.sum(dim=1).clip(min=1)
+
 
 # ----------------------------------------------------------------------------
 # Frozen pretrained encoder: a Hugging Face model from a local folder, never trained.
@@ -185,6 +200,5 @@ class FrozenTextEncoder(torch.nn.Module):
             raise ValueError(f'tokens must have shape [N, {self.text_length}], not {list(tokens.shape)}')
         hidden, mask = self._hidden_states(tokens)
         features = hidden.new_zeros([tokens.shape[0], self.text_length, hidden.shape[2]])
-        features[:, :hidden.shape[1]] = normalize(hidden, dim=2) * mask.unsqueeze(2)
+        features[:, : hidden.shape[1]] = normalize(hidden, dim=2) * mask.unsqueeze(2)
         return features, normalize(masked_mean(hidden, mask), dim=1), tokens != PAD_TOKEN
-

@@ -15,9 +15,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import misc
-from torch_utils import persistence
-from torch_utils import training_stats
+from torch_utils import misc, persistence, training_stats
 from training import checkpoint as ckpt
 from training.image_grid import save_image_grid
 from training.sampling import StackedRandomGenerator, edm_sampler
@@ -38,15 +36,16 @@ class EDM2Loss:
 
     def __call__(self, net, images, labels=None):
         sigma = (torch.randn([images.shape[0], 1, 1, 1], device=images.device) * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         noise = torch.randn_like(images) * sigma
         denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
         return (weight / logvar.exp()) * (denoised - images) ** 2 + logvar
 
 
 # Inverse-square-root decay after ref_batches, linear warm-up over rampup_Mimg (EDM2 Eq. 67).
-def learning_rate_schedule(cur_nimg: int, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3,
-                           rampup_Mimg: float = 10) -> float:
+def learning_rate_schedule(
+    cur_nimg: int, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3, rampup_Mimg: float = 10
+) -> float:
     lr = ref_lr
     if ref_batches > 0:
         lr /= math.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
@@ -70,6 +69,7 @@ def _save_sample_grid(net, encoder, path: str, device, num_steps: int, grid_size
     with torch.no_grad():
         if hasattr(net, 'text_encoder'):  # Text and super-resolution nets: the data's first captions (SPEC §8).
             from training.cascade import dataset_conditioning, sample_stage  # cascade imports this module
+
             cond = dataset_conditioning(net, dataset, encoder, len(seeds), device)
             latents = sample_stage(net, noise, num_steps=num_steps, randn_like=rnd.randn_like, **cond)
         else:
@@ -78,21 +78,39 @@ def _save_sample_grid(net, encoder, path: str, device, num_steps: int, grid_size
     save_image_grid(images.cpu().numpy(), path, grid_w=grid_size)
 
 
-def _save_snapshots(ema, encoder, dataset, dataset_kwargs: dict, loss_fn, run_dir: str, cur_nimg: int,
-                    snapshot_fp32: bool, device, sample_steps: int) -> None:
+def _save_snapshots(
+    ema,
+    encoder,
+    dataset,
+    dataset_kwargs: dict,
+    loss_fn,
+    run_dir: str,
+    cur_nimg: int,
+    snapshot_fp32: bool,
+    device,
+    sample_steps: int,
+) -> None:
     """One network pickle per tracked EMA length, and a sample grid from the first."""
     for ema_net, ema_std in ema.get():
         data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
         data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False)
         if not snapshot_fp32:
             data.ema = data.ema.to(torch.float16)
-        save_network_pickle(dict(data), os.path.join(run_dir, snapshot_name('network-snapshot', cur_nimg // 1000, ema_std)))
+        save_network_pickle(
+            dict(data), os.path.join(run_dir, snapshot_name('network-snapshot', cur_nimg // 1000, ema_std))
+        )
         del data
     grid_net = ema.get()[0][0]
     if getattr(grid_net, 'makes_images', True):  # A CLIP guide is no denoiser: no grid.
         grid_net.eval()
-        _save_sample_grid(grid_net, encoder, os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'), device,
-                          sample_steps, dataset=dataset)
+        _save_sample_grid(
+            grid_net,
+            encoder,
+            os.path.join(run_dir, f'samples-{cur_nimg // 1000:07d}.png'),
+            device,
+            sample_steps,
+            dataset=dataset,
+        )
 
 
 @contextlib.contextmanager
@@ -103,6 +121,7 @@ def _stop_signals_caught() -> Iterator[dict]:
 
     def handler(signum, frame):
         flag['stop'] = True
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield flag
@@ -128,8 +147,15 @@ def _worker_defers_stop_signals(worker_id: int) -> None:
 def _data_batches(dataset, sampler, batch_gpu: int, data_loader_kwargs: dict) -> Iterator:
     """An endless iterator of batches whose worker processes are shut down however the loop ends; a
     traceback holding the iterator would otherwise keep them alive."""
-    iterator = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu,
-                                                worker_init_fn=_worker_defers_stop_signals, **data_loader_kwargs))
+    iterator = iter(
+        torch.utils.data.DataLoader(
+            dataset=dataset,
+            sampler=sampler,
+            batch_size=batch_gpu,
+            worker_init_fn=_worker_defers_stop_signals,
+            **data_loader_kwargs,
+        )
+    )
     try:
         yield iterator
     finally:
@@ -180,7 +206,9 @@ def training_loop(
     batch_gpu_total = batch_size // world
     batch_gpu = batch_gpu or batch_gpu_total
     if batch_size % world or batch_gpu_total % batch_gpu:
-        raise TrainingError(f'--batch={batch_size} must split evenly over {world} processes and --batch-gpu={batch_gpu}.')
+        raise TrainingError(
+            f'--batch={batch_size} must split evenly over {world} processes and --batch-gpu={batch_gpu}.'
+        )
     num_accumulation_rounds = batch_gpu_total // batch_gpu
     stop_at_nimg = min(total_nimg, stop_at_nimg or total_nimg)
 
@@ -190,8 +218,12 @@ def training_loop(
     encoder.init(device)
     ref_image = dataset[0][0]
     ref_latent = encoder.encode_latents(torch.as_tensor(ref_image).to(device).unsqueeze(0))
-    net = dnnlib.util.construct_class_by_name(img_resolution=ref_latent.shape[-1], img_channels=ref_latent.shape[1],
-                                              label_dim=dataset.label_dim, **network_kwargs)
+    net = dnnlib.util.construct_class_by_name(
+        img_resolution=ref_latent.shape[-1],
+        img_channels=ref_latent.shape[1],
+        label_dim=dataset.label_dim,
+        **network_kwargs,
+    )
     net.train().requires_grad_(True).to(device)
     dist.print0(f'Dataset: {len(dataset)} items of shape {list(ref_image.shape)}, label_dim {dataset.label_dim}')
     dist.print0(f'Network: {sum(p.numel() for p in net.parameters()):,} parameters')
@@ -201,8 +233,11 @@ def training_loop(
         loss_fn.batch_gpu, batch_gpu, num_accumulation_rounds = batch_gpu, batch_gpu_total, 1
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     ema = dnnlib.util.construct_class_by_name(net=net, **ema_kwargs)
-    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
-        if world > 1 else net
+    ddp = (
+        torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
+        if world > 1
+        else net
+    )
 
     # Resume from the newest checkpoint in the run directory, if any.
     cur_nimg, rng_states = 0, None
@@ -216,13 +251,18 @@ def training_loop(
         cur_nimg = state['cur_nimg']
         rng_states = state['rng']
         if len(rng_states) != world:
-            dist.print0(f'Note: checkpoint was written by {len(rng_states)} processes, resuming with {world}: '
-                        'random streams restart, so the run is no longer bit-reproducible.')
+            dist.print0(
+                f'Note: checkpoint was written by {len(rng_states)} processes, resuming with {world}: '
+                'random streams restart, so the run is no longer bit-reproducible.'
+            )
             rng_states = None
         del state
 
     sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
-    with _stop_signals_caught() as stop_flag, _data_batches(dataset, sampler, batch_gpu, data_loader_kwargs) as dataset_iterator:
+    with (
+        _stop_signals_caught() as stop_flag,
+        _data_batches(dataset, sampler, batch_gpu, data_loader_kwargs) as dataset_iterator,
+    ):
         if rng_states is not None:
             ckpt.set_rng_state(rng_states[rank])  # After the DataLoader, which draws its own base seed.
 
@@ -249,33 +289,57 @@ def training_loop(
                 stats = training_stats.default_collector.as_dict()
                 loss_mean = stats['Loss/loss'].mean if 'Loss/loss' in stats else float('nan')
                 images_per_sec = (cur_nimg - prev_status_nimg) / max(now - prev_status_time, 1e-9)
-                dist.print0(f'kimg {cur_nimg / 1e3:<9.1f} time {dnnlib.util.format_time(now - start_time):<12s} '
-                            f'sec/kimg {sec_per_kimg:<8.2f} loss {loss_mean:<8.4f} img/s {images_per_sec:<8.1f} '
-                            f'cpumem {stats["Resources/cpu_mem_gb"].mean:<6.2f}'
-                            + (f' gpumem {stats["Resources/peak_gpu_mem_gb"].mean:<6.2f}' if device.type == 'cuda' else ''))
+                dist.print0(
+                    f'kimg {cur_nimg / 1e3:<9.1f} time {dnnlib.util.format_time(now - start_time):<12s} '
+                    f'sec/kimg {sec_per_kimg:<8.2f} loss {loss_mean:<8.4f} img/s {images_per_sec:<8.1f} '
+                    f'cpumem {stats["Resources/cpu_mem_gb"].mean:<6.2f}'
+                    + (f' gpumem {stats["Resources/peak_gpu_mem_gb"].mean:<6.2f}' if device.type == 'cuda' else '')
+                )
                 if rank == 0:
                     with open(stats_path, 'at') as f:
                         f.write(json.dumps(dict({k: v.mean for k, v in stats.items()}, timestamp=now)) + '\n')
                 if 'Loss/loss' in stats and not math.isfinite(loss_mean):
-                    raise TrainingError(f'Training diverged: the loss is {loss_mean} at kimg {cur_nimg / 1e3:.1f}; '
-                                        f'lower --lr and re-run to resume from the last checkpoint in {run_dir}.')
+                    raise TrainingError(
+                        f'Training diverged: the loss is {loss_mean} at kimg {cur_nimg / 1e3:.1f}; '
+                        f'lower --lr and re-run to resume from the last checkpoint in {run_dir}.'
+                    )
                 prev_status_time, prev_status_nimg = time.time(), cur_nimg
 
             if _is_due(cur_nimg, snapshot_nimg, done) and not at_start and rank == 0:
-                _save_snapshots(ema, encoder, dataset, dataset_kwargs, loss_fn, run_dir, cur_nimg, snapshot_fp32,
-                                device, sample_steps)
+                _save_snapshots(
+                    ema,
+                    encoder,
+                    dataset,
+                    dataset_kwargs,
+                    loss_fn,
+                    run_dir,
+                    cur_nimg,
+                    snapshot_fp32,
+                    device,
+                    sample_steps,
+                )
 
             if (_is_due(cur_nimg, checkpoint_nimg, done) or stop_requested) and not at_start:
                 rng_states = ckpt.gather_rng_states()
                 if rank == 0:
-                    ckpt.save_checkpoint(os.path.join(run_dir, ckpt.checkpoint_name(cur_nimg // 1000)), dict(
-                        net=net.state_dict(), optimizer=optimizer.state_dict(), ema=ema.state_dict(),
-                        cur_nimg=cur_nimg, rng=rng_states, loss_fn=loss_fn))
+                    ckpt.save_checkpoint(
+                        os.path.join(run_dir, ckpt.checkpoint_name(cur_nimg // 1000)),
+                        dict(
+                            net=net.state_dict(),
+                            optimizer=optimizer.state_dict(),
+                            ema=ema.state_dict(),
+                            cur_nimg=cur_nimg,
+                            rng=rng_states,
+                            loss_fn=loss_fn,
+                        ),
+                    )
                 if world > 1:
                     torch.distributed.barrier()
             if done or stop_requested:
                 if stop_requested:
-                    dist.print0(f'Stop requested: state saved at kimg {cur_nimg / 1e3:.1f}; re-run the same command to resume.')
+                    dist.print0(
+                        f'Stop requested: state saved at kimg {cur_nimg / 1e3:.1f}; re-run the same command to resume.'
+                    )
                 break
 
             # One optimiser step over the global batch, accumulated in rounds of batch_gpu per process.
