@@ -1,0 +1,226 @@
+"""Tests for training/networks_dit.py: DiT's checkpoint layout and equations, sizes, Gflops, MP-DiT."""
+
+import math
+import pickle
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from training.networks_dit import DIT_CONFIGS, DiT, DiTCheckpointError, load_dit_checkpoint, sincos_pos_embed
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=16, depth=2, num_heads=2, num_classes=5)
+
+
+def published_layout(input_size, patch_size, in_channels, hidden_size, depth, num_classes, learn_sigma=True):
+    """Key names and shapes of DiT's released state dicts, written out from the paper's architecture."""
+    h, p, out = hidden_size, patch_size, in_channels * (2 if learn_sigma else 1)
+    shapes = {
+        'pos_embed': (1, (input_size // p) ** 2, h),
+        'x_embedder.proj.weight': (h, in_channels, p, p),
+        'x_embedder.proj.bias': (h,),
+        't_embedder.mlp.0.weight': (h, 256),
+        't_embedder.mlp.0.bias': (h,),
+        't_embedder.mlp.2.weight': (h, h),
+        't_embedder.mlp.2.bias': (h,),
+        'y_embedder.embedding_table.weight': (num_classes + 1, h),
+        'final_layer.linear.weight': (p * p * out, h),
+        'final_layer.linear.bias': (p * p * out,),
+        'final_layer.adaLN_modulation.1.weight': (2 * h, h),
+        'final_layer.adaLN_modulation.1.bias': (2 * h,),
+    }
+    for i in range(depth):
+        for name, (rows, cols) in dict(
+            qkv=(3 * h, h), proj=(h, h), fc1=(4 * h, h), fc2=(h, 4 * h), adaLN=(6 * h, h)
+        ).items():
+            prefix = {'qkv': 'attn.qkv', 'proj': 'attn.proj', 'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2'}.get(
+                name, 'adaLN_modulation.1'
+            )
+            shapes[f'blocks.{i}.{prefix}.weight'] = (rows, cols)
+            shapes[f'blocks.{i}.{prefix}.bias'] = (rows,)
+    return shapes
+
+
+def random_state_dict(seed=0, dtype=torch.float64, **config):
+    generator = torch.Generator().manual_seed(seed)
+    layout = published_layout(**config)
+    return {key: torch.randn(shape, generator=generator, dtype=dtype) * 0.3 for key, shape in layout.items()}
+
+
+# ----------------------------------------------------------------------------
+# An independent straightforward implementation of DiT's equations (Peebles & Xie 2023, Sec. 3).
+
+
+def reference_dit(sd, x, t, y, patch_size, num_heads):
+    n, c, size, _ = x.shape
+    p, g = patch_size, size // patch_size
+    hidden = sd['pos_embed'].shape[2]
+
+    def linear(name, v):
+        return v @ sd[f'{name}.weight'].T + sd[f'{name}.bias']
+
+    def norm(v):
+        mu = v.mean(-1, keepdim=True)
+        return (v - mu) / torch.sqrt(((v - mu) ** 2).mean(-1, keepdim=True) + 1e-6)
+
+    def gelu_tanh(v):
+        return 0.5 * v * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+
+    # Patches as vectors (channel, p_row, p_col), tokens row-major, times the flattened conv kernel.
+    patches = x.reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, c * p * p)
+    tokens = patches @ sd['x_embedder.proj.weight'].reshape(hidden, -1).T + sd['x_embedder.proj.bias']
+    tokens = tokens + sd['pos_embed']
+    freqs = torch.tensor([math.exp(-math.log(10000) * i / 128) for i in range(128)], dtype=x.dtype)
+    feats = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
+    hid = linear('t_embedder.mlp.0', feats)
+    cond = linear('t_embedder.mlp.2', hid * torch.sigmoid(hid)) + sd['y_embedder.embedding_table.weight'][y]
+    silu_c = cond * torch.sigmoid(cond)
+    depth = len([k for k in sd if k.endswith('attn.qkv.weight')])
+    dh = hidden // num_heads
+    for i in range(depth):
+        b = f'blocks.{i}'
+        m = linear(f'{b}.adaLN_modulation.1', silu_c)
+        sh1, sc1, g1, sh2, sc2, g2 = (m[:, j * hidden : (j + 1) * hidden, None].transpose(1, 2) for j in range(6))
+        a = linear(f'{b}.attn.qkv', norm(tokens) * (1 + sc1) + sh1)
+        out = torch.zeros_like(tokens)
+        for head in range(num_heads):
+            q, k, v = (a[..., part * hidden + head * dh : part * hidden + (head + 1) * dh] for part in range(3))
+            weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(dh), dim=-1)
+            out[..., head * dh : (head + 1) * dh] = weights @ v
+        tokens = tokens + g1 * linear(f'{b}.attn.proj', out)
+        mlp = linear(f'{b}.mlp.fc2', gelu_tanh(linear(f'{b}.mlp.fc1', norm(tokens) * (1 + sc2) + sh2)))
+        tokens = tokens + g2 * mlp
+    m = linear('final_layer.adaLN_modulation.1', silu_c)
+    shift, scale = m[:, None, :hidden], m[:, None, hidden:]
+    out = linear('final_layer.linear', norm(tokens) * (1 + scale) + shift)
+    out_c = out.shape[2] // (p * p)
+    image = torch.zeros(n, out_c, size, size, dtype=x.dtype)
+    for token in range(g * g):
+        row, col = divmod(token, g)
+        values = out[:, token].reshape(n, p, p, out_c)  # (p_row, p_col, channel)
+        image[:, :, row * p : (row + 1) * p, col * p : (col + 1) * p] = values.permute(0, 3, 1, 2)
+    return image
+
+
+@torch.no_grad()
+def test_published_layout_loads_strictly_and_matches_the_paper_equations():
+    config = {k: v for k, v in TINY.items() if k != 'num_heads'}
+    sd = random_state_dict(**config)
+    net = load_dit_checkpoint(sd, num_heads=2)
+    assert set(net.state_dict()) == set(sd)
+    assert (net.input_size, net.patch_size, net.in_channels, net.out_channels, net.num_classes) == (8, 2, 3, 6, 5)
+    assert len(net.blocks) == 2 and not net.training
+    net = net.double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64)
+    t = torch.tensor([0.0, 17.0, 500.5, 999.0], dtype=torch.float64)
+    y = torch.tensor([0, 3, 4, 5])  # the last one is the null label
+    expected = reference_dit(sd, x, t, y, patch_size=2, num_heads=2)
+    actual = net(x, t, y)
+    assert actual.shape == (4, 6, 8, 8)
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@torch.no_grad()
+def test_loader_reads_files_and_training_checkpoints(tmp_path):
+    sd = random_state_dict(dtype=torch.float32, **{k: v for k, v in TINY.items() if k != 'num_heads'})
+    path = tmp_path / 'dit.pt'
+    torch.save({'model': {}, 'ema': sd, 'opt': {}}, path)
+    net = load_dit_checkpoint(str(path))
+    assert all(torch.equal(net.state_dict()[key], value) for key, value in sd.items())
+    assert net.blocks[0].num_heads == 1  # not one of DiT's sizes: 64 channels per head, at least one
+
+
+def test_pos_embed_matches_mae_formula():
+    hidden, grid = 16, 3
+    table = sincos_pos_embed(hidden, grid)[0]
+    quarter = hidden // 4
+    for token in range(grid * grid):
+        row, col = token // grid, token % grid
+        for i in range(quarter):
+            omega = 1 / 10000 ** (i / quarter)
+            expected = [math.sin(col * omega), math.cos(col * omega), math.sin(row * omega), math.cos(row * omega)]
+            actual = [table[token, i + j * quarter].item() for j in range(4)]
+            assert actual == pytest.approx(expected, abs=1e-6)
+    assert torch.equal(DiT(**TINY).pos_embed[0], sincos_pos_embed(16, 4)[0])
+
+
+@torch.no_grad()
+def test_adaln_zero_init_outputs_zero_and_random_weights_do_not():
+    torch.manual_seed(0)
+    net = DiT(**TINY).eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    assert torch.count_nonzero(net(x, t, y)) == 0
+    for block in net.blocks:  # zero gates make every block the identity
+        tokens, c = torch.randn(2, 16, 16), torch.randn(2, 16)
+        assert torch.equal(block(tokens, c), tokens)
+    for param in net.parameters():
+        param.normal_()
+    assert net(x, t, y).abs().min() > 0
+
+
+@torch.no_grad()
+def test_label_dropout_uses_the_null_label_in_training_only():
+    torch.manual_seed(0)
+    net = DiT(**TINY, class_dropout_prob=1.0)
+    for param in net.parameters():
+        param.normal_(std=0.3)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    null = torch.full_like(y, 5)
+    assert torch.allclose(net.train()(x, t, y), net.eval()(x, t, null))
+    assert not torch.allclose(net.eval()(x, t, y), net.eval()(x, t, null))
+
+
+def test_pickle_round_trip_keeps_outputs():
+    torch.manual_seed(0)
+    net = DiT(**TINY).eval()
+    for param in net.parameters():
+        param.data.normal_(std=0.3)
+    loaded = pickle.loads(pickle.dumps(net))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    assert torch.equal(loaded(x, t, y), net(x, t, y))
+    assert loaded.init_kwargs == TINY
+
+
+def meta_dit(name: str) -> DiT:
+    with torch.device('meta'):
+        return DiT(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **DIT_CONFIGS[name])
+
+
+# DiT's Table 4 counts the fixed position embedding (a frozen parameter there, a buffer here).
+@pytest.mark.parametrize(
+    'name,millions', [('DiT-S/2', 33.0), ('DiT-B/2', 130.5), ('DiT-L/2', 458.1), ('DiT-XL/2', 675.1)]
+)
+def test_parameter_counts_match_the_paper(name, millions):
+    net = meta_dit(name)
+    count = sum(p.numel() for p in net.parameters()) + net.pos_embed.numel()
+    assert round(count / 1e6, 1) == millions
+
+
+@pytest.mark.parametrize(
+    'name,gflops', [('DiT-S/2', 6.06), ('DiT-B/2', 23.01), ('DiT-L/2', 80.71), ('DiT-XL/2', 118.64)]
+)
+def test_gflops_match_the_paper(name, gflops):
+    net = meta_dit(name).eval()
+    x = torch.zeros(1, 4, 32, 32, device='meta')
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, torch.zeros(1, device='meta'), torch.zeros(1, dtype=torch.long, device='meta'))
+    measured = counter.get_total_flops() / 2 / 1e9  # FlopCounterMode counts a multiply-add as two flops
+    assert measured == pytest.approx(gflops, rel=0.02)
+
+
+def test_patch_size_that_does_not_divide_the_input_is_one_clear_error():
+    with pytest.raises(ValueError, match='patch size 3 does not divide the input size 8'):
+        DiT(**{**TINY, 'patch_size': 3})
+
+
+def test_unrelated_or_broken_state_dicts_are_one_clear_error():
+    with pytest.raises(DiTCheckpointError, match='Not a DiT checkpoint'):
+        load_dit_checkpoint({'unet.weight': torch.zeros(3)})
+    sd = random_state_dict(dtype=torch.float32, **{k: v for k, v in TINY.items() if k != 'num_heads'})
+    del sd['blocks.1.mlp.fc2.bias']
+    with pytest.raises(DiTCheckpointError, match='blocks.1.mlp.fc2.bias') as info:
+        load_dit_checkpoint(sd)
+    assert '\n' not in str(info.value)

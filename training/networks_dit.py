@@ -1,0 +1,244 @@
+"""Diffusion transformers: DiT (Peebles & Xie 2023, arXiv 2212.09748) and a magnitude-preserving DiT.
+
+`DiT` follows the paper's adaLN-Zero design, with parameter names and shapes equal to those of the
+released checkpoints (`DiT-XL-2-256x256.pt`, `DiT-XL-2-512x512.pt`, plain state dicts), so that
+`load_dit_checkpoint` builds the matching net and loads them strictly. It predicts epsilon (and, with
+learned sigma, the variance interpolation value v) from a noisy latent, an integer DDPM timestep and a
+class index; index `num_classes` is the null label of classifier-free guidance.
+
+`MPDiT` is the same token pipeline built from EDM2's magnitude-preserving layers (Karras et al. 2024):
+forced weight normalisation, MP-sum residuals, no affine normalisation and no biases, learned gains in
+place of adaLN-Zero's gates. Its signature, forward(x, noise_labels, class_labels), is that of the EDM2
+U-Net, so EDM preconditioning (c_in, c_noise = ln(sigma)/4, c_skip, c_out) can wrap it unchanged.
+"""
+
+import math
+
+import numpy as np
+import torch
+from torch.nn.functional import gelu, layer_norm, scaled_dot_product_attention
+
+from torch_utils import persistence
+
+# Model sizes of DiT's Table 1 (depth, hidden size, heads) for every patch size of Table 4.
+DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+DIT_CONFIGS = {
+    f'DiT-{size}/{patch}': dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+    for size, (depth, hidden, heads) in DIT_SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+
+class DiTCheckpointError(ValueError):
+    """A state dict that is not a DiT checkpoint, or one whose weights contradict each other."""
+
+
+def _check_geometry(input_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:
+    if patch_size < 1 or input_size % patch_size != 0:
+        raise ValueError(f'DiT patch size {patch_size} does not divide the input size {input_size}.')
+    if hidden_size % num_heads != 0 or hidden_size % 4 != 0:
+        raise ValueError(f'DiT hidden size {hidden_size} must be a multiple of 4 and of num_heads={num_heads}.')
+
+
+# 2-D sine-cosine position embedding of MAE (He et al. 2022), as DiT uses it: channels [0, D/2) encode
+# a token's column, [D/2, D) its row; each half is [sin(pos*w), cos(pos*w)], w_i = 10000^(-4i/D).
+def sincos_pos_embed(hidden_size: int, grid_size: int) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (np.arange(hidden_size // 4, dtype=np.float64) / (hidden_size // 4))
+    row, col = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing='ij')
+    angles = [np.outer(axis.reshape(-1), omega) for axis in (col, row)]
+    table = np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1)
+    return torch.tensor(table, dtype=torch.float32).unsqueeze(0)
+
+
+# Sinusoidal timestep features of DiT's timestep embedder: [cos(t*f), sin(t*f)], f_i = 10000^(-i/(dim/2)).
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000) -> torch.Tensor:
+    freqs = torch.exp(-math.log(max_period) / (dim // 2) * torch.arange(dim // 2, device=t.device))
+    angles = t.to(torch.float32)[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+# adaLN: scale and shift a layer-normalised token sequence per sample (DiT Sec. 3.2).
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+def unpatchify(tokens: torch.Tensor, patch_size: int, grid_size: int) -> torch.Tensor:
+    """[N, T, p*p*C] tokens, each ordered (p_row, p_col, channel) -> [N, C, grid*p, grid*p] image."""
+    n, _, d = tokens.shape
+    c = d // patch_size**2
+    x = tokens.reshape(n, grid_size, grid_size, patch_size, patch_size, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, grid_size * patch_size, grid_size * patch_size)
+
+
+# ----------------------------------------------------------------------------
+# DiT with adaLN-Zero blocks.
+
+
+class _Embedders:
+    """Name-spaces holding the submodules whose names the released state dicts use."""
+
+    @staticmethod
+    def patch(in_channels: int, hidden_size: int, patch_size: int) -> torch.nn.Module:
+        module = torch.nn.Module()
+        module.proj = torch.nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        return module
+
+    @staticmethod
+    def timestep(hidden_size: int, frequency_size: int = 256) -> torch.nn.Module:
+        module = torch.nn.Module()
+        module.mlp = torch.nn.Sequential(
+            torch.nn.Linear(frequency_size, hidden_size), torch.nn.SiLU(), torch.nn.Linear(hidden_size, hidden_size)
+        )
+        return module
+
+    @staticmethod
+    def label(num_classes: int, hidden_size: int) -> torch.nn.Module:
+        module = torch.nn.Module()
+        module.embedding_table = torch.nn.Embedding(num_classes + 1, hidden_size)
+        return module
+
+
+def _modulation(hidden_size: int, chunks: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(hidden_size, chunks * hidden_size))
+
+
+@persistence.persistent_class
+class DiTBlock(torch.nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.num_heads = num_heads
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.attn = torch.nn.Module()
+        self.attn.qkv = torch.nn.Linear(hidden_size, 3 * hidden_size)
+        self.attn.proj = torch.nn.Linear(hidden_size, hidden_size)
+        self.mlp = torch.nn.Module()
+        self.mlp.fc1 = torch.nn.Linear(hidden_size, mlp_hidden)
+        self.mlp.fc2 = torch.nn.Linear(mlp_hidden, hidden_size)
+        self.adaLN_modulation = _modulation(hidden_size, 6)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.attn.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.attn.proj(scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attention(modulate(x, shift1, scale1))
+        y = self.mlp.fc2(gelu(self.mlp.fc1(modulate(x, shift2, scale2)), approximate='tanh'))
+        return x + gate2[:, None] * y
+
+
+@persistence.persistent_class
+class DiT(torch.nn.Module):
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+    ):
+        super().__init__()
+        _check_geometry(input_size, patch_size, hidden_size, num_heads)
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
+        self.grid_size = input_size // patch_size
+        self.x_embedder = _Embedders.patch(in_channels, hidden_size, patch_size)
+        self.t_embedder = _Embedders.timestep(hidden_size)
+        self.y_embedder = _Embedders.label(num_classes, hidden_size)
+        self.register_buffer('pos_embed', sincos_pos_embed(hidden_size, self.grid_size))
+        self.blocks = torch.nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = torch.nn.Module()
+        self.final_layer.adaLN_modulation = _modulation(hidden_size, 2)
+        self.final_layer.linear = torch.nn.Linear(hidden_size, patch_size**2 * self.out_channels)
+        self.reset_parameters()
+
+    # ViT initialisation (Xavier-uniform linears, zero biases), the patch conv treated as a linear,
+    # N(0, 0.02^2) label table and timestep MLP, and zeros for every adaLN modulation and the output
+    # linear, so that each block starts as the identity (adaLN-Zero, DiT Sec. 3.2).
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                torch.nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+                torch.nn.init.zeros_(module.bias)
+        torch.nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for index in (0, 2):
+            torch.nn.init.normal_(self.t_embedder.mlp[index].weight, std=0.02)
+        zeroed = [block.adaLN_modulation[1] for block in self.blocks]
+        zeroed += [self.final_layer.adaLN_modulation[1], self.final_layer.linear]
+        for linear in zeroed:
+            torch.nn.init.zeros_(linear.weight)
+            torch.nn.init.zeros_(linear.bias)
+
+    # Classifier-free guidance training: replace a label by the null label with probability p.
+    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.class_dropout_prob <= 0:
+            return y
+        drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        t_emb = self.t_embedder.mlp(timestep_features(t.reshape(-1).expand(x.shape[0])).to(tokens.dtype))
+        c = t_emb + self.y_embedder.embedding_table(self.drop_labels(y))
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
+        tokens = self.final_layer.linear(modulate(tokens, shift, scale))
+        return unpatchify(tokens, self.patch_size, self.grid_size)
+
+
+def _infer_dit_kwargs(state: dict) -> dict:
+    required = ['x_embedder.proj.weight', 'pos_embed', 'y_embedder.embedding_table.weight', 'final_layer.linear.weight']
+    missing = [key for key in required if key not in state]
+    if len(missing) == len(required):
+        raise DiTCheckpointError(f'Not a DiT checkpoint: none of the keys {", ".join(required)} is present.')
+    if missing:
+        raise DiTCheckpointError(f'Incomplete DiT checkpoint: key {missing[0]} is missing.')
+    hidden, in_channels, patch, _ = state['x_embedder.proj.weight'].shape
+    grid = math.isqrt(state['pos_embed'].shape[1])
+    depth = sum(1 for key in state if key.startswith('blocks.') and key.endswith('.attn.qkv.weight'))
+    out_channels = state['final_layer.linear.weight'].shape[0] // patch**2
+    if out_channels not in (in_channels, 2 * in_channels) or grid**2 != state['pos_embed'].shape[1]:
+        raise DiTCheckpointError(
+            'Inconsistent DiT checkpoint: pos_embed or final_layer.linear has an unexpected shape.'
+        )
+    known_heads = {(cfg['depth'], cfg['hidden_size']): cfg['num_heads'] for cfg in DIT_CONFIGS.values()}
+    mlp_hidden = state['blocks.0.mlp.fc1.weight'].shape[0] if depth else 4 * hidden
+    return dict(
+        input_size=grid * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=known_heads.get((depth, hidden), max(hidden // 64, 1)),
+        mlp_ratio=mlp_hidden / hidden,
+        num_classes=state['y_embedder.embedding_table.weight'].shape[0] - 1,
+        learn_sigma=out_channels == 2 * in_channels,
+    )
+
+
+def load_dit_checkpoint(source: str | dict, **overrides) -> DiT:
+    """DiT from a released checkpoint (a path or a state dict; DiT's training checkpoints, dicts with
+    'ema' and 'model', give their 'ema' weights), configured from its weight shapes. The number of
+    heads is not in the weights: DiT's sizes give it, other widths get 64 channels per head, and
+    `num_heads=` overrides both."""
+    state = torch.load(source, map_location='cpu', weights_only=True) if isinstance(source, str) else source
+    if isinstance(state, dict) and 'pos_embed' not in state:
+        state = state.get('ema', state.get('model', state))
+    if not isinstance(state, dict):
+        raise DiTCheckpointError(f'Not a DiT checkpoint: expected a state dict, found {type(state).__name__}.')
+    net = DiT(**{**_infer_dit_kwargs(state), **overrides})
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = str(error).strip().splitlines()[-1].strip()
+        raise DiTCheckpointError(f'DiT checkpoint does not match the DiT layout: {detail}') from None
+    return net.eval()
