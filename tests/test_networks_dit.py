@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from training.networks_dit import DIT_CONFIGS, DiT, DiTCheckpointError, load_dit_checkpoint, sincos_pos_embed
+from training.networks_dit import DIT_CONFIGS, DiT, DiTCheckpointError, MPDiT, load_dit_checkpoint, sincos_pos_embed
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -224,3 +224,76 @@ def test_unrelated_or_broken_state_dicts_are_one_clear_error():
     with pytest.raises(DiTCheckpointError, match='blocks.1.mlp.fc2.bias') as info:
         load_dit_checkpoint(sd)
     assert '\n' not in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# MP-DiT.
+
+
+def tiny_mp_dit(**kwargs) -> MPDiT:
+    torch.manual_seed(0)
+    options = dict(img_resolution=8, img_channels=2, label_dim=3, patch_size=2, hidden_size=32, depth=2, num_heads=2)
+    return MPDiT(**{**options, **kwargs})
+
+
+@torch.no_grad()
+def test_mp_dit_keeps_unit_magnitudes_at_init():
+    torch.manual_seed(0)
+    net = MPDiT(img_resolution=16, img_channels=4, label_dim=10, patch_size=4, hidden_size=128, depth=4, num_heads=4)
+    net.eval()
+    rms = lambda v: v.square().mean().sqrt().item()
+    seen = []
+    for module in [net.patch_embed, *net.blocks]:
+        module.register_forward_hook(lambda module, inputs, output: seen.append(rms(output)))
+    x = torch.randn(8, 4, 16, 16)
+    noise_labels = torch.randn(8)
+    labels = torch.nn.functional.one_hot(torch.arange(8) % 10, 10).float()
+    assert rms(net.embedding(noise_labels, labels)) == pytest.approx(1, abs=0.15)
+    assert torch.count_nonzero(net(x, noise_labels, labels)) == 0  # out_gain starts at 0
+    assert seen == pytest.approx([1] * 5, abs=0.15)
+    net.out_gain.fill_(1)
+    assert rms(net(x, noise_labels, labels)) == pytest.approx(1, abs=0.15)
+    assert net(x, noise_labels, labels).shape == x.shape
+
+
+def test_mp_dit_trains_on_a_toy_problem_with_edm_preconditioning():
+    net = tiny_mp_dit().train()
+    sigma_data = 0.5
+    grid = torch.linspace(-1, 1, 8)
+    images = sigma_data * torch.stack(
+        [torch.stack([grid[None].expand(8, 8), grid[:, None].expand(8, 8)]) * sign for sign in (1, -1, 0.5)]
+    )
+    labels = torch.eye(3)
+
+    def edm_loss(generator: torch.Generator) -> torch.Tensor:
+        index = torch.randint(3, [12], generator=generator)
+        y, c = images[index], labels[index]
+        sigma = (torch.randn([12, 1, 1, 1], generator=generator) * 1.2 - 1.2).exp()
+        noisy = y + sigma * torch.randn(y.shape, generator=generator)
+        var = sigma**2 + sigma_data**2
+        f = net(noisy / var.sqrt(), sigma.flatten().log() / 4, c)
+        denoised = sigma_data**2 / var * noisy + sigma * sigma_data / var.sqrt() * f
+        return (var / (sigma * sigma_data) ** 2 * (denoised - y) ** 2).mean()
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return edm_loss(torch.Generator().manual_seed(123)).item()
+
+    before = held_out_loss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.02, betas=(0.9, 0.99))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        optimizer.zero_grad()
+        edm_loss(generator).backward()
+        optimizer.step()
+    assert held_out_loss() < 0.6 * before
+
+
+def test_mp_dit_pickles_and_checks_its_geometry():
+    net = tiny_mp_dit().eval()
+    with torch.no_grad():
+        net.out_gain.fill_(1)
+    x, noise_labels, labels = torch.randn(2, 2, 8, 8), torch.randn(2), torch.eye(3)[:2]
+    assert torch.equal(pickle.loads(pickle.dumps(net))(x, noise_labels, labels), net(x, noise_labels, labels))
+    with pytest.raises(ValueError, match='patch size 3 does not divide the input size 8'):
+        tiny_mp_dit(patch_size=3)

@@ -19,6 +19,7 @@ import torch
 from torch.nn.functional import gelu, layer_norm, scaled_dot_product_attention
 
 from torch_utils import persistence
+from training.networks_edm2 import MPConv, MPFourier, mp_silu, mp_sum, normalize
 
 # Model sizes of DiT's Table 1 (depth, hidden size, heads) for every patch size of Table 4.
 DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -242,3 +243,113 @@ def load_dit_checkpoint(source: str | dict, **overrides) -> DiT:
         detail = str(error).strip().splitlines()[-1].strip()
         raise DiTCheckpointError(f'DiT checkpoint does not match the DiT layout: {detail}') from None
     return net.eval()
+
+
+# ----------------------------------------------------------------------------
+# Magnitude-preserving DiT: EDM2's layers (Karras et al. 2024, Sec. 3) on DiT's token pipeline.
+
+
+# Per-sample modulation in EDM2's form: multiply by 1 + Linear(emb) whose learned gain starts at 0, so
+# every modulation starts as the identity without zeroing a path (adaLN-Zero's gates would).
+def _mp_modulation(emb_channels: int, hidden_size: int) -> MPConv:
+    return MPConv(emb_channels, hidden_size, kernel=[])
+
+
+@persistence.persistent_class
+class MPDiTBlock(torch.nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        emb_channels: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        attn_balance: float = 0.3,
+        mlp_balance: float = 0.3,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.attn_balance, self.mlp_balance = attn_balance, mlp_balance
+        self.attn_emb, self.mlp_emb = (_mp_modulation(emb_channels, hidden_size) for _ in range(2))
+        self.attn_emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.mlp_emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.attn_qkv = MPConv(hidden_size, 3 * hidden_size, kernel=[])
+        self.attn_proj = MPConv(hidden_size, hidden_size, kernel=[])
+        self.mlp_fc1 = MPConv(hidden_size, int(hidden_size * mlp_ratio), kernel=[])
+        self.mlp_fc2 = MPConv(int(hidden_size * mlp_ratio), hidden_size, kernel=[])
+
+    # Cosine attention of EDM2's U-Net: q, k and v normalised per head before the softmax.
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = normalize(self.attn_qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads), dim=4)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return self.attn_proj(scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = normalize(x, dim=2)  # "pixel norm" of the residual stream, per token
+        c = self.attn_emb(emb, gain=self.attn_emb_gain) + 1
+        x = mp_sum(x, self.attention(x * c[:, None]), t=self.attn_balance)
+        c = self.mlp_emb(emb, gain=self.mlp_emb_gain) + 1
+        y = mp_silu(self.mlp_fc1(x * c[:, None]))
+        y = self.mlp_fc2(torch.nn.functional.dropout(y, p=self.dropout, training=self.training))
+        return mp_sum(x, y, t=self.mlp_balance)
+
+
+@persistence.persistent_class
+class MPDiT(torch.nn.Module):
+    """Backbone F(x; c_noise, class) with the EDM2 U-Net's signature, for EDM preconditioning."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int = 0,
+        patch_size: int = 2,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        attn_balance: float = 0.3,
+        mlp_balance: float = 0.3,
+        label_balance: float = 0.5,
+        pos_balance: float = 0.5,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        _check_geometry(img_resolution, patch_size, hidden_size, num_heads)
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.patch_size, self.grid_size = patch_size, img_resolution // patch_size
+        self.label_balance, self.pos_balance = label_balance, pos_balance
+        self.emb_fourier = MPFourier(hidden_size)
+        self.emb_noise = MPConv(hidden_size, hidden_size, kernel=[])
+        self.emb_label = MPConv(label_dim, hidden_size, kernel=[]) if label_dim else None
+        # Patches with a constant ones channel, as EDM2's U-Net input, so tokens need no bias.
+        self.patch_embed = MPConv((img_channels + 1) * patch_size**2, hidden_size, kernel=[])
+        self.register_buffer('pos_embed', sincos_pos_embed(hidden_size, self.grid_size) * math.sqrt(2))
+        self.blocks = torch.nn.ModuleList(
+            MPDiTBlock(hidden_size, hidden_size, num_heads, mlp_ratio, attn_balance, mlp_balance, dropout)
+            for _ in range(depth)
+        )
+        self.out_emb = _mp_modulation(hidden_size, hidden_size)
+        self.out_emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.out_linear = MPConv(hidden_size, patch_size**2 * img_channels, kernel=[])
+        self.out_gain = torch.nn.Parameter(torch.zeros([]))
+
+    def embedding(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        if self.emb_label is not None:
+            labels = class_labels * math.sqrt(class_labels.shape[1])
+            emb = mp_sum(emb, self.emb_label(labels.to(emb.dtype)), t=self.label_balance)
+        return mp_silu(emb)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        n, p, g = x.shape[0], self.patch_size, self.grid_size
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        patches = x.reshape(n, -1, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(n, g * g, -1)
+        tokens = mp_sum(self.patch_embed(patches), self.pos_embed.to(x.dtype), t=self.pos_balance)
+        emb = self.embedding(noise_labels, class_labels).to(x.dtype)
+        for block in self.blocks:
+            tokens = block(tokens, emb)
+        c = self.out_emb(emb, gain=self.out_emb_gain) + 1
+        tokens = self.out_linear(normalize(tokens, dim=2) * c[:, None], gain=self.out_gain)
+        return unpatchify(tokens, p, g)
