@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from training.networks_dit import DIT_CONFIGS, DiT, DiTCheckpointError, MPDiT, load_dit_checkpoint, sincos_pos_embed
+from training.networks_dit import (
+    DIT_CONFIGS,
+    DiT,
+    DiTCheckpointError,
+    MPDiT,
+    infer_dit_kwargs,
+    load_dit_checkpoint,
+    sincos_pos_embed,
+)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -124,13 +132,36 @@ def test_published_layout_loads_strictly_and_matches_the_paper_equations():
 
 
 @torch.no_grad()
-def test_loader_reads_files_and_training_checkpoints(tmp_path):
-    sd = random_state_dict(dtype=torch.float32, **{k: v for k, v in TINY.items() if k != 'num_heads'})
+@pytest.mark.parametrize('learn_sigma', [True, False])
+def test_loader_reads_files_and_training_checkpoints(tmp_path, learn_sigma):
+    config = {k: v for k, v in TINY.items() if k != 'num_heads'}
+    sd = random_state_dict(dtype=torch.float32, learn_sigma=learn_sigma, **config)
     path = tmp_path / 'dit.pt'
     torch.save({'model': {}, 'ema': sd, 'opt': {}}, path)
     net = load_dit_checkpoint(str(path))
     assert all(torch.equal(net.state_dict()[key], value) for key, value in sd.items())
+    assert net.learn_sigma == learn_sigma and net.out_channels == (6 if learn_sigma else 3)
     assert net.blocks[0].num_heads == 1  # not one of DiT's sizes: 64 channels per head, at least one
+
+
+@pytest.mark.parametrize('input_size', [32, 64])
+def test_released_checkpoint_shapes_give_dit_xl_2(input_size):
+    layout = published_layout(input_size, 2, 4, 1152, 28, 1000)
+    state = {key: torch.empty(shape, device='meta') for key, shape in layout.items()}
+    expected = dict(input_size=input_size, in_channels=4, num_classes=1000, learn_sigma=True, mlp_ratio=4.0)
+    assert infer_dit_kwargs(state) == {**expected, **DIT_CONFIGS['DiT-XL/2']}
+
+
+@torch.no_grad()
+def test_one_hot_labels_equal_indices_and_a_zero_row_is_the_null_label():
+    torch.manual_seed(0)
+    net = DiT(**TINY).eval()
+    for param in net.parameters():
+        param.normal_(std=0.3)
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([3, 700, 20])
+    one_hot = torch.zeros(3, 5)
+    one_hot[0, 4] = one_hot[1, 0] = 1
+    assert torch.allclose(net(x, t, one_hot), net(x, t, torch.tensor([4, 0, 5])))
 
 
 def test_pos_embed_matches_mae_formula():
@@ -216,7 +247,9 @@ def test_patch_size_that_does_not_divide_the_input_is_one_clear_error():
         DiT(**{**TINY, 'patch_size': 3})
 
 
-def test_unrelated_or_broken_state_dicts_are_one_clear_error():
+def test_unrelated_or_broken_state_dicts_are_one_clear_error(tmp_path):
+    with pytest.raises(DiTCheckpointError, match='Cannot read DiT checkpoint .*missing.pt'):
+        load_dit_checkpoint(str(tmp_path / 'missing.pt'))
     with pytest.raises(DiTCheckpointError, match='Not a DiT checkpoint'):
         load_dit_checkpoint({'unet.weight': torch.zeros(3)})
     sd = random_state_dict(dtype=torch.float32, **{k: v for k, v in TINY.items() if k != 'num_heads'})
@@ -289,11 +322,12 @@ def test_mp_dit_trains_on_a_toy_problem_with_edm_preconditioning():
     assert held_out_loss() < 0.6 * before
 
 
-def test_mp_dit_pickles_and_checks_its_geometry():
+def test_mp_dit_pickles_reads_missing_labels_as_zeros_and_checks_its_geometry():
     net = tiny_mp_dit().eval()
     with torch.no_grad():
         net.out_gain.fill_(1)
     x, noise_labels, labels = torch.randn(2, 2, 8, 8), torch.randn(2), torch.eye(3)[:2]
     assert torch.equal(pickle.loads(pickle.dumps(net))(x, noise_labels, labels), net(x, noise_labels, labels))
+    assert torch.equal(net(x, noise_labels, None), net(x, noise_labels, torch.zeros(2, 3)))
     with pytest.raises(ValueError, match='patch size 3 does not divide the input size 8'):
         tiny_mp_dit(patch_size=3)

@@ -13,6 +13,7 @@ U-Net, so EDM preconditioning (c_in, c_noise = ln(sigma)/4, c_skip, c_out) can w
 """
 
 import math
+import pickle
 
 import numpy as np
 import torch
@@ -75,28 +76,12 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, grid_size: int) -> torch.T
 # DiT with adaLN-Zero blocks.
 
 
-class _Embedders:
-    """Name-spaces holding the submodules whose names the released state dicts use."""
-
-    @staticmethod
-    def patch(in_channels: int, hidden_size: int, patch_size: int) -> torch.nn.Module:
-        module = torch.nn.Module()
-        module.proj = torch.nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        return module
-
-    @staticmethod
-    def timestep(hidden_size: int, frequency_size: int = 256) -> torch.nn.Module:
-        module = torch.nn.Module()
-        module.mlp = torch.nn.Sequential(
-            torch.nn.Linear(frequency_size, hidden_size), torch.nn.SiLU(), torch.nn.Linear(hidden_size, hidden_size)
-        )
-        return module
-
-    @staticmethod
-    def label(num_classes: int, hidden_size: int) -> torch.nn.Module:
-        module = torch.nn.Module()
-        module.embedding_table = torch.nn.Embedding(num_classes + 1, hidden_size)
-        return module
+def _named(**children: torch.nn.Module) -> torch.nn.Module:
+    """A plain module holding `children` under the names that the released state dicts use."""
+    module = torch.nn.Module()
+    for name, child in children.items():
+        module.add_module(name, child)
+    return module
 
 
 def _modulation(hidden_size: int, chunks: int) -> torch.nn.Sequential:
@@ -109,12 +94,10 @@ class DiTBlock(torch.nn.Module):
         super().__init__()
         self.num_heads = num_heads
         mlp_hidden = int(hidden_size * mlp_ratio)
-        self.attn = torch.nn.Module()
-        self.attn.qkv = torch.nn.Linear(hidden_size, 3 * hidden_size)
-        self.attn.proj = torch.nn.Linear(hidden_size, hidden_size)
-        self.mlp = torch.nn.Module()
-        self.mlp.fc1 = torch.nn.Linear(hidden_size, mlp_hidden)
-        self.mlp.fc2 = torch.nn.Linear(mlp_hidden, hidden_size)
+        self.attn = _named(
+            qkv=torch.nn.Linear(hidden_size, 3 * hidden_size), proj=torch.nn.Linear(hidden_size, hidden_size)
+        )
+        self.mlp = _named(fc1=torch.nn.Linear(hidden_size, mlp_hidden), fc2=torch.nn.Linear(mlp_hidden, hidden_size))
         self.adaLN_modulation = _modulation(hidden_size, 6)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,14 +133,14 @@ class DiT(torch.nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
         self.grid_size = input_size // patch_size
-        self.x_embedder = _Embedders.patch(in_channels, hidden_size, patch_size)
-        self.t_embedder = _Embedders.timestep(hidden_size)
-        self.y_embedder = _Embedders.label(num_classes, hidden_size)
+        self.x_embedder = _named(proj=torch.nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size))
+        t_mlp = [torch.nn.Linear(256, hidden_size), torch.nn.SiLU(), torch.nn.Linear(hidden_size, hidden_size)]
+        self.t_embedder = _named(mlp=torch.nn.Sequential(*t_mlp))
+        self.y_embedder = _named(embedding_table=torch.nn.Embedding(num_classes + 1, hidden_size))
         self.register_buffer('pos_embed', sincos_pos_embed(hidden_size, self.grid_size))
         self.blocks = torch.nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = torch.nn.Module()
-        self.final_layer.adaLN_modulation = _modulation(hidden_size, 2)
-        self.final_layer.linear = torch.nn.Linear(hidden_size, patch_size**2 * self.out_channels)
+        out_linear = torch.nn.Linear(hidden_size, patch_size**2 * self.out_channels)
+        self.final_layer = _named(adaLN_modulation=_modulation(hidden_size, 2), linear=out_linear)
         self.reset_parameters()
 
     # ViT initialisation (Xavier-uniform linears, zero biases), the patch conv treated as a linear,
@@ -178,17 +161,21 @@ class DiT(torch.nn.Module):
             torch.nn.init.zeros_(linear.weight)
             torch.nn.init.zeros_(linear.bias)
 
-    # Classifier-free guidance training: replace a label by the null label with probability p.
-    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+    # Class indices from indices or from edm2x's one-hot rows (an all-zero row is the null label); in
+    # training, a label becomes the null label with probability p (classifier-free guidance training).
+    def label_indices(self, y: torch.Tensor) -> torch.Tensor:
+        if y.ndim == 2:
+            y = torch.where(y.any(dim=1), y.argmax(dim=1), self.num_classes)
         if not self.training or self.class_dropout_prob <= 0:
             return y
         drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Prediction [N, out_channels, H, W] for latents x, timesteps t (0..999, scalar or [N]) and labels y."""
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         t_emb = self.t_embedder.mlp(timestep_features(t.reshape(-1).expand(x.shape[0])).to(tokens.dtype))
-        c = t_emb + self.y_embedder.embedding_table(self.drop_labels(y))
+        c = t_emb + self.y_embedder.embedding_table(self.label_indices(y))
         for block in self.blocks:
             tokens = block(tokens, c)
         shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
@@ -196,7 +183,8 @@ class DiT(torch.nn.Module):
         return unpatchify(tokens, self.patch_size, self.grid_size)
 
 
-def _infer_dit_kwargs(state: dict) -> dict:
+def infer_dit_kwargs(state: dict) -> dict:
+    """DiT constructor arguments that a state dict in the released layout was made with."""
     required = ['x_embedder.proj.weight', 'pos_embed', 'y_embedder.embedding_table.weight', 'final_layer.linear.weight']
     missing = [key for key in required if key not in state]
     if len(missing) == len(required):
@@ -212,7 +200,8 @@ def _infer_dit_kwargs(state: dict) -> dict:
             'Inconsistent DiT checkpoint: pos_embed or final_layer.linear has an unexpected shape.'
         )
     known_heads = {(cfg['depth'], cfg['hidden_size']): cfg['num_heads'] for cfg in DIT_CONFIGS.values()}
-    mlp_hidden = state['blocks.0.mlp.fc1.weight'].shape[0] if depth else 4 * hidden
+    fc1 = state.get('blocks.0.mlp.fc1.weight')
+    mlp_hidden = 4 * hidden if fc1 is None else fc1.shape[0]  # a missing key is reported by the strict load
     return dict(
         input_size=grid * patch,
         patch_size=patch,
@@ -231,12 +220,17 @@ def load_dit_checkpoint(source: str | dict, **overrides) -> DiT:
     'ema' and 'model', give their 'ema' weights), configured from its weight shapes. The number of
     heads is not in the weights: DiT's sizes give it, other widths get 64 channels per head, and
     `num_heads=` overrides both."""
-    state = torch.load(source, map_location='cpu', weights_only=True) if isinstance(source, str) else source
+    state = source
+    if isinstance(source, str):
+        try:
+            state = torch.load(source, map_location='cpu', weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+            raise DiTCheckpointError(f'Cannot read DiT checkpoint {source}: {error}'.splitlines()[0]) from None
     if isinstance(state, dict) and 'pos_embed' not in state:
         state = state.get('ema', state.get('model', state))
     if not isinstance(state, dict):
         raise DiTCheckpointError(f'Not a DiT checkpoint: expected a state dict, found {type(state).__name__}.')
-    net = DiT(**{**_infer_dit_kwargs(state), **overrides})
+    net = DiT(**{**infer_dit_kwargs(state), **overrides})
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -336,10 +330,11 @@ class MPDiT(torch.nn.Module):
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
 
     def embedding(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """MP-SiLU(MP-sum(noise term, label term)) as in EDM2's U-Net; None means all-zero one-hot rows."""
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
-            labels = class_labels * math.sqrt(class_labels.shape[1])
-            emb = mp_sum(emb, self.emb_label(labels.to(emb.dtype)), t=self.label_balance)
+            labels = torch.zeros_like(emb[:, :1]).expand(-1, self.label_dim) if class_labels is None else class_labels
+            emb = mp_sum(emb, self.emb_label(labels.to(emb.dtype) * math.sqrt(self.label_dim)), t=self.label_balance)
         return mp_silu(emb)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
