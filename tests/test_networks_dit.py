@@ -164,6 +164,40 @@ def test_one_hot_labels_equal_indices_and_a_zero_row_is_the_null_label():
     assert torch.allclose(net(x, t, one_hot), net(x, t, torch.tensor([4, 0, 5])))
 
 
+@torch.no_grad()
+def test_diffusers_layout_loads_and_matches_diffusers_dit():
+    diffusers = pytest.importorskip('diffusers')
+    torch.manual_seed(0)
+    ref = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=3,
+        out_channels=6,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=5,
+        norm_eps=1e-6,
+    )
+    ref = ref.double().eval()
+    for param in ref.parameters():
+        param.normal_(std=0.3)
+    for block in ref.transformer_blocks:
+        block.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())  # one embedder in DiT
+        # diffusers spaces the timestep frequencies by ln(10000)/127, DiT by ln(10000)/128.
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    with pytest.raises(DiTCheckpointError, match='input_size'):
+        load_dit_checkpoint(ref.state_dict())
+    net = load_dit_checkpoint(ref.state_dict(), input_size=8, num_heads=2).double()
+    x, t, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 250, 999]), torch.tensor([0, 4, 5])
+    expected = ref(x, timestep=t, class_labels=y).sample
+    assert ((net(x, t, y) - expected).norm() / expected.norm()).item() < 1e-5
+    state = ref.state_dict()
+    state['transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight'] += 1
+    with pytest.raises(DiTCheckpointError, match='per-block copies of y_embedder.embedding_table.weight'):
+        load_dit_checkpoint(state, input_size=8)
+
+
 def test_pos_embed_matches_mae_formula():
     hidden, grid = 16, 3
     table = sincos_pos_embed(hidden, grid)[0]

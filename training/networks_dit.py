@@ -14,6 +14,7 @@ U-Net, so EDM preconditioning (c_in, c_noise = ln(sigma)/4, c_skip, c_out) can w
 
 import math
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -215,11 +216,56 @@ def infer_dit_kwargs(state: dict) -> dict:
     )
 
 
-def load_dit_checkpoint(source: str | dict, **overrides) -> DiT:
+# diffusers' DiTTransformer2DModel stores the same weights under other names, q, k and v apart, a copy
+# of the conditioning embedders in every block, and no position embedding.
+_DIFFUSERS_NAMES = {
+    'pos_embed.proj': 'x_embedder.proj',
+    'emb.timestep_embedder.linear_1': 't_embedder.mlp.0',
+    'emb.timestep_embedder.linear_2': 't_embedder.mlp.2',
+    'emb.class_embedder.embedding_table': 'y_embedder.embedding_table',
+    'proj_out_1': 'final_layer.adaLN_modulation.1',
+    'proj_out_2': 'final_layer.linear',
+    'norm1.linear': 'adaLN_modulation.1',
+    'attn1.to_out.0': 'attn.proj',
+    'ff.net.0.proj': 'mlp.fc1',
+    'ff.net.2': 'mlp.fc2',
+}
+
+
+def dit_state_dict_from_diffusers(state: dict, input_size: int) -> dict:
+    """The DiT layout of a diffusers DiTTransformer2DModel state dict for `input_size` latents (its
+    config's sample_size). Keys it does not know are kept, for the strict load to name."""
+    converted, embedders = {}, {}
+    for key, value in state.items():
+        match = re.fullmatch(r'(?:transformer_blocks\.(\d+)\.)?(.+)\.(weight|bias)', key)
+        block, name, leaf = match.groups() if match else (None, key, None)
+        prefix = '' if block is None else f'blocks.{block}.'
+        if name.removeprefix('norm1.') in _DIFFUSERS_NAMES and name.startswith('norm1.emb.'):
+            embedders.setdefault(f'{_DIFFUSERS_NAMES[name[6:]]}.{leaf}', []).append(value)
+        elif name in _DIFFUSERS_NAMES:
+            converted[f'{prefix}{_DIFFUSERS_NAMES[name]}.{leaf}'] = value
+        elif block is None or not name.startswith('attn1.to_'):
+            converted[key] = value
+    for key, copies in embedders.items():
+        if any(not torch.equal(copy, copies[0]) for copy in copies):
+            raise DiTCheckpointError(f'diffusers DiT checkpoint has different per-block copies of {key}; DiT has one.')
+        converted[key] = copies[0]
+    for block in sorted({int(key.split('.')[1]) for key in state if key.startswith('transformer_blocks.')}):
+        for leaf in ('weight', 'bias'):
+            parts = [state.get(f'transformer_blocks.{block}.attn1.to_{name}.{leaf}') for name in 'qkv']
+            if all(part is not None for part in parts):
+                converted[f'blocks.{block}.attn.qkv.{leaf}'] = torch.cat(parts)
+    if 'x_embedder.proj.weight' in converted:
+        hidden, _, patch, _ = converted['x_embedder.proj.weight'].shape
+        converted['pos_embed'] = sincos_pos_embed(hidden, input_size // patch)
+    return converted
+
+
+def load_dit_checkpoint(source: str | dict, input_size: int | None = None, **overrides) -> DiT:
     """DiT from a released checkpoint (a path or a state dict; DiT's training checkpoints, dicts with
     'ema' and 'model', give their 'ema' weights), configured from its weight shapes. The number of
     heads is not in the weights: DiT's sizes give it, other widths get 64 channels per head, and
-    `num_heads=` overrides both."""
+    `num_heads=` overrides both. A diffusers DiTTransformer2DModel state dict needs `input_size`."""
     state = source
     if isinstance(source, str):
         try:
@@ -230,6 +276,10 @@ def load_dit_checkpoint(source: str | dict, **overrides) -> DiT:
         state = state.get('ema', state.get('model', state))
     if not isinstance(state, dict):
         raise DiTCheckpointError(f'Not a DiT checkpoint: expected a state dict, found {type(state).__name__}.')
+    if 'pos_embed.proj.weight' in state:
+        if input_size is None:
+            raise DiTCheckpointError('A diffusers DiT checkpoint needs input_size (its config.json sample_size).')
+        state = dit_state_dict_from_diffusers(state, input_size)
     net = DiT(**{**infer_dit_kwargs(state), **overrides})
     try:
         net.load_state_dict(state, strict=True)
