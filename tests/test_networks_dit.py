@@ -138,7 +138,9 @@ def test_loader_reads_files_and_training_checkpoints(tmp_path, learn_sigma):
     sd = random_state_dict(dtype=torch.float32, learn_sigma=learn_sigma, **config)
     path = tmp_path / 'dit.pt'
     torch.save({'model': {}, 'ema': sd, 'opt': {}}, path)
-    net = load_dit_checkpoint(str(path))
+    with pytest.raises(DiTCheckpointError, match='for input size 8, not 16'):
+        load_dit_checkpoint(str(path), input_size=16)
+    net = load_dit_checkpoint(str(path), input_size=8)
     assert all(torch.equal(net.state_dict()[key], value) for key, value in sd.items())
     assert net.learn_sigma == learn_sigma and net.out_channels == (6 if learn_sigma else 3)
     assert net.blocks[0].num_heads == 1  # not one of DiT's sizes: 64 channels per head, at least one

@@ -197,9 +197,7 @@ def infer_dit_kwargs(state: dict) -> dict:
     depth = sum(1 for key in state if key.startswith('blocks.') and key.endswith('.attn.qkv.weight'))
     out_channels = state['final_layer.linear.weight'].shape[0] // patch**2
     if out_channels not in (in_channels, 2 * in_channels) or grid**2 != state['pos_embed'].shape[1]:
-        raise DiTCheckpointError(
-            'Inconsistent DiT checkpoint: pos_embed or final_layer.linear has an unexpected shape.'
-        )
+        raise DiTCheckpointError('Inconsistent DiT checkpoint: pos_embed or final_layer.linear has an odd shape.')
     known_heads = {(cfg['depth'], cfg['hidden_size']): cfg['num_heads'] for cfg in DIT_CONFIGS.values()}
     fc1 = state.get('blocks.0.mlp.fc1.weight')
     mlp_hidden = 4 * hidden if fc1 is None else fc1.shape[0]  # a missing key is reported by the strict load
@@ -240,7 +238,7 @@ def dit_state_dict_from_diffusers(state: dict, input_size: int) -> dict:
         match = re.fullmatch(r'(?:transformer_blocks\.(\d+)\.)?(.+)\.(weight|bias)', key)
         block, name, leaf = match.groups() if match else (None, key, None)
         prefix = '' if block is None else f'blocks.{block}.'
-        if name.removeprefix('norm1.') in _DIFFUSERS_NAMES and name.startswith('norm1.emb.'):
+        if name.startswith('norm1.emb.') and name[6:] in _DIFFUSERS_NAMES:
             embedders.setdefault(f'{_DIFFUSERS_NAMES[name[6:]]}.{leaf}', []).append(value)
         elif name in _DIFFUSERS_NAMES:
             converted[f'{prefix}{_DIFFUSERS_NAMES[name]}.{leaf}'] = value
@@ -280,7 +278,10 @@ def load_dit_checkpoint(source: str | dict, input_size: int | None = None, **ove
         if input_size is None:
             raise DiTCheckpointError('A diffusers DiT checkpoint needs input_size (its config.json sample_size).')
         state = dit_state_dict_from_diffusers(state, input_size)
-    net = DiT(**{**infer_dit_kwargs(state), **overrides})
+    kwargs = infer_dit_kwargs(state)
+    if input_size not in (None, kwargs['input_size']):
+        raise DiTCheckpointError(f'The DiT checkpoint is for input size {kwargs["input_size"]}, not {input_size}.')
+    net = DiT(**{**kwargs, **overrides})
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -293,12 +294,9 @@ def load_dit_checkpoint(source: str | dict, input_size: int | None = None, **ove
 # Magnitude-preserving DiT: EDM2's layers (Karras et al. 2024, Sec. 3) on DiT's token pipeline.
 
 
-# Per-sample modulation in EDM2's form: multiply by 1 + Linear(emb) whose learned gain starts at 0, so
-# every modulation starts as the identity without zeroing a path (adaLN-Zero's gates would).
-def _mp_modulation(emb_channels: int, hidden_size: int) -> MPConv:
-    return MPConv(emb_channels, hidden_size, kernel=[])
-
-
+# Pre-norm transformer block whose per-sample modulation takes EDM2's form: multiply by 1 + Linear(emb)
+# with a learned gain that starts at 0, so every block starts with unit modulation, no path zeroed
+# (adaLN-Zero's gates would zero it), and residuals join by MP-sum (Eq. 88).
 @persistence.persistent_class
 class MPDiTBlock(torch.nn.Module):
     def __init__(
@@ -314,7 +312,7 @@ class MPDiTBlock(torch.nn.Module):
         super().__init__()
         self.num_heads, self.dropout = num_heads, dropout
         self.attn_balance, self.mlp_balance = attn_balance, mlp_balance
-        self.attn_emb, self.mlp_emb = (_mp_modulation(emb_channels, hidden_size) for _ in range(2))
+        self.attn_emb, self.mlp_emb = (MPConv(emb_channels, hidden_size, kernel=[]) for _ in range(2))
         self.attn_emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.mlp_emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.attn_qkv = MPConv(hidden_size, 3 * hidden_size, kernel=[])
@@ -374,7 +372,7 @@ class MPDiT(torch.nn.Module):
             MPDiTBlock(hidden_size, hidden_size, num_heads, mlp_ratio, attn_balance, mlp_balance, dropout)
             for _ in range(depth)
         )
-        self.out_emb = _mp_modulation(hidden_size, hidden_size)
+        self.out_emb = MPConv(hidden_size, hidden_size, kernel=[])
         self.out_emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.out_linear = MPConv(hidden_size, patch_size**2 * img_channels, kernel=[])
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
