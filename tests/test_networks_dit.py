@@ -39,15 +39,12 @@ def published_layout(input_size, patch_size, in_channels, hidden_size, depth, nu
         'final_layer.adaLN_modulation.1.weight': (2 * h, h),
         'final_layer.adaLN_modulation.1.bias': (2 * h,),
     }
+    block = {'attn.qkv': (3 * h, h), 'attn.proj': (h, h), 'mlp.fc1': (4 * h, h), 'mlp.fc2': (h, 4 * h)}
+    block['adaLN_modulation.1'] = (6 * h, h)
     for i in range(depth):
-        for name, (rows, cols) in dict(
-            qkv=(3 * h, h), proj=(h, h), fc1=(4 * h, h), fc2=(h, 4 * h), adaLN=(6 * h, h)
-        ).items():
-            prefix = {'qkv': 'attn.qkv', 'proj': 'attn.proj', 'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2'}.get(
-                name, 'adaLN_modulation.1'
-            )
-            shapes[f'blocks.{i}.{prefix}.weight'] = (rows, cols)
-            shapes[f'blocks.{i}.{prefix}.bias'] = (rows,)
+        for name, (rows, cols) in block.items():
+            shapes[f'blocks.{i}.{name}.weight'] = (rows, cols)
+            shapes[f'blocks.{i}.{name}.bias'] = (rows,)
     return shapes
 
 
