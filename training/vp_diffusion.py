@@ -199,7 +199,10 @@ class VPDiffusion:
     def p_mean_variance(
         self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool = False
     ) -> EasyDict:
-        """The reverse step p(x_{t−1} | x_t) given the net's output: mean, variance, log_variance, x0, eps."""
+        """The reverse step p(x_{t−1} | x_t) given the net's output: mean, variance, log_variance, x0, eps.
+
+        A fixed variance comes per sample, shaped to broadcast against x_t.
+        """
         pred, var_value = self.split(output)
         x0 = self.x0_from_eps(x_t, t, pred) if self.prediction == 'eps' else self.x0_from_v(x_t, t, pred)
         if clip_x0:
@@ -209,7 +212,7 @@ class VPDiffusion:
             log_variance = u * self._at(self.betas.log(), t, x_t) + (1 - u) * self._at(self.log_variance_small, t, x_t)
         else:
             table = self.log_variance_small if self.variance == 'fixed_small' else self.log_variance_large
-            log_variance = self._at(table, t, x_t).expand_as(x_t)
+            log_variance = self._at(table, t, x_t)  # Broadcasts against x_t.
         mean = self.q_posterior(x0, x_t, t)[0]
         eps = self.eps_from_x0(x_t, t, x0)
         return EasyDict(mean=mean, variance=log_variance.exp(), log_variance=log_variance, x0=x0, eps=eps)
