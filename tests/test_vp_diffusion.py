@@ -57,6 +57,8 @@ def test_cosine_schedule_follows_its_alpha_bar_and_clips_beta():
 def test_unknown_schedule_and_options_raise_value_errors():
     with pytest.raises(ValueError, match="'quadratic'"):
         beta_schedule('quadratic')
+    with pytest.raises(VPDiffusionError, match=r'in \(0, 1\), got 10 values in \[0.01, 2\]'):
+        VPDiffusion(beta_schedule('linear', 10))  # The stretched linear schedule needs T > 20.
     with pytest.raises(VPDiffusionError, match="'x0'"):
         VPDiffusion(beta_schedule('linear', 10), prediction='x0')
     with pytest.raises(VPDiffusionError, match="'learned'"):

@@ -25,6 +25,8 @@ class VPDiffusionError(ValueError):
 # while DDPM, improved DDPM and DiT trained with float64 schedules, and ᾱ near 1 needs the precision.
 def beta_schedule(name: str, num_timesteps: int = 1000) -> np.ndarray:
     T = num_timesteps
+    if T < 1:
+        raise VPDiffusionError(f'A β schedule needs at least one timestep, got {T}')
     if name == 'linear':  # Ho et al. 2020 §4, stretched so that any T covers the same range (Nichol & Dhariwal §3).
         return np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
     if name == 'scaled_linear':  # Latent diffusion / Stable Diffusion.
@@ -46,14 +48,14 @@ def parse_respacing(spacing: str, num_timesteps: int) -> list[int]:
         return list(range(T))
     if spacing.startswith('ddim'):
         count = spacing[len('ddim') :]
-        if not count.isdigit():
+        if not count.isdecimal():
             raise fail("expected 'ddim' followed by a step count, e.g. 'ddim25'")
         for stride in range(1, T + 1):
             if len(range(0, T, stride)) == int(count):
                 return list(range(0, T, stride))
         raise fail(f'no constant stride gives exactly {int(count)} steps')
     counts = spacing.split(',')
-    if not all(c.strip().isdigit() and int(c) > 0 for c in counts):
+    if not all(c.strip().isdecimal() and int(c) > 0 for c in counts):
         raise fail("expected positive step counts separated by commas, e.g. '250' or '10,15,20', or 'ddim25'")
     base, extra = divmod(T, len(counts))
     start, kept = 0, []
@@ -116,14 +118,18 @@ class VPDiffusion:
         if variance not in VARIANCES:
             raise VPDiffusionError(f'Unknown variance {variance!r}; expected one of {VARIANCES}')
         betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.ndim != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas <= 1)).all()):
-            raise VPDiffusionError('β must be a non-empty 1-D sequence of values in (0, 1]')
+        if betas.ndim != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas < 1)).all()):
+            found = f'{len(betas)} values in [{betas.min():g}, {betas.max():g}]' if betas.numel() else 'none'
+            raise VPDiffusionError(f'β must be a 1-D sequence of values in (0, 1), got {found}')
         self.prediction, self.variance = prediction, variance
         self.timesteps = torch.arange(len(betas)) if timesteps is None else torch.as_tensor(timesteps)
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         a, a_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        # Square roots in float64 before any cast: √(1 − ᾱ) of ᾱ ≈ 1 loses its digits in float32.
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = a.sqrt(), (1 - a).sqrt()
+        self.log_betas = betas.log()
         # Posterior q(x_{t−1} | x_t, x_0) (Ho et al. Eqs. 6-7).
         self.posterior_variance = betas * (1 - a_prev) / (1 - a)
         self.posterior_mean_coef_x0 = a_prev.sqrt() * betas / (1 - a)
@@ -161,9 +167,12 @@ class VPDiffusion:
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         return self.timesteps.to(t.device)[t]
 
+    def _roots(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._at(self.sqrt_alphas_cumprod, t, x), self._at(self.sqrt_one_minus_alphas_cumprod, t, x)
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        a = self._at(self.alphas_cumprod, t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        sqrt_a, sqrt_1ma = self._roots(t, x0)
+        return sqrt_a * x0 + sqrt_1ma * noise
 
     def q_posterior(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
@@ -173,20 +182,20 @@ class VPDiffusion:
         return mean, self._at(self.posterior_variance, t, x_t), self._at(self.log_variance_small, t, x_t)
 
     def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = self._at(self.alphas_cumprod, t, x0)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
+        sqrt_a, sqrt_1ma = self._roots(t, x0)
+        return sqrt_a * noise - sqrt_1ma * x0
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        a = self._at(self.alphas_cumprod, t, x_t)
-        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        sqrt_a, sqrt_1ma = self._roots(t, x_t)
+        return (x_t - sqrt_1ma * eps) / sqrt_a
 
     def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        a = self._at(self.alphas_cumprod, t, x_t)
-        return a.sqrt() * x_t - (1 - a).sqrt() * v
+        sqrt_a, sqrt_1ma = self._roots(t, x_t)
+        return sqrt_a * x_t - sqrt_1ma * v
 
     def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        a = self._at(self.alphas_cumprod, t, x_t)
-        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        sqrt_a, sqrt_1ma = self._roots(t, x_t)
+        return (x_t - sqrt_a * x0) / sqrt_1ma
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The net's (ε or v, variance value) halves; the second is None unless the variance is learned."""
@@ -209,7 +218,7 @@ class VPDiffusion:
             x0 = x0.clamp(-1, 1)
         if self.variance == 'learned_range':  # Nichol & Dhariwal Eq. 15, u = (v + 1) / 2.
             u = (var_value + 1) / 2
-            log_variance = u * self._at(self.betas.log(), t, x_t) + (1 - u) * self._at(self.log_variance_small, t, x_t)
+            log_variance = u * self._at(self.log_betas, t, x_t) + (1 - u) * self._at(self.log_variance_small, t, x_t)
         else:
             table = self.log_variance_small if self.variance == 'fixed_small' else self.log_variance_large
             log_variance = self._at(table, t, x_t)  # Broadcasts against x_t.
@@ -260,7 +269,8 @@ class VPDiffusion:
 
 
 class VPLoss:
-    """Training loss for a net(x_t, t, labels) on the VP process: per-sample uniform t (Ho et al. Alg. 1)."""
+    """Training loss for a net(x_t, t, labels) on the VP process, one value per sample; t is drawn uniformly
+    per sample (Ho et al. Alg. 1) and the net receives the original timestep index."""
 
     def __init__(
         self,
