@@ -1,4 +1,4 @@
-"""Torch helpers used by the training loop and by the sources embedded in network pickles (SPEC §9):
+"""Torch helpers used by the training loop and by the network sources that persistence.py embeds in pickles:
 cached constants, an endless resumable sampler, parameter copying and DDP gradient-sync control."""
 
 import contextlib

@@ -1,4 +1,4 @@
-"""Pickles that carry their own source code (SPEC §9).
+"""Pickles that carry their own source code (the network-pickle format of StyleGAN2-ADA and EDM2).
 
 An instance of a class decorated with `persistent_class` pickles as a call to
 `_reconstruct_persistent_obj(meta)`, with the full source text of the module that defined the class in
@@ -99,7 +99,7 @@ def import_hook(hook: Callable[[dict], dict]) -> None:
 
 
 def _reconstruct_persistent_obj(meta: dict) -> Any:
-    """Rebuild a persistent object from the meta dict written by its __reduce__ (SPEC §9)."""
+    """Rebuild a persistent object from the meta dict written by its __reduce__."""
     meta = dnnlib.EasyDict(meta)
     if isinstance(meta.get('state'), dict):
         meta.state = dnnlib.EasyDict(meta.state)
