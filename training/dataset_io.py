@@ -314,8 +314,8 @@ def center_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def center_crop_dhariwal(image: np.ndarray, size: int) -> np.ndarray:
-    """ADM's ImageNet crop (Dhariwal & Nichol 2021, as EDM2 prepares ImageNet): halve by box filter while the short side >= 2*size, bicubic-resize
-    the short side to `size`, then crop the centre size x size."""
+    """ADM's ImageNet crop (Dhariwal & Nichol 2021), as EDM2 prepares ImageNet: halve by box filter while the
+    short side >= 2*size, bicubic-resize the short side to `size`, then crop the centre size x size."""
     img = Image.fromarray(image)
     while min(img.size) >= 2 * size:
         img = img.resize((img.width // 2, img.height // 2), Image.Resampling.BOX)
