@@ -1,4 +1,4 @@
-"""Make edm2x datasets: a folder or an uncompressed ZIP of PNGs plus dataset.json (SPEC §6).
+"""Make edm2x datasets: a folder or an uncompressed ZIP of PNGs plus dataset.json.
 
 Run `python dataset_tool.py --help` for the commands and examples. The file formats, image reading and
 crops live in training/dataset_io.py; this file is the command line.
@@ -16,6 +16,7 @@ from tqdm import tqdm
 import dnnlib
 from training.dataset_io import (
     TRANSFORMS,
+    DatasetFileError,
     DatasetWriter,
     ImageSource,
     decode_image,
@@ -29,7 +30,17 @@ from training.dataset_io import (
 # ---- command line ----
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command group; a DatasetFileError from training/dataset_io.py becomes a one-line CLI error."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except DatasetFileError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Commands)
 def cli() -> None:
     """Make edm2x datasets (folder or uncompressed ZIP of PNGs with dataset.json).
 
@@ -198,7 +209,7 @@ def _load_images(images: ImageSource, relpaths: list[str], shape: tuple) -> np.n
 def encode(
     model_url: str, source: str, dest: str, max_images: int | None, resume: bool, batch: int, device: str | None
 ) -> None:
-    """Encode a pixel dataset with the Stable Diffusion VAE into NPY latents (SPEC §6).
+    """Encode a pixel dataset with the Stable Diffusion VAE (Rombach et al. 2022) into NPY latents.
 
     Each item stores 8 float32 channels, the posterior mean and std; labels and captions are carried over.
     Finished items collect in DEST.partial beside DEST, so an interrupted run continued with --resume

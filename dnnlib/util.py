@@ -226,22 +226,21 @@ class _Tee:
     """Stands in for sys.stdout or sys.stderr, copying each write into the log file."""
 
     def __init__(self, stream: IO[str], file: IO[str] | None, should_flush: bool):
-        self.stream = stream
-        self.file = file
-        self.should_flush = should_flush
+        self.stream, self.file, self.eager = stream, file, should_flush
+
+    def _targets(self) -> list[IO[str]]:
+        return [self.stream] if self.file is None else [self.file, self.stream]
 
     def write(self, text: str) -> int:
-        if self.file is not None:
-            self.file.write(text)
-        self.stream.write(text)
-        if self.should_flush:
+        for target in self._targets():
+            target.write(text)
+        if self.eager:
             self.flush()
         return len(text)
 
     def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-        self.stream.flush()
+        for target in self._targets():
+            target.flush()
 
     def __getattr__(self, name: str) -> Any:
         # isatty, encoding, fileno and the like answer for the real stream.
@@ -265,8 +264,8 @@ class Logger:
         self.close()
 
     def flush(self) -> None:
-        self.stdout.flush()
-        self.stderr.flush()
+        for tee in (self.stdout, self.stderr):
+            tee.flush()
 
     def close(self) -> None:
         """Restore the original streams (if still ours) and close the file; safe to call twice."""
@@ -275,10 +274,10 @@ class Logger:
             sys.stdout = self.orig_stdout
         if sys.stderr is self.stderr:
             sys.stderr = self.orig_stderr
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        file, self.file = self.file, None
+        if file is not None:
             self.stdout.file = self.stderr.file = None
+            file.close()
 
 
 _NIMG_SUFFIXES = {'': 1, 'K': 10**3, 'M': 10**6, 'G': 10**9, 'Ki': 1 << 10, 'Mi': 1 << 20, 'Gi': 1 << 30}

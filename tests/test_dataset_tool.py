@@ -204,3 +204,11 @@ def test_option_errors(tmp_path):
     assert_one_line_error(run('synth', f'--dest={tmp_path / "full"}', '--max-images=2'), 'full', 'not an empty folder')
     result = run('synth', f'--dest={tmp_path / "s.zip"}', '--max-images=lots')
     assert result.exit_code == 2 and 'lots' in result.output and 'Traceback' not in result.output
+
+
+def test_library_raises_its_own_error_type_and_the_cli_turns_it_into_one_line(tmp_path):
+    with pytest.raises(dataset_io.DatasetFileError, match=r'none: no such folder or ZIP file'):
+        dataset_io.ImageSource(str(tmp_path / 'none'))
+    with pytest.raises(dataset_io.DatasetFileError, match=r'b\.png: unreadable image'):
+        dataset_io.decode_image(b'\x89PNG truncated', 'b.png')
+    assert_one_line_error(run('convert', f'--source={tmp_path / "none"}', f'--dest={tmp_path / "o.zip"}'), 'none')

@@ -1,16 +1,15 @@
-"""Detector architectures and weight loading: published checkpoint layouts, TensorFlow quirks, lookup."""
+"""Detector weights: published checkpoint layouts, loading and lookup (architectures: test_inception, test_dinov2)."""
 
 import math
 import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from training import detectors as detectors_mod
 from training.detectors import DetectorError, DetectorWarning, load_detector, resolve_detector_sources
 from training.dinov2 import DinoVisionTransformer, vit_kwargs_from_state_dict
-from training.inception import InceptionV3, _avg_pool_tf, tf1_resize_bilinear
+from training.inception import InceptionV3
 
 
 def _conv(name: str, cin: int, cout: int, kh: int, kw: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
@@ -225,47 +224,6 @@ def test_detector_file_names_pick_the_metric(tmp_path):
         resolve_detector_sources(['fid'], str(tmp_path / 'missing-inception.pth'))
 
 
-def test_tf1_resize_matches_asymmetric_grid_sample():
-    # The TorchScript FID detector resizes with an affine grid shifted so that out[i] samples in[i * in/out].
-    x = torch.rand(2, 3, 37, 53) * 255
-    n, c, h, w = x.shape
-    size = 71
-    theta = torch.tensor([[1, 0, 1 / w - 1 / size], [0, 1, 1 / h - 1 / size]], dtype=torch.float32)
-    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, size, size], align_corners=False)
-    expected = F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
-    torch.testing.assert_close(tf1_resize_bilinear(x, size), expected, atol=1e-3, rtol=1e-5)
-
-
-def test_tf1_resize_hand_computed_pixel():
-    x = torch.arange(12, dtype=torch.float32).reshape(1, 1, 3, 4)
-    y = tf1_resize_bilinear(x, 5)
-    # out row 3 -> in row 3*3/5 = 1.8; out col 4 -> in col 4*4/5 = 3.2, clamped to the last column.
-    expected = 0.2 * x[0, 0, 1, 3] + 0.8 * x[0, 0, 2, 3]
-    assert y[0, 0, 3, 4].item() == pytest.approx(expected.item())
-
-
-def test_tensorflow_average_pool_ignores_padding():
-    x = torch.rand(1, 1, 4, 4)
-    assert _avg_pool_tf(x)[0, 0, 0, 0].item() == pytest.approx(x[0, 0, :2, :2].mean().item())
-
-
-def test_dinov2_attention_matches_explicit_softmax():
-    torch.manual_seed(0)
-    vit = DinoVisionTransformer(embed_dim=128, depth=1, num_heads=2, pos_grid=4).eval()
-    attn = vit.blocks[0].attn
-    x = torch.randn(2, 5, 128)
-    q, k, v = attn.qkv(x).reshape(2, 5, 3, 2, 64).unbind(2)
-    weights = torch.softmax(torch.einsum('bqhc,bkhc->bhqk', q, k) / 8, dim=-1)
-    expected = attn.proj(torch.einsum('bhqk,bkhc->bqhc', weights, v).reshape(2, 5, 128))
-    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
-
-
-def test_dinov2_position_grid_kept_at_native_size_and_resampled_otherwise():
-    vit = DinoVisionTransformer(embed_dim=64, depth=1, num_heads=1, pos_grid=37)
-    assert vit.interpolate_pos_embed(37, 37) is vit.pos_embed
-    assert vit.interpolate_pos_embed(16, 16).shape == (1, 257, 64)
-
-
 @pytest.mark.filterwarnings('ignore:`torch.jit.:DeprecationWarning')
 def test_torchscript_pickle_is_called_with_return_features(tmp_path):
     script = torch.jit.script(_FakeScriptInception())
@@ -293,3 +251,28 @@ class _ScriptPickle:
 
     def __reduce__(self):
         return torch.jit.load, (self.path,)
+
+
+def _vitg_layout(dim: int = 96, depth: int = 2, grid: int = 3) -> dict[str, tuple[int, ...]]:
+    # dinov2_vitg14_pretrain.pth's layout at test size: SwiGLU feed-forward (mlp.w12, mlp.w3) instead of fc1/fc2.
+    layout = dinov2_layout(dim, depth, grid)
+    for i in range(depth):
+        for k in ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'):
+            del layout[f'blocks.{i}.mlp.{k}']
+        layout.update({f'blocks.{i}.mlp.w12.weight': (4 * dim, dim), f'blocks.{i}.mlp.w3.weight': (dim, 2 * dim)})
+    return layout
+
+
+@pytest.mark.parametrize(
+    'name, layout',
+    [
+        ('dinov2_vitg14_pretrain.pth', _vitg_layout()),
+        ('dinov2_vits14_reg4_pretrain.pth', {**dinov2_layout(64, 1, 3), 'register_tokens': (1, 4, 64)}),
+    ],
+)
+def test_vitg_and_register_checkpoints_are_refused_naming_what_loads(tmp_path, name, layout):
+    torch.save(random_state(layout), tmp_path / name)
+    with pytest.raises(DetectorError) as info:
+        load_detector('fd_dinov2', str(tmp_path / name), verbose=False)
+    message = str(info.value)
+    assert '\n' not in message and name in message and 'only ViT-S/14, ViT-B/14 and ViT-L/14' in message

@@ -1,6 +1,5 @@
-"""Tests for torch_utils.misc: cached constants, the resumable infinite sampler, parameter copying."""
+"""Tests for torch_utils.misc: cached constants, the resumable infinite sampler, parameter copying, DDP sync."""
 
-import contextlib
 import itertools
 
 import numpy as np
@@ -93,35 +92,47 @@ def test_copy_params_and_buffers_require_all_reports_missing():
         misc.copy_params_and_buffers(src, dst, require_all=True)
 
 
-def test_ddp_sync_is_transparent_for_plain_modules():
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A real single-process gloo group, torn down afterwards so other tests see none."""
+    torch.distributed.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _count_allreduces(ddp: torch.nn.parallel.DistributedDataParallel) -> list[int]:
+    """Replace DDP's gradient all-reduce by a no-op that counts the buckets it is handed."""
+    calls = [0]
+
+    def hook(state: object, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        calls[0] += 1
+        done = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    ddp.register_comm_hook(None, hook)
+    return calls
+
+
+def test_ddp_sync_false_skips_the_gradient_allreduce_and_true_restores_it(one_process_group):
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))
+    calls = _count_allreduces(ddp)
+    x = torch.ones(1, 2)
+    with misc.ddp_sync(ddp, sync=False):
+        assert not ddp.require_backward_grad_sync
+        ddp(x).sum().backward()
+    assert calls[0] == 0 and ddp.require_backward_grad_sync  # accumulated locally, sync back on after the block
+    with misc.ddp_sync(ddp, sync=True):
+        assert ddp.require_backward_grad_sync
+        ddp(x).sum().backward()
+    assert calls[0] == 1
+    assert torch.allclose(ddp.module.weight.grad, torch.full((1, 2), 2.0))  # both passes accumulated
+
+
+def test_ddp_sync_leaves_plain_modules_alone():
     net = torch.nn.Linear(2, 1)
     with misc.ddp_sync(net, sync=False):
         net(torch.ones(1, 2)).sum().backward()
     assert np.allclose(net.weight.grad.numpy(), [[1.0, 1.0]])
-
-
-class _RecordingDDP(torch.nn.parallel.DistributedDataParallel):
-    """Passes isinstance checks for DDP and records no_sync() without needing a process group."""
-
-    def __init__(self):
-        torch.nn.Module.__init__(self)
-        self.inside_no_sync = False
-        self.no_sync_calls = 0
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        self.no_sync_calls += 1
-        self.inside_no_sync = True
-        try:
-            yield
-        finally:
-            self.inside_no_sync = False
-
-
-def test_ddp_sync_enters_no_sync_only_when_not_syncing():
-    ddp = _RecordingDDP()
-    with misc.ddp_sync(ddp, sync=False):
-        assert ddp.inside_no_sync
-    with misc.ddp_sync(ddp, sync=True):
-        assert not ddp.inside_no_sync
-    assert ddp.no_sync_calls == 1 and not ddp.inside_no_sync

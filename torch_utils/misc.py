@@ -1,4 +1,4 @@
-"""Torch helpers used by the training loop and by the sources embedded in network pickles (SPEC §9):
+"""Torch helpers used by the training loop and by the network sources that persistence.py embeds in pickles:
 cached constants, an endless resumable sampler, parameter copying and DDP gradient-sync control."""
 
 import contextlib
@@ -21,20 +21,18 @@ def constant(
     memory_format: torch.memory_format | None = None,
 ) -> torch.Tensor:
     """A cached tensor holding `value` (broadcast to `shape` if given); treat it as read-only."""
-    value = np.asarray(value)
-    shape = tuple(shape) if shape is not None else None
-    dtype = dtype if dtype is not None else torch.get_default_dtype()
-    device = torch.device(device) if device is not None else torch.device('cpu')
-    memory_format = memory_format if memory_format is not None else torch.contiguous_format
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
-    tensor = _constant_cache.get(key)
-    if tensor is None:
-        tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
-        if shape is not None:
-            tensor = tensor.broadcast_to(shape)
-        tensor = tensor.contiguous(memory_format=memory_format)
-        _constant_cache[key] = tensor
-    return tensor
+    array = np.asarray(value)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = torch.device('cpu') if device is None else torch.device(device)
+    memory_format = torch.contiguous_format if memory_format is None else memory_format
+    target = None if shape is None else tuple(shape)
+    key = (array.tobytes(), array.shape, array.dtype, target, dtype, device, memory_format)
+    cached = _constant_cache.get(key)
+    if cached is None:
+        cached = torch.tensor(array, dtype=dtype, device=device)
+        cached = cached if target is None else cached.broadcast_to(target)
+        cached = _constant_cache[key] = cached.contiguous(memory_format=memory_format)
+    return cached
 
 
 def const_like(
@@ -55,7 +53,7 @@ def const_like(
     )
 
 
-class InfiniteSampler(torch.utils.data.Sampler):
+class InfiniteSampler(torch.utils.data.Sampler[int]):
     """Yield dataset indices forever for one rank.
 
     The global stream visits the dataset in epochs, each a fresh permutation drawn from (seed, epoch);
@@ -78,28 +76,25 @@ class InfiniteSampler(torch.utils.data.Sampler):
             raise ValueError(f'rank {rank} is outside 0..{num_replicas - 1}')
         if start_idx < 0:
             raise ValueError(f'start_idx must be >= 0, got {start_idx}')
-        self.dataset_size = len(dataset)
-        self.rank = rank
-        self.num_replicas = num_replicas
-        self.shuffle = shuffle
-        self.seed = seed
-        self.start_idx = start_idx
+        self.size = len(dataset)
+        self.rank, self.num_replicas, self.start_idx = rank, num_replicas, start_idx
+        self.shuffle, self.seed = shuffle, seed
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(self.dataset_size)
+            return np.arange(self.size)
         # A seed sequence over (seed, epoch) keeps different (seed, epoch) pairs independent.
-        return np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
 
     def __iter__(self) -> Iterator[int]:
         # First global position at or after start_idx that belongs to this rank.
         pos = self.start_idx + (self.rank - self.start_idx) % self.num_replicas
         epoch, order = -1, None
         while True:
-            if pos // self.dataset_size != epoch:
-                epoch = pos // self.dataset_size
+            if pos // self.size != epoch:
+                epoch = pos // self.size
                 order = self._epoch_order(epoch)
-            yield int(order[pos % self.dataset_size])
+            yield int(order[pos % self.size])
             pos += self.num_replicas
 
 
@@ -107,21 +102,16 @@ def copy_params_and_buffers(
     src_module: torch.nn.Module, dst_module: torch.nn.Module, require_all: bool = False
 ) -> None:
     """Copy parameters and buffers from `src_module` into same-named ones of `dst_module`, in place."""
-    src_tensors = dict(src_module.named_parameters()) | dict(src_module.named_buffers())
-    dst_tensors = dict(dst_module.named_parameters()) | dict(dst_module.named_buffers())
-    with torch.no_grad():
-        for name, tensor in dst_tensors.items():
-            if name in src_tensors:
-                tensor.copy_(src_tensors[name])
-            elif require_all:
-                raise KeyError(f'{name!r} is missing from the source module')
+    sources = {**dict(src_module.named_parameters()), **dict(src_module.named_buffers())}
+    for name, dst in [*dst_module.named_parameters(), *dst_module.named_buffers()]:
+        if name in sources:
+            dst.detach().copy_(sources[name].detach())  # detached: an in-place write outside autograd
+        elif require_all:
+            raise KeyError(f'{name!r} is missing from the source module')
 
 
-@contextlib.contextmanager
-def ddp_sync(module: torch.nn.Module, sync: bool) -> Iterator[None]:
+def ddp_sync(module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """Skip DDP's gradient all-reduce inside the block when `sync` is False (gradient accumulation)."""
     if not sync and isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        with module.no_sync():
-            yield
-    else:
-        yield
+        return module.no_sync()
+    return contextlib.nullcontext()

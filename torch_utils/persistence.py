@@ -1,4 +1,4 @@
-"""Pickles that carry their own source code (SPEC §9).
+"""Pickles that carry their own source code (the network-pickle format of StyleGAN2-ADA and EDM2).
 
 An instance of a class decorated with `persistent_class` pickles as a call to
 `_reconstruct_persistent_obj(meta)`, with the full source text of the module that defined the class in
@@ -35,9 +35,8 @@ def persistent_class(orig_class: type) -> type:
         return _decorated[orig_class]
     module_src = _module_to_src(sys.modules[orig_class.__module__])
 
-    class Decorator(orig_class):
-        _orig_module_src = module_src
-        _orig_class_name = orig_class.__name__
+    class Persistent(orig_class):
+        _orig_module_src, _orig_class_name = module_src, orig_class.__name__
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             # Copy first, so that a constructor that mutates its arguments cannot alter the record.
@@ -64,13 +63,11 @@ def persistent_class(orig_class: type) -> type:
             )
             return _reconstruct_persistent_obj, (meta,), None
 
-    Decorator.__name__ = orig_class.__name__
-    Decorator.__qualname__ = orig_class.__qualname__
-    Decorator.__module__ = orig_class.__module__
-    Decorator.__doc__ = orig_class.__doc__
-    _decorators.add(Decorator)
-    _decorated[orig_class] = Decorator
-    return Decorator
+    for attr in ('__name__', '__qualname__', '__module__', '__doc__'):
+        setattr(Persistent, attr, getattr(orig_class, attr))
+    _decorators.add(Persistent)
+    _decorated[orig_class] = Persistent
+    return Persistent
 
 
 def _get_state(obj: Any, orig_class: type) -> Any:
@@ -82,12 +79,7 @@ def _get_state(obj: Any, orig_class: type) -> Any:
 
 def is_persistent(obj: Any) -> bool:
     """Whether `obj` is a persistent class or an instance of one."""
-    try:
-        if obj in _decorators:
-            return True
-    except TypeError:
-        pass
-    return type(obj) in _decorators
+    return (obj if isinstance(obj, type) else type(obj)) in _decorators
 
 
 def import_hook(hook: Callable[[dict], dict]) -> None:
@@ -99,14 +91,13 @@ def import_hook(hook: Callable[[dict], dict]) -> None:
 
 
 def _reconstruct_persistent_obj(meta: dict) -> Any:
-    """Rebuild a persistent object from the meta dict written by its __reduce__ (SPEC §9)."""
-    meta = dnnlib.EasyDict(meta)
-    if isinstance(meta.get('state'), dict):
-        meta.state = dnnlib.EasyDict(meta.state)
-    for hook in _import_hooks:
-        meta = hook(meta)
+    """Rebuild a persistent object from the meta dict written by its __reduce__."""
+    state = meta.get('state')
+    meta = dnnlib.EasyDict(meta, state=dnnlib.EasyDict(state) if isinstance(state, dict) else state)
+    for patch in _import_hooks:
+        meta = patch(meta)
         if meta is None:
-            raise TypeError(f'import hook {hook!r} returned None instead of the meta dict')
+            raise TypeError(f'import hook {patch!r} returned None instead of the meta dict')
     if meta.get('type') != 'class':
         raise ValueError(f"unknown persistent object type {meta.get('type')!r}; expected 'class'")
     if not isinstance(meta.get('version'), int) or not 1 <= meta.version <= _version:
@@ -115,24 +106,21 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
             f'this code understands ({_version}); update edm2x'
         )
 
-    module = _src_to_module(meta.module_src)
-    cls = persistent_class(getattr(module, meta.class_name))
+    cls = persistent_class(getattr(_src_to_module(meta.module_src), meta.class_name))
     obj = cls.__new__(cls)
     if meta.state is not None:
         if hasattr(cls, '__setstate__'):
             obj.__setstate__(meta.state)
         else:
-            obj.__dict__.update(meta.state)
+            vars(obj).update(meta.state)
     return obj
 
 
 def _module_to_src(module: types.ModuleType) -> str:
     """Source text of a module: remembered for modules built from pickles, else read by inspect."""
-    src = _module_to_src_dict.get(module)
-    if src is None:
-        src = inspect.getsource(module)
-        _module_to_src_dict[module] = src
-    return src
+    if module not in _module_to_src_dict:
+        _module_to_src_dict[module] = inspect.getsource(module)
+    return _module_to_src_dict[module]
 
 
 def _src_to_module(src: str) -> types.ModuleType:
@@ -148,8 +136,7 @@ def _src_to_module(src: str) -> types.ModuleType:
     # and tracebacks show the embedded source lines.
     sys.modules[name] = module
     linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
-    _module_to_src_dict[module] = src
-    _src_to_module_dict[src] = module
+    _module_to_src_dict[module], _src_to_module_dict[src] = src, module
     try:
         exec(compile(src, filename, 'exec'), module.__dict__)
     except BaseException:

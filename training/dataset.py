@@ -1,4 +1,4 @@
-"""Training data: a folder or an uncompressed ZIP of PNG or NPY files (SPEC §6).
+"""Training data: a folder or an uncompressed ZIP of PNG or NPY files, as EDM2 lays datasets out.
 
 PNG files hold pixels (uint8, HWC on disk, returned CHW); NPY files hold float32 CHW arrays (e.g. VAE
 latents). An optional `dataset.json` at the root maps relative paths to class labels and captions:

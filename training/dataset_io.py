@@ -1,5 +1,6 @@
 """Dataset files: the writer (folder or uncompressed ZIP plus dataset.json), the image source reader and
-the crops of dataset_tool.py (SPEC §6), reusable by other tools."""
+the crops of dataset_tool.py (ADM's ImageNet preprocessing, Dhariwal & Nichol 2021), reusable by other tools.
+A problem the user can fix raises DatasetFileError with a one-line message naming the file."""
 
 import contextlib
 import csv
@@ -13,7 +14,6 @@ import zipfile
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-import click
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -32,6 +32,11 @@ _DECODE_ERRORS = (
     KeyError,
     Image.DecompressionBombError,
 )
+
+
+class DatasetFileError(Exception):
+    """A source or destination the user can fix; the one-line message names the file and what to do."""
+
 
 # ---- writing ----
 
@@ -76,9 +81,7 @@ class DatasetWriter:
             self._zip = zipfile.ZipFile(file, mode='w', compression=zipfile.ZIP_STORED)
         else:
             if os.path.exists(self.dest) and not (os.path.isdir(self.dest) and not os.listdir(self.dest)):
-                raise click.ClickException(
-                    f'{self.dest}: already exists and is not an empty folder; choose a new --dest'
-                )
+                raise DatasetFileError(f'{self.dest}: already exists and is not an empty folder; choose a new --dest')
             self._tmp_dir = os.path.join(
                 parent, f'.{os.path.basename(os.path.abspath(self.dest))}.{uuid.uuid4().hex}.tmp'
             )
@@ -159,13 +162,13 @@ class SourceImage(NamedTuple):
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Image file bytes -> uint8 HWC RGB; a corrupt file raises ClickException naming `name`."""
+    """Image file bytes -> uint8 HWC RGB; a corrupt file raises DatasetFileError naming `name`."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return np.array(img.convert('RGB'))
     except _DECODE_ERRORS as e:
-        raise click.ClickException(f'{name}: unreadable image ({e}); replace or remove it') from None
+        raise DatasetFileError(f'{name}: unreadable image ({e}); replace or remove it') from None
 
 
 def load_caption_mapping(path: str) -> dict[str, str]:
@@ -184,7 +187,7 @@ def load_caption_mapping(path: str) -> dict[str, str]:
                     raise ValueError('expected two columns per row: image path, caption')
                 mapping = dict(rows)
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise click.ClickException(f'{path}: cannot read captions ({e})') from None
+        raise DatasetFileError(f'{path}: cannot read captions ({e})') from None
     return {str(k).replace('\\', '/'): str(v) for k, v in mapping.items()}
 
 
@@ -209,14 +212,14 @@ class ImageSource:
             try:
                 self._zip = zipfile.ZipFile(self.source)
             except (zipfile.BadZipFile, OSError) as e:
-                raise click.ClickException(f'{self.source}: not a folder or a valid ZIP file ({e})') from None
+                raise DatasetFileError(f'{self.source}: not a folder or a valid ZIP file ({e})') from None
             fnames = {name for name in self._zip.namelist() if not name.endswith('/')}
         else:
-            raise click.ClickException(f'{self.source}: no such folder or ZIP file')
+            raise DatasetFileError(f'{self.source}: no such folder or ZIP file')
         self._fnames = fnames
         self.relpaths = sorted(f for f in fnames if f.lower().endswith(SOURCE_EXTENSIONS))[:max_images]
         if not self.relpaths:
-            raise click.ClickException(f'{self.source}: contains no images ({", ".join(SOURCE_EXTENSIONS)})')
+            raise DatasetFileError(f'{self.source}: contains no images ({", ".join(SOURCE_EXTENSIONS)})')
         metadata = self._load_metadata() if 'dataset.json' in fnames else {}
         self.labels = self._find_labels(metadata.get('labels'))
         self.captions = {**dict(metadata.get('captions') or []), **(captions or {})}
@@ -231,7 +234,7 @@ class ImageSource:
             with open(os.path.join(self.source, relpath), 'rb') as f:
                 return f.read()
         except _DECODE_ERRORS as e:
-            raise click.ClickException(f'{self.describe(relpath)}: cannot be read ({e})') from None
+            raise DatasetFileError(f'{self.describe(relpath)}: cannot be read ({e})') from None
 
     def _load_metadata(self) -> dict:
         try:
@@ -240,13 +243,13 @@ class ImageSource:
                 raise ValueError('expected a JSON object')
             return {key: dict(metadata.get(key) or []) for key in ('labels', 'captions')}
         except (ValueError, TypeError, UnicodeDecodeError) as e:
-            raise click.ClickException(f'{self.describe("dataset.json")}: malformed ({e}); fix or delete it') from None
+            raise DatasetFileError(f'{self.describe("dataset.json")}: malformed ({e}); fix or delete it') from None
 
     def _find_labels(self, labels: dict | None) -> dict[str, int] | None:
         if labels:
             missing = [relpath for relpath in self.relpaths if relpath not in labels]
             if missing:
-                raise click.ClickException(
+                raise DatasetFileError(
                     f'{self.describe("dataset.json")}: no label for {missing[0]}; '
                     f'add it to "labels" or delete dataset.json'
                 )
@@ -256,7 +259,7 @@ class ImageSource:
                 if isinstance(labels[relpath], bool) or not isinstance(labels[relpath], int)
             ]
             if bad:
-                raise click.ClickException(
+                raise DatasetFileError(
                     f'{self.describe("dataset.json")}: label of {bad[0]} is {labels[bad[0]]!r}; '
                     f'labels must be class indices 0, 1, 2, ...'
                 )
@@ -311,8 +314,8 @@ def center_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def center_crop_dhariwal(image: np.ndarray, size: int) -> np.ndarray:
-    """ADM's ImageNet crop (SPEC §6): halve by box filter while the short side >= 2*size, bicubic-resize
-    the short side to `size`, then crop the centre size x size."""
+    """ADM's ImageNet crop (Dhariwal & Nichol 2021), as EDM2 prepares ImageNet: halve by box filter while the
+    short side >= 2*size, bicubic-resize the short side to `size`, then crop the centre size x size."""
     img = Image.fromarray(image)
     while min(img.size) >= 2 * size:
         img = img.resize((img.width // 2, img.height // 2), Image.Resampling.BOX)

@@ -143,6 +143,12 @@ def _load_dinov2(path: str) -> nn.Module:
     needed = ('cls_token', 'pos_embed', 'patch_embed.proj.weight')
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise DetectorError(f'{path} is not a DINOv2 checkpoint (it lacks {", ".join(needed)}).')
+    unsupported = sorted(k for k in state if k == 'register_tokens' or '.mlp.w12.' in k or '.mlp.w3.' in k)
+    if unsupported:
+        raise DetectorError(
+            f'{path} is a DINOv2 ViT-g (SwiGLU feed-forward) or has register tokens ({unsupported[0]}); '
+            f'only ViT-S/14, ViT-B/14 and ViT-L/14 without registers load, e.g. dinov2_vitl14_pretrain.pth.'
+        )
     kwargs = vit_kwargs_from_state_dict(state)
     if not PUBLISHED_DINOV2.items() <= kwargs.items():
         warnings.warn(

@@ -1,4 +1,4 @@
-"""DINOv2 vision transformer, the FD-DINOv2 feature extractor (SPEC §7).
+"""DINOv2 vision transformer (Oquab et al. 2023), the FD-DINOv2 feature extractor (Stein et al. 2023).
 
 Parameter names follow Meta's published checkpoints (`dinov2_vitl14_pretrain.pth`: `cls_token`,
 `pos_embed`, `patch_embed.proj`, `blocks.{i}.{norm1,attn.qkv,attn.proj,ls1,norm2,mlp.fc1,mlp.fc2,ls2}`,
@@ -129,7 +129,8 @@ class DinoVisionTransformer(nn.Module):
 
 
 def vit_kwargs_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Architecture of a DINOv2 checkpoint, read from its tensor shapes (ViT-S/B/L/g share 64-channel heads)."""
+    """Architecture of a DINOv2 ViT-S/B/L checkpoint, read from its tensor shapes (64-channel heads).
+    ViT-g's SwiGLU feed-forward and the register tokens of the *_reg4 checkpoints are not implemented."""
     embed_dim = state['cls_token'].shape[-1]
     depth = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
     return dict(

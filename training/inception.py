@@ -1,4 +1,4 @@
-"""Inception-v3 of the 2015-12-05 TensorFlow graph, the FID feature extractor (SPEC §7).
+"""Inception-v3 (Szegedy et al. 2016) of the 2015-12-05 TensorFlow graph, FID's feature extractor (Heusel et al. 2017).
 
 Module and parameter names follow the published PyTorch port of that graph's weights
 (`pt_inception-2015-12-05-6726825d.pth`, torchvision's Inception3 naming), so that file loads as is.

@@ -1,4 +1,4 @@
-"""Feature statistics and Fréchet distances for FID and FD-DINOv2 (SPEC §7).
+"""Feature statistics and Fréchet distances for FID (Heusel et al. 2017) and FD-DINOv2 (Stein et al. 2023).
 
 Statistics are {metric: {'mu': float64 [D], 'sigma': float64 [D, D]}}, EDM2's reference-file layout.
 Under torchrun every rank embeds its own share of the images and the sums (count, Σx, Σxxᵀ, float64)
@@ -148,7 +148,7 @@ def _sqrt_psd(sigma: np.ndarray, which: str) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-# Fréchet distance between two Gaussians, ‖μ₁−μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}) (SPEC §7), in float64.
+# Fréchet distance between two Gaussians, ‖μ₁−μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}) (Dowson & Landau 1982), in float64.
 # Tr((Σ₁Σ₂)^{1/2}) is the sum of singular values of √Σ₁√Σ₂ (the eigenvalues of Σ₁Σ₂ equal those of
 # √Σ₁Σ₂√Σ₁ = (√Σ₁√Σ₂)(√Σ₁√Σ₂)ᵀ): real by construction, and accurate for nearly singular covariances,
 # where a general matrix square root of the product picks up spurious imaginary parts.

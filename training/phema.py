@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc EMA reconstruction (EDM2 §3 and Appendix C, SPEC §4).
+"""Power-function EMA and post-hoc EMA reconstruction (EDM2 §3 and Appendix C).
 
 Training time is measured in images. A power-function profile (t, γ) averages the parameters seen
 over [0, t] with weights ∝ τ^γ; its width is given by the relative standard deviation σ_rel ("std").
@@ -29,7 +29,7 @@ def std_to_exp(std: float | np.ndarray) -> float | np.ndarray:
     return float(exps) if exps.ndim == 0 else exps
 
 
-# γ -> σ_rel = sqrt((γ+1) / ((γ+2)² (γ+3))) (EDM2 Eq. 3 / SPEC §4).
+# γ -> σ_rel = sqrt((γ+1) / ((γ+2)² (γ+3))) (EDM2 Eq. 3).
 def exp_to_std(exp: float | np.ndarray) -> float | np.ndarray:
     exp = np.asarray(exp, dtype=np.float64)
     std = np.sqrt((exp + 1) / ((exp + 2) ** 2 * (exp + 3)))
@@ -41,7 +41,7 @@ def power_function_beta(std: float, t_next: float, t_delta: float) -> float:
     return float((1 - t_delta / t_next) ** (std_to_exp(std) + 1))
 
 
-# Inner product of two unit-mass power profiles (EDM2 Alg. 3, SPEC §4); ofs = end time t, any order.
+# Inner product of two unit-mass power profiles (EDM2 Alg. 3); ofs = end time t, any order.
 def power_function_correlation(a_ofs, a_std, b_ofs, b_std) -> np.ndarray:
     a_ofs, b_ofs = np.asarray(a_ofs, dtype=np.float64), np.asarray(b_ofs, dtype=np.float64)
     a_exp, b_exp = np.asarray(std_to_exp(a_std)), np.asarray(std_to_exp(b_std))
