@@ -212,7 +212,7 @@ def run_encoder(enc: torch.nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, af
     runs after each one."""
     outputs = []
     for name, block in enc.items():
-        x = block(x) if isinstance(block, MPConv) else block(x, emb)
+        x = block(x) if name.endswith('_conv') else block(x, emb)  # the input conv takes no embedding
         if after_block is not None:
             x = after_block(name, x)
         outputs.append(x)
@@ -322,6 +322,20 @@ class UNet(torch.nn.Module):
 # Preconditioning and learned uncertainty (EDM Table 1, EDM2 Eq. 21).
 
 
+def per_sample_sigma(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """σ as a float32 tensor [N, 1, 1, 1] for the batch x, from a scalar, [N] or [N, 1, 1, 1]."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    return sigma.reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
+
+
+def edm_coefficients(
+    sigma: torch.Tensor, sigma_data: float = SIGMA_DATA
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of EDM Table 1 for σ [N, 1, 1, 1]; c_noise = ln(σ)/4 has shape [N]."""
+    var = sigma.square() + sigma_data**2
+    return sigma_data**2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.log().flatten() / 4
+
+
 @persistence.persistent_class
 class Precond(torch.nn.Module):
     """D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise), plus u(σ) = MP-linear(MP-Fourier(c_noise)) for the loss.
@@ -385,19 +399,11 @@ class Precond(torch.nn.Module):
         **unet_kwargs,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        sigma = sigma.expand(len(x), 1, 1, 1)
+        sigma = per_sample_sigma(sigma, x)
         dtype = self._compute_dtype(x.device, force_fp32)
         base, inputs = self.conditioning(x, class_labels, dtype, **unet_kwargs)
         x = x - base
-
-        # EDM Table 1 with σ_data = self.sigma_data; c_noise = ln(σ)/4.
-        var = sigma.square() + self.sigma_data**2
-        c_skip = self.sigma_data**2 / var
-        c_out = sigma * self.sigma_data / var.sqrt()
-        c_in = var.rsqrt()
-        c_noise = sigma.log().flatten() / 4
-
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         F_x = self.unet((c_in * x).to(dtype), c_noise, **inputs)
         D_x = base + c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
