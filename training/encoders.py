@@ -1,4 +1,4 @@
-"""Encoders between dataset values, network space and uint8 pixels (SPEC §6).
+"""Encoders between dataset values, network space and uint8 pixels, as EDM2 (arXiv 2312.02696) prepares them.
 
 A dataset stores what `encode_pixels` makes of uint8 pixels (the pixels themselves, or VAE
 statistics); training maps those stored values to network space with `encode_latents`; `decode` turns
@@ -106,7 +106,7 @@ def load_vae(vae_name: str, device: torch.device | str = 'cpu') -> torch.nn.Modu
 
 @persistence.persistent_class
 class StabilityVAEEncoder(Encoder):
-    """Stable Diffusion VAE latents (SPEC §6). The dataset stores 8 raw channels per pixel of the latent
+    """Stable Diffusion VAE latents (Rombach et al. 2022), normalised as in EDM2. The dataset stores 8 raw channels per pixel of the latent
     grid, the posterior mean and std; training samples z = mean + std·n and normalises it per channel.
 
     The VAE itself is loaded on `init(device)` (or first use) and never pickled: network pickles keep only
@@ -154,7 +154,7 @@ class StabilityVAEEncoder(Encoder):
         self.init(x.device)
 
         def encode(batch: torch.Tensor) -> torch.Tensor:
-            # x/255 rather than the VAE's native [-1, 1]: the raw statistics were measured this way (SPEC §6).
+            # x/255 rather than the VAE's native [-1, 1]: EDM2's raw statistics were measured this way.
             posterior = self._vae.encode(batch.to(torch.float32) / 255).latent_dist
             return torch.cat([posterior.mean, posterior.std], dim=1)
 
