@@ -1,19 +1,17 @@
-"""EDM2's magnitude-preserving U-Net and its EDM preconditioning.
+"""EDM2's magnitude-preserving U-Net (Karras et al. 2024, arXiv 2312.02696, config G: Fig. 21, App. B) and
+the EDM preconditioning (Karras et al. 2022, arXiv 2206.00364, Table 1) with EDM2's learned uncertainty
+u(σ) (Eq. 21). Every layer keeps unit expected magnitude: no biases, no group norm, normalised weights.
 
-Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2, arXiv
-2312.02696), configuration G (Fig. 21, App. B); the preconditioning of Karras et al., "Elucidating the
-Design Space of Diffusion-Based Generative Models" (EDM, arXiv 2206.00364, Table 1) with EDM2's learned
-uncertainty u(σ) (Eq. 21). Every layer keeps unit expected magnitude of its activations and weights:
-no biases, no group norm, weights normalised before every use.
-
-Extensions (text, super-resolution, the CLIP image tower) reuse these classes through four hooks:
-`UNet.embedding_terms` (extra embedding inputs, joined by MP-sum), `UNet(cond_channels=)` with
-`forward(cond=)` (extra input channels), `UNet.after_block` (work after each block) and
-`Precond.make_unet` / `Precond.conditioning` (what the denoiser is built from and conditioned on).
-`build_encoder` / `run_encoder` are the encoder half alone.
+Extensions (text, super-resolution, the CLIP image tower) reuse these classes through hooks:
+`UNet.embedding_terms` (extra embedding terms, joined by MP-sum), `UNet(cond_channels=)` with
+`forward(cond=)` (extra input channels), `UNet.after_block` (work after each block),
+`Precond.make_unet` (what F is) and `Precond.conditioning` (what F is given, and a base D works
+relative to). `build_encoder` / `run_encoder` are the encoder half alone, `edm_coefficients` the
+preconditioning alone.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -56,7 +54,7 @@ def resample(x: torch.Tensor, f: list[float] = [1, 1], mode: str = 'keep') -> to
         return x
     taps = torch.as_tensor(f, dtype=torch.float32)
     taps = taps / taps.sum()
-    kernel = torch.outer(taps, taps).to(x.dtype).to(x.device).expand(x.shape[1], 1, len(f), len(f))
+    kernel = torch.outer(taps, taps).to(x.device, x.dtype).expand(x.shape[1], 1, len(f), len(f))
     trim = (len(f) - 1) // 2  # Pads 'down' and crops 'up' so that the output is exactly 2x smaller or larger.
     if mode == 'down':
         return torch.nn.functional.conv2d(x, kernel, stride=2, padding=trim, groups=x.shape[1])
@@ -109,11 +107,9 @@ class MPConv(torch.nn.Module):
 
 @persistence.persistent_class
 class Block(torch.nn.Module):
-    """Encoder ('enc') or decoder ('dec') block: optional resampling, a residual branch modulated by the
-    embedding, MP-sum back into the main path, optional self-attention, activation clipping.
-
-    Encoder blocks change channels (1x1 conv) and pixel-normalise before the branch; decoder blocks feed
-    the branch the block input and apply the 1x1 conv to the main path after it."""
+    """Resampling, a residual branch modulated by the embedding, MP-sum, optional self-attention, clipping.
+    'enc' blocks change channels (1x1 conv) and pixel-normalise before the branch; 'dec' blocks feed the
+    branch the block input and apply the 1x1 conv to the main path after it."""
 
     def __init__(
         self,
@@ -207,7 +203,9 @@ def build_encoder(
     return enc
 
 
-def run_encoder(enc: torch.nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, after_block=None) -> list[torch.Tensor]:
+def run_encoder(
+    enc: torch.nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, after_block: Callable | None = None
+) -> list[torch.Tensor]:
     """Outputs of every encoder module in order (the U-Net's skips); after_block(name, x) -> x, if given,
     runs after each one."""
     outputs = []
@@ -219,15 +217,40 @@ def run_encoder(enc: torch.nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, af
     return outputs
 
 
+def build_decoder(
+    img_resolution: int,
+    level_channels: list[int],
+    skip_channels: list[int],
+    emb_channels: int,
+    num_blocks: int,
+    attn_resolutions: list[int],
+    **block_kwargs,
+) -> torch.nn.ModuleDict:
+    """EDM2's decoder: at the lowest resolution two blocks, the first with attention; then per level an
+    upsampling block (above the lowest) and num_blocks + 1 blocks, each fed MP-cat of the previous output
+    and an encoder output (`skip_channels`, consumed from the end); keys '_in0', '_in1', '_up', '_block{i}'."""
+    opts = dict(flavor='dec', **block_kwargs)
+    skips, dec = list(skip_channels), torch.nn.ModuleDict()
+    width = level_channels[-1]
+    for level in reversed(range(len(level_channels))):
+        res = img_resolution // 2**level
+        if level == len(level_channels) - 1:
+            dec[f'{res}x{res}_in0'] = Block(width, width, emb_channels, attention=True, **opts)
+            dec[f'{res}x{res}_in1'] = Block(width, width, emb_channels, **opts)
+        else:
+            dec[f'{res}x{res}_up'] = Block(width, width, emb_channels, resample_mode='up', **opts)
+        for i in range(num_blocks + 1):
+            cin, width = width + skips.pop(), level_channels[level]
+            dec[f'{res}x{res}_block{i}'] = Block(cin, width, emb_channels, attention=res in attn_resolutions, **opts)
+    return dec
+
+
 @persistence.persistent_class
 class UNet(torch.nn.Module):
-    """EDM2's U-Net F(x; c_noise, labels).
-
-    Hooks for extensions: `embedding_terms` returns the conditioning terms MP-summed into the noise
-    embedding, in order, with weight `label_balance` (here the class label); `cond_channels` extra input
-    channels, given to `forward` as `cond`, are concatenated after x and before the constant-ones channel;
-    `after_block(side, name, x, **kwargs)` runs after every block. Keyword arguments of `forward` beyond
-    `cond` go to both hooks."""
+    """EDM2's U-Net F(x; c_noise, class_labels). Hooks: `embedding_terms` gives the terms MP-summed into the
+    noise embedding in turn (weight `label_balance`; here the class label); `cond_channels` input channels,
+    passed as `cond`, go after x and before the constant-ones channel; `after_block(side, name, x)` runs
+    after every block. Keyword arguments of `forward` beyond `cond` go to both hooks."""
 
     def __init__(
         self,
@@ -259,30 +282,11 @@ class UNet(torch.nn.Module):
         self.enc = build_encoder(
             img_resolution, in_channels, widths, emb_channels, num_blocks, attn_resolutions, **block_kwargs
         )
-        self.dec = self._build_decoder(img_resolution, widths, emb_channels, num_blocks, attn_resolutions, block_kwargs)
-        self.out_conv = MPConv(widths[0], img_channels, [3, 3])
-
-    # Decoder (EDM2 Fig. 21): at the lowest resolution two blocks, the first with attention; then per
-    # level an upsampling block (above the lowest) and num_blocks + 1 blocks, each fed MP-cat of the
-    # previous output and the matching encoder output (the encoder's outputs in reverse order).
-    def _build_decoder(
-        self, img_resolution: int, widths: list[int], emb_channels: int, num_blocks: int, attn_resolutions, opts
-    ) -> torch.nn.ModuleDict:
         skip_widths = [module.out_channels for module in self.enc.values()]
-        dec = torch.nn.ModuleDict()
-        width = widths[-1]
-        for level in range(len(widths) - 1, -1, -1):
-            key = f'{img_resolution >> level}x{img_resolution >> level}'
-            if level == len(widths) - 1:
-                dec[f'{key}_in0'] = Block(width, width, emb_channels, flavor='dec', attention=True, **opts)
-                dec[f'{key}_in1'] = Block(width, width, emb_channels, flavor='dec', **opts)
-            else:
-                dec[f'{key}_up'] = Block(width, width, emb_channels, flavor='dec', resample_mode='up', **opts)
-            attention = (img_resolution >> level) in attn_resolutions
-            for i in range(num_blocks + 1):
-                cin, width = width + skip_widths.pop(), widths[level]
-                dec[f'{key}_block{i}'] = Block(cin, width, emb_channels, flavor='dec', attention=attention, **opts)
-        return dec
+        self.dec = build_decoder(
+            img_resolution, widths, skip_widths, emb_channels, num_blocks, attn_resolutions, **block_kwargs
+        )
+        self.out_conv = MPConv(widths[0], img_channels, [3, 3])
 
     def embedding_terms(self, class_labels: torch.Tensor | None, **kwargs) -> list[torch.Tensor]:
         """Conditioning terms of the embedding: the class label, one-hot scaled to unit RMS."""
@@ -381,12 +385,10 @@ class Precond(torch.nn.Module):
     ) -> tuple[torch.Tensor | float, dict]:
         """(base, F's keyword inputs): D is base + the preconditioned denoiser of x − base. Here base is 0
         and F gets the one-hot class labels (zeros if None; None for an unconditional net)."""
-        if not self.label_dim:
-            labels = None
-        elif class_labels is None:
-            labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
-        else:
-            labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        labels = None
+        if self.label_dim:
+            labels = torch.zeros([len(x), self.label_dim], device=x.device) if class_labels is None else class_labels
+            labels = labels.float().reshape(-1, self.label_dim)
         return 0, dict(class_labels=labels, **unet_kwargs)
 
     def forward(
