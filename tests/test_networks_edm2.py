@@ -67,6 +67,15 @@ def test_normalize_matches_closed_form_per_row_and_per_pixel():
     assert torch.allclose(nets.normalize(x, dim=1).pow(2).mean(dim=1), torch.ones(5, 3, 4), atol=1e-3)
 
 
+def test_normalize_gradient_is_finite_at_an_all_zero_slice():
+    # Zero slices occur (text features at padding tokens); their gradient must not poison the batch with NaN.
+    x = torch.randn(3, 8)
+    x[1] = 0
+    x.requires_grad_(True)
+    (nets.normalize(x, dim=1) * torch.randn(3, 8)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_mp_silu_keeps_unit_rms():
     torch.manual_seed(0)
     y = nets.mp_silu(torch.randn(1 << 20))

@@ -23,10 +23,12 @@ SIGMA_DATA = 0.5  # EDM's σ_data, the std of the training data (EDM Table 1).
 # Magnitude-preserving operations (EDM2 App. B).
 
 
-# x / (ε + RMS(x)) per slice, the RMS taken over `dim` (default: all but the first axis).
+# x / (ε + ‖x‖/sqrt(N)) per slice, the norm over `dim` (default: all but the first axis) of N elements.
+# vector_norm's gradient at a zero slice is 0 (zero text features at padding), where sqrt(mean(x²))'s is NaN.
 def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
     dims = list(range(1, x.ndim)) if dim is None else dim
-    rms = x.to(torch.float32).square().mean(dim=dims, keepdim=True).sqrt()
+    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    rms = norm * math.sqrt(norm.numel() / x.numel())
     return x / (eps + rms).to(x.dtype)
 
 
