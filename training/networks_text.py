@@ -140,35 +140,37 @@ class TextPrecond(Precond):
             use_fp16=use_fp16,
             sigma_data=sigma_data,
             logvar_channels=logvar_channels,
-            text=dict(
-                text_length=text_length,
-                tokenizer_path=tokenizer_path,
-                text_channels=text_channels,
-                text_layers=text_layers,
-                text_encoder_path=text_encoder_path,
-            ),
+            text_length=text_length,
+            tokenizer_path=tokenizer_path,
+            text_channels=text_channels,
+            text_layers=text_layers,
+            text_encoder_path=text_encoder_path,
             lowres=lowres,
             **unet_kwargs,
         )
         self.lowres, self.residual = lowres, residual
 
-    def make_unet(self, text: dict, lowres: int | None, label_dim: int, **unet_kwargs) -> TextUNet:
+    def make_unet(
+        self,
+        text_length: int,
+        tokenizer_path: str | None,
+        text_channels: int,
+        text_layers: int,
+        text_encoder_path: str | None,
+        lowres: int | None,
+        label_dim: int,
+        **unet_kwargs,
+    ) -> TextUNet:
         """Registers the tokenizer and text encoder (before the U-Net), then builds the TextUNet."""
-        if text['text_encoder_path']:  # Frozen pretrained encoder with its own tokenizer; its width counts.
-            self.tokenizer = make_tokenizer(text['text_length'], text['tokenizer_path'] or text['text_encoder_path'])
-            self.text_encoder = FrozenTextEncoder(text['text_encoder_path'], text['text_length'])
+        self.tokenizer = make_tokenizer(text_length, tokenizer_path or text_encoder_path)
+        if text_encoder_path:  # A frozen pretrained encoder: its width sets text_channels.
+            self.text_encoder = FrozenTextEncoder(text_encoder_path, text_length)
             text_channels = self.text_encoder.channels
+        elif text_channels:
+            vocab_size = self.tokenizer.vocab_size
+            self.text_encoder = MPTextEncoder(vocab_size, text_length, channels=text_channels, num_layers=text_layers)
         else:
-            self.tokenizer = make_tokenizer(text['text_length'], text['tokenizer_path'])
-            text_channels = text['text_channels']
             self.text_encoder = None
-            if text_channels:
-                self.text_encoder = MPTextEncoder(
-                    self.tokenizer.vocab_size,
-                    text['text_length'],
-                    channels=text_channels,
-                    num_layers=text['text_layers'],
-                )
         return TextUNet(
             text_channels=text_channels,
             cond_channels=unet_kwargs['img_channels'] if lowres else 0,
@@ -195,9 +197,9 @@ class TextPrecond(Precond):
         lowres: torch.Tensor | None = None,
         aug_sigma: float | torch.Tensor = 0,
     ) -> tuple[torch.Tensor | float, dict]:
-        """Captions -> text inputs. Super-resolution: the low-resolution image, bicubic-upsampled and
-        divided by EDM's σ_data (the pixel std), as input channels; the augmentation level as c_aug = ln(σ_aug + 0.002)/4
-        (c_noise of EDM with a floor at σ_min); with `residual` the upsampled image is the base."""
+        """Captions -> text inputs. Super-resolution: the low-resolution image, bicubic-upsampled and divided
+        by EDM's σ_data (the pixel std), as input channels; the augmentation level as c_aug = ln(σ_aug + 0.002)/4
+        (EDM's c_noise with a floor at σ_min); with `residual` the upsampled image is the base."""
         inputs = dict(text=self.encode_text(class_labels, len(x), x.device))
         if not self.lowres:
             return 0, inputs
