@@ -15,6 +15,7 @@ import torch
 from training.clip_eval import HeldOutSplit, retrieval_top1
 from training.clip_guide import CLIPGuide, CLIPLoss, contrastive_loss
 from training.dataset_io import write_synthetic_dataset
+from training.networks_edm2 import UNet
 
 TINY = dict(
     img_resolution=8,
@@ -211,3 +212,22 @@ def test_training_reports_retrieval_and_skips_sample_grids(shapes_zip, tmp_path)
     files = os.listdir(tmp_path)
     assert not [f for f in files if f.startswith('samples-')]
     assert len([f for f in files if f.startswith('network-snapshot-')]) == 2
+
+
+@torch.no_grad()
+def test_image_tower_is_the_unet_encoder_half_on_the_preconditioned_image():
+    guide = tiny_guide().eval()
+    tower = guide.image_tower
+    # A U-Net of the same shape holding the tower's embedding and encoder weights.
+    options = {k: TINY[k] for k in ('model_channels', 'channel_mult', 'attn_resolutions', 'channels_per_head')}
+    unet = UNet(img_resolution=8, img_channels=3, label_dim=0, num_blocks=1, **options).eval()  # tower default
+    missing = unet.load_state_dict(tower.state_dict(), strict=False).missing_keys
+    assert all(k.startswith(('dec.', 'out_')) for k in missing)
+    last = {}
+    name = list(unet.enc)[-1]
+    unet.enc[name].register_forward_hook(lambda m, args, out: last.__setitem__('x', out))
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.2, 3.0])
+    unet(x / (sigma**2 + 0.25).sqrt().reshape(-1, 1, 1, 1), sigma.log() / 4)  # c_in·x and c_noise, σ_data 0.5
+    pooled = last['x'].mean(dim=[2, 3])
+    expected = tower.out_linear(pooled / (1e-4 + pooled.square().mean(dim=1, keepdim=True).sqrt()))
+    torch.testing.assert_close(tower(x, sigma), expected)

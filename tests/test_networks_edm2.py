@@ -67,6 +67,15 @@ def test_normalize_matches_closed_form_per_row_and_per_pixel():
     assert torch.allclose(nets.normalize(x, dim=1).pow(2).mean(dim=1), torch.ones(5, 3, 4), atol=1e-3)
 
 
+def test_normalize_gradient_is_finite_at_an_all_zero_slice():
+    # Zero slices occur (text features at padding tokens); their gradient must not poison the batch with NaN.
+    x = torch.randn(3, 8)
+    x[1] = 0
+    x.requires_grad_(True)
+    (nets.normalize(x, dim=1) * torch.randn(3, 8)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_mp_silu_keeps_unit_rms():
     torch.manual_seed(0)
     y = nets.mp_silu(torch.randn(1 << 20))
@@ -188,7 +197,7 @@ def test_gradients_flow_and_are_orthogonal_to_normalised_weight_rows():
 
 
 # ----------------------------------------------------------------------------
-# State-dict layout (SPEC §9) and parameter counts (SPEC §2).
+# State-dict layout (EDM2's released pickles) and parameter counts (EDM2's published model sizes).
 
 
 def expected_tiny_state_dict_shapes() -> dict[str, tuple[int, ...]]:
@@ -293,7 +302,7 @@ def test_decoder_blocks_read_mp_cat_of_previous_output_and_matching_encoder_skip
 
 
 # ----------------------------------------------------------------------------
-# Preconditioning (SPEC §3).
+# Preconditioning (EDM Table 1, EDM2 Eq. 21).
 
 
 class RecordingUNet(torch.nn.Module):
@@ -383,41 +392,82 @@ def test_attention_equals_plain_softmax_einsum_with_per_head_qkv_split():
     torch.testing.assert_close(seen['attn'].double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def ref_weight(conv) -> torch.Tensor:
+    """An MP conv/linear weight as used: rows normalised to unit RMS, divided by sqrt(fan_in), float64."""
+    w = conv.weight.double()
+    rms = w.flatten(1).pow(2).mean(dim=1).sqrt().reshape(-1, *[1] * (w.ndim - 1))
+    return w / (1e-4 + rms) / math.sqrt(w[0].numel())
+
+
+def ref_silu(v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(v) / 0.596
+
+
+def ref_blend(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    return ((1 - t) * a + t * b) / math.sqrt((1 - t) ** 2 + t**2)
+
+
 def reference_block(
     block: nets.Block, x: torch.Tensor, emb: torch.Tensor, res_t: float, attn_t: float, heads: int, clip: float
 ) -> torch.Tensor:
-    """The block of SPEC §2 in plain float64 ops, reading only the block's weights."""
+    """The block of EDM2 Fig. 21 in plain float64 ops, reading only the block's weights."""
     F = torch.nn.functional
-
-    def weight(conv):
-        w = conv.weight.double()
-        rms = w.flatten(1).pow(2).mean(dim=1).sqrt().reshape(-1, *[1] * (w.ndim - 1))
-        return w / (1e-4 + rms) / math.sqrt(w[0].numel())
-
-    def silu(v):
-        return F.silu(v) / 0.596
 
     def pixel_norm(v, dim=1):
         return v / (1e-4 + v.pow(2).mean(dim=dim, keepdim=True).sqrt())
 
-    def blend(a, b, t):
-        return ((1 - t) * a + t * b) / math.sqrt((1 - t) ** 2 + t**2)
-
     x, emb = x.double(), emb.double()
+    if block.resample_mode == 'down':  # 2x2 mean
+        x = F.avg_pool2d(x, 2)
+    elif block.resample_mode == 'up':  # each pixel repeated over 2x2
+        x = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     if block.flavor == 'enc':
-        x = pixel_norm(F.conv2d(x, weight(block.conv_skip)))
-    y = F.conv2d(silu(x), weight(block.conv_res0), padding=1)
-    scale = 1 + block.emb_gain.double() * emb @ weight(block.emb_linear).t()
-    y = F.conv2d(silu(y * scale[:, :, None, None]), weight(block.conv_res1), padding=1)
-    if block.flavor == 'dec':
-        x = F.conv2d(x, weight(block.conv_skip))
-    x = blend(x, y, res_t)
-    n, c, h, w = x.shape
-    qkv = F.conv2d(x, weight(block.attn_qkv)).reshape(n, heads, c // heads, 3, h * w)
-    q, k, v = (pixel_norm(t, dim=2) for t in qkv.unbind(3))
-    a = torch.softmax(torch.einsum('nhcq,nhck->nhqk', q, k) / math.sqrt(c // heads), dim=3)
-    y = F.conv2d(torch.einsum('nhqk,nhck->nhcq', a, v).reshape(n, c, h, w), weight(block.attn_proj))
-    return blend(x, y, attn_t).clip(-clip, clip)
+        x = pixel_norm(F.conv2d(x, ref_weight(block.conv_skip)) if block.conv_skip is not None else x)
+    y = F.conv2d(ref_silu(x), ref_weight(block.conv_res0), padding=1)
+    scale = 1 + block.emb_gain.double() * emb @ ref_weight(block.emb_linear).t()
+    y = F.conv2d(ref_silu(y * scale[:, :, None, None]), ref_weight(block.conv_res1), padding=1)
+    if block.flavor == 'dec' and block.conv_skip is not None:
+        x = F.conv2d(x, ref_weight(block.conv_skip))
+    x = ref_blend(x, y, res_t)
+    if heads:
+        n, c, h, w = x.shape
+        qkv = F.conv2d(x, ref_weight(block.attn_qkv)).reshape(n, heads, c // heads, 3, h * w)
+        q, k, v = (pixel_norm(t, dim=2) for t in qkv.unbind(3))
+        a = torch.softmax(torch.einsum('nhcq,nhck->nhqk', q, k) / math.sqrt(c // heads), dim=3)
+        y = F.conv2d(torch.einsum('nhqk,nhck->nhcq', a, v).reshape(n, c, h, w), ref_weight(block.attn_proj))
+        x = ref_blend(x, y, attn_t)
+    return x.clip(-clip, clip)
+
+
+def reference_precond(net: nets.Precond, x: torch.Tensor, sigma: float, labels: torch.Tensor | None) -> torch.Tensor:
+    """EDM preconditioning (Table 1) of EDM2's U-Net (Fig. 21, default balances) in float64, from the weights
+    and the ModuleDict keys alone."""
+    F, unet, sd = torch.nn.functional, net.unet, net.sigma_data
+    x = x.double()
+    c_in, c_noise = 1 / math.sqrt(sigma**2 + sd**2), torch.full([len(x)], math.log(sigma) / 4, dtype=torch.float64)
+    fourier = math.sqrt(2) * torch.cos(c_noise[:, None] * unet.emb_fourier.freqs.double() + unet.emb_fourier.phases)
+    emb = fourier @ ref_weight(unet.emb_noise).t()
+    if labels is not None:
+        emb = ref_blend(emb, labels.double() * math.sqrt(labels.shape[1]) @ ref_weight(unet.emb_label).t(), 0.5)
+    emb = ref_silu(emb)
+
+    def block(b, h):
+        return reference_block(b, h, emb, res_t=0.3, attn_t=0.3, heads=b.num_heads, clip=256)
+
+    h = torch.cat([c_in * x, torch.ones_like(x[:, :1])], dim=1)
+    skips = []
+    for name, module in unet.enc.items():
+        h = F.conv2d(h, ref_weight(module), padding=1) if name.endswith('_conv') else block(module, h)
+        skips.append(h)
+    for name, module in unet.dec.items():
+        if '_block' in name:  # MP-cat, EDM2 Eq. 103, t = 0.5: both parts weighted sqrt(Na + Nb) / sqrt(2 N)
+            skip = skips.pop()
+            na, nb = h.shape[1], skip.shape[1]
+            h = torch.cat([h / math.sqrt(2 * na), skip / math.sqrt(2 * nb)], dim=1) * math.sqrt(na + nb)
+        h = block(module, h)
+    out = F.conv2d(h, ref_weight(unet.out_conv), padding=1) * unet.out_gain.double()
+    c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / math.sqrt(sigma**2 + sd**2)
+    return c_skip * x + c_out * out
 
 
 @pytest.mark.parametrize('flavor', ['enc', 'dec'])
@@ -431,6 +481,17 @@ def test_block_matches_plain_reference(flavor):
     expected = reference_block(block, x, emb, res_t=0.2, attn_t=0.4, heads=4, clip=1.5)
     assert (expected.abs() == 1.5).any()
     torch.testing.assert_close(block(x, emb).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('label_dim', [0, 10])
+def test_precond_matches_plain_reference_unet(label_dim):
+    torch.manual_seed(0)
+    net = tiny_precond(label_dim=label_dim, sigma_data=0.6)
+    x = torch.randn(2, 3, 16, 16)
+    labels = torch.eye(10)[[2, 7]] if label_dim else None
+    for sigma in (0.05, 1.0, 20.0):
+        expected = reference_precond(net, x, sigma, labels)
+        torch.testing.assert_close(net(x, sigma, labels).double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_dropout_acts_only_in_training():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.networks_edm2 import Precond
 from training.networks_text import CrossAttention, TextPrecond
 from training.text import ByteTokenizer
 
@@ -120,3 +121,43 @@ def test_residual_super_resolution_denoises_the_detail_over_the_bicubic_image():
         torch.testing.assert_close(untrained(up, sigma, lowres=lowres), up)
     with pytest.raises(ValueError, match='super-resolution'):
         tiny_text_net(residual=True)
+
+
+@torch.no_grad()
+def test_text_precond_without_text_or_lowres_is_the_edm2_precond():
+    text_net = tiny_text_net(text_channels=0, sigma_data=0.7, logvar_channels=8)
+    for p in text_net.parameters():
+        if p.ndim == 0:
+            p.fill_(0.8)  # open the learned gains so that every block matters
+    options = {
+        k: v for k, v in text_net.init_kwargs.items() if k not in ('text_length', 'text_channels', 'text_layers')
+    }
+    net = Precond(label_dim=0, **options).eval()
+    net.load_state_dict(text_net.state_dict(), strict=True)
+    assert list(net.state_dict()) == list(text_net.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    for sigma in (0.05, 1.0, 30.0):
+        d, logvar = text_net(x, sigma, ['a red circle', ''], return_logvar=True)
+        d_ref, logvar_ref = net(x, sigma, return_logvar=True)
+        torch.testing.assert_close(d, d_ref, rtol=0, atol=0)
+        torch.testing.assert_close(logvar, logvar_ref, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_embedding_joins_pooled_text_then_augmentation_level_by_mp_sum():
+    net = tiny_text_net(lowres=4)
+    unet, seen = net.unet, {}
+    block = unet.enc['8x8_block0']
+    block.register_forward_pre_hook(lambda m, args: seen.__setitem__('emb', args[1]))
+    x, lowres, captions = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4), ['a red circle', 'a blue square']
+    sigma, aug_sigma = torch.tensor([0.3, 2.0]), torch.tensor([0.1, 0.0])
+    net(x, sigma, captions, lowres=lowres, aug_sigma=aug_sigma)
+
+    def blend(a, b, t=0.5):  # MP-sum, EDM2 Eq. 88
+        return ((1 - t) * a + t * b) / np.sqrt((1 - t) ** 2 + t**2)
+
+    noise = unet.emb_noise(unet.emb_fourier(sigma.log() / 4))
+    text = unet.emb_text(net.text_encoder(ByteTokenizer(16)(captions))[1])
+    aug = unet.emb_aug(unet.emb_aug_fourier((aug_sigma + 0.002).log() / 4))
+    expected = torch.nn.functional.silu(blend(blend(noise, text), aug)) / 0.596  # MP-SiLU, EDM2 Eq. 81
+    torch.testing.assert_close(seen['emb'], expected)

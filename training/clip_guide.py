@@ -1,9 +1,9 @@
-"""Noise-aware CLIP guide (GLIDE, Nichol et al. 2021; SPEC §8): model and contrastive loss.
+"""Noise-aware CLIP guide (GLIDE, Nichol et al. 2021): model and contrastive loss.
 
-The image tower is the encoder half of the EDM2 U-Net with EDM preconditioning (c_in scales the
-noisy image, c_noise enters the embedding), pooled to one vector; the text tower is an MP transformer
-(training/text.py) with its own weights. Both project into a shared space of unit vectors, compared by
-cosine similarity times a learned temperature (CLIP, Radford et al. 2021).
+The image tower is the encoder half of EDM2's U-Net (the same `build_encoder` / `run_encoder`) on the
+EDM-preconditioned noisy image (c_in scales it, c_noise enters the embedding), pooled to one vector; the
+text tower is an MP transformer (training/text.py) with its own weights. Both project into a shared space
+of unit vectors, compared by cosine similarity times a learned temperature (CLIP, Radford et al. 2021).
 
 Training uses the symmetric contrastive loss over the global batch: embeddings are gathered from all
 ranks with their gradients. With `batch_gpu` set, gradient caching (GradCache, Gao et al. 2021, as
@@ -22,15 +22,25 @@ import torch
 from torch_utils import distributed as dist
 from torch_utils import misc, persistence, training_stats
 from training.clip_eval import report_retrieval
-from training.networks_edm2 import Block, MPConv, MPFourier, mp_silu, normalize
+from training.networks_edm2 import (
+    SIGMA_DATA,
+    MPConv,
+    MPFourier,
+    build_encoder,
+    edm_coefficients,
+    mp_silu,
+    normalize,
+    per_sample_sigma,
+    run_encoder,
+)
 from training.text import ByteTokenizer, MPTextEncoder
-
-# ----------------------------------------------------------------------------
-# Image tower: EDM2 encoder half (SPEC §2) on the preconditioned noisy image (SPEC §3).
 
 
 @persistence.persistent_class
 class ImageTower(torch.nn.Module):
+    """EDM2's encoder (noise embedding and encoder blocks, as in the U-Net) on c_in·x, its last output
+    average-pooled, pixel-normalised and projected to `embed_dim` by an MP linear layer."""
+
     def __init__(
         self,
         img_resolution: int,
@@ -40,55 +50,28 @@ class ImageTower(torch.nn.Module):
         channel_mult: list[int] = [1, 2, 2],
         num_blocks: int = 1,
         attn_resolutions: list[int] = [8],
-        sigma_data: float = 0.5,
+        sigma_data: float = SIGMA_DATA,
         **block_kwargs,
     ):
         super().__init__()
         self.sigma_data = sigma_data
-        cblock = [model_channels * m for m in channel_mult]
-        cemb = max(cblock)
-        self.emb_fourier = MPFourier(cblock[0])
-        self.emb_noise = MPConv(cblock[0], cemb, kernel=[])
-        self.enc = torch.nn.ModuleDict()
-        cout = img_channels + 1
-        for level, channels in enumerate(cblock):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, channels
-                self.enc[f'{res}x{res}_conv'] = MPConv(cin, cout, kernel=[3, 3])
-            else:
-                self.enc[f'{res}x{res}_down'] = Block(
-                    cout, cout, cemb, flavor='enc', resample_mode='down', **block_kwargs
-                )
-            for idx in range(num_blocks):
-                cin, cout = cout, channels
-                self.enc[f'{res}x{res}_block{idx}'] = Block(
-                    cin, cout, cemb, flavor='enc', attention=(res in attn_resolutions), **block_kwargs
-                )
-        self.out_linear = MPConv(cout, embed_dim, kernel=[])
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32)
-        sigma = (
-            torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-            .reshape(-1, 1, 1, 1)
-            .expand(x.shape[0], 1, 1, 1)
+        widths = [model_channels * m for m in channel_mult]
+        self.emb_fourier = MPFourier(widths[0])
+        self.emb_noise = MPConv(widths[0], max(widths), [])
+        self.enc = build_encoder(
+            img_resolution, img_channels + 1, widths, max(widths), num_blocks, attn_resolutions, **block_kwargs
         )
-        # Preconditioning, EDM2 Eq. 21: c_in = 1/sqrt(σ² + σ_d²), c_noise = ln(σ)/4.
-        c_in = 1 / (self.sigma_data**2 + sigma**2).sqrt()
-        c_noise = sigma.flatten().log() / 4
+        self.out_linear = MPConv(widths[-1], embed_dim, [])
+
+    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        _, _, c_in, c_noise = edm_coefficients(per_sample_sigma(sigma, x), self.sigma_data)
         emb = mp_silu(self.emb_noise(self.emb_fourier(c_noise)))
-        x = torch.cat([c_in * x, torch.ones_like(x[:, :1])], dim=1)
-        for name, block in self.enc.items():
-            x = block(x) if 'conv' in name else block(x, emb)
-        # Global average pool, pixel-normalised back to unit RMS for the MP projection.
-        return self.out_linear(normalize(x.mean(dim=[2, 3]), dim=1))
+        features = run_encoder(self.enc, torch.cat([c_in * x, torch.ones_like(x[:, :1])], dim=1), emb)[-1]
+        return self.out_linear(normalize(features.mean(dim=[2, 3]), dim=1))
 
 
-# ----------------------------------------------------------------------------
-# The guide: both towers, the shared normalised space and the learned temperature.
-
-
+# CLIP's two towers, the shared space of unit vectors and the learned temperature.
 @persistence.persistent_class
 class CLIPGuide(torch.nn.Module):
     makes_images = False  # Not a denoiser: the training loop draws no sample grids for it.
@@ -109,24 +92,19 @@ class CLIPGuide(torch.nn.Module):
         **tower_kwargs,
     ):
         # use_fp16 is accepted for the training CLI's network options; the guide always computes in float32.
+        # label_dim likewise: captions, not classes, condition the guide.
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = 0  # Captions, not class labels, condition the guide.
-        self.text_length = text_length
-        self.logit_scale_max = logit_scale_max
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, 0
+        self.text_length, self.logit_scale_max = text_length, logit_scale_max
         self.image_tower = ImageTower(
             img_resolution, img_channels, embed_dim, channels_per_head=channels_per_head, **tower_kwargs
         )
+        vocab_size = ByteTokenizer(text_length).vocab_size
         self.text_tower = MPTextEncoder(
-            ByteTokenizer(text_length).vocab_size,
-            text_length=text_length,
-            channels=text_channels,
-            num_layers=text_layers,
-            channels_per_head=channels_per_head,
+            vocab_size, text_length, channels=text_channels, num_layers=text_layers, channels_per_head=channels_per_head
         )
-        self.text_proj = MPConv(text_channels, embed_dim, kernel=[])
-        # CLIP's temperature: logits = exp(t) · cosine similarity, t learned, exp(t) capped.
+        self.text_proj = MPConv(text_channels, embed_dim, [])
+        # Logits are exp(t)·cosine similarity with t learned and exp(t) capped at logit_scale_max.
         self.logit_scale_log = torch.nn.Parameter(torch.tensor(math.log(logit_scale_init)))
 
     def encode_image(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
@@ -136,10 +114,11 @@ class CLIPGuide(torch.nn.Module):
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """Unit-norm embeddings [N, embed_dim] of captions."""
         tokens = ByteTokenizer(self.text_length)(list(captions)).to(self.logit_scale_log.device)
-        return torch.nn.functional.normalize(self.text_proj(self.text_tower(tokens)[1]), dim=1)
+        pooled = self.text_tower(tokens)[1]
+        return torch.nn.functional.normalize(self.text_proj(pooled), dim=1)
 
     def logit_scale(self) -> torch.Tensor:
-        return self.logit_scale_log.to(torch.float32).exp().clamp(max=self.logit_scale_max)
+        return self.logit_scale_log.float().exp().clamp(max=self.logit_scale_max)
 
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, captions: list[str]

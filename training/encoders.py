@@ -1,4 +1,4 @@
-"""Encoders between dataset values, network space and uint8 pixels (SPEC §6).
+"""Encoders between dataset values, network space and uint8 pixels, as EDM2 (arXiv 2312.02696) prepares them.
 
 A dataset stores what `encode_pixels` makes of uint8 pixels (the pixels themselves, or VAE
 statistics); training maps those stored values to network space with `encode_latents`; `decode` turns
@@ -34,15 +34,15 @@ class Encoder:
 
     def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW pixels -> the values a dataset stores."""
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__} does not define encode_pixels')
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Stored dataset values -> network space."""
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__} does not define encode_latents')
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Network space -> uint8 NCHW pixels."""
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__} does not define decode')
 
 
 @persistence.persistent_class
@@ -106,7 +106,7 @@ def load_vae(vae_name: str, device: torch.device | str = 'cpu') -> torch.nn.Modu
 
 @persistence.persistent_class
 class StabilityVAEEncoder(Encoder):
-    """Stable Diffusion VAE latents (SPEC §6). The dataset stores 8 raw channels per pixel of the latent
+    """Stable Diffusion VAE latents (Rombach et al. 2022), normalised as in EDM2. The dataset stores 8 raw channels per pixel of the latent
     grid, the posterior mean and std; training samples z = mean + std·n and normalises it per channel.
 
     The VAE itself is loaded on `init(device)` (or first use) and never pickled: network pickles keep only
@@ -122,21 +122,16 @@ class StabilityVAEEncoder(Encoder):
         final_std: float = 0.5,
         batch_size: int = 8,
     ) -> None:
-        self.vae_name = vae_name
-        self.raw_mean = np.array(raw_mean, dtype=np.float32)
-        self.raw_std = np.array(raw_std, dtype=np.float32)
-        self.final_mean = np.float32(final_mean)
-        self.final_std = np.float32(final_std)
-        self.batch_size = int(batch_size)
-        self._vae: torch.nn.Module | None = None
+        self.vae_name, self.batch_size = vae_name, int(batch_size)
+        self.raw_mean, self.raw_std = np.asarray(raw_mean, np.float32), np.asarray(raw_std, np.float32)
+        self.final_mean, self.final_std = np.float32(final_mean), np.float32(final_std)
+        self._vae: torch.nn.Module | None = None  # loaded on first use
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__, _vae=None)  # Weights stay out of network pickles.
 
     def init(self, device: torch.device | str) -> None:
-        if self._vae is None:
-            self._vae = load_vae(self.vae_name, device)
-        self._vae.to(device)
+        self._vae = load_vae(self.vae_name, device) if self._vae is None else self._vae.to(device)
 
     @property
     def downsampling(self) -> int:
@@ -145,16 +140,16 @@ class StabilityVAEEncoder(Encoder):
             raise RuntimeError('StabilityVAEEncoder.downsampling: call init(device) first')
         return 2 ** (len(self._vae.config.block_out_channels) - 1)
 
+    @torch.no_grad()
     def _run_batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([fn(batch) for batch in x.split(self.batch_size)])
+        self.init(x.device)
+        return torch.cat([fn(batch) for batch in x.split(self.batch_size)])
 
     def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW pixels -> float32 [N, 2C, H/f, W/f]: posterior mean, then std."""
-        self.init(x.device)
 
         def encode(batch: torch.Tensor) -> torch.Tensor:
-            # x/255 rather than the VAE's native [-1, 1]: the raw statistics were measured this way (SPEC §6).
+            # x/255 rather than the VAE's native [-1, 1]: EDM2's raw statistics were measured this way.
             posterior = self._vae.encode(batch.to(torch.float32) / 255).latent_dist
             return torch.cat([posterior.mean, posterior.std], dim=1)
 
@@ -165,19 +160,18 @@ class StabilityVAEEncoder(Encoder):
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Stored mean and std -> a sample z = mean + std·n, normalised per channel to network space."""
-        mean, std = x.to(torch.float32).chunk(2, dim=1)
+        mean, std = x.float().chunk(2, dim=1)
         z = mean + std * torch.randn_like(mean)
         scale = self._per_channel(self.final_std / self.raw_std, z)
         return (z - self._per_channel(self.raw_mean, z)) * scale + self.final_mean
 
     def latents_to_vae(self, x: torch.Tensor) -> torch.Tensor:
         """Network space -> the VAE's latent space: the inverse of the normalisation in encode_latents."""
-        x = x.to(torch.float32)
+        x = x.float()
         scale = self._per_channel(self.raw_std / self.final_std, x)
         return (x - self.final_mean) * scale + self._per_channel(self.raw_mean, x)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Network space -> uint8 NCHW pixels: VAE output clamped to [0, 1], times 255, rounded."""
-        self.init(x.device)
         images = self._run_batched(lambda batch: self._vae.decode(batch).sample, self.latents_to_vae(x))
         return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8)

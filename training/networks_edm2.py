@@ -1,109 +1,118 @@
-"""EDM2 magnitude-preserving U-Net (config G) and its EDM preconditioning.
+"""EDM2's magnitude-preserving U-Net (Karras et al. 2024, arXiv 2312.02696, config G: Fig. 21, App. B) and
+the EDM preconditioning (Karras et al. 2022, arXiv 2206.00364, Table 1) with EDM2's learned uncertainty
+u(σ) (Eq. 21). Every layer keeps unit expected magnitude: no biases, no group norm, normalised weights.
 
-Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models", CVPR 2024.
-Every layer keeps the expected RMS of activations at 1; see SPEC §1–3 for the maths and §9 for the
-state-dict names, which match EDM2's so its snapshots' weights load into these modules.
+Extensions (text, super-resolution, the CLIP image tower) reuse these classes through hooks:
+`UNet.embedding_terms` (extra embedding terms, joined by MP-sum), `UNet(cond_channels=)` with
+`forward(cond=)` (extra input channels), `UNet.after_block` (work after each block),
+`Precond.make_unet` (what F is) and `Precond.conditioning` (what F is given, and a base D works
+relative to). `build_encoder` / `run_encoder` are the encoder half alone, `edm_coefficients` the
+preconditioning alone.
 """
 
-import numpy as np
+import math
+from collections.abc import Callable
+
 import torch
 
-from torch_utils import misc, persistence
+from torch_utils import persistence
+
+SIGMA_DATA = 0.5  # EDM's σ_data, the std of the training data (EDM Table 1).
 
 # ----------------------------------------------------------------------------
-# Magnitude-preserving functions.
+# Magnitude-preserving operations (EDM2 App. B).
 
 
-# Unit-RMS normalisation, SPEC §1: per weight row for MP conv (EDM2 Eq. 47) or per pixel (pixel norm).
+# x / (ε + ‖x‖/sqrt(N)) per slice, the norm over `dim` (default: all but the first axis) of N elements.
+# vector_norm's gradient at a zero slice is 0 (zero text features at padding), where sqrt(mean(x²))'s is NaN.
 def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
-    if dim is None:
-        dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
-    return x / norm.to(x.dtype)
+    dims = list(range(1, x.ndim)) if dim is None else dim
+    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    rms = norm * math.sqrt(norm.numel() / x.numel())
+    return x / (eps + rms).to(x.dtype)
 
 
-# MP-SiLU, EDM2 Eq. 81.
+# MP-SiLU, EDM2 Eq. 81: 0.596 = sqrt(E[silu(z)²]) for z ~ N(0, 1).
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(x) / 0.596
 
 
-# MP-sum, EDM2 Eq. 88.
+# MP-sum, EDM2 Eq. 88: a blend with weight t on b that keeps unit variance.
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
-    return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t**2)
+    return torch.lerp(a, b, t) / math.hypot(1 - t, t)
 
 
-# MP-cat, EDM2 Eq. 103.
+# MP-cat, EDM2 Eq. 103: concatenation whose parts share the energy as (1-t)² : t².
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
-    Na = a.shape[dim]
-    Nb = b.shape[dim]
-    C = np.sqrt((Na + Nb) / ((1 - t) ** 2 + t**2))
-    wa = C / np.sqrt(Na) * (1 - t)
-    wb = C / np.sqrt(Nb) * t
-    return torch.cat([wa * a, wb * b], dim=dim)
+    na, nb = a.shape[dim], b.shape[dim]
+    scale = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
+    return torch.cat([a * (scale * (1 - t) / math.sqrt(na)), b * (scale * t / math.sqrt(nb))], dim=dim)
 
 
-# Separable-filter resampling by 2 (EDM2 Fig. 21: box filter; the up path keeps each pixel's value).
+# Separable 2x resampling by the filter f (EDM2 Fig. 21: a 2x2 box): 'down' averages, 'up' spreads
+# each pixel over the filter's footprint (a transposed conv with 4x gain), 'keep' is the identity.
 def resample(x: torch.Tensor, f: list[float] = [1, 1], mode: str = 'keep') -> torch.Tensor:
     if mode == 'keep':
         return x
-    f = np.float32(f)
-    pad = (len(f) - 1) // 2
-    f = f / f.sum()
-    f = np.outer(f, f)[np.newaxis, np.newaxis]
-    f = misc.const_like(x, f)
-    c = x.shape[1]
+    taps = torch.as_tensor(f, dtype=torch.float32)
+    taps = taps / taps.sum()
+    kernel = torch.outer(taps, taps).to(x.device, x.dtype).expand(x.shape[1], 1, len(f), len(f))
+    trim = (len(f) - 1) // 2  # Pads 'down' and crops 'up' so that the output is exactly 2x smaller or larger.
     if mode == 'down':
-        return torch.nn.functional.conv2d(x, f.tile([c, 1, 1, 1]), groups=c, stride=2, padding=(pad,))
+        return torch.nn.functional.conv2d(x, kernel, stride=2, padding=trim, groups=x.shape[1])
     if mode == 'up':
-        return torch.nn.functional.conv_transpose2d(x, (f * 4).tile([c, 1, 1, 1]), groups=c, stride=2, padding=(pad,))
+        return torch.nn.functional.conv_transpose2d(x, kernel * 4, stride=2, padding=trim, groups=x.shape[1])
     raise ValueError(f"resample mode must be 'keep', 'down' or 'up', not {mode!r}")
 
 
-# ----------------------------------------------------------------------------
-# Magnitude-preserving layers.
-
-
-# MP-Fourier features, EDM2 Eq. 75; buffers hold 2π·f and 2π·φ.
+# MP-Fourier features, EDM2 Eq. 75: sqrt(2)·cos(2π(f·x + φ)), f ~ N(0, bandwidth²), φ ~ U[0, 1);
+# the buffers hold 2π·f and 2π·φ.
 @persistence.persistent_class
 class MPFourier(torch.nn.Module):
     def __init__(self, num_channels: int, bandwidth: float = 1):
         super().__init__()
-        self.register_buffer('freqs', 2 * np.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer('phases', 2 * np.pi * torch.rand(num_channels))
+        self.register_buffer('freqs', 2 * math.pi * bandwidth * torch.randn(num_channels))
+        self.register_buffer('phases', 2 * math.pi * torch.rand(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.to(torch.float32).outer(self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
-        return (y.cos() * np.sqrt(2)).to(x.dtype)
+        angle = torch.outer(x.to(torch.float32), self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
+        return (math.sqrt(2) * angle.cos()).to(x.dtype)
 
 
-# MP convolution / linear layer with forced weight normalisation, EDM2 Eq. 47 and 66.
+# MP convolution (kernel [kh, kw]) or linear layer (kernel []), EDM2 Eq. 47 and 66: the weight is
+# used as normalize(w)·gain/sqrt(fan_in). Forced weight normalisation (EDM2 §2.2): in training the
+# stored weight itself is first replaced by normalize(w), so its norm cannot grow.
 @persistence.persistent_class
 class MPConv(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel: list[int]):
         super().__init__()
-        self.out_channels = out_channels
-        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.weight = torch.nn.Parameter(torch.randn([out_channels, in_channels, *kernel]))
+
+    @torch.no_grad()
+    def _force_unit_rows(self, w32: torch.Tensor) -> None:
+        self.weight.copy_(normalize(w32))
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
-        w = self.weight.to(torch.float32)
+        w32 = self.weight.to(torch.float32)  # fp16-stored weights are normalised in float32
         if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))
-        w = normalize(w)
-        w = w * gain / np.sqrt(w[0].numel())  # float32 even when a learned gain is stored in fp16
-        w = w.to(x.dtype)
+            self._force_unit_rows(w32)
+        w = (normalize(w32) * gain / math.sqrt(w32[0].numel())).to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()
-        return torch.nn.functional.conv2d(x, w, padding=(w.shape[-1] // 2,))
+        return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
 
 
 # ----------------------------------------------------------------------------
-# U-Net block: residual branch with embedding modulation, optional self-attention.
+# The residual block (EDM2 Fig. 21).
 
 
 @persistence.persistent_class
 class Block(torch.nn.Module):
+    """Resampling, a residual branch modulated by the embedding, MP-sum, optional self-attention, clipping.
+    'enc' blocks change channels (1x1 conv) and pixel-normalise before the branch; 'dec' blocks feed the
+    branch the block input and apply the 1x1 conv to the main path after it."""
+
     def __init__(
         self,
         in_channels: int,
@@ -120,67 +129,131 @@ class Block(torch.nn.Module):
         clip_act: float | None = 256,
     ):
         super().__init__()
-        if flavor not in ('enc', 'dec'):
-            raise ValueError(f"Block flavor must be 'enc' or 'dec', not {flavor!r}")
-        self.out_channels = out_channels
-        self.flavor = flavor
-        self.resample_filter = resample_filter
-        self.resample_mode = resample_mode
-        self.num_heads = out_channels // channels_per_head if attention else 0
-        self.dropout = dropout
-        self.res_balance = res_balance
-        self.attn_balance = attn_balance
-        self.clip_act = clip_act
-        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
-        self.conv_res0 = MPConv(out_channels if flavor == 'enc' else in_channels, out_channels, kernel=[3, 3])
-        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
-        self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
-        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
-        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads != 0 else None
-        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads != 0 else None
+        self.out_channels, self.flavor = out_channels, flavor
+        self.resample_mode, self.resample_filter = resample_mode, resample_filter
+        self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
+        self.dropout = dropout  # probability, used in training only
+        self.num_heads = (out_channels // channels_per_head) if attention else 0
+        self.emb_gain = torch.nn.Parameter(torch.tensor(0.0))
+        width = out_channels
+        self.conv_res0 = MPConv(width if flavor == 'enc' else in_channels, width, [3, 3])
+        self.emb_linear = MPConv(emb_channels, width, [])
+        self.conv_res1 = MPConv(width, width, [3, 3])
+        self.conv_skip = None if in_channels == width else MPConv(in_channels, width, [1, 1])
+        self.attn_qkv = MPConv(width, 3 * width, [1, 1]) if self.num_heads else None
+        self.attn_proj = MPConv(width, width, [1, 1]) if self.num_heads else None
+
+    def _match_channels(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.conv_skip is None else self.conv_skip(x)
+
+    # Residual branch: conv, scale by 1 + the block's projection of the embedding, conv.
+    def _residual(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale = 1 + self.emb_linear(emb, gain=self.emb_gain)
+        h = mp_silu(self.conv_res0(mp_silu(x)) * scale[:, :, None, None].to(x.dtype))
+        if self.training and self.dropout:
+            h = torch.nn.functional.dropout(h, p=self.dropout)
+        return self.conv_res1(h)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # Main branch; the encoder pixel-normalises its input because it has no other normalisation.
-        x = resample(x, f=self.resample_filter, mode=self.resample_mode)
-        if self.flavor == 'enc':
-            if self.conv_skip is not None:
-                x = self.conv_skip(x)
-            x = normalize(x, dim=1)
+        x = resample(x, self.resample_filter, self.resample_mode)
+        encoder = self.flavor == 'enc'
+        if encoder:
+            x = normalize(self._match_channels(x), dim=1)  # pixel norm
+        h = self._residual(x, emb)
+        x = mp_sum(x if encoder else self._match_channels(x), h, t=self.res_balance)
+        if self.num_heads:
+            x = mp_sum(x, self.attn_proj(self._attention(x)), t=self.attn_balance)
+        return x if self.clip_act is None else x.clip(-self.clip_act, self.clip_act)
 
-        # Residual branch, modulated by the embedding (gain starts at 0, so the scale starts at 1).
-        y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * c.unsqueeze(2).unsqueeze(3).to(y.dtype))
-        if self.training and self.dropout != 0:
-            y = torch.nn.functional.dropout(y, p=self.dropout)
-        y = self.conv_res1(y)
-
-        # Connect the branches.
-        if self.flavor == 'dec' and self.conv_skip is not None:
-            x = self.conv_skip(x)
-        x = mp_sum(x, y, t=self.res_balance)
-
-        # Self-attention; channels split as (heads, head_channels, 3) into q, k, v.
-        if self.num_heads != 0:
-            y = self.attn_qkv(x)
-            y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
-            q, k, v = normalize(y, dim=2).unbind(3)
-            y = torch.nn.functional.scaled_dot_product_attention(q.mT, k.mT, v.mT).mT
-            y = self.attn_proj(y.reshape(*x.shape))
-            x = mp_sum(x, y, t=self.attn_balance)
-
-        # Clip activations to keep float16 from overflowing.
-        if self.clip_act is not None:
-            x = x.clip(-self.clip_act, self.clip_act)
-        return x
+    # Self-attention over pixels, softmax(qᵀk / sqrt(c)) per head, with q, k, v pixel-normalised per
+    # head (EDM2 Fig. 21). The qkv conv's output channels are laid out as (head, channel, q/k/v).
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
+        q, k, v = (t.mT for t in normalize(qkv, dim=2).unbind(3))  # each [n, heads, pixels, head channels]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).mT.reshape(n, c, h, w)
 
 
 # ----------------------------------------------------------------------------
-# EDM2 U-Net (config G, EDM2 Fig. 21).
+# The U-Net (EDM2 Fig. 21).
+
+
+def build_encoder(
+    img_resolution: int,
+    in_channels: int,
+    level_channels: list[int],
+    emb_channels: int,
+    num_blocks: int,
+    attn_resolutions: list[int],
+    **block_kwargs,
+) -> torch.nn.ModuleDict:
+    """EDM2's encoder: a 3x3 MP conv from the input, then per level (a downsampling block after the first
+    level and) `num_blocks` blocks; keys '{res}x{res}_conv', '_down', '_block{i}'."""
+    enc = torch.nn.ModuleDict()
+    channels = in_channels
+    for level, width in enumerate(level_channels):
+        res = img_resolution // 2**level
+        if level == 0:
+            enc[f'{res}x{res}_conv'] = MPConv(channels, width, kernel=[3, 3])
+            channels = width
+        else:
+            enc[f'{res}x{res}_down'] = Block(channels, channels, emb_channels, resample_mode='down', **block_kwargs)
+        for i in range(num_blocks):
+            attention = res in attn_resolutions
+            enc[f'{res}x{res}_block{i}'] = Block(channels, width, emb_channels, attention=attention, **block_kwargs)
+            channels = width
+    return enc
+
+
+def run_encoder(
+    enc: torch.nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, after_block: Callable | None = None
+) -> list[torch.Tensor]:
+    """Outputs of every encoder module in order (the U-Net's skips); after_block(name, x) -> x, if given,
+    runs after each one."""
+    outputs = []
+    for name, block in enc.items():
+        x = block(x) if name.endswith('_conv') else block(x, emb)  # the input conv takes no embedding
+        if after_block is not None:
+            x = after_block(name, x)
+        outputs.append(x)
+    return outputs
+
+
+def build_decoder(
+    img_resolution: int,
+    level_channels: list[int],
+    skip_channels: list[int],
+    emb_channels: int,
+    num_blocks: int,
+    attn_resolutions: list[int],
+    **block_kwargs,
+) -> torch.nn.ModuleDict:
+    """EDM2's decoder: at the lowest resolution two blocks, the first with attention; then per level an
+    upsampling block (above the lowest) and num_blocks + 1 blocks, each fed MP-cat of the previous output
+    and an encoder output (`skip_channels`, consumed from the end); keys '_in0', '_in1', '_up', '_block{i}'."""
+    opts = dict(flavor='dec', **block_kwargs)
+    skips, dec = list(skip_channels), torch.nn.ModuleDict()
+    width = level_channels[-1]
+    for level in reversed(range(len(level_channels))):
+        res = img_resolution // 2**level
+        if level == len(level_channels) - 1:
+            dec[f'{res}x{res}_in0'] = Block(width, width, emb_channels, attention=True, **opts)
+            dec[f'{res}x{res}_in1'] = Block(width, width, emb_channels, **opts)
+        else:
+            dec[f'{res}x{res}_up'] = Block(width, width, emb_channels, resample_mode='up', **opts)
+        for i in range(num_blocks + 1):
+            cin, width = width + skips.pop(), level_channels[level]
+            dec[f'{res}x{res}_block{i}'] = Block(cin, width, emb_channels, attention=res in attn_resolutions, **opts)
+    return dec
 
 
 @persistence.persistent_class
 class UNet(torch.nn.Module):
+    """EDM2's U-Net F(x; c_noise, class_labels). Hooks: `embedding_terms` gives the terms MP-summed into the
+    noise embedding in turn (weight `label_balance`; here the class label); `cond_channels` input channels,
+    passed as `cond`, go after x and before the constant-ones channel; `after_block(side, name, x)` runs
+    after every block. Keyword arguments of `forward` beyond `cond` go to both hooks."""
+
     def __init__(
         self,
         img_resolution: int,
@@ -194,111 +267,131 @@ class UNet(torch.nn.Module):
         attn_resolutions: list[int] = [16, 8],
         label_balance: float = 0.5,
         concat_balance: float = 0.5,
+        cond_channels: int = 0,
         **block_kwargs,
     ):
         super().__init__()
-        cblock = [model_channels * m for m in channel_mult]
-        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
-        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
-        self.label_balance = label_balance
-        self.concat_balance = concat_balance
-        self.out_gain = torch.nn.Parameter(torch.zeros([]))
+        widths = [model_channels * m for m in channel_mult]
+        noise_channels = model_channels * channel_mult_noise if channel_mult_noise else widths[0]
+        emb_channels = model_channels * channel_mult_emb if channel_mult_emb else max(widths)
+        self.label_balance, self.concat_balance = label_balance, concat_balance
+        self.out_gain = torch.nn.Parameter(torch.tensor(0.0))
 
-        # Embedding.
-        self.emb_fourier = MPFourier(cnoise)
-        self.emb_noise = MPConv(cnoise, cemb, kernel=[])
-        self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim != 0 else None
+        self.emb_fourier = MPFourier(noise_channels)
+        self.emb_noise = MPConv(noise_channels, emb_channels, [])
+        self.emb_label = MPConv(label_dim, emb_channels, []) if label_dim else None
+        in_channels = img_channels + cond_channels + 1  # + the constant-ones channel
+        self.enc = build_encoder(
+            img_resolution, in_channels, widths, emb_channels, num_blocks, attn_resolutions, **block_kwargs
+        )
+        skip_widths = [module.out_channels for module in self.enc.values()]
+        self.dec = build_decoder(
+            img_resolution, widths, skip_widths, emb_channels, num_blocks, attn_resolutions, **block_kwargs
+        )
+        self.out_conv = MPConv(widths[0], img_channels, [3, 3])
 
-        # Encoder; the input gets a constant channel of ones so that the first conv can see an offset.
-        self.enc = torch.nn.ModuleDict()
-        cout = img_channels + 1
-        skips = []
-        for level, channels in enumerate(cblock):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, channels
-                self.enc[f'{res}x{res}_conv'] = MPConv(cin, cout, kernel=[3, 3])
-            else:
-                self.enc[f'{res}x{res}_down'] = Block(
-                    cout, cout, cemb, flavor='enc', resample_mode='down', **block_kwargs
-                )
-            skips.append(cout)
-            for idx in range(num_blocks):
-                cin, cout = cout, channels
-                self.enc[f'{res}x{res}_block{idx}'] = Block(
-                    cin, cout, cemb, flavor='enc', attention=(res in attn_resolutions), **block_kwargs
-                )
-                skips.append(cout)
+    def embedding_terms(self, class_labels: torch.Tensor | None, **kwargs) -> list[torch.Tensor]:
+        """Conditioning terms of the embedding: the class label, one-hot scaled to unit RMS."""
+        if self.emb_label is None:
+            return []
+        return [self.emb_label(class_labels * math.sqrt(class_labels.shape[1]))]
 
-        # Decoder.
-        self.dec = torch.nn.ModuleDict()
-        for level, channels in reversed(list(enumerate(cblock))):
-            res = img_resolution >> level
-            if level == len(cblock) - 1:
-                self.dec[f'{res}x{res}_in0'] = Block(cout, cout, cemb, flavor='dec', attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = Block(cout, cout, cemb, flavor='dec', **block_kwargs)
-            else:
-                self.dec[f'{res}x{res}_up'] = Block(cout, cout, cemb, flavor='dec', resample_mode='up', **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), channels
-                self.dec[f'{res}x{res}_block{idx}'] = Block(
-                    cin, cout, cemb, flavor='dec', attention=(res in attn_resolutions), **block_kwargs
-                )
-        self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
+    def after_block(self, side: str, name: str, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Runs after the block `name` of side 'enc' or 'dec'; nothing here."""
+        return x
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        # Embedding: the noise term, MP-summed with each conditioning term in turn, then MP-SiLU.
         emb = self.emb_noise(self.emb_fourier(noise_labels))
-        if self.emb_label is not None:
-            emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=self.label_balance)
+        for term in self.embedding_terms(class_labels, **kwargs):
+            emb = mp_sum(emb, term, t=self.label_balance)
         emb = mp_silu(emb)
 
-        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        skips = []
-        for name, block in self.enc.items():
-            x = block(x) if 'conv' in name else block(x, emb)
-            skips.append(x)
-
+        inputs = [x] if cond is None else [x, cond.to(x.dtype)]
+        x = torch.cat([*inputs, torch.ones_like(x[:, :1])], dim=1)
+        skips = run_encoder(self.enc, x, emb, lambda name, h: self.after_block('enc', name, h, **kwargs))
+        x = skips[-1]
         for name, block in self.dec.items():
-            if 'block' in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
+            x = mp_cat(x, skips.pop(), t=self.concat_balance) if '_block' in name else x
+            x = self.after_block('dec', name, block(x, emb), **kwargs)
         return self.out_conv(x, gain=self.out_gain)
 
 
 # ----------------------------------------------------------------------------
-# EDM preconditioning (EDM2 §2) plus the learned log-variance u(σ) used by the loss.
+# Preconditioning and learned uncertainty (EDM Table 1, EDM2 Eq. 21).
+
+
+def per_sample_sigma(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """σ as a float32 tensor [N, 1, 1, 1] for the batch x, from a scalar, [N] or [N, 1, 1, 1]."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    return sigma.reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
+
+
+def edm_coefficients(
+    sigma: torch.Tensor, sigma_data: float = SIGMA_DATA
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of EDM Table 1 for σ [N, 1, 1, 1]; c_noise = ln(σ)/4 has shape [N]."""
+    var = sigma.square() + sigma_data**2
+    return sigma_data**2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.log().flatten() / 4
 
 
 @persistence.persistent_class
 class Precond(torch.nn.Module):
+    """D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise), plus u(σ) = MP-linear(MP-Fourier(c_noise)) for the loss.
+
+    `use_fp16`: True or 'fp16' computes F in float16 on CUDA, 'bf16' in bfloat16 (CUDA and CPU), False in
+    float32. Hooks: `make_unet` builds F; `conditioning` turns the extra inputs of `forward` into F's inputs
+    and a base the denoiser works relative to."""
+
     def __init__(
         self,
         img_resolution: int,
         img_channels: int,
         label_dim: int,
         use_fp16: bool | str = True,
-        sigma_data: float = 0.5,
+        sigma_data: float = SIGMA_DATA,
         logvar_channels: int = 128,
         **unet_kwargs,
     ):
         super().__init__()
         if use_fp16 not in (True, False, 'fp16', 'bf16'):
             raise ValueError(f"use_fp16 must be True, False, 'fp16' or 'bf16', not {use_fp16!r}")
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_data = sigma_data
-        self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.use_fp16, self.sigma_data = use_fp16, sigma_data
+        self.unet = self.make_unet(
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs
+        )
         self.logvar_fourier = MPFourier(logvar_channels)
-        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+        self.logvar_linear = MPConv(logvar_channels, 1, [])
+
+    def make_unet(self, **unet_kwargs) -> torch.nn.Module:
+        """The network F; subclasses may register modules of their own first."""
+        return UNet(**unet_kwargs)
 
     def _compute_dtype(self, device: torch.device, force_fp32: bool) -> torch.dtype:
-        if force_fp32 or not self.use_fp16:
-            return torch.float32
-        if self.use_fp16 == 'bf16':
+        if not force_fp32 and self.use_fp16 == 'bf16':
             return torch.bfloat16
-        return torch.float16 if device.type == 'cuda' else torch.float32
+        if not force_fp32 and self.use_fp16 in (True, 'fp16') and device.type == 'cuda':
+            return torch.float16
+        return torch.float32
+
+    def conditioning(
+        self, x: torch.Tensor, class_labels: torch.Tensor | None, dtype: torch.dtype, **unet_kwargs
+    ) -> tuple[torch.Tensor | float, dict]:
+        """(base, F's keyword inputs): D is base + the preconditioned denoiser of x − base. Here base is 0
+        and F gets the one-hot class labels (zeros if None; None for an unconditional net)."""
+        labels = None
+        if self.label_dim:
+            labels = torch.zeros([len(x), self.label_dim], device=x.device) if class_labels is None else class_labels
+            labels = labels.float().reshape(-1, self.label_dim)
+        return 0, dict(class_labels=labels, **unet_kwargs)
 
     def forward(
         self,
@@ -309,26 +402,14 @@ class Precond(torch.nn.Module):
         return_logvar: bool = False,
         **unet_kwargs,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        sigma = sigma.expand(x.shape[0], 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        x = x.float()
+        sigma = per_sample_sigma(sigma, x)
         dtype = self._compute_dtype(x.device, force_fp32)
-
-        # Preconditioning, EDM2 Eq. 21 / SPEC §3.
-        c_skip = self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
-        c_out = sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
-        c_in = 1 / (self.sigma_data**2 + sigma**2).sqrt()
-        c_noise = sigma.flatten().log() / 4
-
-        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        base, inputs = self.conditioning(x, class_labels, dtype, **unet_kwargs)
+        x = x - base
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        F_x = self.unet((c_in * x).to(dtype), c_noise, **inputs)
+        D_x = base + c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x
-        logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
-        return D_x, logvar
+        return D_x, self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)

@@ -1,4 +1,4 @@
-"""Tokenizers and the magnitude-preserving text encoder of text-conditioned nets (SPEC §8).
+"""Tokenizers and the magnitude-preserving text encoder of text-conditioned nets (GLIDE, Nichol et al. 2021; Imagen, Saharia et al. 2022).
 
 Token ids: 0 is padding, 1 starts every caption (so the empty caption still has one token to attend
 to), the rest encode the caption. `ByteTokenizer` needs nothing downloaded; `HFTokenizer` wraps a
@@ -75,7 +75,7 @@ def make_tokenizer(text_length: int = 48, tokenizer_path: str | None = None) -> 
 # MP transformer layers over token sequences [N, L, C].
 
 
-# Multi-head attention with q, k, v pixel-normalised per head (as EDM2's self-attention, SPEC §2).
+# Multi-head attention with q, k, v pixel-normalised per head (as EDM2's self-attention, Fig. 21).
 def mp_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, key_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
