@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import generate_images
-from training.cascade import TextEDM2Loss, downsample, gaussian_blur, sample_stage
+from training import generation
+from training.cascade import TextEDM2Loss, downsample, gaussian_blur
 from training.dataset_io import write_synthetic_dataset
 from training.networks_text import TextPrecond
 from training.training_loop import training_loop
@@ -18,6 +18,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 class RecordingNet:
     """Stands in for a net: records the labels and kwargs of each call, predicts zeros."""
+
+    sigma_data = 0.5
 
     def __init__(self, lowres: int | None = None):
         self.lowres, self.calls = lowres, []
@@ -88,9 +90,10 @@ def test_guided_stage_equals_the_classifier_free_guidance_formula():
         net.unet.out_gain.fill_(1)
         for p in net.unet.emb_text.parameters():
             p.mul_(3)
-    noise, captions, w, sigma = torch.randn(2, 3, 8, 8), ['red', 'blue square'], 2.5, 1.3
+    seeds, captions, w, sigma = [4, 9], ['red', 'blue square'], 2.5, 1.3
+    noise = torch.stack([torch.randn([3, 8, 8], generator=torch.Generator().manual_seed(s)) for s in seeds])
     with torch.no_grad():
-        out = sample_stage(net, noise, captions, guidance=w, num_steps=1, sigma_max=sigma)
+        out = generation.sample(net, seeds, captions=captions, guidance=w, num_steps=1, sigma_max=sigma).latents
         x = noise * sigma
         d, d_u = net(x, sigma, captions), net(x, sigma, ['', ''])
     assert not torch.allclose(d, d_u)
@@ -139,8 +142,8 @@ def test_class_conditional_and_unconditional_training_and_sampling_are_unchanged
     finally:
         torch.set_num_threads(threads)
     assert (run / 'samples-0000000.png').is_file()
-    net, encoder = generate_images.load_network(str(run), torch.device('cpu'))
-    (batch,) = generate_images.generate_images(net, encoder, seeds=[0, 1, 2], device='cpu', num_steps=3)
+    net, encoder = generation.load_network(str(run), torch.device('cpu'))
+    (batch,) = generation.generate_images(net, encoder, seeds=[0, 1, 2], device='cpu', num_steps=3)
     weights, images, pixels = GOLDEN[cond]
     assert _random_inner_product(net.parameters(), seed=0) == pytest.approx(weights, rel=2e-6)
     assert _random_inner_product([batch.images], seed=1) == pytest.approx(images, abs=3)

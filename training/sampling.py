@@ -19,11 +19,13 @@ class StackedRandomGenerator:
     """
 
     def __init__(self, device: torch.device | str, seeds: Iterable[int]) -> None:
-        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
     def randn(self, size: Iterable[int], **kwargs) -> torch.Tensor:
         """A batch [len(seeds), *size[1:]] of standard normals, one row per generator."""
         row = list(size)[1:]
+        kwargs.setdefault('device', self.device)
         return torch.stack([torch.randn(row, generator=g, **kwargs) for g in self.generators])
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,6 +33,7 @@ class StackedRandomGenerator:
 
     def randint(self, high: int, size: Iterable[int], **kwargs) -> torch.Tensor:
         row = list(size)[1:]
+        kwargs.setdefault('device', self.device)
         return torch.stack([torch.randint(high, row, generator=g, **kwargs) for g in self.generators])
 
 
