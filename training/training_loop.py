@@ -116,6 +116,9 @@ class _Status:
         self.run_dir, self.device = run_dir, device
         self.start = self.last = time.time()
         self.last_nimg = cur_nimg
+        self.collector = (
+            training_stats.Collector()
+        )  # Counts from now on, not what earlier runs in this process reported.
 
     def __call__(self, cur_nimg: int, loss_fn: Any, net: Any, encoder: Any, dataset_kwargs: dict) -> None:
         now = time.time()
@@ -129,8 +132,8 @@ class _Status:
             training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(self.device) / 2**30)
             torch.cuda.reset_peak_memory_stats()
         loss_fn.report(net=net, encoder=encoder, dataset_kwargs=dataset_kwargs, device=self.device)
-        training_stats.default_collector.update()
-        means = {name: entry.mean for name, entry in training_stats.default_collector.as_dict().items()}
+        self.collector.update()
+        means = {name: entry.mean for name, entry in self.collector.as_dict().items() if entry.num}
         loss = means.get('Loss/loss', float('nan'))
         line = (
             f'kimg {cur_nimg / 1e3:<9.1f} time {dnnlib.util.format_time(now - self.start):<12s} '
