@@ -104,6 +104,21 @@ def network_kind(net: torch.nn.Module) -> str:
     return 'edm2'
 
 
+def check_samplable(net: torch.nn.Module, has_lowres: bool, guidance: float, gnet: Any) -> str:
+    """The network's kind, or a GenerationError when sample() cannot run it with these inputs."""
+    kind = network_kind(net)
+    if kind == 'guide':
+        raise GenerationError('The network is a CLIP guide, not a denoiser; give it with --clip.')
+    if kind == 'sr' and not has_lowres:
+        raise GenerationError(
+            f'The network is a {net.lowres}->{net.img_resolution} super-resolution stage; '
+            f'run it after a base net with --cascade.'
+        )
+    if guidance != 1 and gnet is None and kind == 'edm2':
+        raise GenerationError(f'Guidance {guidance} needs a guiding network (--gnet).')
+    return kind
+
+
 def _with_conditioning(net: Callable, captions: list[str], **kwargs: Any) -> Callable:
     """net as edm_sampler's denoiser D(x, σ, labels), with captions and low-res inputs fixed."""
     return lambda x, sigma, labels=None: net(x, sigma, captions, **kwargs)
@@ -133,16 +148,7 @@ def sample(
     clip, clip_scale: CLIP guidance towards `captions`, for nets whose images the guide reads.
     sampler_kwargs: edm_sampler's settings (num_steps, sigma_min, S_churn, ...).
     """
-    kind = network_kind(net)
-    if kind == 'guide':
-        raise GenerationError('The network is a CLIP guide, not a denoiser; give it with --clip.')
-    if kind == 'sr' and lowres is None:
-        raise GenerationError(
-            f'The network is a {net.lowres}->{net.img_resolution} super-resolution stage; '
-            f'run it after a base net with --cascade.'
-        )
-    if guidance != 1 and gnet is None and kind == 'edm2':
-        raise GenerationError(f'Guidance {guidance} needs a guiding network (--gnet).')
+    kind = check_samplable(net, lowres is not None, guidance, gnet)
     device = _device_of(net)
     rnd = seeds if isinstance(seeds, StackedRandomGenerator) else StackedRandomGenerator(device, seeds)
     n = len(rnd.generators)
@@ -268,7 +274,7 @@ def rank_batches(
         for step in range(num_steps):
             mine = parts[step * world + rank]
             if len(mine):
-                yield seeds[mine].tolist(), None if prompts is None else [prompts[i % len(prompts)] for i in mine]
+                yield seeds[mine].tolist(), [prompts[i % len(prompts)] for i in mine] if prompts else None
             progress.update(sum(len(p) for p in parts[step * world : (step + 1) * world]))
 
 
@@ -303,7 +309,7 @@ def generate_images(
         net, pickled_encoder = load_network(net, device, verbose)
         encoder = encoder or pickled_encoder
     encoder = encoder or StandardRGBEncoder()
-    kind = network_kind(net)
+    kind = check_samplable(net, False, sampler_kwargs.get('guidance', 1), gnet)
     if sampler_kwargs.get('guidance', 1) == 1:
         gnet = None
     elif isinstance(gnet, str):
