@@ -119,3 +119,12 @@ def test_default_hooks_accumulate_the_scaled_sum_of_the_losses_of_all_rounds():
     assert next(batches)[0].item() == 5.0
     assert loss.grid_conditioning(None, None, None, 16, 'cpu') == {} and loss.report(None, None, {}, 'cpu') is None
     assert (loss.P_mean, loss.P_std) == (P_MEAN, P_STD) == (EDM2Loss().P_mean, EDM2Loss().P_std)
+
+
+def test_options_files_written_before_the_loss_module_still_name_valid_components():
+    import dnnlib
+
+    assert dnnlib.util.get_obj_by_name('training.training_loop.EDM2Loss') is EDM2Loss
+    assert dnnlib.util.get_obj_by_name('training.training_loop.learning_rate_schedule') is learning_rate_schedule
+    old_sr = dnnlib.util.construct_class_by_name(class_name='training.cascade.TextEDM2Loss', sigma_data=0.1)
+    assert old_sr.sigma_data == 0.1 and EDM2Loss().sigma_data is None  # None: the net's own sigma_data.

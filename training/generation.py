@@ -163,6 +163,8 @@ def sample(
             idx = torch.as_tensor(class_idx, device=device).expand(n)
         labels = torch.eye(net.label_dim, device=device)[idx]
     if clip is not None and clip_scale != 0 and _shape(clip) == _shape(net):
+        if captions is None:
+            raise GenerationError('CLIP guidance needs prompts: give --prompt="..." or --prompts=FILE.')
         sampler_kwargs['correction'] = clip_correction(clip, captions, clip_scale)
     sampler_kwargs['randn_like'] = rnd.randn_like
 
@@ -177,8 +179,10 @@ def sample(
             inputs['lowres'] = lowres + aug_sigma * rnd.randn_like(lowres)
     denoiser = _with_conditioning(net, captions, **inputs)
     guide = None
-    if guidance != 1:  # The guiding net reads the same inputs; without one, the empty caption guides (CFG).
-        guide = _with_conditioning(gnet, captions, **inputs) if gnet else _with_conditioning(net, [''] * n, **inputs)
+    if guidance != 1 and gnet is not None:  # The guiding net reads the same captions and low-res input.
+        guide = _with_conditioning(gnet, captions, **inputs)
+    elif guidance != 1:  # Classifier-free guidance: the same net given the empty caption.
+        guide = _with_conditioning(net, [''] * n, **inputs)
     latents = edm_sampler(denoiser, noise, None, guide, guidance=guidance, **sampler_kwargs)
     return dnnlib.EasyDict(latents=latents, labels=labels)
 
