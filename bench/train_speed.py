@@ -13,9 +13,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training.loss import EDM2Loss  # noqa: E402
 from training.networks_edm2 import Precond  # noqa: E402
 from training.presets_train import TRAIN_PRESETS  # noqa: E402
-from training.loss import EDM2Loss  # noqa: E402
 
 
 @click.command()
