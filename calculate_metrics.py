@@ -14,17 +14,17 @@ import click
 import numpy as np
 import torch
 
-from generate_images import (
+from torch_utils import distributed as dist
+from training.dataset import DatasetError, ImageFolderDataset
+from training.detectors import DETECTORS_ENV, DetectorError
+from training.generation import (
+    SAMPLER_OPTIONS,
     GenerationError,
     generate_images,
     load_network,
     read_prompts,
     resolve_sampler_options,
-    sampler_options,
 )
-from torch_utils import distributed as dist
-from training.dataset import DatasetError, ImageFolderDataset
-from training.detectors import DETECTORS_ENV, DetectorError
 from training.metrics import (
     MetricsError,
     Stats,
@@ -94,6 +94,18 @@ def _check_metrics(metrics: str) -> list[str]:
         raise click.ClickException(f'--metrics={metrics}: {err}') from None
 
 
+def _sampler_options(fn: Any) -> Any:
+    """training.generation.SAMPLER_OPTIONS as click options, as generate_images.py offers them."""
+    for o in reversed(SAMPLER_OPTIONS):
+        kind = o.type if o.min is None else (click.IntRange if o.type is int else click.FloatRange)
+        kind = kind if o.min is None else kind(o.min, min_open=o.min_open)
+        show = o.default is not None
+        fn = click.option(
+            o.flag, o.name, metavar=o.metavar, type=kind, default=o.default, show_default=show, help=o.help
+        )(fn)
+    return fn
+
+
 def _common_options(fn: Any) -> Any:
     options = [
         click.option(
@@ -134,7 +146,7 @@ def _common_options(fn: Any) -> Any:
 
 @click.group()
 def cli() -> None:
-    """Calculate FID and FD-DINOv2 the EDM2 way (SPEC §7).
+    """Calculate FID and FD-DINOv2 the EDM2 way (Inception-v3 pool3 as in Heusel et al. 2017; DINOv2 ViT-L/14 as in Stein et al. 2023).
 
     Examples:
 
@@ -276,7 +288,7 @@ def _default_ref(preset: str | None) -> str | None:
 
 
 @cli.command()
-@sampler_options
+@_sampler_options
 @click.option(
     '--ref',
     'ref_path',

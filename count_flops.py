@@ -27,8 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
-from generate_images import resolve_network_path
 from training import shapes
+from training.generation import resolve_network_path
 from training.presets_generate import presets as GENERATE_PRESETS
 from training.presets_train import TRAIN_PRESETS
 from training.snapshots import NetworkPickleError, load_network_pickle

@@ -141,13 +141,12 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
             c.network_kwargs[key] = p[key]
     c.network_kwargs.update(p.get('network_kwargs', {}))  # A preset may name another class and its options.
     c.network_kwargs.update(text_kwargs)
-    c.loss_kwargs = dnnlib.EasyDict(
-        class_name='training.training_loop.EDM2Loss', P_mean=p.get('P_mean', -0.4), P_std=p.get('P_std', 1.0)
-    )
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.EDM2Loss')
+    c.loss_kwargs.update({key: p[key] for key in ('P_mean', 'P_std') if key in p})  # Else the loss's defaults.
     c.loss_kwargs.update(p.get('loss_kwargs', {}))
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', betas=(0.9, 0.99), eps=1e-8)
     c.lr_kwargs = dnnlib.EasyDict(
-        func_name='training.training_loop.learning_rate_schedule',
+        func_name='training.loss.learning_rate_schedule',
         ref_lr=p.lr,
         ref_batches=p.decay,
         rampup_Mimg=p.get('rampup', 10),

@@ -1,4 +1,4 @@
-"""Prompt adherence with and without CLIP guidance on the built-in shapes data (issue 8).
+"""Prompt adherence with and without CLIP guidance on the built-in shapes data (GLIDE, Nichol et al. 2021).
 
 For sample i the prompt is the caption of a fresh scene (shapes.sample_scene(seed=--scene-seed, index=i));
 an image adheres when its dominant foreground colour (shapes.dominant_foreground_color) is the colour
@@ -19,31 +19,31 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
-from generate_images import load_network, resolve_network_path  # noqa: E402
 from training import shapes  # noqa: E402
-from training.clip_guidance import check_clip_guide, clip_correction, load_clip_guide  # noqa: E402
+from training.clip_guidance import check_clip_guide, load_clip_guide  # noqa: E402
 from training.encoders import StandardRGBEncoder  # noqa: E402
+from training.generation import load_network, resolve_network_path, sample  # noqa: E402
 from training.image_grid import save_image_grid  # noqa: E402
-from training.sampling import StackedRandomGenerator, edm_sampler  # noqa: E402
 
 
-def sample(
+def generate(
     net, encoder, clip, scenes: list, seeds: list[int], scale: float, steps: int, guidance: float, device: torch.device
 ) -> np.ndarray:
-    """uint8 NHWC images for the scenes' captions, CLIP-guided with `scale`."""
+    """uint8 NHWC images for the scenes' captions, CLIP-guided with `scale`; a class-conditional net gets
+    each scene's shape as its class."""
     captions = [s.caption for s in scenes]
-    rnd = StackedRandomGenerator(device, seeds)
-    noise = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
-    kwargs = dict(num_steps=steps, randn_like=rnd.randn_like, correction=clip_correction(clip, captions, scale))
     with torch.no_grad():
-        if hasattr(net, 'text_encoder'):
-            from training.cascade import sample_stage
-
-            latents = sample_stage(net, noise, captions, guidance=guidance, **kwargs)
-        else:
-            labels = torch.eye(net.label_dim, device=device)[[s.label for s in scenes]] if net.label_dim else None
-            latents = edm_sampler(net, noise, labels, **kwargs)
-        return encoder.decode(latents).permute(0, 2, 3, 1).cpu().numpy()
+        out = sample(
+            net,
+            seeds,
+            class_idx=[s.label for s in scenes],
+            captions=captions,
+            guidance=guidance,
+            clip=clip,
+            clip_scale=scale,
+            num_steps=steps,
+        )
+        return encoder.decode(out.latents).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @click.command()
@@ -108,7 +108,7 @@ def main(net, clip, scales, num, steps, guidance, scene_seed, batch, device, out
     for scale in scale_list:
         start, hits, empty, grid = time.time(), 0, 0, []
         for i in range(0, num, batch):
-            images = sample(
+            images = generate(
                 denoiser,
                 encoder,
                 guide,

@@ -1,4 +1,4 @@
-"""Prompt adherence of a text-to-image net on the built-in shapes data (issue 7, acceptance 1).
+"""Prompt adherence of a text-to-image net on the built-in shapes data (Imagen-style CFG, Ho & Salimans 2022).
 
 Samples 64 images for prompts that name a colour, and reports the fraction whose dominant foreground
 colour (training/shapes.py, exact palette) matches the prompt; then the same seeds with the empty
@@ -17,9 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate_images import load_network  # noqa: E402
-from training.cascade import sample_stage  # noqa: E402
-from training.sampling import StackedRandomGenerator  # noqa: E402
+from training.generation import load_network, sample  # noqa: E402
 from training.shapes import COLOR_NAMES, POSITIONS, SHAPES, dominant_foreground_color  # noqa: E402
 
 
@@ -39,13 +37,9 @@ def color_prompts(num: int) -> tuple[list[str], list[str]]:
 def match_rate(
     net: torch.nn.Module, encoder, prompts: list[str], colors: list[str], guidance: float, steps: int
 ) -> float:
-    seeds = list(range(len(prompts)))
-    rnd = StackedRandomGenerator('cpu', seeds)
-    noise = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
     with torch.no_grad():
-        images = encoder.decode(
-            sample_stage(net, noise, prompts, guidance=guidance, num_steps=steps, randn_like=rnd.randn_like)
-        )
+        out = sample(net, range(len(prompts)), captions=prompts, guidance=guidance, num_steps=steps)
+        images = encoder.decode(out.latents)
     found = [dominant_foreground_color(image) for image in images.permute(0, 2, 3, 1).numpy()]
     return float(np.mean([f == c for f, c in zip(found, colors)]))
 

@@ -1,4 +1,4 @@
-"""Super-resolution 16->32 against bicubic upsampling on real demo images (issue 7, acceptance 2).
+"""Super-resolution 16->32 against bicubic upsampling on real demo images (SR3, Saharia et al. 2021).
 
 Downsamples held-out 32x32 shapes images to 16x16 (box filter, as in training), upsamples them with the
 demo-sr stage and with bicubic interpolation, and prints the RMSE and PSNR of each against the real
@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate_images import load_network  # noqa: E402
-from training.cascade import downsample, sample_stage  # noqa: E402
-from training.sampling import StackedRandomGenerator  # noqa: E402
+from training.cascade import downsample  # noqa: E402
+from training.generation import load_network, sample  # noqa: E402
 from training.shapes import make_image  # noqa: E402
 
 
@@ -75,10 +74,8 @@ def main(net: str | None, outdir: str, num: int, steps: int, aug_sigma: float, s
     real = torch.stack([torch.as_tensor(make_image(seed, i, 32)[0]).permute(2, 0, 1) for i in range(num)])
     lowres = downsample(encoder.encode_latents(real), model.lowres)
     bicubic = torch.nn.functional.interpolate(lowres, size=32, mode='bicubic', align_corners=False)
-    rnd = StackedRandomGenerator('cpu', range(num))
-    noise = rnd.randn([num, model.img_channels, 32, 32])
     with torch.no_grad():
-        sr = sample_stage(model, noise, lowres=lowres, aug_sigma=aug_sigma, num_steps=steps, randn_like=rnd.randn_like)
+        sr = sample(model, range(num), lowres=lowres, aug_sigma=aug_sigma, num_steps=steps).latents
     for name, images in (('bicubic', bicubic), ('demo-sr', sr)):
         rmse, psnr = errors(encoder.decode(images), real)
         print(f'{name:8s} RMSE {rmse:6.2f}  PSNR {psnr:5.2f} dB  ({num} images, 16->32)')

@@ -13,9 +13,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training.loss import EDM2Loss  # noqa: E402
 from training.networks_edm2 import Precond  # noqa: E402
 from training.presets_train import TRAIN_PRESETS  # noqa: E402
-from training.training_loop import EDM2Loss  # noqa: E402
 
 
 @click.command()
@@ -86,7 +86,7 @@ def main(preset, batch, resolution, img_channels, label_dim, precision, steps, d
         .train()
         .to(device)
     )
-    loss_fn = EDM2Loss(P_mean=p.get('P_mean', -0.4), P_std=p.get('P_std', 1.0))
+    loss_fn = EDM2Loss(**{k: p[k] for k in ('P_mean', 'P_std') if k in p})
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
     images = torch.randn([batch, img_channels, resolution, resolution], device=device)
     labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)]

@@ -16,9 +16,9 @@ import torch
 from click.testing import CliRunner
 
 import calculate_metrics
-from generate_images import generate_images
 from training.detectors import load_detector, resolve_detector_sources
 from training.encoders import StandardRGBEncoder
+from training.generation import generate_images
 from training.metrics import calculate_metrics_from_stats, load_stats
 from training.networks_edm2 import Precond
 from training.snapshots import save_network_pickle

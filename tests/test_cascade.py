@@ -6,7 +6,8 @@ import pytest
 import torch
 from test_networks_edm2 import TINY, reference_precond, tiny_precond
 
-from training.cascade import TextEDM2Loss, downsample, gaussian_blur, sample_stage
+from training import generation
+from training.cascade import TextEDM2Loss, downsample, gaussian_blur
 from training.networks_text import TextPrecond
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -14,6 +15,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 class RecordingNet:
     """Stands in for a net: records the labels and kwargs of each call, predicts zeros."""
+
+    sigma_data = 0.5
 
     def __init__(self, lowres: int | None = None):
         self.lowres, self.calls = lowres, []
@@ -84,9 +87,10 @@ def test_guided_stage_equals_the_classifier_free_guidance_formula():
         net.unet.out_gain.fill_(1)
         for p in net.unet.emb_text.parameters():
             p.mul_(3)
-    noise, captions, w, sigma = torch.randn(2, 3, 8, 8), ['red', 'blue square'], 2.5, 1.3
+    seeds, captions, w, sigma = [4, 9], ['red', 'blue square'], 2.5, 1.3
+    noise = torch.stack([torch.randn([3, 8, 8], generator=torch.Generator().manual_seed(s)) for s in seeds])
     with torch.no_grad():
-        out = sample_stage(net, noise, captions, guidance=w, num_steps=1, sigma_max=sigma)
+        out = generation.sample(net, seeds, captions=captions, guidance=w, num_steps=1, sigma_max=sigma).latents
         x = noise * sigma
         d, d_u = net(x, sigma, captions), net(x, sigma, ['', ''])
     assert not torch.allclose(d, d_u)

@@ -97,6 +97,21 @@ def test_gradient_caching_gives_full_batch_gradients():
         torch.testing.assert_close(g_cached[name], g_full[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_accumulate_takes_all_rounds_into_one_contrastive_loss():
+    # The training loop hands over 2 data batches of 4; the loss must compare all 8 pairs, as one call does.
+    images, captions, sigma, noise = tiny_batch()
+    full, rounds = tiny_guide(), tiny_guide()
+    torch.manual_seed(5)
+    CLIPLoss()(full, images, captions).sum().mul(0.25).backward()
+    torch.manual_seed(5)
+    batches = iter([(images[:4], captions[:4]), (images[4:], captions[4:])])
+    CLIPLoss().accumulate(rounds, batches, num_rounds=2, scale=0.25)
+    g_full, g_rounds = grads(full), grads(rounds)
+    for name in g_full:
+        torch.testing.assert_close(g_rounds[name], g_full[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert CLIPLoss().grid_conditioning(full, None, None, 16, 'cpu') is None  # A guide makes no sample grids.
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)

@@ -11,9 +11,8 @@ from click.testing import CliRunner
 from conftest import assert_one_line_error
 
 import dataset_tool
-import generate_images
 import train_edm2
-from training import encoders
+from training import encoders, generation
 from training.dataset import ImageFolderDataset
 from training.training_loop import training_loop
 
@@ -146,7 +145,7 @@ def test_latent_pipeline_from_pixels_to_generated_images(tmp_path, vae_dir, pixe
     net, encoder = data['ema'], data['encoder']
     assert (net.img_channels, net.img_resolution) == (4, 4) and encoder.vae_name == vae_dir and encoder._vae is None
 
-    batches = list(generate_images.generate_images(run_dir, seeds=[0, 1, 2], device='cpu', num_steps=4))
+    batches = list(generation.generate_images(run_dir, seeds=[0, 1, 2], device='cpu', num_steps=4))
     images = torch.cat([b.images for b in batches])
     assert images.dtype == torch.uint8 and images.shape == (3, 3, 8, 8)
     # Generation decodes through the pickled encoder: the same latents decoded by a fresh encoder agree.

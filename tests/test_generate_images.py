@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import generate_images
 from torch_utils import persistence
+from training import generation
 from training.encoders import StandardRGBEncoder
 from training.networks_edm2 import Precond
 from training.snapshots import save_network_pickle
@@ -253,16 +254,10 @@ class CountingNet(torch.nn.Module):
 def test_guidance_one_never_evaluates_or_loads_the_guiding_net(pickles, tmp_path) -> None:
     gnet = CountingNet(tiny_precond(1, label_dim=0))
     batches = list(
-        generate_images.generate_images(
-            tiny_precond(0), gnet=gnet, seeds=range(3), device='cpu', num_steps=3, guidance=1
-        )
+        generation.generate_images(tiny_precond(0), gnet=gnet, seeds=range(3), device='cpu', num_steps=3, guidance=1)
     )
     assert gnet.calls == 0 and sum(len(b.seeds) for b in batches) == 3
-    list(
-        generate_images.generate_images(
-            tiny_precond(0), gnet=gnet, seeds=range(3), device='cpu', num_steps=3, guidance=2
-        )
-    )
+    list(generation.generate_images(tiny_precond(0), gnet=gnet, seeds=range(3), device='cpu', num_steps=3, guidance=2))
     assert gnet.calls == 5
     run_cli(
         f'--net={pickles["net"]}',
@@ -277,7 +272,7 @@ def test_guidance_one_never_evaluates_or_loads_the_guiding_net(pickles, tmp_path
 def test_guided_images_equal_the_guidance_formula(pickles) -> None:
     # One step from sigma to 0 lands on the guided denoiser's output: D_g + w (D - D_g) at x = sigma * noise.
     net, gnet, w, sigma, seeds = tiny_precond(0), tiny_precond(1, label_dim=0), 2.5, 1.3, [4, 9]
-    (batch,) = generate_images.generate_images(
+    (batch,) = generation.generate_images(
         net, gnet=gnet, seeds=seeds, device='cpu', num_steps=1, sigma_max=sigma, guidance=w
     )
     for i, seed in enumerate(seeds):
@@ -288,7 +283,7 @@ def test_guided_images_equal_the_guidance_formula(pickles) -> None:
         d, d_g = net(x, torch.tensor(sigma), label), gnet(x, torch.tensor(sigma))
         expected = StandardRGBEncoder().decode(d_g + w * (d - d_g))
         assert (batch.images[i : i + 1].int() - expected.int()).abs().max() <= 1
-    (unguided,) = generate_images.generate_images(net, seeds=seeds, device='cpu', num_steps=1, sigma_max=sigma)
+    (unguided,) = generation.generate_images(net, seeds=seeds, device='cpu', num_steps=1, sigma_max=sigma)
     assert not torch.equal(unguided.images, batch.images)
 
 
@@ -311,7 +306,7 @@ def test_subdirs_class_and_npz_layout(pickles, tmp_path) -> None:
     with np.load(tmp_path / 'a.npz') as npz:
         assert npz['arr_0'].shape == (3, 8, 8, 3)
         assert np.array_equal(npz['arr_0'][0], np.asarray(PIL.Image.open(tmp_path / 'out' / '000000' / '000999.png')))
-    (batch,) = generate_images.generate_images(pickles['net'], seeds=[999], device='cpu', num_steps=2, class_idx=2)
+    (batch,) = generation.generate_images(pickles['net'], seeds=[999], device='cpu', num_steps=2, class_idx=2)
     assert batch.labels.argmax(dim=1).tolist() == [2]
 
 

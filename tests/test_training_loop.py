@@ -1,88 +1,27 @@
-import math
+"""Tests of training/training_loop.py: divergence, non-finite gradients, and the loss hooks it calls."""
+
+import glob
+import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from training.training_loop import EDM2Loss, learning_rate_schedule
+import train_edm2
+from torch_utils import training_stats
+from training.loss import EDM2Loss, unwrap
+from training.training_loop import TrainingError, training_loop
 
 
-def test_learning_rate_is_flat_until_t_ref_then_inverse_sqrt():
-    # batch 16, t_ref = 100 batches = 1600 images; no warm-up.
-    lr = lambda nimg: learning_rate_schedule(nimg, 16, ref_lr=0.01, ref_batches=100, rampup_Mimg=0)
-    assert lr(16) == pytest.approx(0.01)
-    assert lr(1600) == pytest.approx(0.01)
-    assert lr(6400) == pytest.approx(0.005)  # t = 4 t_ref -> alpha_ref / 2
-    assert lr(160000) == pytest.approx(0.001)  # t = 100 t_ref -> alpha_ref / 10
+@pytest.fixture(autouse=True)
+def private_training_stats(monkeypatch):
+    """Each test's runs report into fresh accumulators: a NaN once reported stays in the process-wide sums."""
+    monkeypatch.setattr(training_stats, '_pending', {})
+    monkeypatch.setattr(training_stats, '_cumulative', {})
 
 
-def test_learning_rate_warms_up_linearly():
-    # Warm-up over 0.0008 Mimg = 800 images, decay far away.
-    lr = lambda nimg: learning_rate_schedule(nimg, 16, ref_lr=0.01, ref_batches=1e9, rampup_Mimg=0.0008)
-    assert lr(0) == 0
-    assert lr(200) == pytest.approx(0.0025)
-    assert lr(400) == pytest.approx(0.005)
-    assert lr(800) == pytest.approx(0.01)
-    assert lr(8000) == pytest.approx(0.01)
-
-
-class _RecordingNet(torch.nn.Module):
-    """Returns D = 0 and logvar = ln(sigma), and records what the loss fed it."""
-
-    def forward(self, x, sigma, labels, return_logvar=False):
-        self.x, self.sigma = x, sigma
-        return torch.zeros_like(x), sigma.log()
-
-
-def test_edm2_loss_matches_formula_and_noise_distribution():
-    torch.manual_seed(0)
-    net, sigma_data = _RecordingNet(), 0.5
-    images = torch.randn([4096, 1, 2, 2])
-    loss = EDM2Loss(P_mean=-0.4, P_std=1.0, sigma_data=sigma_data)(net, images)
-    sigma = net.sigma
-    assert sigma.shape == (4096, 1, 1, 1)
-    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    expected = weight / sigma * images**2 + sigma.log()
-    torch.testing.assert_close(loss, expected)
-
-    # ln(sigma) ~ N(P_mean, P_std^2); the noise is N(0, sigma^2).
-    ln_sigma = sigma.log().flatten().double()
-    assert ln_sigma.mean().item() == pytest.approx(-0.4, abs=4 / math.sqrt(4096))
-    assert ln_sigma.std().item() == pytest.approx(1.0, abs=0.05)
-    unit_noise = ((net.x - images) / sigma).flatten().double()
-    assert unit_noise.mean().item() == pytest.approx(0, abs=4 / math.sqrt(unit_noise.numel()))
-    assert unit_noise.std().item() == pytest.approx(1, abs=0.03)
-
-
-def test_edm2_loss_weight_gives_unit_loss_at_initialisation_for_unit_data():
-    # At init c_out * F = 0, so D = c_skip * (y + n) and the weighted error has expectation 1 for any sigma.
-    torch.manual_seed(1)
-    sigma_data = 0.5
-
-    class SkipOnly(torch.nn.Module):
-        def forward(self, x, sigma, labels, return_logvar=False):
-            return sigma_data**2 / (sigma**2 + sigma_data**2) * x, torch.zeros_like(sigma)
-
-    images = torch.randn([8192, 1, 4, 4]) * sigma_data
-    loss = EDM2Loss(P_mean=-0.4, P_std=1.0, sigma_data=sigma_data)(SkipOnly(), images)
-    assert loss.mean().item() == pytest.approx(1.0, rel=0.03)
-    assert np.isfinite(loss.numpy()).all()
-
-
-class NaNLoss(EDM2Loss):
-    """The EDM2 loss with every value replaced by NaN, as a diverged run produces."""
-
-    def __call__(self, net, images, labels=None):
-        return super().__call__(net, images, labels) * float('nan')
-
-
-def test_nan_loss_zeroes_gradients_and_stops_with_a_clear_error(tmp_path, monkeypatch):
-    import json
-    import os
-
-    import train_edm2
-    from training.training_loop import TrainingError, training_loop
-
+def _tiny_config(tmp_path, monkeypatch, loss_class: str, **kwargs):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     c = train_edm2.setup_training_config(
         'demo-tiny',
@@ -97,12 +36,115 @@ def test_nan_loss_zeroes_gradients_and_stops_with_a_clear_error(tmp_path, monkey
         seed=0,
         vae='unused',
     )
-    c.loss_kwargs.class_name = 'test_training_loop.NaNLoss'
-    c.update(total_nimg=64, status_nimg=32, snapshot_nimg=None, checkpoint_nimg=None)
+    c.loss_kwargs.class_name = loss_class
+    c.update(kwargs)
     run_dir = str(tmp_path / 'run')
     os.makedirs(run_dir)
+    return c, run_dir
+
+
+def _stats(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+
+
+class NaNLoss(EDM2Loss):
+    """The EDM2 loss with every value replaced by NaN, as a diverged run produces."""
+
+    def __call__(self, net, images, labels=None):
+        return super().__call__(net, images, labels) * float('nan')
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+    c, run_dir = _tiny_config(
+        tmp_path,
+        monkeypatch,
+        'test_training_loop.NaNLoss',
+        total_nimg=64,
+        status_nimg=32,
+        snapshot_nimg=None,
+        checkpoint_nimg=None,
+    )
     with pytest.raises(TrainingError, match='diverged: the loss is nan at kimg 0.0'):
         training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
-    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    stats = _stats(run_dir)
     assert len(stats) == 2 and np.isnan(stats[1]['Loss/loss'])  # The diverged interval is logged, then the run stops.
-    assert stats[1]['Loss/nonfinite_grads'] > 0  # Every gradient element was NaN, counted and zeroed.
+
+
+class NaNGradientLoss(EDM2Loss):
+    """A finite loss (zero) whose gradient is NaN in every parameter that reaches it, through the untaken
+    branch of a `where`; records the parameters after each forward pass (which renormalises the weights)."""
+
+    after_forward: list[dict] = []
+
+    def __call__(self, net, images, labels=None):
+        loss = super().__call__(net, images, labels)
+        NaNGradientLoss.after_forward.append({k: v.detach().clone() for k, v in unwrap(net).state_dict().items()})
+        never = torch.zeros_like(loss, dtype=torch.bool)
+        return torch.where(never, (-loss.abs() - 1).sqrt(), torch.zeros_like(loss)) + 0 * loss.detach()
+
+
+def test_nonfinite_gradients_are_zeroed_so_the_optimizer_step_leaves_the_weights_unchanged(tmp_path, monkeypatch):
+    # Adam with an all-zero gradient moves no weight (its moments stay 0), so after the last step the weights
+    # must equal those the last forward pass saw; an unzeroed NaN gradient would make them NaN.
+    c, run_dir = _tiny_config(
+        tmp_path,
+        monkeypatch,
+        'test_training_loop.NaNGradientLoss',
+        total_nimg=48,
+        status_nimg=48,
+        snapshot_nimg=None,
+        checkpoint_nimg=48,
+    )
+    NaNGradientLoss.after_forward.clear()
+    training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
+    (path,) = glob.glob(os.path.join(run_dir, 'training-state-*.pt'))
+    trained = torch.load(path, map_location='cpu', weights_only=False)['net']
+    assert len(NaNGradientLoss.after_forward) == 3
+    for name, value in NaNGradientLoss.after_forward[-1].items():
+        assert torch.equal(trained[name], value), name
+    stats = _stats(run_dir)
+    assert stats[-1]['Loss/loss'] == 0
+    num_params = sum(v.numel() for v in trained.values())
+    assert 0 < stats[-1]['Loss/nonfinite_grads'] <= num_params  # Counted per step, then zeroed.
+
+
+class HookRecordingLoss(EDM2Loss):
+    """EDM2Loss that records the loop's calls of its hooks and asks for a grid of captions-free samples."""
+
+    calls: list[tuple] = []
+
+    def accumulate(self, net, batches, num_rounds, scale):
+        HookRecordingLoss.calls.append(('accumulate', num_rounds, scale))
+        super().accumulate(net, batches, num_rounds, scale)
+
+    def report(self, net, encoder, dataset_kwargs, device):
+        HookRecordingLoss.calls.append(('report',))
+
+    def grid_conditioning(self, net, dataset, encoder, num, device):
+        HookRecordingLoss.calls.append(('grid', num))
+        return None  # No grid.
+
+
+def test_loop_calls_the_loss_hooks_with_the_per_rank_split(tmp_path, monkeypatch):
+    c, run_dir = _tiny_config(
+        tmp_path,
+        monkeypatch,
+        'test_training_loop.HookRecordingLoss',
+        batch_size=16,
+        batch_gpu=4,
+        total_nimg=32,
+        status_nimg=16,
+        snapshot_nimg=32,
+        checkpoint_nimg=None,
+    )
+    HookRecordingLoss.calls.clear()
+    training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
+    calls = HookRecordingLoss.calls
+    assert calls.count(('accumulate', 4, 1 / 16)) == 2  # 16 images per step in 4 rounds of 4; mean over 16.
+    assert calls.count(('report',)) == 3  # Status at kimg 0, 16 and 32 images.
+    assert calls.count(('grid', 16)) == 1
+    assert sorted(os.listdir(run_dir)) == [
+        'network-snapshot-0000000-0.050.pkl',
+        'network-snapshot-0000000-0.100.pkl',
+        'stats.jsonl',
+    ]  # The loss declined the grid.

@@ -1,19 +1,19 @@
-"""Training and sampling text-conditioned and super-resolution stages (SPEC §8).
+"""Training text-conditioned and super-resolution stages of a cascade (Imagen, Saharia et al. 2022).
 
-`TextEDM2Loss` is EDM2's loss (SPEC §3) with caption dropout and, for super-resolution nets, a
-conditioning image derived from the training image: box-downsampled, randomly Gaussian-blurred
-(Diff-DALLE) and noise-augmented with its level fed to the net (Imagen). `sample_stage` runs one stage
-with edm_sampler, using the empty caption as the unconditional net for classifier-free guidance.
+`TextEDM2Loss` is EDM2's loss (EDM2 Eq. 21) with caption dropout, so that one net also gives the
+unconditional prediction for classifier-free guidance (Ho & Salimans 2022), and, for super-resolution
+nets, a conditioning image derived from the training image: box-downsampled, randomly Gaussian-blurred
+(Diff-DALLE) and noise-augmented with its level fed to the net (Imagen §2.4). Sampling a stage is
+training.generation.sample's job.
 """
 
-import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from training.sampling import edm_sampler
-from training.training_loop import EDM2Loss
+from torch_utils import persistence
+from training.loss import P_MEAN, P_STD, EDM2Loss, unwrap
 
 # ----------------------------------------------------------------------------
 # Degrading images into super-resolution conditioning.
@@ -37,14 +37,11 @@ def gaussian_blur(images: torch.Tensor, blur_sigma: torch.Tensor) -> torch.Tenso
     return x.reshape(n, c, h, w)
 
 
-def _unwrap(net: Any) -> Any:
-    return getattr(net, 'module', net)  # DistributedDataParallel holds the net as .module
-
-
 # ----------------------------------------------------------------------------
 # Loss.
 
 
+@persistence.persistent_class
 class TextEDM2Loss(EDM2Loss):
     """EDM2Loss plus caption dropout and, when the net has `lowres`, degraded low-resolution conditioning.
 
@@ -55,9 +52,9 @@ class TextEDM2Loss(EDM2Loss):
 
     def __init__(
         self,
-        P_mean: float = -0.4,
-        P_std: float = 1.0,
-        sigma_data: float = 0.5,
+        P_mean: float = P_MEAN,
+        P_std: float = P_STD,
+        sigma_data: float | None = None,
         caption_dropout: float = 0.1,
         blur_prob: float = 0.5,
         blur_sigma: tuple[float, float] = (0.4, 0.8),
@@ -88,52 +85,20 @@ class TextEDM2Loss(EDM2Loss):
         aug_sigma = torch.rand(n, device=images.device) * self.aug_max
         return lowres + torch.randn_like(lowres) * aug_sigma.reshape(-1, 1, 1, 1), aug_sigma
 
-    def __call__(self, net, images, labels=None):
+    def __call__(self, net, images: torch.Tensor, labels: Any = None) -> torch.Tensor:
         kwargs = {}
-        lowres = getattr(_unwrap(net), 'lowres', None)
+        lowres = getattr(unwrap(net), 'lowres', None)
         if lowres:
             kwargs['lowres'], kwargs['aug_sigma'] = self.degrade(images, lowres)
-        return super().__call__(functools.partial(net, **kwargs), images, self.drop_captions(labels))
+        return super().__call__(net, images, self.drop_captions(labels), **kwargs)
 
-
-# ----------------------------------------------------------------------------
-# Sampling one stage.
-
-
-def condition_on(net: Callable, captions: list[str] | None = None, **kwargs: Any) -> Callable:
-    """net(x, sigma, labels) with captions and low-res kwargs fixed, for edm_sampler's net or gnet."""
-    return lambda x, sigma, labels=None: net(x, sigma, captions, **kwargs)
-
-
-def sample_stage(
-    net: torch.nn.Module,
-    noise: torch.Tensor,
-    captions: list[str] | None = None,
-    lowres: torch.Tensor | None = None,
-    aug_sigma: float = 0.0,
-    guidance: float = 1.0,
-    gnet: torch.nn.Module | None = None,
-    **sampler_kwargs: Any,
-) -> torch.Tensor:
-    """One cascade stage: text (and low-res) conditioned sampling, guided by gnet or else the empty caption."""
-    kwargs = dict(lowres=lowres, aug_sigma=aug_sigma) if getattr(net, 'lowres', None) else {}
-    if kwargs and aug_sigma > 0:  # Sampling-time augmentation, as in training (Imagen §2.4); per-seed noise.
-        kwargs['lowres'] = lowres + aug_sigma * sampler_kwargs.get('randn_like', torch.randn_like)(lowres)
-    n = noise.shape[0]
-    captions = [''] * n if captions is None else list(captions)
-    guide = None
-    if guidance != 1:
-        guide = condition_on(gnet, captions, **kwargs) if gnet is not None else condition_on(net, [''] * n, **kwargs)
-    return edm_sampler(condition_on(net, captions, **kwargs), noise, None, guide, guidance=guidance, **sampler_kwargs)
-
-
-def dataset_conditioning(
-    net: torch.nn.Module, dataset: Any, encoder: Any, n: int, device: torch.device
-) -> dict[str, Any]:
-    """sample_stage kwargs for a training sample grid: the first n captions (and low-res images) of the data."""
-    idx = [i % len(dataset) for i in range(n)]
-    cond: dict[str, Any] = dict(captions=[dataset.get_caption(i) for i in idx])
-    if getattr(net, 'lowres', None):
-        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).to(device)
-        cond['lowres'] = downsample(encoder.encode_latents(images), net.lowres)
-    return cond
+    def grid_conditioning(
+        self, net: Any, dataset: Any, encoder: Any, num: int, device: torch.device
+    ) -> dict[str, Any] | None:
+        """The first `num` captions of the data (and their low-res images for a super-resolution net)."""
+        idx = [i % len(dataset) for i in range(num)]
+        cond: dict[str, Any] = dict(captions=[dataset.get_caption(i) for i in idx])
+        if getattr(net, 'lowres', None):
+            images = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).to(device)
+            cond['lowres'] = downsample(encoder.encode_latents(images), net.lowres)
+        return cond

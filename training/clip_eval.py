@@ -1,4 +1,4 @@
-"""Held-out split and retrieval accuracy of the noise-aware CLIP guide (issue 8).
+"""Held-out split and retrieval accuracy of the noise-aware CLIP guide (GLIDE, Nichol et al. 2021).
 
 The last `holdout` files of a dataset (in sorted path order) are held out; `HeldOutSplit` serves
 either part with the caption as the label. `report_retrieval` measures image→text top-1 retrieval

@@ -22,6 +22,7 @@ import torch
 from torch_utils import distributed as dist
 from torch_utils import misc, persistence, training_stats
 from training.clip_eval import report_retrieval
+from training.loss import P_MEAN, P_STD, TrainingLoss
 from training.networks_edm2 import (
     SIGMA_DATA,
     MPConv,
@@ -180,19 +181,22 @@ class _CachedEmbeddings(torch.autograd.Function):
 
 
 @persistence.persistent_class
-class CLIPLoss:
-    owns_accumulation = True  # The training loop hands over the whole per-rank batch and its batch_gpu.
+class CLIPLoss(TrainingLoss):
+    """Contrastive loss of a CLIP guide on images noised as for the denoiser (ln σ ~ N(P_mean, P_std²)).
+
+    batch_gpu: gradient-caching chunk of direct calls; in training, one data batch (--batch-gpu).
+    eval_sigmas: noise levels of the held-out retrieval reported at each status line.
+    """
 
     def __init__(
         self,
-        P_mean: float = -0.8,
-        P_std: float = 1.6,
+        P_mean: float = P_MEAN,
+        P_std: float = P_STD,
         batch_gpu: int | None = None,
         eval_sigmas: list[float] = [0.02, 0.1, 0.5, 1, 2, 5, 20],
     ):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.batch_gpu = batch_gpu  # Gradient-caching chunk; the training loop sets it from --batch-gpu.
+        super().__init__(P_mean=P_mean, P_std=P_std)
+        self.batch_gpu = batch_gpu
         self.eval_sigmas = list(eval_sigmas)
 
     def __call__(
@@ -202,15 +206,15 @@ class CLIPLoss:
         labels: list[str],
         sigma: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        chunk: int | None = None,
     ) -> torch.Tensor:
-        """Per-sample contrastive losses; sigma and noise are drawn (ln σ ~ N(P_mean, P_std²)) unless given."""
+        """Per-sample contrastive losses; sigma and noise are drawn unless given; forward passes run in
+        chunks of `chunk` (default batch_gpu) images with gradient caching."""
         captions = list(labels)
-        if sigma is None:
-            sigma = (torch.randn([images.shape[0], 1, 1, 1], device=images.device) * self.P_std + self.P_mean).exp()
-        if noise is None:
-            noise = torch.randn_like(images)
+        sigma = self.sample_sigma(images) if sigma is None else sigma
+        noise = torch.randn_like(images) if noise is None else noise
         x = images + noise * sigma
-        chunk = self.batch_gpu or len(x)
+        chunk = chunk or self.batch_gpu or len(x)
         if chunk >= len(x):
             img, txt, logit_scale = net(x, sigma, captions)
         else:
@@ -219,9 +223,23 @@ class CLIPLoss:
         training_stats.report('CLIP/logit_scale', logit_scale.detach())
         return contrastive_loss(img, txt, logit_scale)
 
-    def status_report(self, net: CLIPGuide, encoder, dataset_kwargs: dict, device: torch.device) -> None:
-        """Report image→text top-1 retrieval on the held-out split, per σ (training/clip_eval.py)."""
+    def accumulate(self, net, batches, num_rounds: int, scale: float) -> None:
+        """The whole per-rank share in one loss, since every pair of the global batch is compared; the
+        forward passes run one data batch at a time (gradient caching) and synchronise once."""
+        parts = [next(batches) for _ in range(num_rounds)]
+        images = torch.cat([images for images, _captions in parts])
+        captions = [caption for _images, batch_captions in parts for caption in batch_captions]
+        loss = self(net, images, captions, chunk=len(parts[0][0]))
+        training_stats.report('Loss/loss', loss)
+        loss.sum().mul(scale).backward()
+
+    def report(self, net: CLIPGuide, encoder, dataset_kwargs: dict, device: torch.device) -> None:
+        """Image→text top-1 retrieval on the held-out split, per σ (training/clip_eval.py)."""
         report_retrieval(self, net, encoder, dataset_kwargs, device)
+
+    def grid_conditioning(self, net, dataset, encoder, num: int, device: torch.device) -> None:
+        """None: a guide makes no images, so no sample grids."""
+        return None
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not k.startswith('_cache')}

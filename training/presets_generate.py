@@ -1,6 +1,6 @@
 """Generation presets: which network (and guiding network) to sample, and with what guidance.
 
-NVIDIA's published EDM2 post-hoc reconstructions (SPEC §10). Comments give the FID or FD-DINOv2
+NVIDIA's published EDM2 post-hoc reconstructions (EDM2, Karras et al. 2024, Tables 2-3; autoguidance, arXiv 2406.02507). Comments give the FID or FD-DINOv2
 each preset is published with (minimum over three 50k-image seed sets). A preset's `net` / `gnet` may
 also be a local run folder, which resolves to the newest network snapshot in it.
 """

@@ -1,4 +1,4 @@
-"""Training presets: EDM2's published configurations (SPEC §3) and small CPU configurations.
+"""Training presets: EDM2's published configurations (EDM2 Table 2, App. B) and small CPU configurations.
 
 A row sets command-line options (duration, batch, channels, lr, decay, dropout, P_mean, P_std, status,
 snapshot, checkpoint) and may add: channel_mult, num_blocks, attn_resolutions, rampup (warm-up in Mimg),
@@ -9,12 +9,13 @@ loss_kwargs merged into the components' options (class_name there swaps the comp
 from dnnlib import EasyDict
 
 
-def _text(loss_kwargs: dict | None = None, **network_kwargs) -> dict:
-    """Components of a text-to-image or super-resolution stage (SPEC §8): captions as labels, TextPrecond, TextEDM2Loss."""
+def _text(**network_kwargs) -> dict:
+    """Components of a text-to-image or super-resolution stage (Imagen's cascade): captions as labels,
+    TextPrecond, TextEDM2Loss (which reads sigma_data from the net)."""
     return dict(
         dataset_kwargs=EasyDict(use_captions=True),
         network_kwargs=EasyDict(class_name='training.networks_text.TextPrecond', **network_kwargs),
-        loss_kwargs=EasyDict(class_name='training.cascade.TextEDM2Loss', **(loss_kwargs or {})),
+        loss_kwargs=EasyDict(class_name='training.cascade.TextEDM2Loss'),
     )
 
 
@@ -45,7 +46,7 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
     'edm2-img64-m': EasyDict(_IMG64, duration=2048 << 20, channels=256, lr=0.0090, dropout=0.10),
     'edm2-img64-l': EasyDict(_IMG64, duration=1024 << 20, channels=320, lr=0.0080, dropout=0.10),
     'edm2-img64-xl': EasyDict(_IMG64, duration=640 << 20, channels=384, lr=0.0070, dropout=0.10),
-    # Text-to-image cascade in the spirit of Diff-DALLE (SPEC §8): base 64, then 64->256 and 256->1024 stages,
+    # Text-to-image cascade in the spirit of Diff-DALLE and Imagen: base 64, then 64->256 and 256->1024 stages,
     # smaller nets with fewer attention levels and smaller batches at higher resolution.
     'text2img-64': EasyDict(
         _IMG64, duration=1024 << 20, channels=192, lr=0.0100, dropout=0.10, **_text(text_channels=512, text_layers=6)
@@ -157,9 +158,9 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         checkpoint=32 << 10,
         synthetic=EasyDict(resolution=32, num_images=10000),
         sample_steps=16,
-        **_text(lowres=16, text_channels=0, residual=True, sigma_data=0.1, loss_kwargs=dict(sigma_data=0.1)),
+        **_text(lowres=16, text_channels=0, residual=True, sigma_data=0.1),
     ),
-    # Noise-aware CLIP guides (issue 8): training/clip_guide.py; σ drawn as for the denoiser of the same data.
+    # Noise-aware CLIP guides (GLIDE, Nichol et al. 2021): training/clip_guide.py; σ drawn as for the denoiser of the same data.
     'clip-img64': EasyDict(
         _IMG64,
         duration=256 << 20,

@@ -1,60 +1,53 @@
-"""EDM sampler (Karras et al. 2022, Alg. 2) with classifier-free guidance and autoguidance, and
-per-seed random streams, shared by generate_images.py, calculate_metrics.py and the training loop."""
+"""The EDM sampler (Karras et al. 2022, arXiv 2206.00364, Algorithm 2) with guidance, and per-seed noise.
+
+Pure functions of their inputs: the network, the unit noise and the settings fix the output. Guidance
+follows Karras et al. 2024 (arXiv 2406.02507, Eq. 2): D_w = D_g + w·(D − D_g), where the guiding
+net D_g is unconditional (classifier-free guidance) or weaker (autoguidance); w = 1 is no guidance.
+"""
 
 import math
 from typing import Callable, Iterable
 
 import torch
 
-# ----------------------------------------------------------------------------
-# One torch.Generator per seed (SPEC §9): image i's noise, random class and churn noise all come
-# from seeds[i] alone, so an image never depends on the batch it was generated in.
-
 
 class StackedRandomGenerator:
+    """One torch.Generator per seed, so that image i's draws depend on seeds[i] alone, never on its batch.
+
+    An image's stream is consumed in a fixed order (EDM2's convention, so images match its own): the
+    initial noise, then the random class when none is given, then the churn noise of each step.
+    """
+
     def __init__(self, device: torch.device | str, seeds: Iterable[int]) -> None:
         self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(int(seed)) for seed in seeds]
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
     def randn(self, size: Iterable[int], **kwargs) -> torch.Tensor:
-        size = list(size)
-        assert size[0] == len(self.generators)
-        return torch.stack(
-            [torch.randn(size[1:], generator=gen, device=self.device, **kwargs) for gen in self.generators]
-        )
+        """A batch [len(seeds), *size[1:]] of standard normals, one row per generator."""
+        row = list(size)[1:]
+        kwargs.setdefault('device', self.device)
+        return torch.stack([torch.randn(row, generator=g, **kwargs) for g in self.generators])
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return self.randn(x.shape, dtype=x.dtype, layout=x.layout)
+        return self.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device)
 
     def randint(self, high: int, size: Iterable[int], **kwargs) -> torch.Tensor:
-        size = list(size)
-        assert size[0] == len(self.generators)
-        return torch.stack(
-            [torch.randint(high, size[1:], generator=gen, device=self.device, **kwargs) for gen in self.generators]
-        )
+        row = list(size)[1:]
+        kwargs.setdefault('device', self.device)
+        return torch.stack([torch.randint(high, row, generator=g, **kwargs) for g in self.generators])
 
 
-# ----------------------------------------------------------------------------
-# Noise levels of EDM Eq. 5: sigma_max^(1/rho) to sigma_min^(1/rho) linearly, to the power rho,
-# followed by sigma_N = 0.
-
-
+# Noise levels σ_0 > ... > σ_{N-1} evenly spaced in σ^(1/ρ), then σ_N = 0 (EDM Eq. 5).
 def sigma_steps(
     num_steps: int, sigma_min: float, sigma_max: float, rho: float, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    i = torch.arange(num_steps, dtype=dtype, device=device)
-    frac = i / max(num_steps - 1, 1)
-    t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros_like(t[:1])])
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    ramp = torch.arange(num_steps, dtype=dtype, device=device) / max(num_steps - 1, 1)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    return torch.nn.functional.pad(sigmas, [0, 1])
 
 
-# ----------------------------------------------------------------------------
-# EDM stochastic sampler (Alg. 2): Heun's 2nd-order method, Euler on the last step, optional churn.
-# `noise` is unit Gaussian; the chain starts at x_0 = sigma_0 * noise. Guidance (Karras et al. 2024):
-# D = D_g + w * (D - D_g), the guiding net is only evaluated when w != 1. `correction(x, sigma)`, if
-# given, is added to the (guided) denoised estimate at every evaluation, e.g. CLIP guidance (clip_guidance.py).
-
-
+# Heun's second-order method on the probability-flow ODE, Euler on the last step, optional churn (EDM Alg. 2).
 def edm_sampler(
     net: Callable[..., torch.Tensor],
     noise: torch.Tensor,
@@ -73,33 +66,37 @@ def edm_sampler(
     randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     correction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """Denoised samples in network space from unit `noise` (scaled here by σ_max).
+
+    `correction(x, sigma)`, if given, is added to every (guided) denoised estimate, e.g. CLIP guidance.
+    The guiding net `gnet` is only evaluated when guidance != 1.
+    """
     if guidance != 1 and gnet is None:
         raise ValueError(f'guidance={guidance} needs a guiding network (gnet)')
+    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        d = net(x, sigma, labels).to(dtype)
+    def D(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        out = net(x, sigma, labels).to(dtype)
         if guidance != 1:
-            d_g = gnet(x, sigma, labels).to(dtype)
-            d = d_g + guidance * (d - d_g)
-        return d if correction is None else d + correction(x, sigma).to(dtype)
+            guide = gnet(x, sigma, labels).to(dtype)
+            out = guide + guidance * (out - guide)
+        if correction is not None:
+            out = out + correction(x, sigma).to(dtype)
+        return out
 
-    t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)
-    gamma_churn = min(S_churn / num_steps, math.sqrt(2) - 1)
-    x_next = noise.to(dtype) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        x_cur = x_next
-
-        # Churn: raise the noise level to t_hat by adding fresh noise.
-        gamma = gamma_churn if S_min <= t_cur <= S_max else 0
-        t_hat = t_cur + gamma * t_cur
-        x_hat = x_cur
-        if gamma > 0:
-            x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x_cur)
-
-        # Euler step, then Heun's correction unless this step reaches sigma = 0.
-        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-        if i < num_steps - 1:
-            d_prime = (x_next - denoise(x_next, t_next)) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next
+    sigmas = sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)
+    x = noise.to(dtype) * sigmas[0]
+    for i in range(num_steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if S_churn > 0 and S_min <= sigma <= S_max:  # Raise the noise level to σ̂ = (1 + γ)σ by adding fresh noise.
+            sigma_hat = sigma + gamma_max * sigma
+            x = x + (sigma_hat**2 - sigma**2).sqrt() * S_noise * randn_like(x)
+            sigma = sigma_hat
+        slope = (x - D(x, sigma)) / sigma
+        x_euler = x + (sigma_next - sigma) * slope
+        if i == num_steps - 1:
+            x = x_euler
+        else:
+            slope_next = (x_euler - D(x_euler, sigma_next)) / sigma_next
+            x = x + (sigma_next - sigma) * (0.5 * slope + 0.5 * slope_next)
+    return x

@@ -1,0 +1,105 @@
+"""Tests of training/generation.py's sampling entry point: per-kind decisions, per-seed draws, batch invariance,
+and loading a run folder's newest snapshot."""
+
+import pytest
+import torch
+
+from training.generation import GenerationError, network_kind, resolve_network_path, sample
+from training.sampling import edm_sampler
+
+
+class ToyDenoiser(torch.nn.Module):
+    """D(x; σ) = x·c(σ) + label term; records the inputs of each call. Flags turn it into a text net or an SR stage."""
+
+    def __init__(self, label_dim: int = 0, text: bool = False, lowres: int | None = None) -> None:
+        super().__init__()
+        self.img_channels, self.img_resolution, self.label_dim = 2, 4, label_dim
+        self.scale = torch.nn.Parameter(torch.tensor(0.7), requires_grad=False)
+        self.label_weight = torch.nn.Parameter(torch.arange(2.0 * max(label_dim, 1)).reshape(-1, 2) / 5, False)
+        if text:
+            self.text_encoder = None
+            self.lowres = lowres
+        self.calls = []
+
+    def forward(self, x, sigma, labels=None, **kwargs):
+        self.calls.append((labels, kwargs))
+        out = x * self.scale / (1 + torch.as_tensor(sigma) ** 2)
+        if isinstance(labels, torch.Tensor):
+            out = out + (labels @ self.label_weight).reshape(-1, 2, 1, 1)
+        if isinstance(labels, list):  # Captions: the length of each caption shifts its image.
+            out = out + torch.tensor([len(c) for c in labels], dtype=x.dtype).reshape(-1, 1, 1, 1) / 10
+        if kwargs.get('lowres') is not None:
+            out = out + kwargs['lowres'].mean() * 0.01
+        return out
+
+
+def test_class_net_draws_noise_then_class_from_each_seed_and_runs_edm_sampler():
+    net, seeds = ToyDenoiser(label_dim=3), [11, 5, 2**20]
+    out = sample(net, seeds, num_steps=3, S_churn=0)
+    noise, classes = [], []
+    for s in seeds:
+        gen = torch.Generator().manual_seed(s)
+        noise.append(torch.randn([2, 4, 4], generator=gen))
+        classes.append(torch.randint(3, [], generator=gen).item())
+    labels = torch.eye(3)[classes]
+    torch.testing.assert_close(out.labels, labels, rtol=0, atol=0)
+    torch.testing.assert_close(out.latents, edm_sampler(net, torch.stack(noise), labels, num_steps=3), rtol=0, atol=0)
+
+
+def test_given_classes_are_used_and_no_class_is_drawn():
+    net = ToyDenoiser(label_dim=3)
+    out = sample(net, [1, 2], class_idx=[2, 0], num_steps=2)
+    torch.testing.assert_close(out.labels, torch.eye(3)[[2, 0]])
+    assert sample(net, [1, 2], class_idx=1, num_steps=2).labels.argmax(dim=1).tolist() == [1, 1]
+
+
+def test_an_image_does_not_depend_on_its_batch_with_churn():
+    net = ToyDenoiser(label_dim=3)
+    kwargs = dict(num_steps=6, S_churn=30)
+    batch = sample(net, [3, 8, 13], **kwargs).latents
+    torch.testing.assert_close(batch[1], sample(net, [8], **kwargs).latents[0], rtol=0, atol=0)
+
+
+def test_text_net_guidance_uses_the_empty_caption_as_the_unconditional_net():
+    net, captions, w, sigma = ToyDenoiser(text=True), ['red', 'a blue square'], 3.0, 2.0
+    out = sample(net, [0, 1], captions=captions, guidance=w, num_steps=1, sigma_max=sigma).latents
+    x = torch.stack([torch.randn([2, 4, 4], generator=torch.Generator().manual_seed(s)) for s in (0, 1)]) * sigma
+    d, d_u = net(x, sigma, captions), net(x, sigma, ['', ''])
+    torch.testing.assert_close(out, d_u + w * (d - d_u))
+    assert network_kind(net) == 'text'
+
+
+def test_sr_stage_gets_its_lowres_input_augmented_with_each_seeds_next_draw():
+    net, lowres, aug = ToyDenoiser(text=True, lowres=2), torch.randn([2, 2, 2, 2]), 0.3
+    sample(net, [4, 7], lowres=lowres, aug_sigma=aug, num_steps=1)
+    expected = []
+    for i, s in enumerate((4, 7)):
+        gen = torch.Generator().manual_seed(s)
+        torch.randn([2, 4, 4], generator=gen)  # The stage's noise comes first.
+        expected.append(lowres[i] + aug * torch.randn([2, 2, 2], generator=gen))
+    labels, kwargs = net.calls[0]
+    assert labels == ['', ''] and kwargs['aug_sigma'] == aug
+    torch.testing.assert_close(kwargs['lowres'], torch.stack(expected))
+
+
+def test_what_cannot_be_sampled_is_one_clear_error():
+    with pytest.raises(GenerationError, match='super-resolution stage'):
+        sample(ToyDenoiser(text=True, lowres=2), [0])
+    with pytest.raises(GenerationError, match='needs a guiding network'):
+        sample(ToyDenoiser(), [0], guidance=2)
+    guide = ToyDenoiser()
+    guide.encode_image = lambda x, sigma: x
+    with pytest.raises(GenerationError, match='CLIP guide'):
+        sample(guide, [0])
+
+
+def test_run_folder_resolves_to_its_newest_snapshot(tmp_path):
+    for name in (
+        'network-snapshot-0000002-0.050.pkl',
+        'network-snapshot-0000010-0.050.pkl',
+        'network-snapshot-0000010-0.100.pkl',
+        'samples-0000099.png',
+    ):
+        (tmp_path / name).write_bytes(b'')
+    assert resolve_network_path(str(tmp_path)) == str(tmp_path / 'network-snapshot-0000010-0.100.pkl')
+    assert resolve_network_path('https://example.com/net.pkl') == 'https://example.com/net.pkl'

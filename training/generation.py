@@ -1,0 +1,391 @@
+"""Generating images: loading networks, one sampling entry point for every kind of network, per-seed batches.
+
+`sample()` is the one place that decides how a network is sampled: class-conditional or unconditional
+EDM2 nets, text-to-image nets (captions, classifier-free guidance by the empty caption), super-resolution
+stages (a low-res input, optionally noise-augmented as in Imagen, Saharia et al. 2022, §2.4) and
+optional CLIP guidance (GLIDE, Nichol et al. 2021). The training loop's sample grids,
+generate_images.py, calculate_metrics.py gen and bench/ all call it.
+
+Every image depends only on its seed and the settings, never on the batch or the number of ranks: its
+noise, random class and churn noise come from its own generator (StackedRandomGenerator).
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import tqdm
+
+import dnnlib
+from torch_utils import distributed as dist
+from training.clip_guidance import check_clip_guide, clip_correction, load_clip_guide
+from training.encoders import StandardRGBEncoder
+from training.presets_generate import presets
+from training.sampling import StackedRandomGenerator, edm_sampler
+from training.snapshots import NetworkPickleError, load_network_pickle, parse_snapshot_name
+
+
+class GenerationError(Exception):
+    """Settings that cannot generate images; the message is one sentence for the user."""
+
+
+# ----------------------------------------------------------------------------
+# Loading networks: a pickle path or URL, or a run folder (its newest snapshot).
+
+
+def resolve_network_path(path: str) -> str:
+    """A run folder resolves to its newest snapshot: highest kimg, then highest EMA std."""
+    if '://' in path or not os.path.isdir(path):
+        return path
+    found = []
+    for name in os.listdir(path):
+        try:
+            found.append((*parse_snapshot_name(name)[1:], name))
+        except ValueError:
+            continue
+    if not found:
+        raise NetworkPickleError(f'{path} holds no network snapshot (PREFIX-KIMG-STD.pkl); train one there first.')
+    return os.path.join(path, max(found)[-1])
+
+
+def load_network(path_or_url: str, device: torch.device, verbose: bool = False) -> tuple[torch.nn.Module, Any]:
+    """(net, encoder) of an edm2x or EDM2 network pickle, frozen in eval mode on `device`."""
+    path = resolve_network_path(path_or_url)
+    if verbose:
+        dist.print0(f'Loading network from {path} ...')
+    data = load_network_pickle(path)
+    net = data['ema']
+    if not isinstance(net, torch.nn.Module) or any(
+        not hasattr(net, k) for k in ('img_resolution', 'img_channels', 'label_dim')
+    ):
+        raise NetworkPickleError(f"{path} holds no network: its 'ema' entry is a {type(net).__name__}.")
+    return net.eval().requires_grad_(False).to(device), data.get('encoder')
+
+
+def load_clip(
+    clip: torch.nn.Module | str | None,
+    clip_scale: float,
+    nets: list[torch.nn.Module],
+    prompts: list[str] | None,
+    device: torch.device,
+    verbose: bool = False,
+) -> torch.nn.Module | None:
+    """The CLIP guide when CLIP guidance is on (scale != 0), checked to read the images of one of `nets`."""
+    if clip is None or clip_scale == 0:
+        return None
+    if not prompts:
+        raise GenerationError('CLIP guidance needs prompts: give --prompt="..." or --prompts=FILE.')
+    if isinstance(clip, str):
+        path = resolve_network_path(clip)
+        if verbose:
+            dist.print0(f'Loading CLIP guide from {path} ...')
+        clip = load_clip_guide(path, device)
+    check_clip_guide(clip, next((net for net in nets if _shape(net) == _shape(clip)), nets[-1]))
+    return clip
+
+
+def _shape(net: torch.nn.Module) -> str:
+    return f'{net.img_channels}x{net.img_resolution}x{net.img_resolution}'
+
+
+# ----------------------------------------------------------------------------
+# The sampling entry point.
+
+
+def network_kind(net: torch.nn.Module) -> str:
+    """'guide' (a CLIP guide, no denoiser), 'sr' (super-resolution stage), 'text' (text-to-image) or 'edm2'."""
+    if hasattr(net, 'encode_image'):
+        return 'guide'
+    if hasattr(net, 'text_encoder'):  # training/networks_text.py: captions as labels, maybe a low-res input
+        return 'sr' if getattr(net, 'lowres', None) else 'text'
+    return 'edm2'
+
+
+def check_samplable(net: torch.nn.Module, has_lowres: bool, guidance: float, gnet: Any) -> str:
+    """The network's kind, or a GenerationError when sample() cannot run it with these inputs."""
+    kind = network_kind(net)
+    if kind == 'guide':
+        raise GenerationError('The network is a CLIP guide, not a denoiser; give it with --clip.')
+    if kind == 'sr' and not has_lowres:
+        raise GenerationError(
+            f'The network is a {net.lowres}->{net.img_resolution} super-resolution stage; '
+            f'run it after a base net with --cascade.'
+        )
+    if guidance != 1 and gnet is None and kind == 'edm2':
+        raise GenerationError(f'Guidance {guidance} needs a guiding network (--gnet).')
+    return kind
+
+
+def _with_conditioning(net: Callable, captions: list[str], **kwargs: Any) -> Callable:
+    """net as edm_sampler's denoiser D(x, σ, labels), with captions and low-res inputs fixed."""
+    return lambda x, sigma, labels=None: net(x, sigma, captions, **kwargs)
+
+
+def sample(
+    net: torch.nn.Module,
+    seeds: Sequence[int] | StackedRandomGenerator,
+    class_idx: int | Sequence[int] | None = None,
+    captions: list[str] | None = None,
+    lowres: torch.Tensor | None = None,
+    aug_sigma: float = 0.0,
+    gnet: torch.nn.Module | None = None,
+    guidance: float = 1.0,
+    clip: torch.nn.Module | None = None,
+    clip_scale: float = 0.0,
+    **sampler_kwargs: Any,
+) -> dnnlib.EasyDict:
+    """Sample one image per seed; returns EasyDict(latents, labels) in network space.
+
+    seeds: the images' seeds, or a StackedRandomGenerator to continue (a cascade's later stages).
+    class_idx: class of every image, or one per image, or None (a random class per seed); ignored by
+        nets without classes. `labels` is the one-hot [N, label_dim] used, or None.
+    captions: text nets' prompts, one per image (None: the empty caption).
+    lowres, aug_sigma: a super-resolution stage's low-res input and its noise augmentation.
+    gnet, guidance: D = D_g + w·(D − D_g); a text net without gnet is guided by the empty caption.
+    clip, clip_scale: CLIP guidance towards `captions`, for nets whose images the guide reads.
+    sampler_kwargs: edm_sampler's settings (num_steps, sigma_min, S_churn, ...).
+    """
+    kind = check_samplable(net, lowres is not None, guidance, gnet)
+    device = _device_of(net)
+    rnd = seeds if isinstance(seeds, StackedRandomGenerator) else StackedRandomGenerator(device, seeds)
+    n = len(rnd.generators)
+
+    # Per image: its noise, then (without a given class) its random class, then augmentation and churn noise.
+    noise = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    labels = None
+    if net.label_dim:
+        if class_idx is None:
+            idx = rnd.randint(net.label_dim, size=[n], device=device)
+        else:
+            idx = torch.as_tensor(class_idx, device=device).expand(n)
+        labels = torch.eye(net.label_dim, device=device)[idx]
+    if clip is not None and clip_scale != 0 and _shape(clip) == _shape(net):
+        if captions is None:
+            raise GenerationError('CLIP guidance needs prompts: give --prompt="..." or --prompts=FILE.')
+        sampler_kwargs['correction'] = clip_correction(clip, captions, clip_scale)
+    sampler_kwargs['randn_like'] = rnd.randn_like
+
+    if kind == 'edm2':
+        latents = edm_sampler(net, noise, labels, gnet if guidance != 1 else None, guidance=guidance, **sampler_kwargs)
+        return dnnlib.EasyDict(latents=latents, labels=labels)
+    captions = [''] * n if captions is None else list(captions)
+    inputs = {}
+    if kind == 'sr':
+        inputs = dict(lowres=lowres, aug_sigma=aug_sigma)
+        if aug_sigma > 0:  # Corrupt the input as in training; the noise comes from each image's own stream.
+            inputs['lowres'] = lowres + aug_sigma * rnd.randn_like(lowres)
+    denoiser = _with_conditioning(net, captions, **inputs)
+    guide = None
+    if guidance != 1 and gnet is not None:  # The guiding net reads the same captions and low-res input.
+        guide = _with_conditioning(gnet, captions, **inputs)
+    elif guidance != 1:  # Classifier-free guidance: the same net given the empty caption.
+        guide = _with_conditioning(net, [''] * n, **inputs)
+    latents = edm_sampler(denoiser, noise, None, guide, guidance=guidance, **sampler_kwargs)
+    return dnnlib.EasyDict(latents=latents, labels=labels)
+
+
+def _device_of(net: torch.nn.Module) -> torch.device:
+    return next(iter(net.parameters()), torch.empty([])).device
+
+
+# ----------------------------------------------------------------------------
+# Sampler options as data: each script turns the rows into its own command-line options.
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    name: str
+    type: type
+    default: Any
+    metavar: str
+    help: str
+    min: float | None = None  # Lower bound of a number.
+    min_open: bool = False  # The bound itself is excluded.
+
+
+SAMPLER_OPTIONS: list[Option] = [
+    Option('--preset', 'preset', str, None, 'NAME', 'Named net/gnet/guidance, e.g. edm2-img512-s-autog-fid, or demo.'),
+    Option('--net', 'net', str, None, 'PKL|URL|DIR', 'Network pickle, or a run folder (its newest snapshot).'),
+    Option(
+        '--gnet', 'gnet', str, None, 'PKL|URL|DIR', 'Guiding network: unconditional (CFG) or weaker (autoguidance).'
+    ),
+    Option('--guidance', 'guidance', float, None, 'FLOAT', 'Guidance strength w; 1 = none  [default: preset, else 1]'),
+    Option('--steps', 'num_steps', int, 32, 'INT', 'Number of sampling steps.', min=1),
+    Option('--sigma_min', 'sigma_min', float, 0.002, 'FLOAT', 'Lowest noise level.', min=0, min_open=True),
+    Option('--sigma_max', 'sigma_max', float, 80.0, 'FLOAT', 'Highest noise level.', min=0, min_open=True),
+    Option('--rho', 'rho', float, 7.0, 'FLOAT', 'Time step exponent.', min=0, min_open=True),
+    Option('--S_churn', 'S_churn', float, 0.0, 'FLOAT', 'Stochasticity strength.', min=0),
+    Option('--S_min', 'S_min', float, 0.0, 'FLOAT', 'Lowest noise level with churn.', min=0),
+    Option('--S_max', 'S_max', float, float('inf'), 'FLOAT', 'Highest noise level with churn.', min=0),
+    Option('--S_noise', 'S_noise', float, 1.0, 'FLOAT', 'Churn noise inflation.'),
+]
+
+
+def resolve_sampler_options(
+    preset: str | None, net: str | None, gnet: str | None, guidance: float | None, **sampler_kwargs: Any
+) -> dnnlib.EasyDict:
+    """Expand a preset under the options given: EasyDict(net, gnet, sampler_kwargs) for generate_images()."""
+    if preset is not None:
+        if preset not in presets:
+            raise GenerationError(f'Unknown preset {preset!r}; choose one of: {", ".join(presets)}.')
+        net = net or presets[preset].net
+        gnet = gnet or presets[preset].gnet
+        guidance = presets[preset].guidance if guidance is None else guidance
+    if net is None:
+        raise GenerationError('No network given: use --net=PKL or --preset=NAME.')
+    guidance = 1.0 if guidance is None else guidance
+    return dnnlib.EasyDict(net=net, gnet=gnet, sampler_kwargs=dnnlib.EasyDict(guidance=guidance, **sampler_kwargs))
+
+
+def read_prompts(prompt: Iterable[str], prompts_file: str | None) -> list[str]:
+    """--prompt values, then the non-empty lines of --prompts=FILE."""
+    prompts = list(prompt)
+    if prompts_file is None:
+        return prompts
+    try:
+        with open(prompts_file, encoding='utf-8') as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenerationError(
+            f'--prompts={prompts_file}: cannot read it ({e}); give a UTF-8 text file, one prompt a line.'
+        ) from None
+    if not prompts:
+        raise GenerationError(f'--prompts={prompts_file} holds no prompts; write one prompt a line.')
+    return prompts
+
+
+# ----------------------------------------------------------------------------
+# Per-seed batches split over torchrun ranks.
+
+
+def rank_batches(
+    seeds: Iterable[int], prompts: list[str] | None, max_batch_size: int, verbose: bool = False
+) -> Iterator[tuple[list[int], list[str] | None]]:
+    """This rank's batches of (seeds, captions); image i of the run gets prompts[i % len(prompts)].
+
+    Batches interleave over ranks (global step k runs batches k·world ... k·world + world − 1), so all
+    ranks take the same number of steps; a progress bar on rank 0 counts every rank's images.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seeds = np.asarray(list(seeds), dtype=np.int64)
+    num_steps = max(math.ceil(len(seeds) / (max_batch_size * world)), 1)
+    parts = np.array_split(np.arange(len(seeds)), num_steps * world)
+    with tqdm.tqdm(total=len(seeds), unit='img', disable=not verbose or rank != 0) as progress:
+        for step in range(num_steps):
+            mine = parts[step * world + rank]
+            if len(mine):
+                yield seeds[mine].tolist(), [prompts[i % len(prompts)] for i in mine] if prompts else None
+            progress.update(sum(len(p) for p in parts[step * world : (step + 1) * world]))
+
+
+def _as_device(device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else dist.device()
+
+
+def generate_images(
+    net: torch.nn.Module | str,
+    encoder: Any = None,
+    gnet: torch.nn.Module | str | None = None,
+    seeds: Iterable[int] = range(16),
+    class_idx: int | None = None,
+    max_batch_size: int = 32,
+    device: torch.device | str | None = None,
+    verbose: bool = False,
+    prompts: list[str] | None = None,
+    clip: torch.nn.Module | str | None = None,
+    clip_scale: float = 0.0,
+    **sampler_kwargs: Any,
+) -> Iterator[dnnlib.EasyDict]:
+    """Sample this rank's share of `seeds`, yielding per batch EasyDict(images, seeds, labels, captions).
+
+    `images` are uint8 NCHW on `device`, `labels` one-hot [N, label_dim] (None for unconditional nets).
+    `net` and `gnet` may be modules or pickle paths, URLs or run folders; the guiding net is neither
+    loaded nor evaluated when guidance is 1. `sampler_kwargs` go to sample() (guidance, num_steps, ...).
+    Text-to-image nets take `prompts` (image i gets prompts[i % len(prompts)], yielded as `captions`).
+    `clip` (a CLIP guide or its pickle) with `clip_scale` != 0 steers any net towards the prompts.
+    """
+    device = _as_device(device)
+    if isinstance(net, str):
+        net, pickled_encoder = load_network(net, device, verbose)
+        encoder = encoder or pickled_encoder
+    encoder = encoder or StandardRGBEncoder()
+    kind = check_samplable(net, False, sampler_kwargs.get('guidance', 1), gnet)
+    if sampler_kwargs.get('guidance', 1) == 1:
+        gnet = None
+    elif isinstance(gnet, str):
+        gnet = load_network(gnet, device, verbose)[0]
+    if gnet is not None and (_shape(gnet) != _shape(net) or gnet.label_dim not in (0, net.label_dim)):
+        raise GenerationError(
+            f'The guiding network makes {_shape(gnet)} images with {gnet.label_dim} classes, but the '
+            f'network makes {_shape(net)} with {net.label_dim}; guide it with a net trained on the same data.'
+        )
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        labels_range = f'has classes 0 to {net.label_dim - 1}' if net.label_dim else 'is unconditional'
+        raise GenerationError(f'Class {class_idx} was requested, but the network {labels_range}.')
+    if kind == 'text' and not prompts:
+        raise GenerationError('The network is text-to-image: give --prompt="..." or --prompts=FILE.')
+    clip = load_clip(clip, clip_scale, [net], prompts, device, verbose)
+    encoder.init(device)
+    with_captions = kind in ('text', 'sr') or clip is not None
+    for batch_seeds, captions in rank_batches(seeds, prompts if with_captions else None, max_batch_size, verbose):
+        with torch.no_grad():
+            out = sample(
+                net, batch_seeds, class_idx, captions, gnet=gnet, clip=clip, clip_scale=clip_scale, **sampler_kwargs
+            )
+            images = encoder.decode(out.latents)
+        yield dnnlib.EasyDict(images=images, seeds=batch_seeds, labels=out.labels, captions=captions)
+
+
+def generate_cascade(
+    stages: list[dnnlib.EasyDict],
+    prompts: list[str],
+    seeds: Iterable[int] = range(16),
+    max_batch_size: int = 32,
+    device: torch.device | str | None = None,
+    verbose: bool = False,
+    guidance: float | None = None,
+    aug_sigma: float | None = None,
+    clip: torch.nn.Module | str | None = None,
+    clip_scale: float = 0.0,
+) -> Iterator[dnnlib.EasyDict]:
+    """Run a text-to-image net and its super-resolution stages in order (Imagen's cascade), yielding per
+    batch EasyDict(images, seeds, labels=None, captions) at the last stage's resolution.
+
+    A stage is EasyDict(net, num_steps, guidance, aug_sigma) as in presets_generate.cascades; `guidance`
+    overrides the first stage's, `aug_sigma` the super-resolution stages'. Pixel-space stages only.
+    CLIP guidance applies to the stages whose images the guide reads. Each image's stages draw from one
+    generator in order, so an image still depends on its seed alone.
+    """
+    device = _as_device(device)
+    loaded = [load_network(stage.net, device, verbose) for stage in stages]
+    nets = [net for net, _encoder in loaded]
+    for k, net in enumerate(nets):
+        want = 'sr' if k else 'text'
+        if network_kind(net) != want or (k and net.lowres != nets[k - 1].img_resolution):
+            role = f'a {nets[k - 1].img_resolution}->N super-resolution stage' if k else 'a text-to-image base net'
+            raise GenerationError(f'Cascade stage {k + 1} ({stages[k].net}) must be {role}.')
+    clip = load_clip(clip, clip_scale, nets, prompts, device, verbose)
+    encoder = loaded[-1][1] or StandardRGBEncoder()
+    encoder.init(device)
+    for batch_seeds, captions in rank_batches(seeds, prompts, max_batch_size, verbose):
+        rnd = StackedRandomGenerator(device, batch_seeds)
+        x = None
+        with torch.no_grad():
+            for k, (net, stage) in enumerate(zip(nets, stages)):
+                x = sample(
+                    net,
+                    rnd,
+                    captions=captions,
+                    lowres=None if x is None else x.clamp(-1, 1),
+                    aug_sigma=stage.aug_sigma if aug_sigma is None else aug_sigma,
+                    guidance=stage.guidance if guidance is None or k else guidance,
+                    clip=clip,
+                    clip_scale=clip_scale,
+                    num_steps=stage.num_steps,
+                ).latents
+            images = encoder.decode(x)
+        yield dnnlib.EasyDict(images=images, seeds=batch_seeds, labels=None, captions=captions)
