@@ -75,8 +75,6 @@ class ImageTower(torch.nn.Module):
 # CLIP's two towers, the shared space of unit vectors and the learned temperature.
 @persistence.persistent_class
 class CLIPGuide(torch.nn.Module):
-    makes_images = False  # Not a denoiser: the training loop draws no sample grids for it.
-
     def __init__(
         self,
         img_resolution: int,
