@@ -287,6 +287,27 @@ def test_guided_images_equal_the_guidance_formula(pickles) -> None:
     assert not torch.equal(unguided.images, batch.images)
 
 
+def test_solver_schedule_and_interval_options_reach_the_sampler(pickles, tmp_path) -> None:
+    opts = ['--solver=dpm++3m', '--schedule=logsnr-uniform', '--guidance-interval=0.5,3', '--guidance=2']
+    run_cli(
+        f'--net={pickles["net"]}',
+        f'--gnet={pickles["uncond"]}',
+        '--seeds=1,4',
+        '--steps=5',
+        *opts,
+        f'--npz={tmp_path / "a.npz"}',
+    )
+    net, gnet = (generation.load_network(pickles[k], torch.device('cpu'))[0] for k in ('net', 'uncond'))
+    kwargs = dict(num_steps=5, solver='dpm++3m', schedule='logsnr-uniform', guidance_interval=(0.5, 3.0))
+    with torch.no_grad():
+        out = generation.sample(net, [1, 4], gnet=gnet, guidance=2, **kwargs).latents
+        plain = generation.sample(net, [1, 4], gnet=gnet, guidance=2, num_steps=5).latents
+    expected = StandardRGBEncoder().decode(out).permute(0, 2, 3, 1).numpy()
+    images = np.load(tmp_path / 'a.npz')['arr_0']
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    assert not np.array_equal(images, StandardRGBEncoder().decode(plain).permute(0, 2, 3, 1).numpy())
+
+
 # ----------------------------------------------------------------------------
 # Output layout and presets.
 
@@ -356,6 +377,12 @@ def test_every_published_preset_names_a_published_pickle() -> None:
         (['--preset=no-such-preset'], 'Unknown preset'),
         (['--net={emptydir}'], 'holds no network snapshot'),
         (['--net={net}', '--device=nonsense'], '--device=nonsense'),
+        (['--net={net}', '--solver=rk4'], 'Unknown solver'),
+        (['--net={net}', '--schedule=cosine'], 'Unknown schedule'),
+        (['--net={net}', '--solver=dpm++3m'], 'at least 3 steps'),
+        (['--net={net}', '--solver=euler', '--S_churn=5'], 'heun solver only'),
+        (['--net={net}', '--guidance-interval=5,1'], 'needs 0 <= LO <= HI'),
+        (['--net={net}', '--guidance-interval=0.3'], 'two noise levels'),
     ],
 )
 def test_bad_input_gives_one_error_line(pickles, tmp_path, args, message) -> None:
