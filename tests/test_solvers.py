@@ -10,7 +10,7 @@ import torch
 
 from training.generation import sample
 from training.sampling import edm_sampler, guided_denoiser
-from training.solvers import ORDERS, check_solver, logsnr_uniform_steps, num_evaluations, sigma_steps
+from training.solvers import ORDERS, check_solver, dpmpp_2m, logsnr_uniform_steps, num_evaluations, sigma_steps
 
 MU = torch.tensor([0.3, -0.5], dtype=torch.float64).reshape(1, 2, 1, 1)
 S = torch.tensor([0.7, 0.2], dtype=torch.float64).reshape(1, 2, 1, 1)
@@ -55,6 +55,23 @@ def test_multistep_solvers_beat_heun_at_equal_evaluations_on_the_toy() -> None:
         return (out - exact).abs().max().item()
 
     assert error('dpm++2m', 63) < error('heun', 63) and error('dpm++3m', 63) < error('dpm++2m', 63)
+
+
+def test_dpmpp_2m_matches_diffusers_edm_dpm_solver_step_for_step() -> None:
+    # A second code path: diffusers' EDMDPMSolverMultistepScheduler on the same noise levels and denoiser.
+    diffusers = pytest.importorskip('diffusers')
+    scheduler = diffusers.EDMDPMSolverMultistepScheduler(solver_order=2, prediction_type='epsilon')
+    scheduler.set_timesteps(10)
+    sigmas = scheduler.sigmas.to(torch.float64)
+    noise = torch.randn([4, 2, 2, 2], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = noise * sigmas[0]
+    for sigma, t in zip(
+        sigmas, scheduler.timesteps
+    ):  # The scheduler wants the raw net output F: D = c_skip x + c_out F.
+        c_skip_x = scheduler.precondition_outputs(x, torch.zeros_like(x), sigma)
+        c_out = scheduler.precondition_outputs(x, torch.ones_like(x), sigma) - c_skip_x
+        x = scheduler.step((gaussian_denoiser(x, sigma) - c_skip_x) / c_out, t, x).prev_sample
+    torch.testing.assert_close(dpmpp_2m(gaussian_denoiser, noise * sigmas[0], sigmas), x, rtol=0, atol=1e-5)
 
 
 def test_logsnr_uniform_steps_are_evenly_spaced_in_log_sigma() -> None:
