@@ -28,6 +28,7 @@ SETTINGS = [  # (solver, schedule)
     ('euler', 'karras'),
     ('dpm++2m', 'karras'),
     ('dpm++3m', 'karras'),
+    ('unipc', 'karras'),
     ('dpm++2m', 'logsnr-uniform'),
     ('dpm++3m', 'logsnr-uniform'),
 ]
@@ -55,6 +56,7 @@ def measure(net: torch.nn.Module, seeds: list[int], nfes: list[int], reference_s
                 nfe = num_evaluations(solver, steps)
                 rows.append(dict(solver=solver, schedule=schedule, steps=steps, nfe=nfe, rmse=rmse,
                                  seconds=time.perf_counter() - start))  # fmt: skip
+                print(f'{solver:8s} {schedule:14s} NFE {nfe:3d}  RMSE {rmse:.4f}', file=sys.stderr)
     return rows
 
 
