@@ -69,12 +69,12 @@ def markdown_table(rows: list[dict], nfes: list[int]) -> str:
             row = next((r for r in rows[1:] if (r['solver'], r['schedule']) == (solver, schedule)
                         and r['steps'] == steps_for(solver, target)), None)  # fmt: skip
             exact = '' if row is None or row['nfe'] == target else f' ({row["nfe"]})'
-            cells.append('—' if row is None else f'{row["rmse"]:.4f}{exact}')
+            cells.append('—' if row is None else f'{row["rmse"]:.3g}{exact}')
         lines.append(f'| {solver} | {schedule} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def plot(rows: list[dict], nfes: list[int], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use('Agg')
@@ -85,6 +85,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         pts = [(r['nfe'], r['rmse']) for r in rows[1:] if (r['solver'], r['schedule']) == (solver, schedule)]
         ax.plot(*zip(*pts), marker='o', label=f'{solver} ({schedule})', linestyle='-' if schedule == 'karras' else '--')
     ax.set(xscale='log', yscale='log', xlabel='network evaluations per image (NFE)', title=title)
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.minorticks_off()
     ax.set_ylabel('RMSE vs 511-NFE Heun (pixels in [-1, 1])')
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
@@ -123,7 +125,7 @@ def main(net: str | None, outdir: str, seeds: str, nfe: str, reference_steps: in
           f'{torch.get_num_threads()} threads; {time.perf_counter() - start:.0f} s in all')  # fmt: skip
     print(markdown_table(rows, nfes))
     if plot_path is not None:
-        plot(rows, plot_path, f'{os.path.basename(os.path.normpath(net))}: {len(seed_list)} images {shape}')
+        plot(rows, nfes, plot_path, f'{os.path.basename(os.path.normpath(net))}: {len(seed_list)} images {shape}')
 
 
 if __name__ == '__main__':
