@@ -3,6 +3,8 @@
 Pure functions of their inputs: the network, the unit noise and the settings fix the output. Guidance
 follows Karras et al. 2024 (arXiv 2406.02507, Eq. 2): D_w = D_g + w·(D − D_g), where the guiding
 net D_g is unconditional (classifier-free guidance) or weaker (autoguidance); w = 1 is no guidance.
+Guidance may be limited to an interval of noise levels (Kynkäänniemi et al. 2024); the deterministic
+solvers other than Heun and their schedules live in training/solvers.py.
 """
 
 import math
