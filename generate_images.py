@@ -21,11 +21,11 @@ from training.generation import (
     generate_cascade,
     generate_images,
     read_prompts,
-    resolve_sampler_options,
 )
 from training.image_grid import save_image_grid
 from training.presets_generate import cascades
 from training.snapshots import NetworkPickleError
+from training.sweeps import SWEEP_NAMES, single_value, sweep_path, sweep_settings
 
 
 def click_options(options: list[Option]) -> Callable:
@@ -34,7 +34,7 @@ def click_options(options: list[Option]) -> Callable:
     def decorate(fn: Callable) -> Callable:
         for o in reversed(options):
             kind = o.type if o.min is None else click.IntRange if o.type is int else click.FloatRange
-            kind = kind if o.min is None else kind(o.min, min_open=o.min_open)
+            kind = str if o.name in SWEEP_NAMES else kind if o.min is None else kind(o.min, min_open=o.min_open)
             show = o.default is not None
             fn = click.option(
                 o.flag, o.name, metavar=o.metavar, type=kind, default=o.default, show_default=show, help=o.help
@@ -125,14 +125,7 @@ def _write(batches, seeds: list[int], outdir: str | None, subdirs: bool, grid: s
 @click.command()
 @click_options(SAMPLER_OPTIONS + OUTPUT_OPTIONS)
 @click.option('--subdirs', is_flag=True, help='Put images in subfolders of 1000 seeds ({seed//1000*1000:06d}/).')
-@click.option(
-    '--prompt',
-    'prompt',
-    metavar='TEXT',
-    type=str,
-    multiple=True,
-    help='Caption for text-to-image nets; repeat for several (cycled over seeds).',
-)
+@click.option('--prompt', metavar='TEXT', type=str, multiple=True, help='Caption for text nets; repeat for several.')
 def main(**o: Any) -> None:
     """Generate images with an EDM2 network (edm2x or NVIDIA pickle), with optional guidance.
 
@@ -150,6 +143,11 @@ def main(**o: Any) -> None:
     \b
     # Your own pickle, class 3, with classifier-free guidance by an unconditional net
     python generate_images.py --net=run/net.pkl --gnet=run/uncond.pkl --guidance=1.5 --class=3 --outdir=out
+
+    \b
+    # Sweep: one sub-folder of out/ per combination (here 2 weights x 2 solvers), e.g. out/w2.0-dpm++2m
+    python generate_images.py --net=run/net.pkl --gnet=run/uncond.pkl --guidance=1.5,2 --solver=heun,dpm++2m \\
+        --guidance-interval=0.3,5 --steps=20 --outdir=out
 
     \b
     # Text-to-image cascade of the CPU demo (runs/demo-text, runs/demo-sr): 32x32 images and their captions
@@ -180,16 +178,16 @@ def main(**o: Any) -> None:
         if o.cascade is not None:
             if o.cascade not in cascades:
                 raise GenerationError(f'Unknown cascade {o.cascade!r}; choose one of: {", ".join(cascades)}.')
-            batches = generate_cascade(
-                cascades[o.cascade], prompts, guidance=o.guidance, aug_sigma=o.aug_sigma, **common
-            )
+            w = single_value('guidance', o.guidance)
+            jobs = [('', generate_cascade(cascades[o.cascade], prompts, guidance=w, aug_sigma=o.aug_sigma, **common))]
         else:
-            c = resolve_sampler_options(**{opt.name: o[opt.name] for opt in SAMPLER_OPTIONS})
-            batches = generate_images(
-                c.net, gnet=c.gnet, class_idx=o.class_idx, prompts=prompts, **common, **c.sampler_kwargs
-            )
-        dist.print0(f'Generating {len(seeds)} images on {dist.get_world_size()} rank(s) ...')
-        _write(batches, seeds, o.outdir, o.subdirs, o.grid, o.npz)
+            kw = dict(class_idx=o.class_idx, prompts=prompts, **common)
+            sweep = sweep_settings({opt.name: o[opt.name] for opt in SAMPLER_OPTIONS})
+            jobs = [(label, generate_images(c.net, gnet=c.gnet, **kw, **c.sampler_kwargs)) for label, c in sweep]
+        for label, batches in jobs:
+            dist.print0(f'Generating {len(seeds)} images on {dist.get_world_size()} rank(s) ... {label}')
+            paths = sweep_path(o.outdir, label, folder=True), sweep_path(o.grid, label), sweep_path(o.npz, label)
+            _write(batches, seeds, paths[0], o.subdirs, *paths[1:])
     except (GenerationError, NetworkPickleError, OSError) as e:
         raise click.ClickException(str(e)) from None
     dist.print0('Done.')

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import generate_images
 from torch_utils import persistence
-from training import generation
+from training import generation, sweeps
 from training.encoders import StandardRGBEncoder
 from training.networks_edm2 import Precond
 from training.snapshots import save_network_pickle
@@ -287,6 +287,46 @@ def test_guided_images_equal_the_guidance_formula(pickles) -> None:
     assert not torch.equal(unguided.images, batch.images)
 
 
+def test_solver_schedule_and_interval_options_reach_the_sampler(pickles, tmp_path) -> None:
+    opts = ['--solver=dpm++3m', '--schedule=logsnr-uniform', '--guidance-interval=0.5,3', '--guidance=2']
+    run_cli(
+        f'--net={pickles["net"]}',
+        f'--gnet={pickles["uncond"]}',
+        '--seeds=1,4',
+        '--steps=5',
+        *opts,
+        f'--npz={tmp_path / "a.npz"}',
+    )
+    net, gnet = (generation.load_network(pickles[k], torch.device('cpu'))[0] for k in ('net', 'uncond'))
+    kwargs = dict(num_steps=5, solver='dpm++3m', schedule='logsnr-uniform', guidance_interval=(0.5, 3.0))
+    with torch.no_grad():
+        out = generation.sample(net, [1, 4], gnet=gnet, guidance=2, **kwargs).latents
+        plain = generation.sample(net, [1, 4], gnet=gnet, guidance=2, num_steps=5).latents
+    expected = StandardRGBEncoder().decode(out).permute(0, 2, 3, 1).numpy()
+    images = np.load(tmp_path / 'a.npz')['arr_0']
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    assert not np.array_equal(images, StandardRGBEncoder().decode(plain).permute(0, 2, 3, 1).numpy())
+
+
+def test_comma_lists_sweep_every_combination_into_its_own_subfolder(pickles, tmp_path) -> None:
+    net, gnet = f'--net={pickles["net"]}', f'--gnet={pickles["uncond"]}'
+    run_cli(
+        net, gnet, '--seeds=2,5', '--guidance=1.5,2', '--solver=euler,dpm++2m', '--steps=3', f'--outdir={tmp_path}/sw'
+    )
+    folders = sorted(os.listdir(tmp_path / 'sw'))
+    assert folders == ['w1.5-dpm++2m', 'w1.5-euler', 'w2.0-dpm++2m', 'w2.0-euler']
+    for w, solver in ((1.5, 'euler'), (2.0, 'dpm++2m')):  # Each sub-folder holds what a single run writes.
+        run_cli(
+            net, gnet, '--seeds=2,5', f'--guidance={w}', f'--solver={solver}', '--steps=3', f'--outdir={tmp_path}/one'
+        )
+        single = read_pngs(tmp_path / 'one')
+        swept = read_pngs(tmp_path / 'sw' / f'w{w}-{solver}')
+        assert single.keys() == swept.keys() == {'000002.png', '000005.png'}
+        assert all(np.array_equal(single[k], swept[k]) for k in single)
+    with pytest.raises(generation.GenerationError, match='at least 1'):
+        sweeps.sweep_settings(dict(preset=None, net='n.pkl', gnet=None, guidance=None, num_steps='4,0'))
+
+
 # ----------------------------------------------------------------------------
 # Output layout and presets.
 
@@ -356,6 +396,14 @@ def test_every_published_preset_names_a_published_pickle() -> None:
         (['--preset=no-such-preset'], 'Unknown preset'),
         (['--net={emptydir}'], 'holds no network snapshot'),
         (['--net={net}', '--device=nonsense'], '--device=nonsense'),
+        (['--net={net}', '--solver=rk4'], 'Unknown solver'),
+        (['--net={net}', '--schedule=cosine'], 'Unknown schedule'),
+        (['--net={net}', '--solver=dpm++3m'], 'at least 3 steps'),
+        (['--net={net}', '--solver=euler', '--S_churn=5'], 'heun solver only'),
+        (['--net={net}', '--guidance-interval=5,1'], 'needs 0 <= LO <= HI'),
+        (['--net={net}', '--guidance-interval=0.3'], 'LO,HI'),
+        (['--net={net}', '--gnet={uncond}', '--guidance=1.5,x'], 'comma list'),
+        (['--cascade=demo-text', '--guidance=1.5,2'], 'one value'),
     ],
 )
 def test_bad_input_gives_one_error_line(pickles, tmp_path, args, message) -> None:

@@ -26,6 +26,7 @@ from training.encoders import StandardRGBEncoder
 from training.presets_generate import presets
 from training.sampling import StackedRandomGenerator, edm_sampler
 from training.snapshots import NetworkPickleError, load_network_pickle, parse_snapshot_name
+from training.solvers import ORDERS, SCHEDULES, check_solver
 
 
 class GenerationError(Exception):
@@ -146,7 +147,7 @@ def sample(
     lowres, aug_sigma: a super-resolution stage's low-res input and its noise augmentation.
     gnet, guidance: D = D_g + w·(D − D_g); a text net without gnet is guided by the empty caption.
     clip, clip_scale: CLIP guidance towards `captions`, for nets whose images the guide reads.
-    sampler_kwargs: edm_sampler's settings (num_steps, sigma_min, S_churn, ...).
+    sampler_kwargs: edm_sampler's settings (num_steps, sigma_min, S_churn, solver, schedule, guidance_interval, ...).
     """
     kind = check_samplable(net, lowres is not None, guidance, gnet)
     device = _device_of(net)
@@ -222,7 +223,27 @@ SAMPLER_OPTIONS: list[Option] = [
     Option('--S_min', 'S_min', float, 0.0, 'FLOAT', 'Lowest noise level with churn.', min=0),
     Option('--S_max', 'S_max', float, float('inf'), 'FLOAT', 'Highest noise level with churn.', min=0),
     Option('--S_noise', 'S_noise', float, 1.0, 'FLOAT', 'Churn noise inflation.'),
+    # ODE solver, noise-level schedule and guidance interval (training/solvers.py, training/sampling.py).
+    Option('--solver', 'solver', str, 'heun', 'NAME', f'ODE solver: {", ".join(ORDERS)}.'),
+    Option('--schedule', 'schedule', str, 'karras', 'NAME', f'Noise levels: {", ".join(SCHEDULES)}.'),
+    Option('--guidance-interval', 'guidance_interval', str, None, 'LO,HI', 'Guide only for LO < sigma <= HI.'),
 ]
+
+
+def check_solver_options(k: dict[str, Any]) -> None:
+    """Parse --guidance-interval 'LO,HI' in place to (σ_lo, σ_hi); a GenerationError for settings that cannot run."""
+    text = k.get('guidance_interval')
+    if isinstance(text, str):
+        try:
+            k['guidance_interval'] = lo, hi = tuple(float(v) for v in text.split(','))
+        except ValueError:
+            raise GenerationError(f'--guidance-interval={text}: give two noise levels LO,HI, e.g. 0.3,5.') from None
+        if not 0 <= lo <= hi:
+            raise GenerationError(f'--guidance-interval={text}: needs 0 <= LO <= HI.')
+    try:
+        check_solver(k.get('solver', 'heun'), k.get('schedule', 'karras'), k.get('num_steps', 32), k.get('S_churn', 0))
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
 
 
 def resolve_sampler_options(
@@ -238,6 +259,7 @@ def resolve_sampler_options(
     if net is None:
         raise GenerationError('No network given: use --net=PKL or --preset=NAME.')
     guidance = 1.0 if guidance is None else guidance
+    check_solver_options(sampler_kwargs)
     return dnnlib.EasyDict(net=net, gnet=gnet, sampler_kwargs=dnnlib.EasyDict(guidance=guidance, **sampler_kwargs))
 
 
