@@ -1,7 +1,6 @@
-"""Generate images with an EDM2 network (edm2x or NVIDIA pickle): presets, guidance, cascades, torchrun.
+"""Generate images with an EDM2 network (edm2x or NVIDIA pickle) or DiT: presets, samplers, guidance, cascades.
 
-Every image depends only on its seed and the sampler settings, never on --batch or the number of ranks.
-The library behind it is training/generation.py.
+Every image depends only on its seed and settings, never on --batch or ranks. The library: training/generation.py.
 """
 
 import os
@@ -134,9 +133,7 @@ def _write(batches, seeds: list[int], outdir: str | None, subdirs: bool, grid: s
     help='Caption for text-to-image nets; repeat for several (cycled over seeds).',
 )
 def main(**o: Any) -> None:
-    """Generate images with an EDM2 network (edm2x or NVIDIA pickle), with optional guidance.
-
-    Examples:
+    """Generate images with an EDM2 network (edm2x or NVIDIA pickle) or DiT, with optional guidance. Examples:
 
     \b
     # Grid of 64 images from the newest snapshot of the CPU demo (runs/demo)
@@ -150,6 +147,10 @@ def main(**o: Any) -> None:
     \b
     # Your own pickle, class 3, with classifier-free guidance by an unconditional net
     python generate_images.py --net=run/net.pkl --gnet=run/uncond.pkl --guidance=1.5 --class=3 --outdir=out
+
+    \b
+    # DiT-XL/2 at 256x256 as DiT samples it (250 DDPM steps, CFG 1.5); or --sampler=ddim --respacing=ddim25
+    python generate_images.py --preset=dit-xl2-256 --class=207 --seeds=0-7 --grid=out/dit.png
 
     \b
     # Text-to-image cascade of the CPU demo (runs/demo-text, runs/demo-sr): 32x32 images and their captions
@@ -186,7 +187,7 @@ def main(**o: Any) -> None:
         else:
             c = resolve_sampler_options(**{opt.name: o[opt.name] for opt in SAMPLER_OPTIONS})
             batches = generate_images(
-                c.net, gnet=c.gnet, class_idx=o.class_idx, prompts=prompts, **common, **c.sampler_kwargs
+                c.net, gnet=c.gnet, vae=c.vae, class_idx=o.class_idx, prompts=prompts, **common, **c.sampler_kwargs
             )
         dist.print0(f'Generating {len(seeds)} images on {dist.get_world_size()} rank(s) ...')
         _write(batches, seeds, o.outdir, o.subdirs, o.grid, o.npz)
