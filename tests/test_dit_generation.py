@@ -19,7 +19,8 @@ import calculate_metrics
 import generate_images
 from training.dit_release import load_dit_network
 from training.encoders import DiTVAEEncoder, StandardRGBEncoder
-from training.generation import generate_images as generate, load_network, sample
+from training.generation import generate_images as generate
+from training.generation import load_network, sample
 from training.networks_dit import DiT, dit_state_dict_from_diffusers, load_dit_checkpoint
 from training.snapshots import save_network_pickle
 

@@ -85,7 +85,7 @@ def guided_model(cond: Model, uncond: Model, guidance: float, channels: int | No
 # An EDM denoiser D(x; σ) as an ε-predictor on a VP schedule, EDM Table 1's VP column read backwards: at original
 # timestep t, σ_t = √((1 − ᾱ_t) / ᾱ_t) and x = x_t / √ᾱ_t = x_t·√(1 + σ_t²), so ε̂ = (x − D(x; σ_t)) / σ_t, and the
 # sampler's x̂_0 = (x_t − √(1 − ᾱ_t)·ε̂) / √ᾱ_t is D itself. `diffusion` is the unrespaced schedule whose
-# indices the samplers pass (VPDiffusion.model_timesteps).
+# indices the samplers pass (VPDiffusion.model_timesteps). σ reaches the denoiser shaped [N, 1, 1, 1].
 def denoiser_as_eps_model(
     denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], diffusion: VPDiffusion
 ) -> Model:
@@ -94,7 +94,7 @@ def denoiser_as_eps_model(
     def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = sigmas[t.cpu().long()].to(device=x_t.device, dtype=x_t.dtype).reshape(-1, *[1] * (x_t.ndim - 1))
         x = x_t * (1 + sigma**2).sqrt()
-        return (x - denoiser(x, sigma.flatten()).to(x.dtype)) / sigma
+        return (x - denoiser(x, sigma).to(x.dtype)) / sigma
 
     return model
 
