@@ -17,7 +17,7 @@ from test_generate_images import tiny_precond
 
 import calculate_metrics
 import generate_images
-from training.dit_release import load_dit_network
+from training.dit_release import diffusion_from_scheduler_config, load_dit_network
 from training.encoders import DiTVAEEncoder, StandardRGBEncoder
 from training.generation import generate_images as generate
 from training.generation import load_network, sample
@@ -62,7 +62,7 @@ def diffusers_dit(seed: int = 1) -> torch.nn.Module:
 
 @pytest.fixture(scope='module')
 def dits(tmp_path_factory, vae_dir) -> dict[str, str]:
-    from diffusers import DDPMScheduler
+    from diffusers import DDIMScheduler
 
     root = tmp_path_factory.mktemp('dit')
     paths = {name: str(root / f'{name}.pt') for name in ('pt', 'same-as-folder', 'bad', 'out')}
@@ -70,7 +70,8 @@ def dits(tmp_path_factory, vae_dir) -> dict[str, str]:
     ref = diffusers_dit()
     paths['folder'] = str(root / 'DiT-tiny-diffusers')
     ref.save_pretrained(os.path.join(paths['folder'], 'transformer'))
-    DDPMScheduler(variance_type='learned_range').save_pretrained(os.path.join(paths['folder'], 'scheduler'))
+    # The hub's DiT folders hold a DDIMScheduler config, which names no variance: the net's 8 outputs say learned.
+    DDIMScheduler().save_pretrained(os.path.join(paths['folder'], 'scheduler'))
     shutil.copytree(vae_dir, os.path.join(paths['folder'], 'vae'))
     state = dit_state_dict_from_diffusers(ref.state_dict(), input_size=8)
     torch.save(load_dit_checkpoint(state).state_dict(), paths['same-as-folder'])
@@ -100,6 +101,7 @@ def test_released_layouts_load_on_dits_ddpm_process_with_dits_decoder(dits):
     folder_net, folder_encoder = load_network(dits['folder'], torch.device('cpu'))
     assert folder_encoder.vae_name == os.path.join(dits['folder'], 'vae')
     np.testing.assert_allclose(folder_net.diffusion.betas.numpy(), np.linspace(1e-4, 0.02, 1000), rtol=1e-6)
+    assert folder_net.diffusion.variance == 'learned_range'
     same = load_dit_network(dits['same-as-folder'])[0].net.state_dict()
     assert all(torch.equal(value, same[key]) for key, value in folder_net.net.state_dict().items())
 
@@ -212,3 +214,14 @@ def test_bad_input_is_one_line_and_writes_nothing(dits, tmp_path, monkeypatch, a
     result = CliRunner().invoke(generate_images.main, ['--device=cpu', *args, f'--outdir={tmp_path / "out"}'])
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+def test_scheduler_configs_give_their_schedules_predictions_and_variances():
+    config = dict(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012, prediction_type='v_prediction')
+    d = diffusion_from_scheduler_config(dict(config, variance_type='fixed_small_log'), learn_sigma=False)
+    np.testing.assert_allclose(d.betas.numpy(), np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, rtol=1e-12)
+    assert (d.prediction, d.variance) == ('v', 'fixed_small')
+    assert diffusion_from_scheduler_config(config, learn_sigma=True).variance == 'learned_range'
+    assert diffusion_from_scheduler_config({}, learn_sigma=False).variance == 'fixed_large'  # DiT without learned σ
+    with pytest.raises(ValueError, match="'sigmoid'"):
+        diffusion_from_scheduler_config(dict(beta_schedule='sigmoid'))

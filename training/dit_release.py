@@ -36,8 +36,9 @@ def dit_network(dit: DiT, diffusion: VPDiffusion | None = None) -> VPDenoiser:
     return VPDenoiser(dit, diffusion, dit.input_size, dit.in_channels, dit.num_classes)
 
 
-# diffusers' DDPMScheduler settings as a VPDiffusion; its '*_log' variances are the same variances.
-def diffusion_from_scheduler_config(config: dict) -> VPDiffusion:
+# A diffusers scheduler's settings as a VPDiffusion. The net's output decides a learned variance (DDIMScheduler
+# configs name none); diffusers' '*_log' variances are the same variances.
+def diffusion_from_scheduler_config(config: dict, learn_sigma: bool = True) -> VPDiffusion:
     T = int(config.get('num_train_timesteps', 1000))
     lo, hi = float(config.get('beta_start', 1e-4)), float(config.get('beta_end', 0.02))
     schedules = {
@@ -47,7 +48,8 @@ def diffusion_from_scheduler_config(config: dict) -> VPDiffusion:
     }
     name = config.get('beta_schedule', 'linear')
     prediction = {'epsilon': 'eps', 'v_prediction': 'v'}.get(config.get('prediction_type', 'epsilon'))
-    variance = str(config.get('variance_type', 'fixed_small')).removesuffix('_log')
+    variance = str(config.get('variance_type', 'fixed_large')).removesuffix('_log')
+    variance = 'learned_range' if learn_sigma else variance if variance.startswith('fixed') else 'fixed_large'
     if name not in schedules or prediction is None:
         raise VPDiffusionError(
             f'unsupported scheduler settings beta_schedule={name!r}, {config.get("prediction_type")}'
@@ -79,7 +81,9 @@ def _load_diffusers_folder(folder: str) -> tuple[DiT, VPDiffusion, str | None]:
     overrides = {'num_heads': config['num_attention_heads']} if 'num_attention_heads' in config else {}
     dit = load_dit_checkpoint(state, input_size=config.get('sample_size'), **overrides)
     scheduler = os.path.join(folder, 'scheduler', 'scheduler_config.json')
-    diffusion = diffusion_from_scheduler_config(_read_json(scheduler)) if os.path.isfile(scheduler) else None
+    diffusion = None
+    if os.path.isfile(scheduler):
+        diffusion = diffusion_from_scheduler_config(_read_json(scheduler), dit.learn_sigma)
     vae = os.path.join(folder, 'vae')
     return dit, diffusion, vae if os.path.isdir(vae) else None
 
