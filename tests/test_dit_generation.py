@@ -24,6 +24,8 @@ from training.generation import load_network, sample
 from training.networks_dit import DiT, dit_state_dict_from_diffusers, load_dit_checkpoint
 from training.snapshots import save_network_pickle
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=1, num_classes=5)
 
 
@@ -161,7 +163,10 @@ def test_every_sampler_gives_the_same_pngs_for_any_batch_size(dits, tmp_path, ne
         run_cli(*args, f'--batch={batch}', f'--outdir={tmp_path / str(batch)}')
     b1, b7 = read_pngs(tmp_path / '1'), read_pngs(tmp_path / '7')
     assert sorted(b1) == [f'{seed:06d}.png' for seed in range(8)] and sorted(b7) == sorted(b1)
-    assert all(np.array_equal(b1[name], b7[name]) for name in b1)
+    # Per-seed draws make the images equal; float sums whose order depends on the batch (matrix products) may
+    # move a rare pixel across a rounding boundary, as in test_generate_images.
+    diffs = np.stack([np.abs(b1[name].astype(int) - b7[name]) for name in b1])
+    assert diffs.max() <= 1 and (diffs > 0).mean() < 1e-3
     assert len({image.tobytes() for image in b1.values()}) == 8
 
 
