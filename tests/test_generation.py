@@ -130,3 +130,23 @@ def test_presets_give_sampler_defaults_that_options_override():
     assert 'respacing' not in c.sampler_kwargs  # Options not given leave sample()'s defaults.
     with pytest.raises(GenerationError, match="Unknown sampler 'euler'"):
         resolve_sampler_options(None, 'net.pkl', None, None, sampler='euler')
+
+
+@pytest.mark.parametrize('sampler', ['ddpm', 'ddim'])
+def test_one_vp_step_lands_on_the_guided_denoiser_for_text_nets_and_guiding_nets(sampler):
+    # Respaced to the single step t = 0, DDPM and DDIM return x̂_0, which for an EDM net is D at σ_0 = √((1 − ᾱ_0)/ᾱ_0)
+    # and x = x_T·√(1 + σ_0²); guidance mixes it as D_g + w·(D − D_g), whatever guides.
+    d = VPDiffusion.from_schedule('cosine')
+    sigma = float(d.sigmas[0])
+    x = torch.stack([torch.randn([2, 4, 4], generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    x = x * (1 + sigma**2) ** 0.5
+    text, captions, w = ToyDenoiser(text=True), ['red', 'a blue square'], 3.0
+    out = sample(text, [0, 1], captions=captions, guidance=w, sampler=sampler, respacing='1', schedule='cosine')
+    dc, du = text(x, sigma, captions), text(x, sigma, ['', ''])
+    torch.testing.assert_close(out.latents, du + w * (dc - du), rtol=1e-4, atol=1e-5)
+    net, gnet = ToyDenoiser(label_dim=3), ToyDenoiser(label_dim=3)
+    gnet.scale.fill_(0.2)
+    out = sample(net, [0, 1], [2, 0], gnet=gnet, guidance=w, sampler=sampler, respacing='1', schedule='cosine')
+    labels = torch.eye(3)[[2, 0]]
+    dc, dg = net(x, sigma, labels), gnet(x, sigma, labels)
+    torch.testing.assert_close(out.latents, dg + w * (dc - dg), rtol=1e-4, atol=1e-5)
