@@ -266,9 +266,17 @@ SAMPLER_OPTIONS: list[Option] = [
         'FLOAT',
         "Lowest noise level  [default: a DDPM net's, else 0.002]",
         min=0,
+        min_open=True,
     ),
     Option(
-        '--sigma_max', 'sigma_max', float, None, 'FLOAT', "Highest noise level  [default: a DDPM net's, else 80]", min=0
+        '--sigma_max',
+        'sigma_max',
+        float,
+        None,
+        'FLOAT',
+        "Highest noise level  [default: a DDPM net's, else 80]",
+        min=0,
+        min_open=True,
     ),
     Option('--rho', 'rho', float, 7.0, 'FLOAT', 'Time step exponent.', min=0, min_open=True),
     Option('--S_churn', 'S_churn', float, 0.0, 'FLOAT', 'Stochasticity strength.', min=0),
