@@ -350,7 +350,7 @@ def gen(
     ref_stats = _load_ref(ref_path, metric_list)
     c = _run(resolve_sampler_options, **opts)
     prompts = _run(read_prompts, (), prompts_file) if prompts_file is not None else None
-    net, encoder = _run(load_network, c.net, torch_device, verbose=True)
+    net, encoder = _run(load_network, c.net, torch_device, verbose=True, vae=c.vae)
     gnet = (
         _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and c.sampler_kwargs.guidance != 1 else None
     )

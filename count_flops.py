@@ -1,4 +1,5 @@
-"""Count the forward-pass Gflops per image of an EDM2 network: a pickle, a training preset or a generation preset.
+"""Count the forward-pass Gflops per image of an EDM2 network or a DiT: a pickle, a DiT checkpoint, a DiT size
+(DiT-XL/2), a training preset or a generation preset.
 
 Convention, chosen because it reproduces EDM2's published Gflops (Table 2: XS 46, S 102, M 181, L 282,
 XL 406, XXL 552 for 64x64x4 latents and 1000 classes): a multiply-add counts as ONE flop in convolutions,
@@ -13,6 +14,12 @@ few seconds. Training presets build the net the way train_edm2.py would for the 
 latents (edm2-img512-*) or 64x64x3 pixels (edm2-img64-*) with 1000 classes, the demo presets' shapes data.
 Generation presets count their published networks (and guiding networks) without downloading them: the
 file name names the architecture (size, img512/img64, uncond).
+
+DiT (Peebles & Xie 2023, Table 4) counts multiply-adds alone, one flop each; that count is printed beside the
+total. Measured for 256x256 images (32x32x4 latents, 1000 classes): S/2 6.06, B/2 23.01, L/2 80.70, XL/2 118.62
+(published 6.06, 23.01, 80.71, 118.64); with elementwise work 6.07, 23.04, 80.79, 118.74. A discrete-time net
+(VPDenoiser) counts its backbone's evaluation. Parameters are counted as the backbone's state dict holds them,
+DiT's fixed position embedding included, as DiT counts it (XL/2: 675.1M).
 """
 
 import os
@@ -28,7 +35,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
 from training import shapes
-from training.generation import resolve_network_path
+from training.dit_release import dit_network, is_dit_checkpoint
+from training.network_loading import load_network, resolve_network_path
+from training.networks_dit import DIT_CONFIGS, DiT
 from training.presets_generate import presets as GENERATE_PRESETS
 from training.presets_train import TRAIN_PRESETS
 from training.snapshots import NetworkPickleError, load_network_pickle
@@ -53,21 +62,36 @@ class _ElementwiseCounter(TorchDispatchMode):
         return out
 
 
-def count_ops(fn: Callable[[], Any]) -> int:
-    """Flops of calling `fn()`: multiply-adds of convolutions, matmuls and attention as one each, plus
-    pointwise ops by output elements and reductions by input elements."""
-    with torch.no_grad(), FlopCounterMode(display=False) as matmuls, _ElementwiseCounter() as elementwise:
+def count_ops(fn: Callable[[], Any], elementwise: bool = True) -> int:
+    """Flops of calling `fn()`: multiply-adds of convolutions, matmuls and attention as one each, plus (unless
+    `elementwise` is False) pointwise ops by output elements and reductions by input elements."""
+    with torch.no_grad(), FlopCounterMode(display=False) as matmuls, _ElementwiseCounter() as others:
         fn()
-    return matmuls.get_total_flops() // 2 + elementwise.flops
+    return matmuls.get_total_flops() // 2 + (others.flops if elementwise else 0)
 
 
-def count_flops(net: torch.nn.Module) -> int:
-    """Flops of one denoiser evaluation D(x; sigma) for one image, counted on the meta device."""
+def count_flops(net: torch.nn.Module, elementwise: bool = True) -> int:
+    """Flops of one denoiser evaluation D(x; sigma) for one image, counted on the meta device; for a discrete-time
+    net (a VPDenoiser's `.net`), one evaluation of its backbone at a timestep."""
     net = net.eval().requires_grad_(False).to('meta')
     x = torch.zeros([1, net.img_channels, net.img_resolution, net.img_resolution], device='meta')
     sigma = torch.ones([1], device='meta')
     labels = torch.zeros([1, net.label_dim], device='meta') if net.label_dim else None
-    return count_ops(lambda: net(x, sigma, labels))
+    forward = net.net if hasattr(net, 'diffusion') and hasattr(net, 'net') else net
+    return count_ops(lambda: forward(x, sigma, labels), elementwise)
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    """Numbers in the backbone's state dict: weights and fixed tables such as DiT's position embedding."""
+    backbone = net.net if hasattr(net, 'diffusion') and hasattr(net, 'net') else net
+    return sum(value.numel() for value in backbone.state_dict().values())
+
+
+def build_dit(config: str, input_size: int = 32) -> torch.nn.Module:
+    """A DiT of Table 1's sizes (DiT-XL/2 ...) on DiT's DDPM process, on the meta device; 32x32 latents = 256 px."""
+    with torch.device('meta'):
+        dit = DiT(input_size=input_size, **DIT_CONFIGS[config])
+    return dit_network(dit)
 
 
 def build_train_preset_net(preset: str, label_dim: int | None = None) -> torch.nn.Module:
@@ -92,7 +116,11 @@ def build_train_preset_net(preset: str, label_dim: int | None = None) -> torch.n
 
 
 def build_published_net(url: str) -> torch.nn.Module:
-    """The architecture of a published EDM2 pickle, read from its name (edm2-{dataset}-{size}[-uncond]-...)."""
+    """The architecture of a published EDM2 pickle or DiT checkpoint, read from its name (edm2-{dataset}-{size}
+    [-uncond]-..., DiT-{size}-{patch}-{res}x{res}.pt)."""
+    dit = re.search(r'DiT-(S|B|L|XL)-(2|4|8)-(\d+)x\d+\.pt$', url)
+    if dit is not None:
+        return build_dit(f'DiT-{dit.group(1)}/{dit.group(2)}', int(dit.group(3)) // 8)
     match = re.search(r'(edm2-img(?:512|64)-[a-z]+)(-uncond)?-\d+-[\d.]+\.pkl$', url)
     if match is None or match.group(1) not in TRAIN_PRESETS:
         raise click.ClickException(
@@ -119,6 +147,13 @@ def resolve(pkl_or_preset: str) -> list[tuple[str, torch.nn.Module]]:
     """(role, network) pairs to count for a pickle path, a training preset or a generation preset."""
     if pkl_or_preset in TRAIN_PRESETS:
         return [('net', build_train_preset_net(pkl_or_preset))]
+    if pkl_or_preset in DIT_CONFIGS:
+        return [('net', build_dit(pkl_or_preset))]
+    if is_dit_checkpoint(pkl_or_preset):
+        try:
+            return [('net', load_network(pkl_or_preset, torch.device('cpu'))[0])]
+        except (NetworkPickleError, OSError) as e:
+            raise click.ClickException(str(e)) from None
     if pkl_or_preset in GENERATE_PRESETS:
         preset = GENERATE_PRESETS[pkl_or_preset]
         refs = [('net', preset.net)] + ([('gnet', preset.gnet)] if preset.gnet else [])
@@ -126,8 +161,8 @@ def resolve(pkl_or_preset: str) -> list[tuple[str, torch.nn.Module]]:
     if pkl_or_preset.endswith('.pkl') or os.path.exists(pkl_or_preset):
         return [('net', load_pickled_net(pkl_or_preset))]
     raise click.ClickException(
-        f'{pkl_or_preset}: no such pickle, run folder or preset; pass a training preset '
-        f'({", ".join(TRAIN_PRESETS)}) or a generation preset of generate_images.py'
+        f'{pkl_or_preset}: no such pickle, checkpoint, run folder or preset; pass a training preset '
+        f'({", ".join(TRAIN_PRESETS)}), a DiT size (DiT-XL/2) or a generation preset of generate_images.py'
     )
 
 
@@ -140,13 +175,14 @@ def main(pkl_or_preset: str) -> None:
     python count_flops.py edm2-img512-xs                 # training preset: 45.55 Gflops
     python count_flops.py edm2-img512-s-autog-fid        # generation preset: net and guiding net
     python count_flops.py runs/demo/network-snapshot-0000384-0.100.pkl
+    python count_flops.py DiT-XL/2                       # 118.74 Gflops; multiply-adds alone 118.62
+    python count_flops.py dit-xl2-512                    # DiT's released 512x512 model
     """
     for role, net in resolve(pkl_or_preset):
-        num_params = sum(p.numel() for p in net.parameters())
         shape = f'{net.img_channels}x{net.img_resolution}x{net.img_resolution}'
         click.echo(
-            f'{role}: {count_flops(net) / 1e9:.2f} Gflops per image '
-            f'({shape}, {net.label_dim} classes, {num_params / 1e6:.1f}M parameters)'
+            f'{role}: {count_flops(net) / 1e9:.2f} Gflops per image, {count_flops(net, False) / 1e9:.2f} in '
+            f'multiply-adds alone ({shape}, {net.label_dim} classes, {count_parameters(net) / 1e6:.1f}M parameters)'
         )
 
 

@@ -1,7 +1,6 @@
-"""Generate images with an EDM2 network (edm2x or NVIDIA pickle): presets, guidance, cascades, torchrun.
+"""Generate images with an EDM2 network (edm2x or NVIDIA pickle) or DiT: presets, samplers, guidance, cascades.
 
-Every image depends only on its seed and the sampler settings, never on --batch or the number of ranks.
-The library behind it is training/generation.py.
+Every image depends only on its seed and settings, never on --batch or ranks. The library: training/generation.py.
 """
 
 import os
@@ -127,9 +126,7 @@ def _write(batches, seeds: list[int], outdir: str | None, subdirs: bool, grid: s
 @click.option('--subdirs', is_flag=True, help='Put images in subfolders of 1000 seeds ({seed//1000*1000:06d}/).')
 @click.option('--prompt', metavar='TEXT', type=str, multiple=True, help='Caption for text nets; repeat for several.')
 def main(**o: Any) -> None:
-    """Generate images with an EDM2 network (edm2x or NVIDIA pickle), with optional guidance.
-
-    Examples:
+    """Generate images with an EDM2 network (edm2x or NVIDIA pickle) or DiT, with optional guidance. Examples:
 
     \b
     # Grid of 64 images from the newest snapshot of the CPU demo (runs/demo)
@@ -145,9 +142,11 @@ def main(**o: Any) -> None:
     python generate_images.py --net=run/net.pkl --gnet=run/uncond.pkl --guidance=1.5 --class=3 --outdir=out
 
     \b
-    # Sweep: one sub-folder of out/ per combination (here 2 weights x 2 solvers), e.g. out/w2.0-dpm++2m
+    # Sweep: one sub-folder of out/ per combination (2 weights x 2 solvers)
     python generate_images.py --net=run/net.pkl --gnet=run/uncond.pkl --guidance=1.5,2 --solver=heun,dpm++2m \\
         --guidance-interval=0.3,5 --steps=20 --outdir=out
+    # DiT-XL/2 at 256x256 as DiT samples it (250 DDPM steps, CFG 1.5); or --sampler=ddim --respacing=ddim25
+    python generate_images.py --preset=dit-xl2-256 --class=207 --seeds=0-7 --grid=out/dit.png
 
     \b
     # Text-to-image cascade of the CPU demo (runs/demo-text, runs/demo-sr): 32x32 images and their captions
@@ -183,7 +182,9 @@ def main(**o: Any) -> None:
         else:
             kw = dict(class_idx=o.class_idx, prompts=prompts, **common)
             sweep = sweep_settings({opt.name: o[opt.name] for opt in SAMPLER_OPTIONS})
-            jobs = [(label, generate_images(c.net, gnet=c.gnet, **kw, **c.sampler_kwargs)) for label, c in sweep]
+            jobs = [
+                (label, generate_images(c.net, gnet=c.gnet, vae=c.vae, **kw, **c.sampler_kwargs)) for label, c in sweep
+            ]
         for label, batches in jobs:
             dist.print0(f'Generating {len(seeds)} images on {dist.get_world_size()} rank(s) ... {label}')
             paths = sweep_path(o.outdir, label, folder=True), sweep_path(o.grid, label), sweep_path(o.npz, label)

@@ -67,3 +67,39 @@ def test_unknown_name_is_a_one_line_error(tmp_path):
         result = CliRunner().invoke(count_flops.main, [arg])
         assert result.exit_code == 1 and 'Traceback' not in result.output
         assert len(result.output.strip().splitlines()) == 1 and arg in result.output
+
+
+DIT_TABLE_4 = {'DiT-S/2': (33.0, 6.06), 'DiT-B/2': (130.5, 23.01), 'DiT-XL/2': (675.1, 118.64)}  # M params, Gflops
+
+
+@pytest.mark.parametrize('size', sorted(DIT_TABLE_4))
+def test_dit_sizes_match_dits_parameters_and_multiply_add_gflops(size):
+    result = CliRunner().invoke(count_flops.main, [size])
+    assert result.exit_code == 0, result.output
+    match = re.fullmatch(
+        r'net: ([\d.]+) Gflops per image, ([\d.]+) in multiply-adds alone \(4x32x32, 1000 classes, ([\d.]+)M parameters\)',
+        result.output.strip(),
+    )
+    total, macs, params = (float(g) for g in match.groups())
+    assert params == DIT_TABLE_4[size][0]
+    assert abs(macs / DIT_TABLE_4[size][1] - 1) < 0.002 and macs < total < 1.01 * macs
+
+
+def test_dit_checkpoint_and_preset_count_the_net_their_names_and_weights_give(tmp_path):
+    from training.networks_dit import DiT
+
+    dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=1, num_classes=5)
+    torch.save(dit.state_dict(), tmp_path / 'tiny.pt')
+    ((_, net),) = count_flops.resolve(str(tmp_path / 'tiny.pt'))
+    assert count_flops.count_parameters(net) == sum(v.numel() for v in dit.state_dict().values())
+    # Multiply-adds by hand: patch embedding, per block qkv/proj/MLP and attention, adaLN, t-MLP, final linear.
+    tokens, hidden, depth = 16, 64, 2
+    per_block = (
+        tokens * (4 * hidden * hidden + 8 * hidden * hidden) + 2 * tokens * tokens * hidden + 6 * hidden * hidden
+    )
+    expected = tokens * 16 * hidden + depth * per_block + 256 * hidden + hidden * hidden + 2 * hidden * hidden
+    expected += tokens * hidden * 2 * 2 * 8
+    assert count_flops.count_flops(net, elementwise=False) == expected
+    ((_, net512),) = count_flops.resolve('dit-xl2-512')
+    assert (net512.img_resolution, net512.label_dim) == (64, 1000)
+    assert abs(count_flops.count_flops(net512, elementwise=False) / 1e9 / 524.6 - 1) < 0.002  # DiT Table 4

@@ -1,11 +1,12 @@
 """Tests of training/generation.py's sampling entry point: per-kind decisions, per-seed draws, batch invariance,
-and loading a run folder's newest snapshot."""
+samplers for every net, presets' sampler defaults, and loading a run folder's newest snapshot."""
 
 import pytest
 import torch
 
-from training.generation import GenerationError, network_kind, resolve_network_path, sample
+from training.generation import GenerationError, network_kind, resolve_network_path, resolve_sampler_options, sample
 from training.sampling import edm_sampler
+from training.vp_diffusion import VPDiffusion
 
 
 class ToyDenoiser(torch.nn.Module):
@@ -103,3 +104,49 @@ def test_run_folder_resolves_to_its_newest_snapshot(tmp_path):
         (tmp_path / name).write_bytes(b'')
     assert resolve_network_path(str(tmp_path)) == str(tmp_path / 'network-snapshot-0000010-0.100.pkl')
     assert resolve_network_path('https://example.com/net.pkl') == 'https://example.com/net.pkl'
+
+
+def test_an_edm_net_under_ddim_converges_to_the_edm_samplers_ode_solution():
+    # DDIM with η = 0 is Euler's method on the probability-flow ODE (Song et al. 2021, Eq. 14; EDM §3), so with the
+    # linear schedule's σ range it converges, to first order, to what EDM's Heun sampler reaches on that range.
+    net, seeds = ToyDenoiser(label_dim=3), [1, 2]
+    d = VPDiffusion.from_schedule('linear')
+    heun = sample(net, seeds, num_steps=300, sigma_min=float(d.sigmas[0]), sigma_max=float(d.sigmas[-1])).latents
+    errors = [(sample(net, seeds, sampler='ddim', num_steps=n).latents - heun).abs().max() for n in (100, 1000)]
+    assert errors[1] < errors[0] / 5 and errors[1] < 0.01 * heun.abs().max(), errors
+
+
+def test_presets_give_sampler_defaults_that_options_override():
+    c = resolve_sampler_options('dit-xl2-256', None, None, None, num_steps=None, sampler=None, eta=0.0)
+    assert c.net == 'https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt'
+    assert (c.vae, c.sampler_kwargs.guidance, c.sampler_kwargs.sampler, c.sampler_kwargs.num_steps) == (
+        'stabilityai/sd-vae-ft-ema',
+        1.5,
+        'ddpm',
+        250,
+    )
+    c = resolve_sampler_options('dit-xl2-512', None, None, 4.0, num_steps=50, sampler='ddim', respacing=None)
+    assert (c.sampler_kwargs.guidance, c.sampler_kwargs.sampler, c.sampler_kwargs.num_steps) == (4.0, 'ddim', 50)
+    assert 'respacing' not in c.sampler_kwargs  # Options not given leave sample()'s defaults.
+    with pytest.raises(GenerationError, match="Unknown sampler 'euler'"):
+        resolve_sampler_options(None, 'net.pkl', None, None, sampler='euler')
+
+
+@pytest.mark.parametrize('sampler', ['ddpm', 'ddim'])
+def test_one_vp_step_lands_on_the_guided_denoiser_for_text_nets_and_guiding_nets(sampler):
+    # Respaced to the single step t = 0, DDPM and DDIM return x̂_0, which for an EDM net is D at σ_0 = √((1 − ᾱ_0)/ᾱ_0)
+    # and x = x_T·√(1 + σ_0²); guidance mixes it as D_g + w·(D − D_g), whatever guides.
+    d = VPDiffusion.from_schedule('cosine')
+    sigma = float(d.sigmas[0])
+    x = torch.stack([torch.randn([2, 4, 4], generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    x = x * (1 + sigma**2) ** 0.5
+    text, captions, w = ToyDenoiser(text=True), ['red', 'a blue square'], 3.0
+    out = sample(text, [0, 1], captions=captions, guidance=w, sampler=sampler, respacing='1', vp_schedule='cosine')
+    dc, du = text(x, sigma, captions), text(x, sigma, ['', ''])
+    torch.testing.assert_close(out.latents, du + w * (dc - du), rtol=1e-4, atol=1e-5)
+    net, gnet = ToyDenoiser(label_dim=3), ToyDenoiser(label_dim=3)
+    gnet.scale.fill_(0.2)
+    out = sample(net, [0, 1], [2, 0], gnet=gnet, guidance=w, sampler=sampler, respacing='1', vp_schedule='cosine')
+    labels = torch.eye(3)[[2, 0]]
+    dc, dg = net(x, sigma, labels), gnet(x, sigma, labels)
+    torch.testing.assert_close(out.latents, dg + w * (dc - dg), rtol=1e-4, atol=1e-5)

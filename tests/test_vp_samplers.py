@@ -6,7 +6,7 @@ import torch
 
 from training.sampling import StackedRandomGenerator, edm_sampler
 from training.vp_diffusion import VPDenoiser, VPDiffusion, beta_schedule
-from training.vp_samplers import ddim_sampler, ddpm_sampler, guided_model
+from training.vp_samplers import ddim_sampler, ddpm_sampler, denoiser_as_eps_model, guided_model
 
 MU = torch.tensor([0.4, -0.3], dtype=torch.float64).reshape(1, 2, 1, 1)  # Toy data N(MU, S²) per channel.
 S = torch.tensor([0.5, 0.2], dtype=torch.float64).reshape(1, 2, 1, 1)
@@ -156,3 +156,24 @@ def test_guided_model_mixes_guided_channels_only():
     torch.testing.assert_close(guided_model(cond, uncond, guidance=2.0)(x, t), 2 * x + 2 * (1 - x))
     never = lambda x, t: pytest.fail('the unconditional model runs without guidance')
     torch.testing.assert_close(guided_model(cond, never, guidance=1)(x, t), x + 1)
+
+
+def test_reverse_adapter_turns_the_exact_edm_denoiser_into_the_exact_eps_predictor():
+    # The toy's exact EDM denoiser D(x; σ) = MU + S²/(S² + σ²)·(x − MU) (x = x_t/√ᾱ) against E[ε | x_t] from ᾱ.
+    d = VPDiffusion(beta_schedule('linear'))
+    denoiser = lambda x, sigma: MU + S**2 / (S**2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - MU)
+    model = denoiser_as_eps_model(denoiser, d)
+    x_t = torch.randn([3, 2, 2, 2], generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    t = torch.tensor([0, 417, 999])
+    torch.testing.assert_close(model(x_t, t), toy_model(d)(x_t, t), rtol=1e-9, atol=1e-9)
+
+
+def test_ddim_on_an_edm_denoiser_converges_to_the_probability_flow_ode_solution():
+    d = VPDiffusion(beta_schedule('cosine'))
+    denoiser = lambda x, sigma: MU + S**2 / (S**2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - MU)
+    noise = torch.randn([4, 2, 2, 2], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    steps = d.respace('500')
+    x = ddim_sampler(denoiser_as_eps_model(denoiser, d), noise, steps, dtype=torch.float64)
+    sigma_top, sigma_end = float(d.sigmas[-1]), float(d.sigmas[0])
+    expected = ode_solution(noise * math.sqrt(1 + sigma_top**2), sigma_top, sigma_end)
+    assert (x - expected).abs().max() < 5e-3

@@ -175,3 +175,35 @@ class StabilityVAEEncoder(Encoder):
         """Network space -> uint8 NCHW pixels: VAE output clamped to [0, 1], times 255, rounded."""
         images = self._run_batched(lambda batch: self._vae.decode(batch).sample, self.latents_to_vae(x))
         return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+
+
+@persistence.persistent_class
+class DiTVAEEncoder(StabilityVAEEncoder):
+    """Stable Diffusion VAE latents as DiT and latent diffusion scale them (Rombach et al. 2022): the VAE reads
+    pixels in [-1, 1] and the network sees z·0.18215. The dataset stores the posterior mean and std, as for
+    StabilityVAEEncoder; `decode` maps the VAE's [-1, 1] output to uint8 as DiT saves its samples.
+    """
+
+    def __init__(self, vae_name: str = 'stabilityai/sd-vae-ft-ema', scale: float = 0.18215, batch_size: int = 8):
+        super().__init__(vae_name=vae_name, batch_size=batch_size)
+        self.scale = float(scale)
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW pixels -> float32 [N, 2C, H/f, W/f]: posterior mean, then std."""
+
+        def encode(batch: torch.Tensor) -> torch.Tensor:
+            posterior = self._vae.encode(batch.to(torch.float32) / 127.5 - 1).latent_dist
+            return torch.cat([posterior.mean, posterior.std], dim=1)
+
+        return self._run_batched(encode, x)
+
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = x.float().chunk(2, dim=1)
+        return (mean + std * torch.randn_like(mean)) * self.scale
+
+    def latents_to_vae(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / self.scale
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        images = self._run_batched(lambda batch: self._vae.decode(batch).sample, self.latents_to_vae(x))
+        return ((images + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)

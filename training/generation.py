@@ -2,16 +2,16 @@
 
 `sample()` is the one place that decides how a network is sampled: class-conditional or unconditional
 EDM2 nets, text-to-image nets (captions, classifier-free guidance by the empty caption), super-resolution
-stages (a low-res input, optionally noise-augmented as in Imagen, Saharia et al. 2022, §2.4) and
-optional CLIP guidance (GLIDE, Nichol et al. 2021). The training loop's sample grids,
-generate_images.py, calculate_metrics.py gen and bench/ all call it.
+stages (a low-res input, optionally noise-augmented as in Imagen, Saharia et al. 2022, §2.4), discrete-time
+DDPM nets and DiT's released models (VPDenoiser; guidance by the null label as DiT applies it) and
+optional CLIP guidance (GLIDE, Nichol et al. 2021), with the EDM sampler, DDPM or DDIM for every net. The
+training loop's sample grids, generate_images.py, calculate_metrics.py gen and bench/ all call it.
 
 Every image depends only on its seed and the settings, never on the batch or the number of ranks: its
 noise, random class and churn noise come from its own generator (StackedRandomGenerator).
 """
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -23,10 +23,12 @@ import dnnlib
 from torch_utils import distributed as dist
 from training.clip_guidance import check_clip_guide, clip_correction, load_clip_guide
 from training.encoders import StandardRGBEncoder
+from training.network_loading import load_network, resolve_network_path
 from training.presets_generate import presets
 from training.sampling import StackedRandomGenerator, edm_sampler
-from training.snapshots import NetworkPickleError, load_network_pickle, parse_snapshot_name
 from training.solvers import ORDERS, SCHEDULES, check_solver
+from training.vp_diffusion import VPDiffusion, VPDiffusionError
+from training.vp_samplers import ddim_sampler, ddpm_sampler, guided_model, is_discrete, vp_model
 
 
 class GenerationError(Exception):
@@ -34,36 +36,7 @@ class GenerationError(Exception):
 
 
 # ----------------------------------------------------------------------------
-# Loading networks: a pickle path or URL, or a run folder (its newest snapshot).
-
-
-def resolve_network_path(path: str) -> str:
-    """A run folder resolves to its newest snapshot: highest kimg, then highest EMA std."""
-    if '://' in path or not os.path.isdir(path):
-        return path
-    found = []
-    for name in os.listdir(path):
-        try:
-            found.append((*parse_snapshot_name(name)[1:], name))
-        except ValueError:
-            continue
-    if not found:
-        raise NetworkPickleError(f'{path} holds no network snapshot (PREFIX-KIMG-STD.pkl); train one there first.')
-    return os.path.join(path, max(found)[-1])
-
-
-def load_network(path_or_url: str, device: torch.device, verbose: bool = False) -> tuple[torch.nn.Module, Any]:
-    """(net, encoder) of an edm2x or EDM2 network pickle, frozen in eval mode on `device`."""
-    path = resolve_network_path(path_or_url)
-    if verbose:
-        dist.print0(f'Loading network from {path} ...')
-    data = load_network_pickle(path)
-    net = data['ema']
-    if not isinstance(net, torch.nn.Module) or any(
-        not hasattr(net, k) for k in ('img_resolution', 'img_channels', 'label_dim')
-    ):
-        raise NetworkPickleError(f"{path} holds no network: its 'ema' entry is a {type(net).__name__}.")
-    return net.eval().requires_grad_(False).to(device), data.get('encoder')
+# CLIP guides.
 
 
 def load_clip(
@@ -96,6 +69,9 @@ def _shape(net: torch.nn.Module) -> str:
 # The sampling entry point.
 
 
+SAMPLERS = ('edm', 'ddpm', 'ddim')
+
+
 def network_kind(net: torch.nn.Module) -> str:
     """'guide' (a CLIP guide, no denoiser), 'sr' (super-resolution stage), 'text' (text-to-image) or 'edm2'."""
     if hasattr(net, 'encode_image'):
@@ -115,7 +91,7 @@ def check_samplable(net: torch.nn.Module, has_lowres: bool, guidance: float, gne
             f'The network is a {net.lowres}->{net.img_resolution} super-resolution stage; '
             f'run it after a base net with --cascade.'
         )
-    if guidance != 1 and gnet is None and kind == 'edm2':
+    if guidance != 1 and gnet is None and kind == 'edm2' and not (is_discrete(net) and net.label_dim):
         raise GenerationError(f'Guidance {guidance} needs a guiding network (--gnet).')
     return kind
 
@@ -136,6 +112,10 @@ def sample(
     guidance: float = 1.0,
     clip: torch.nn.Module | None = None,
     clip_scale: float = 0.0,
+    sampler: str = 'edm',
+    respacing: str | None = None,
+    eta: float = 0.0,
+    vp_schedule: str = 'linear',
     **sampler_kwargs: Any,
 ) -> dnnlib.EasyDict:
     """Sample one image per seed; returns EasyDict(latents, labels) in network space.
@@ -145,11 +125,20 @@ def sample(
         nets without classes. `labels` is the one-hot [N, label_dim] used, or None.
     captions: text nets' prompts, one per image (None: the empty caption).
     lowres, aug_sigma: a super-resolution stage's low-res input and its noise augmentation.
-    gnet, guidance: D = D_g + w·(D − D_g); a text net without gnet is guided by the empty caption.
-    clip, clip_scale: CLIP guidance towards `captions`, for nets whose images the guide reads.
-    sampler_kwargs: edm_sampler's settings (num_steps, sigma_min, S_churn, solver, schedule, guidance_interval, ...).
+    gnet, guidance: D = D_g + w·(D − D_g); a text net without gnet is guided by the empty caption, a
+        discrete-time class net (DiT) by the null label.
+    clip, clip_scale: CLIP guidance towards `captions`, for nets whose images the guide reads (EDM sampler).
+    sampler: 'edm' (EDM's Heun, Karras et al. 2022 Alg. 2), 'ddpm' (ancestral, Ho et al. 2020 Alg. 2) or 'ddim'
+        (Song et al. 2021, noise `eta`), for every net; see _sample_vp for the DDPM view of an EDM net.
+    respacing, vp_schedule: ddpm/ddim steps in improved DDPM's notation ('250', 'ddim25', '10,15,20'; default:
+        num_steps evenly spaced) and the β schedule on which an EDM net runs them.
+    sampler_kwargs: edm_sampler's settings (num_steps, sigma_min, S_churn, solver, schedule, guidance_interval,
+        ...); a discrete net's own σ range
+        is the EDM sampler's default.
     """
     kind = check_samplable(net, lowres is not None, guidance, gnet)
+    if sampler not in SAMPLERS:
+        raise GenerationError(f'Unknown sampler {sampler!r}; choose one of: {", ".join(SAMPLERS)}.')
     device = _device_of(net)
     rnd = seeds if isinstance(seeds, StackedRandomGenerator) else StackedRandomGenerator(device, seeds)
     n = len(rnd.generators)
@@ -168,24 +157,77 @@ def sample(
             raise GenerationError('CLIP guidance needs prompts: give --prompt="..." or --prompts=FILE.')
         sampler_kwargs['correction'] = clip_correction(clip, captions, clip_scale)
     sampler_kwargs['randn_like'] = rnd.randn_like
+    if sampler != 'edm' and 'correction' in sampler_kwargs:
+        raise GenerationError(f'CLIP guidance runs with the EDM sampler; drop --sampler={sampler}.')
 
-    if kind == 'edm2':
-        latents = edm_sampler(net, noise, labels, gnet if guidance != 1 else None, guidance=guidance, **sampler_kwargs)
+    # The net and its guide, each a (denoiser D(x, σ, labels), labels) pair.
+    cond, uncond = (net, labels), None
+    if kind in ('text', 'sr'):
+        captions = [''] * n if captions is None else list(captions)
+        inputs = {}
+        if kind == 'sr':
+            inputs = dict(lowres=lowres, aug_sigma=aug_sigma)
+            if aug_sigma > 0:  # Corrupt the input as in training; the noise comes from each image's own stream.
+                inputs['lowres'] = lowres + aug_sigma * rnd.randn_like(lowres)
+        cond = (_with_conditioning(net, captions, **inputs), None)
+        if guidance != 1 and gnet is not None:  # The guiding net reads the same captions and low-res input.
+            uncond = (_with_conditioning(gnet, captions, **inputs), None)
+        elif guidance != 1:  # Classifier-free guidance: the same net given the empty caption.
+            uncond = (_with_conditioning(net, [''] * n, **inputs), None)
+    elif guidance != 1:  # A guiding net, or a discrete-time class net's null label (an all-zero one-hot row).
+        uncond = (gnet, labels) if gnet is not None else (net, torch.zeros_like(labels))
+
+    if sampler != 'edm':
+        latents = _sample_vp(net, cond, uncond, noise, guidance, sampler, respacing, eta, vp_schedule, **sampler_kwargs)
         return dnnlib.EasyDict(latents=latents, labels=labels)
-    captions = [''] * n if captions is None else list(captions)
-    inputs = {}
-    if kind == 'sr':
-        inputs = dict(lowres=lowres, aug_sigma=aug_sigma)
-        if aug_sigma > 0:  # Corrupt the input as in training; the noise comes from each image's own stream.
-            inputs['lowres'] = lowres + aug_sigma * rnd.randn_like(lowres)
-    denoiser = _with_conditioning(net, captions, **inputs)
-    guide = None
-    if guidance != 1 and gnet is not None:  # The guiding net reads the same captions and low-res input.
-        guide = _with_conditioning(gnet, captions, **inputs)
-    elif guidance != 1:  # Classifier-free guidance: the same net given the empty caption.
-        guide = _with_conditioning(net, [''] * n, **inputs)
-    latents = edm_sampler(denoiser, noise, None, guide, guidance=guidance, **sampler_kwargs)
+    if is_discrete(net):
+        sampler_kwargs = {'sigma_min': net.sigma_min, 'sigma_max': net.sigma_max, **sampler_kwargs}
+    guide = None if uncond is None else _fixed_labels(*uncond)
+    latents = edm_sampler(_fixed_labels(*cond), noise, labels, guide, guidance=guidance, **sampler_kwargs)
     return dnnlib.EasyDict(latents=latents, labels=labels)
+
+
+def _fixed_labels(denoiser: Callable, labels: torch.Tensor | None) -> Callable:
+    return lambda x, sigma, _labels=None: denoiser(x, sigma, labels)
+
+
+def vp_process(
+    net: torch.nn.Module, respacing: str | None = None, vp_schedule: str = 'linear', num_steps: int = 32
+) -> tuple[VPDiffusion, VPDiffusion]:
+    """The VP process a net runs ddpm/ddim on (a discrete net's own, else `vp_schedule`'s) and its respaced steps."""
+    try:
+        diffusion = net.diffusion if is_discrete(net) else VPDiffusion.from_schedule(vp_schedule)
+        return diffusion, diffusion.respace(str(num_steps) if respacing is None else respacing)
+    except VPDiffusionError as e:
+        raise GenerationError(f'{e}.') from None
+
+
+def _sample_vp(
+    net: torch.nn.Module,
+    cond: tuple,
+    uncond: tuple | None,
+    noise: torch.Tensor,
+    guidance: float,
+    sampler: str,
+    respacing: str | None,
+    eta: float,
+    vp_schedule: str,
+    num_steps: int = 32,
+    randn_like: Callable = torch.randn_like,
+    **edm_only: Any,
+) -> torch.Tensor:
+    """DDPM or DDIM from unit noise x_T. A discrete net steps on its own (respaced) process. An EDM net steps on
+    a VP process with the β `vp_schedule` (T = 1000, fixed variance β̃_t): its D(x; σ_t) at each kept step's
+    σ_t = √((1 − ᾱ_t)/ᾱ_t) gives ε̂ = (x − D)/σ_t with x = x_t/√ᾱ_t. Guidance mixes ε's (equal to mixing D's, as
+    both share x); DiT nets guide 3 of their 4 ε channels, as DiT's sampler does. EDM-only settings are unused."""
+    diffusion, steps = vp_process(net, respacing, vp_schedule, num_steps)
+    model = vp_model(*cond, diffusion)
+    if uncond is not None:
+        dit = type(getattr(net, 'net', None)).__name__ == 'DiT' and net.img_channels == 4
+        model = guided_model(model, vp_model(*uncond, diffusion), guidance, 3 if dit else net.img_channels)
+    if sampler == 'ddpm':
+        return ddpm_sampler(model, noise, steps, randn_like=randn_like)
+    return ddim_sampler(model, noise, steps, eta=eta, randn_like=randn_like)
 
 
 def _device_of(net: torch.nn.Module) -> torch.device:
@@ -210,14 +252,34 @@ class Option:
 
 SAMPLER_OPTIONS: list[Option] = [
     Option('--preset', 'preset', str, None, 'NAME', 'Named net/gnet/guidance, e.g. edm2-img512-s-autog-fid, or demo.'),
-    Option('--net', 'net', str, None, 'PKL|URL|DIR', 'Network pickle, or a run folder (its newest snapshot).'),
+    Option(
+        '--net', 'net', str, None, 'PKL|PT|URL|DIR', 'Network pickle, run folder, or DiT checkpoint (.pt, diffusers).'
+    ),
     Option(
         '--gnet', 'gnet', str, None, 'PKL|URL|DIR', 'Guiding network: unconditional (CFG) or weaker (autoguidance).'
     ),
     Option('--guidance', 'guidance', float, None, 'FLOAT', 'Guidance strength w; 1 = none  [default: preset, else 1]'),
-    Option('--steps', 'num_steps', int, 32, 'INT', 'Number of sampling steps.', min=1),
-    Option('--sigma_min', 'sigma_min', float, 0.002, 'FLOAT', 'Lowest noise level.', min=0, min_open=True),
-    Option('--sigma_max', 'sigma_max', float, 80.0, 'FLOAT', 'Highest noise level.', min=0, min_open=True),
+    Option('--steps', 'num_steps', int, None, 'INT', 'Number of sampling steps  [default: preset, else 32]', min=1),
+    Option(
+        '--sigma_min',
+        'sigma_min',
+        float,
+        None,
+        'FLOAT',
+        "Lowest noise level  [default: a DDPM net's, else 0.002]",
+        min=0,
+        min_open=True,
+    ),
+    Option(
+        '--sigma_max',
+        'sigma_max',
+        float,
+        None,
+        'FLOAT',
+        "Highest noise level  [default: a DDPM net's, else 80]",
+        min=0,
+        min_open=True,
+    ),
     Option('--rho', 'rho', float, 7.0, 'FLOAT', 'Time step exponent.', min=0, min_open=True),
     Option('--S_churn', 'S_churn', float, 0.0, 'FLOAT', 'Stochasticity strength.', min=0),
     Option('--S_min', 'S_min', float, 0.0, 'FLOAT', 'Lowest noise level with churn.', min=0),
@@ -227,6 +289,14 @@ SAMPLER_OPTIONS: list[Option] = [
     Option('--solver', 'solver', str, 'heun', 'NAME', f'ODE solver: {", ".join(ORDERS)}.'),
     Option('--schedule', 'schedule', str, 'karras', 'NAME', f'Noise levels: {", ".join(SCHEDULES)}.'),
     Option('--guidance-interval', 'guidance_interval', str, None, 'LO,HI', 'Guide only for LO < sigma <= HI.'),
+    # Discrete-time samplers, for every net (see sample()).
+    Option('--sampler', 'sampler', str, None, 'edm|ddpm|ddim', 'Sampler  [default: preset, else edm]'),
+    Option('--respacing', 'respacing', str, None, 'STR', 'DDPM/DDIM steps: 250, ddim25, 10,15,20  [default: --steps]'),
+    Option('--eta', 'eta', float, 0.0, 'FLOAT', 'DDIM noise: 0 deterministic, 1 as DDPM.', min=0),
+    Option(
+        '--vp-schedule', 'vp_schedule', str, None, 'NAME', 'β schedule of an EDM net under ddpm/ddim  [default: linear]'
+    ),
+    Option('--vae', 'vae', str, None, 'ID|DIR', "VAE decoder of a latent net  [default: preset, else the net's]"),
 ]
 
 
@@ -247,20 +317,32 @@ def check_solver_options(k: dict[str, Any]) -> None:
 
 
 def resolve_sampler_options(
-    preset: str | None, net: str | None, gnet: str | None, guidance: float | None, **sampler_kwargs: Any
+    preset: str | None,
+    net: str | None,
+    gnet: str | None,
+    guidance: float | None,
+    vae: str | None = None,
+    **sampler_kwargs: Any,
 ) -> dnnlib.EasyDict:
-    """Expand a preset under the options given: EasyDict(net, gnet, sampler_kwargs) for generate_images()."""
+    """Expand a preset under the options given: EasyDict(net, gnet, vae, sampler_kwargs) for generate_images().
+    Options left at None take the preset's value, else sample()'s default."""
+    sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
     if preset is not None:
         if preset not in presets:
             raise GenerationError(f'Unknown preset {preset!r}; choose one of: {", ".join(presets)}.')
-        net = net or presets[preset].net
-        gnet = gnet or presets[preset].gnet
-        guidance = presets[preset].guidance if guidance is None else guidance
+        p = presets[preset]
+        net, gnet, vae = net or p.net, gnet or p.gnet, vae or p.get('vae')
+        guidance = p.guidance if guidance is None else guidance
+        sampler_kwargs = {**p.get('sampler_kwargs', {}), **sampler_kwargs}
     if net is None:
         raise GenerationError('No network given: use --net=PKL or --preset=NAME.')
+    if sampler_kwargs.get('sampler', 'edm') not in SAMPLERS:
+        raise GenerationError(f'Unknown sampler {sampler_kwargs["sampler"]!r}; choose one of: {", ".join(SAMPLERS)}.')
     guidance = 1.0 if guidance is None else guidance
     check_solver_options(sampler_kwargs)
-    return dnnlib.EasyDict(net=net, gnet=gnet, sampler_kwargs=dnnlib.EasyDict(guidance=guidance, **sampler_kwargs))
+    return dnnlib.EasyDict(
+        net=net, gnet=gnet, vae=vae, sampler_kwargs=dnnlib.EasyDict(guidance=guidance, **sampler_kwargs)
+    )
 
 
 def read_prompts(prompt: Iterable[str], prompts_file: str | None) -> list[str]:
@@ -320,6 +402,7 @@ def generate_images(
     prompts: list[str] | None = None,
     clip: torch.nn.Module | str | None = None,
     clip_scale: float = 0.0,
+    vae: str | None = None,
     **sampler_kwargs: Any,
 ) -> Iterator[dnnlib.EasyDict]:
     """Sample this rank's share of `seeds`, yielding per batch EasyDict(images, seeds, labels, captions).
@@ -329,13 +412,16 @@ def generate_images(
     loaded nor evaluated when guidance is 1. `sampler_kwargs` go to sample() (guidance, num_steps, ...).
     Text-to-image nets take `prompts` (image i gets prompts[i % len(prompts)], yielded as `captions`).
     `clip` (a CLIP guide or its pickle) with `clip_scale` != 0 steers any net towards the prompts.
+    `vae` replaces the VAE of a loaded latent net's encoder (load_network).
     """
     device = _as_device(device)
     if isinstance(net, str):
-        net, pickled_encoder = load_network(net, device, verbose)
+        net, pickled_encoder = load_network(net, device, verbose, vae=vae)
         encoder = encoder or pickled_encoder
     encoder = encoder or StandardRGBEncoder()
     kind = check_samplable(net, False, sampler_kwargs.get('guidance', 1), gnet)
+    if sampler_kwargs.get('sampler', 'edm') != 'edm':  # Bad respacing fails here, before the VAE loads.
+        vp_process(net, **{k: v for k, v in sampler_kwargs.items() if k in ('respacing', 'vp_schedule', 'num_steps')})
     if sampler_kwargs.get('guidance', 1) == 1:
         gnet = None
     elif isinstance(gnet, str):

@@ -1,8 +1,9 @@
-"""Generation presets: which network (and guiding network) to sample, and with what guidance.
+"""Generation presets: which network (and guiding network) to sample, with what guidance and sampler.
 
-NVIDIA's published EDM2 post-hoc reconstructions (EDM2, Karras et al. 2024, Tables 2-3; autoguidance, arXiv 2406.02507). Comments give the FID or FD-DINOv2
-each preset is published with (minimum over three 50k-image seed sets). A preset's `net` / `gnet` may
-also be a local run folder, which resolves to the newest network snapshot in it.
+NVIDIA's published EDM2 post-hoc reconstructions (EDM2, Karras et al. 2024, Tables 2-3; autoguidance,
+arXiv 2406.02507) and DiT's released models. Comments give the FID or FD-DINOv2 each preset is published
+with (EDM2: minimum over three 50k-image seed sets). A preset's `net` / `gnet` may also be a local run
+folder, which resolves to the newest network snapshot in it.
 """
 
 from dnnlib import EasyDict
@@ -14,8 +15,13 @@ def _pkl(name: str) -> str:
     return f'{_BASE_URL}/edm2-{name}.pkl'
 
 
-def _preset(net: str, gnet: str | None = None, guidance: float = 1.0) -> EasyDict:
-    return EasyDict(net=net, gnet=gnet, guidance=guidance)
+def _preset(net: str, gnet: str | None = None, guidance: float = 1.0, vae: str | None = None, **sampler) -> EasyDict:
+    """A net, its guiding net and guidance; `vae` and the sampler settings (sample()'s keywords) are defaults
+    that command-line options override."""
+    return EasyDict(net=net, gnet=gnet, guidance=guidance, vae=vae, sampler_kwargs=EasyDict(sampler))
+
+
+_DIT_URL = 'https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{0}x{0}.pt'
 
 
 presets: dict[str, EasyDict] = {
@@ -95,6 +101,15 @@ presets: dict[str, EasyDict] = {
     ),  # FD 90.39
     'edm2-img64-s-autog-fid': _preset(_pkl('img64-s-1073741-0.045'), _pkl('img64-xs-0134217-0.110'), 1.70),  # FID 1.01
     'edm2-img64-s-autog-dino': _preset(_pkl('img64-s-1073741-0.105'), _pkl('img64-xs-0134217-0.175'), 2.20),  # FD 31.85
+    # DiT's released ImageNet models (Peebles & Xie 2023, Table 4), sampled as DiT's sample.py does: 250 DDPM steps,
+    # classifier-free guidance 1.5 by the null label on 3 of the 4 ε channels, decoded by sd-vae-ft-ema. FID-50K
+    # against ADM's reference batches (not EDM2's reference statistics).
+    'dit-xl2-256': _preset(
+        _DIT_URL.format(256), guidance=1.5, vae='stabilityai/sd-vae-ft-ema', sampler='ddpm', num_steps=250
+    ),  # FID 2.27
+    'dit-xl2-512': _preset(
+        _DIT_URL.format(512), guidance=1.5, vae='stabilityai/sd-vae-ft-ema', sampler='ddpm', num_steps=250
+    ),  # FID 3.04
     # The project's own CPU demos (`python train_edm2.py --outdir=runs/demo --preset=demo`, likewise
     # demo-tiny): the newest snapshot in the run folder.
     'demo': _preset('runs/demo'),

@@ -4,7 +4,8 @@ Pure functions with one shape (as k-diffusion's): a model callable model(x_t, t)
 each sample's original timestep index, the initial noise x_T ~ N(0, I), a `VPDiffusion` (respaced or not),
 and `randn_like` for the fresh noise of each step. Passing a per-seed generator's `randn_like` (edm2x's
 StackedRandomGenerator) makes each image depend only on its seed, never on its batch. Guidance is the
-model callable's business; `guided_model` builds classifier-free guidance from two callables.
+model callable's business; `guided_model` builds classifier-free guidance from two callables, and
+`denoiser_as_eps_model` lets a continuous-time EDM denoiser D(x; σ) run these samplers.
 
 We step ourselves rather than through diffusers' DDPMScheduler / DDIMScheduler (whose single steps the tests
 match): they hold the schedule in float32, draw step noise from torch generators rather than a per-seed
@@ -79,3 +80,33 @@ def guided_model(cond: Model, uncond: Model, guidance: float, channels: int | No
         return torch.cat([u[:, :k] + guidance * (c[:, :k] - u[:, :k]), c[:, k:]], dim=1)
 
     return model
+
+
+# An EDM denoiser D(x; σ) as an ε-predictor on a VP schedule, EDM Table 1's VP column read backwards: at original
+# timestep t, σ_t = √((1 − ᾱ_t) / ᾱ_t) and x = x_t / √ᾱ_t = x_t·√(1 + σ_t²), so ε̂ = (x − D(x; σ_t)) / σ_t, and the
+# sampler's x̂_0 = (x_t − √(1 − ᾱ_t)·ε̂) / √ᾱ_t is D itself. `diffusion` is the unrespaced schedule whose
+# indices the samplers pass (VPDiffusion.model_timesteps). σ reaches the denoiser shaped [N, 1, 1, 1].
+def denoiser_as_eps_model(
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], diffusion: VPDiffusion
+) -> Model:
+    sigmas = diffusion.sigmas
+
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = sigmas[t.cpu().long()].to(device=x_t.device, dtype=x_t.dtype).reshape(-1, *[1] * (x_t.ndim - 1))
+        x = x_t * (1 + sigma**2).sqrt()
+        return (x - denoiser(x, sigma).to(x.dtype)) / sigma
+
+    return model
+
+
+def is_discrete(net: object) -> bool:
+    """A discrete-time VP net seen as an EDM denoiser (training.vp_diffusion.VPDenoiser: `.net`, `.diffusion`)."""
+    return hasattr(net, 'diffusion') and hasattr(net, 'net')
+
+
+def vp_model(denoiser: Callable, labels: torch.Tensor | None, diffusion: VPDiffusion) -> Model:
+    """model(x_t, t) for these samplers with fixed labels: a VPDenoiser's own net output (ε or v, and its variance
+    channels), any other EDM denoiser D(x, σ, labels) through denoiser_as_eps_model on `diffusion`."""
+    if is_discrete(denoiser):
+        return lambda x_t, t: denoiser.net(x_t, t.to(torch.float32), labels)
+    return denoiser_as_eps_model(lambda x, sigma: denoiser(x, sigma, labels), diffusion)
