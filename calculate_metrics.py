@@ -17,14 +17,7 @@ import torch
 from torch_utils import distributed as dist
 from training.dataset import DatasetError, ImageFolderDataset
 from training.detectors import DETECTORS_ENV, DetectorError
-from training.generation import (
-    SAMPLER_OPTIONS,
-    GenerationError,
-    generate_images,
-    load_network,
-    read_prompts,
-    resolve_sampler_options,
-)
+from training.generation import GenerationError, generate_images, load_network
 from training.metrics import (
     MetricsError,
     Stats,
@@ -35,6 +28,7 @@ from training.metrics import (
     require_metrics,
     save_stats,
 )
+from training.sampler_options import SAMPLER_OPTIONS, read_prompts, resolve_sampler_options
 from training.snapshots import NetworkPickleError
 
 _REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
@@ -95,7 +89,7 @@ def _check_metrics(metrics: str) -> list[str]:
 
 
 def _sampler_options(fn: Any) -> Any:
-    """training.generation.SAMPLER_OPTIONS as click options, as generate_images.py offers them."""
+    """training.sampler_options.SAMPLER_OPTIONS as click options, as generate_images.py offers them."""
     for o in reversed(SAMPLER_OPTIONS):
         kind = o.type if o.min is None else (click.IntRange if o.type is int else click.FloatRange)
         kind = kind if o.min is None else kind(o.min, min_open=o.min_open)

@@ -13,22 +13,23 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.generation import (
-    SAMPLER_OPTIONS,
-    GenerationError,
-    Option,
-    generate_cascade,
-    generate_images,
-    read_prompts,
-)
+from training.generation import GenerationError, generate_cascade, generate_images
 from training.image_grid import save_image_grid
 from training.presets_generate import cascades
+from training.sampler_options import (
+    SAMPLER_OPTIONS,
+    SWEEP_NAMES,
+    Option,
+    read_prompts,
+    single_value,
+    sweep_path,
+    sweep_settings,
+)
 from training.snapshots import NetworkPickleError
-from training.sweeps import SWEEP_NAMES, single_value, sweep_path, sweep_settings
 
 
 def click_options(options: list[Option]) -> Callable:
-    """A decorator adding the rows of an option table (training.generation.Option) to a click command."""
+    """A decorator adding the rows of an option table (training.sampler_options.Option) to a click command."""
 
     def decorate(fn: Callable) -> Callable:
         for o in reversed(options):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import generate_images
 from torch_utils import persistence
-from training import generation, sweeps
+from training import generation, sampler_options
 from training.encoders import StandardRGBEncoder
 from training.networks_edm2 import Precond
 from training.snapshots import save_network_pickle
@@ -324,7 +324,7 @@ def test_comma_lists_sweep_every_combination_into_its_own_subfolder(pickles, tmp
         assert single.keys() == swept.keys() == {'000002.png', '000005.png'}
         assert all(np.array_equal(single[k], swept[k]) for k in single)
     with pytest.raises(generation.GenerationError, match='at least 1'):
-        sweeps.sweep_settings(dict(preset=None, net='n.pkl', gnet=None, guidance=None, num_steps='4,0'))
+        sampler_options.sweep_settings(dict(preset=None, net='n.pkl', gnet=None, guidance=None, num_steps='4,0'))
 
 
 # ----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ samplers for every net, presets' sampler defaults, and loading a run folder's ne
 import pytest
 import torch
 
-from training.generation import GenerationError, network_kind, resolve_network_path, resolve_sampler_options, sample
+from training.generation import GenerationError, network_kind, resolve_network_path, sample
+from training.sampler_options import resolve_sampler_options
 from training.sampling import edm_sampler
 from training.vp_diffusion import VPDiffusion
 

@@ -12,7 +12,6 @@ noise, random class and churn noise come from its own generator (StackedRandomGe
 """
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -24,9 +23,7 @@ from torch_utils import distributed as dist
 from training.clip_guidance import check_clip_guide, clip_correction, load_clip_guide
 from training.encoders import StandardRGBEncoder
 from training.network_loading import load_network, resolve_network_path
-from training.presets_generate import presets
 from training.sampling import StackedRandomGenerator, edm_sampler
-from training.solvers import ORDERS, SCHEDULES, check_solver
 from training.vp_diffusion import VPDiffusion, VPDiffusionError
 from training.vp_samplers import ddim_sampler, ddpm_sampler, guided_model, is_discrete, vp_model
 
@@ -232,134 +229,6 @@ def _sample_vp(
 
 def _device_of(net: torch.nn.Module) -> torch.device:
     return next(iter(net.parameters()), torch.empty([])).device
-
-
-# ----------------------------------------------------------------------------
-# Sampler options as data: each script turns the rows into its own command-line options.
-
-
-@dataclass(frozen=True)
-class Option:
-    flag: str
-    name: str
-    type: type
-    default: Any
-    metavar: str
-    help: str
-    min: float | None = None  # Lower bound of a number.
-    min_open: bool = False  # The bound itself is excluded.
-
-
-SAMPLER_OPTIONS: list[Option] = [
-    Option('--preset', 'preset', str, None, 'NAME', 'Named net/gnet/guidance, e.g. edm2-img512-s-autog-fid, or demo.'),
-    Option(
-        '--net', 'net', str, None, 'PKL|PT|URL|DIR', 'Network pickle, run folder, or DiT checkpoint (.pt, diffusers).'
-    ),
-    Option(
-        '--gnet', 'gnet', str, None, 'PKL|URL|DIR', 'Guiding network: unconditional (CFG) or weaker (autoguidance).'
-    ),
-    Option('--guidance', 'guidance', float, None, 'FLOAT', 'Guidance strength w; 1 = none  [default: preset, else 1]'),
-    Option('--steps', 'num_steps', int, None, 'INT', 'Number of sampling steps  [default: preset, else 32]', min=1),
-    Option(
-        '--sigma_min',
-        'sigma_min',
-        float,
-        None,
-        'FLOAT',
-        "Lowest noise level  [default: a DDPM net's, else 0.002]",
-        min=0,
-        min_open=True,
-    ),
-    Option(
-        '--sigma_max',
-        'sigma_max',
-        float,
-        None,
-        'FLOAT',
-        "Highest noise level  [default: a DDPM net's, else 80]",
-        min=0,
-        min_open=True,
-    ),
-    Option('--rho', 'rho', float, 7.0, 'FLOAT', 'Time step exponent.', min=0, min_open=True),
-    Option('--S_churn', 'S_churn', float, 0.0, 'FLOAT', 'Stochasticity strength.', min=0),
-    Option('--S_min', 'S_min', float, 0.0, 'FLOAT', 'Lowest noise level with churn.', min=0),
-    Option('--S_max', 'S_max', float, float('inf'), 'FLOAT', 'Highest noise level with churn.', min=0),
-    Option('--S_noise', 'S_noise', float, 1.0, 'FLOAT', 'Churn noise inflation.'),
-    # ODE solver, noise-level schedule and guidance interval (training/solvers.py, training/sampling.py).
-    Option('--solver', 'solver', str, 'heun', 'NAME', f'ODE solver: {", ".join(ORDERS)}.'),
-    Option('--schedule', 'schedule', str, 'karras', 'NAME', f'Noise levels: {", ".join(SCHEDULES)}.'),
-    Option('--guidance-interval', 'guidance_interval', str, None, 'LO,HI', 'Guide only for LO < sigma <= HI.'),
-    # Discrete-time samplers, for every net (see sample()).
-    Option('--sampler', 'sampler', str, None, 'edm|ddpm|ddim', 'Sampler  [default: preset, else edm]'),
-    Option('--respacing', 'respacing', str, None, 'STR', 'DDPM/DDIM steps: 250, ddim25, 10,15,20  [default: --steps]'),
-    Option('--eta', 'eta', float, 0.0, 'FLOAT', 'DDIM noise: 0 deterministic, 1 as DDPM.', min=0),
-    Option(
-        '--vp-schedule', 'vp_schedule', str, None, 'NAME', 'β schedule of an EDM net under ddpm/ddim  [default: linear]'
-    ),
-    Option('--vae', 'vae', str, None, 'ID|DIR', "VAE decoder of a latent net  [default: preset, else the net's]"),
-]
-
-
-def check_solver_options(k: dict[str, Any]) -> None:
-    """Parse --guidance-interval 'LO,HI' in place to (σ_lo, σ_hi); a GenerationError for settings that cannot run."""
-    text = k.get('guidance_interval')
-    if isinstance(text, str):
-        try:
-            k['guidance_interval'] = lo, hi = tuple(float(v) for v in text.split(','))
-        except ValueError:
-            raise GenerationError(f'--guidance-interval={text}: give two noise levels LO,HI, e.g. 0.3,5.') from None
-        if not 0 <= lo <= hi:
-            raise GenerationError(f'--guidance-interval={text}: needs 0 <= LO <= HI.')
-    try:
-        check_solver(k.get('solver', 'heun'), k.get('schedule', 'karras'), k.get('num_steps', 32), k.get('S_churn', 0))
-    except ValueError as e:
-        raise GenerationError(str(e)) from None
-
-
-def resolve_sampler_options(
-    preset: str | None,
-    net: str | None,
-    gnet: str | None,
-    guidance: float | None,
-    vae: str | None = None,
-    **sampler_kwargs: Any,
-) -> dnnlib.EasyDict:
-    """Expand a preset under the options given: EasyDict(net, gnet, vae, sampler_kwargs) for generate_images().
-    Options left at None take the preset's value, else sample()'s default."""
-    sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
-    if preset is not None:
-        if preset not in presets:
-            raise GenerationError(f'Unknown preset {preset!r}; choose one of: {", ".join(presets)}.')
-        p = presets[preset]
-        net, gnet, vae = net or p.net, gnet or p.gnet, vae or p.get('vae')
-        guidance = p.guidance if guidance is None else guidance
-        sampler_kwargs = {**p.get('sampler_kwargs', {}), **sampler_kwargs}
-    if net is None:
-        raise GenerationError('No network given: use --net=PKL or --preset=NAME.')
-    if sampler_kwargs.get('sampler', 'edm') not in SAMPLERS:
-        raise GenerationError(f'Unknown sampler {sampler_kwargs["sampler"]!r}; choose one of: {", ".join(SAMPLERS)}.')
-    guidance = 1.0 if guidance is None else guidance
-    check_solver_options(sampler_kwargs)
-    return dnnlib.EasyDict(
-        net=net, gnet=gnet, vae=vae, sampler_kwargs=dnnlib.EasyDict(guidance=guidance, **sampler_kwargs)
-    )
-
-
-def read_prompts(prompt: Iterable[str], prompts_file: str | None) -> list[str]:
-    """--prompt values, then the non-empty lines of --prompts=FILE."""
-    prompts = list(prompt)
-    if prompts_file is None:
-        return prompts
-    try:
-        with open(prompts_file, encoding='utf-8') as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise GenerationError(
-            f'--prompts={prompts_file}: cannot read it ({e}); give a UTF-8 text file, one prompt a line.'
-        ) from None
-    if not prompts:
-        raise GenerationError(f'--prompts={prompts_file} holds no prompts; write one prompt a line.')
-    return prompts
 
 
 # ----------------------------------------------------------------------------
