@@ -33,6 +33,23 @@ def _clip(holdout: int, **network_kwargs) -> dict:
     )
 
 
+# DiT's recipe (Peebles & Xie 2023, Sec. 4): AdamW at a constant 1e-4, no weight decay, batch 256, 400K steps,
+# DDPM formulation with learned sigma; sizes (depth, hidden, heads) of DiT Table 1, patch 2, 4 or 8. DiT's
+# EMA of decay 0.9999 is replaced by power-function EMA snapshots (std 0.050 and 0.100), from which
+# reconstruct_phema.py gives any other length post hoc.
+_DIT_SIZES = {'s': (12, 384, 6), 'b': (12, 768, 12), 'l': (24, 1024, 16), 'xl': (28, 1152, 16)}
+_DIT = dict(
+    arch='dit',
+    formulation='ddpm',
+    batch=256,
+    duration=400000 * 256,
+    lr=1e-4,
+    decay=0,
+    rampup=0,
+    dropout=0.0,
+    optimizer_kwargs=EasyDict(class_name='torch.optim.AdamW', betas=(0.9, 0.999), eps=1e-8, weight_decay=0),
+)
+
 TRAIN_PRESETS: dict[str, EasyDict] = {
     'edm2-img512-xxs': EasyDict(_IMG512, duration=2048 << 20, channels=64, lr=0.0170, dropout=0.00),
     'edm2-img512-xs': EasyDict(_IMG512, duration=2048 << 20, channels=128, lr=0.0120, dropout=0.00),
@@ -77,6 +94,11 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         P_mean=-0.4,
         **_text(lowres=256, text_channels=256, text_layers=2),
     ),
+    **{
+        f'dit-{size}-{patch}': EasyDict(_DIT, channels=hidden, hidden=hidden, depth=depth, heads=heads, patch=patch)
+        for size, (depth, hidden, heads) in _DIT_SIZES.items()
+        for patch in (2, 4, 8)
+    },
     # CPU presets on the built-in 32x32 shapes data (made on first use when --data is omitted).
     # Short warm-up and decay so that under a hundred thousand images suffice; pixel-space noise levels. A high
     # α_ref for so few steps: at 20Ki images the demo's loss was -0.47 / -0.74 / -0.88 with 0.01 / 0.02 / 0.03.
