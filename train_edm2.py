@@ -100,7 +100,7 @@ def backbone_kwargs(p: dnnlib.EasyDict, resolution: int, precision: bool | str) 
         raise click.ClickException('--arch and --formulation do not apply to this preset; it builds its own network.')
     unet = dict(model_channels=p.channels, dropout=p.get('dropout', 0.0))
     unet.update({key: p[key] for key in ('channel_mult', 'num_blocks', 'attn_resolutions') if key in p})
-    hidden = p.get('hidden', p.channels)
+    hidden = p.channels  # a transformer's width
     transformer = dict(
         patch_size=p.get('patch', 2),
         hidden_size=hidden,

@@ -95,7 +95,7 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         **_text(lowres=256, text_channels=256, text_layers=2),
     ),
     **{
-        f'dit-{size}-{patch}': EasyDict(_DIT, channels=hidden, hidden=hidden, depth=depth, heads=heads, patch=patch)
+        f'dit-{size}-{patch}': EasyDict(_DIT, channels=hidden, depth=depth, heads=heads, patch=patch)
         for size, (depth, hidden, heads) in _DIT_SIZES.items()
         for patch in (2, 4, 8)
     },
@@ -139,6 +139,28 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         checkpoint=1 << 10,
         synthetic=EasyDict(resolution=16, num_images=256),
         sample_steps=8,
+    ),
+    # MP-DiT under EDM2's preconditioning and loss on the 32x32 shapes: 64 tokens of 4x4 patches.
+    'demo-dit': EasyDict(
+        arch='mp-dit',
+        formulation='edm',
+        duration=72 << 10,
+        batch=64,
+        channels=64,
+        depth=4,
+        heads=2,
+        patch=4,
+        lr=0.0100,
+        decay=500,
+        dropout=0.00,
+        P_mean=-0.8,
+        P_std=1.6,
+        rampup=0.005,
+        status=4 << 10,
+        snapshot=16 << 10,
+        checkpoint=16 << 10,
+        synthetic=EasyDict(resolution=32, num_images=10000),
+        sample_steps=24,
     ),
     # Text-to-image demo cascade on the built-in captioned shapes: base 16x16, then 16->32 (no text needed).
     'demo-text': EasyDict(
