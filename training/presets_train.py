@@ -140,16 +140,16 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         synthetic=EasyDict(resolution=16, num_images=256),
         sample_steps=8,
     ),
-    # MP-DiT under EDM2's preconditioning and loss on the 32x32 shapes: 64 tokens of 4x4 patches.
+    # MP-DiT under EDM2's preconditioning and loss on the 16x16 shapes: 64 tokens of 2x2 patches.
     'demo-dit': EasyDict(
         arch='mp-dit',
         formulation='edm',
-        duration=72 << 10,
+        duration=48 << 10,
         batch=64,
         channels=64,
         depth=4,
-        heads=2,
-        patch=4,
+        heads=1,
+        patch=2,
         lr=0.0100,
         decay=500,
         dropout=0.00,
@@ -159,7 +159,7 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         status=4 << 10,
         snapshot=16 << 10,
         checkpoint=16 << 10,
-        synthetic=EasyDict(resolution=32, num_images=10000),
+        synthetic=EasyDict(resolution=16, num_images=10000),
         sample_steps=24,
     ),
     # Text-to-image demo cascade on the built-in captioned shapes: base 16x16, then 16->32 (no text needed).
