@@ -11,7 +11,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import dataset as dataset_mod
-from training.backbones import ARCHS, FORMULATIONS, BackboneError, build_kwargs
+from training.backbones import ARCHS, FORMULATIONS, BackboneError, preset_kwargs
 from training.checkpoint import CheckpointError
 from training.dataset_io import write_synthetic_dataset
 from training.presets_train import TRAIN_PRESETS
@@ -95,21 +95,10 @@ def text_encoder_kwargs(p: dnnlib.EasyDict, network_class: str) -> dict:
 
 def backbone_kwargs(p: dnnlib.EasyDict, resolution: int, precision: bool | str) -> tuple[dict, dict]:
     """Network and loss options of --arch and --formulation (EDM2's Precond and loss for unet/edm)."""
-    arch, formulation = p.get('arch', 'unet'), p.get('formulation', 'edm')
-    if (arch, formulation) != ('unet', 'edm') and 'network_kwargs' in p:
+    if (p.get('arch', 'unet'), p.get('formulation', 'edm')) != ('unet', 'edm') and 'network_kwargs' in p:
         raise click.ClickException('--arch and --formulation do not apply to this preset; it builds its own network.')
-    unet = dict(model_channels=p.channels, dropout=p.get('dropout', 0.0))
-    unet.update({key: p[key] for key in ('channel_mult', 'num_blocks', 'attn_resolutions') if key in p})
-    hidden = p.channels  # a transformer's width
-    transformer = dict(
-        patch_size=p.get('patch', 2),
-        hidden_size=hidden,
-        depth=p.get('depth', 12),
-        num_heads=p.get('heads', max(hidden // 64, 1)),
-        dropout=p.get('dropout', 0.0),
-    )
     try:
-        return build_kwargs(arch, formulation, resolution, unet, transformer, use_fp16=precision)
+        return preset_kwargs(p, resolution, use_fp16=precision)
     except BackboneError as e:
         raise click.ClickException(str(e)) from e
 

@@ -148,3 +148,19 @@ def build_kwargs(
         )
     net = dnnlib.EasyDict(class_name='training.backbones.VPBackbone', backbone=_BACKBONES[arch], **kwargs)
     return net, dnnlib.EasyDict(loss, variance='fixed_small')
+
+
+def preset_kwargs(p: dict, resolution: int, use_fp16: bool | str = True) -> tuple[dnnlib.EasyDict, dnnlib.EasyDict]:
+    """build_kwargs for a train_edm2 preset row (with its command-line overrides): `arch` and `formulation`
+    (default unet, edm); the U-Net's channels, dropout, channel_mult, num_blocks, attn_resolutions; a
+    transformer's width `channels`, `patch` (2), `depth` (12) and `heads` (width / 64)."""
+    unet = dict(model_channels=p['channels'], dropout=p.get('dropout', 0.0))
+    unet.update({key: p[key] for key in ('channel_mult', 'num_blocks', 'attn_resolutions') if key in p})
+    transformer = dict(
+        patch_size=p.get('patch', 2),
+        hidden_size=p['channels'],
+        depth=p.get('depth', 12),
+        num_heads=p.get('heads', max(p['channels'] // 64, 1)),
+        dropout=p.get('dropout', 0.0),
+    )
+    return build_kwargs(p.get('arch', 'unet'), p.get('formulation', 'edm'), resolution, unet, transformer, use_fp16)
