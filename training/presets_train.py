@@ -140,17 +140,18 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         synthetic=EasyDict(resolution=16, num_images=256),
         sample_steps=8,
     ),
-    # MP-DiT under EDM2's preconditioning and loss on the 16x16 shapes: 64 tokens of 2x2 patches.
+    # MP-DiT under EDM2's preconditioning and loss on the 16x16 shapes: 64 tokens of 2x2 patches, width 128,
+    # 4 blocks. Width 64 with 80Ki images (or α_ref 0.02 with 48Ki) drew backgrounds and blobs, no shapes.
     'demo-dit': EasyDict(
         arch='mp-dit',
         formulation='edm',
-        duration=48 << 10,
+        duration=80 << 10,
         batch=64,
-        channels=64,
+        channels=128,
         depth=4,
-        heads=1,
+        heads=2,
         patch=2,
-        lr=0.0100,
+        lr=0.0300,
         decay=500,
         dropout=0.00,
         P_mean=-0.8,
