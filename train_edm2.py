@@ -11,6 +11,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import dataset as dataset_mod
+from training.backbones import ARCHS, FORMULATIONS, BackboneError, preset_kwargs
 from training.checkpoint import CheckpointError
 from training.dataset_io import write_synthetic_dataset
 from training.presets_train import TRAIN_PRESETS
@@ -92,6 +93,16 @@ def text_encoder_kwargs(p: dnnlib.EasyDict, network_class: str) -> dict:
     return kwargs
 
 
+def backbone_kwargs(p: dnnlib.EasyDict, resolution: int, precision: bool | str) -> tuple[dict, dict]:
+    """Network and loss options of --arch and --formulation (EDM2's Precond and loss for unet/edm)."""
+    if (p.get('arch', 'unet'), p.get('formulation', 'edm')) != ('unet', 'edm') and 'network_kwargs' in p:
+        raise click.ClickException('--arch and --formulation do not apply to this preset; it builds its own network.')
+    try:
+        return preset_kwargs(p, resolution, use_fp16=precision)
+    except BackboneError as e:
+        raise click.ClickException(str(e)) from e
+
+
 def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnlib.EasyDict:
     """Resolve preset and command-line options into the keyword arguments of training_loop()."""
     if preset is not None and preset not in TRAIN_PRESETS:
@@ -130,21 +141,14 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         persistent_workers=p.workers > 0,
     )
     precision = 'bf16' if p.bf16 else bool(p.fp16)
-    c.network_kwargs = dnnlib.EasyDict(
-        class_name='training.networks_edm2.Precond',
-        model_channels=p.channels,
-        dropout=p.get('dropout', 0.0),
-        use_fp16=precision,
-    )
-    for key in ('channel_mult', 'num_blocks', 'attn_resolutions'):
-        if key in p:
-            c.network_kwargs[key] = p[key]
+    c.network_kwargs, c.loss_kwargs = backbone_kwargs(p, ds.resolution, precision)
     c.network_kwargs.update(p.get('network_kwargs', {}))  # A preset may name another class and its options.
     c.network_kwargs.update(text_kwargs)
-    c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.EDM2Loss')
-    c.loss_kwargs.update({key: p[key] for key in ('P_mean', 'P_std') if key in p})  # Else the loss's defaults.
+    if c.loss_kwargs.class_name == 'training.loss.EDM2Loss':
+        c.loss_kwargs.update({key: p[key] for key in ('P_mean', 'P_std') if key in p})  # Else the loss's defaults.
     c.loss_kwargs.update(p.get('loss_kwargs', {}))
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', betas=(0.9, 0.99), eps=1e-8)
+    c.optimizer_kwargs.update(p.get('optimizer_kwargs', {}))
     c.lr_kwargs = dnnlib.EasyDict(
         func_name='training.loss.learning_rate_schedule',
         ref_lr=p.lr,
@@ -152,6 +156,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         rampup_Mimg=p.get('rampup', 10),
     )
     c.ema_kwargs = dnnlib.EasyDict(class_name='training.phema.PowerFunctionEMA', stds=[0.050, 0.100])
+    c.ema_kwargs.update(p.get('ema_kwargs', {}))
     c.update(
         seed=p.seed,
         batch_size=p.batch,
@@ -180,6 +185,19 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
 )
 @click.option(
     '--preset', metavar='STR', type=str, default=None, help=f'Configuration preset: {", ".join(TRAIN_PRESETS)}.'
+)
+@click.option(
+    '--arch', metavar='STR', type=click.Choice(ARCHS), default=None, help='Backbone [default: unet or preset].'
+)
+@click.option(
+    '--formulation',
+    metavar='STR',
+    type=click.Choice(FORMULATIONS),
+    default=None,
+    help='EDM preconditioning and loss, or DDPM timesteps and loss [default: edm or preset].',
+)
+@click.option(
+    '--patch', metavar='INT', type=click.IntRange(min=1), default=None, help='Transformer patch size [default: 2].'
 )
 @click.option('--duration', metavar='NIMG', type=NIMG, default=None, help='Training duration in images, e.g. 2048Mi.')
 @click.option('--batch', metavar='NIMG', type=NIMG, default=None, help='Global batch size in images.')

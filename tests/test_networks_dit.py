@@ -161,6 +161,24 @@ def test_one_hot_labels_equal_indices_and_a_zero_row_is_the_null_label():
     one_hot = torch.zeros(3, 5)
     one_hot[0, 4] = one_hot[1, 0] = 1
     assert torch.allclose(net(x, t, one_hot), net(x, t, torch.tensor([4, 0, 5])))
+    assert torch.equal(net(x, t, None), net(x, t, torch.tensor([5, 5, 5])))  # None: null labels
+    classless = DiT(**dict(TINY, num_classes=0)).eval()
+    for param in classless.parameters():
+        param.normal_(std=0.3)
+    assert torch.equal(classless(x, t, torch.zeros(3, 0)), classless(x, t, torch.zeros(3, dtype=torch.long)))
+
+
+@torch.no_grad()
+def test_float16_weights_compute_in_float16_close_to_float32():
+    torch.manual_seed(0)
+    net = DiT(**TINY).eval()
+    for param in net.parameters():
+        param.normal_(std=0.3)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 5])
+    full = net(x, t, y)
+    half = net.half()(x, t, y)
+    assert half.dtype == torch.float16
+    assert (half.float() - full).abs().max() < 0.01 * full.abs().max()
 
 
 @torch.no_grad()

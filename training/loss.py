@@ -12,6 +12,8 @@ every loss, so that a new kind of training needs no special case in the loop:
 - `grid_conditioning(net, dataset, encoder, num, device) -> dict | None`: conditioning of the sample
   grid drawn beside each snapshot, as keyword arguments of `training.generation.sample`; None draws
   no grid (a CLIP guide makes no images).
+- `export(net) -> net`: the network that snapshots hold and sample grids use, an EDM denoiser D(x; σ);
+  the trained net itself by default, VPLoss wraps its net(x_t, t, labels) as one.
 
 The noise levels of training follow EDM2: ln σ ~ N(P_mean, P_std²) (EDM, arXiv 2206.00364, §5); the
 defaults below (EDM2's ImageNet-512 setting) are the only place they are declared.
@@ -63,6 +65,9 @@ class TrainingLoss:
     ) -> dict[str, Any] | None:
         return {}
 
+    def export(self, net: Any) -> Any:
+        return net
+
 
 # EDM2 loss with learned uncertainty u(σ) (EDM2, arXiv 2312.02696, Eq. 21; weighting λ(σ) of EDM Table 1).
 @persistence.persistent_class
@@ -86,7 +91,8 @@ class EDM2Loss(TrainingLoss):
         return weight / logvar.exp() * (denoised - images) ** 2 + logvar
 
 
-# α(t) = α_ref / sqrt(max(t / t_ref, 1)) with t in batches, times a linear warm-up (EDM2 Eq. 67).
+# α(t) = α_ref / sqrt(max(t / t_ref, 1)) with t in batches, times a linear warm-up (EDM2 Eq. 67);
+# ref_batches = 0 and rampup_Mimg = 0 give a constant α_ref (DiT's recipe).
 def learning_rate_schedule(
     cur_nimg: int, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3, rampup_Mimg: float = 10
 ) -> float:

@@ -165,15 +165,18 @@ class DiT(torch.nn.Module):
     # Class indices from indices or from edm2x's one-hot rows (an all-zero row is the null label); in
     # training, a label becomes the null label with probability p (classifier-free guidance training).
     def label_indices(self, y: torch.Tensor) -> torch.Tensor:
-        if y.ndim == 2:
-            y = torch.where(y.any(dim=1), y.argmax(dim=1), self.num_classes)
+        if y.ndim == 2:  # argmax of an empty row (a net without classes) would fail; such rows are null labels
+            y = torch.where(y.any(dim=1), y.argmax(dim=1) if y.shape[1] else 0, self.num_classes)
         if not self.training or self.class_dropout_prob <= 0:
             return y
         drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Prediction [N, out_channels, H, W] for latents x, timesteps t (0..999, scalar or [N]) and labels y."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Prediction [N, out_channels, H, W] for latents x, timesteps t (0..999, scalar or [N]) and labels y
+        (None: null labels), computed in the dtype of the weights (float16 snapshots run as float16)."""
+        y = torch.full([x.shape[0]], self.num_classes, device=x.device) if y is None else y
+        x = x.to(self.x_embedder.proj.weight.dtype)
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         t_emb = self.t_embedder.mlp(timestep_features(t.reshape(-1).expand(x.shape[0])).to(tokens.dtype))
         c = t_emb + self.y_embedder.embedding_table(self.label_indices(y))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+import dnnlib
 from torch_utils import persistence
 
 SIGMA_DATA = 0.5  # EDM's σ_data, the std of the training data (EDM Table 1).
@@ -347,8 +348,10 @@ class Precond(torch.nn.Module):
     """D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise), plus u(σ) = MP-linear(MP-Fourier(c_noise)) for the loss.
 
     `use_fp16`: True or 'fp16' computes F in float16 on CUDA, 'bf16' in bfloat16 (CUDA and CPU), False in
-    float32. Hooks: `make_unet` builds F; `conditioning` turns the extra inputs of `forward` into F's inputs
-    and a base the denoiser works relative to."""
+    float32. `backbone`: the class name of F if not the U-Net (e.g. 'training.networks_dit.MPDiT'), built
+    with img_resolution, img_channels, label_dim and the remaining keyword arguments; F keeps the name
+    `unet` in the state dict. Hooks: `make_unet` builds F; `conditioning` turns the extra inputs of
+    `forward` into F's inputs and a base the denoiser works relative to."""
 
     def __init__(
         self,
@@ -358,9 +361,11 @@ class Precond(torch.nn.Module):
         use_fp16: bool | str = True,
         sigma_data: float = SIGMA_DATA,
         logvar_channels: int = 128,
+        backbone: str | None = None,
         **unet_kwargs,
     ):
         super().__init__()
+        self.backbone = backbone
         if use_fp16 not in (True, False, 'fp16', 'bf16'):
             raise ValueError(f"use_fp16 must be True, False, 'fp16' or 'bf16', not {use_fp16!r}")
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
@@ -373,6 +378,8 @@ class Precond(torch.nn.Module):
 
     def make_unet(self, **unet_kwargs) -> torch.nn.Module:
         """The network F; subclasses may register modules of their own first."""
+        if self.backbone is not None:
+            return dnnlib.util.construct_class_by_name(class_name=self.backbone, **unet_kwargs)
         return UNet(**unet_kwargs)
 
     def _compute_dtype(self, device: torch.device, force_fp32: bool) -> torch.dtype:

@@ -33,6 +33,23 @@ def _clip(holdout: int, **network_kwargs) -> dict:
     )
 
 
+# DiT's recipe (Peebles & Xie 2023, Sec. 4): AdamW at a constant 1e-4, no weight decay, batch 256, 400K steps,
+# DDPM formulation with learned sigma; sizes (depth, hidden, heads) of DiT Table 1, patch 2, 4 or 8. DiT's
+# EMA of decay 0.9999 is replaced by power-function EMA snapshots (std 0.050 and 0.100), from which
+# reconstruct_phema.py gives any other length post hoc.
+_DIT_SIZES = {'s': (12, 384, 6), 'b': (12, 768, 12), 'l': (24, 1024, 16), 'xl': (28, 1152, 16)}
+_DIT = dict(
+    arch='dit',
+    formulation='ddpm',
+    batch=256,
+    duration=400000 * 256,
+    lr=1e-4,
+    decay=0,
+    rampup=0,
+    dropout=0.0,
+    optimizer_kwargs=EasyDict(class_name='torch.optim.AdamW', betas=(0.9, 0.999), eps=1e-8, weight_decay=0),
+)
+
 TRAIN_PRESETS: dict[str, EasyDict] = {
     'edm2-img512-xxs': EasyDict(_IMG512, duration=2048 << 20, channels=64, lr=0.0170, dropout=0.00),
     'edm2-img512-xs': EasyDict(_IMG512, duration=2048 << 20, channels=128, lr=0.0120, dropout=0.00),
@@ -77,6 +94,11 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         P_mean=-0.4,
         **_text(lowres=256, text_channels=256, text_layers=2),
     ),
+    **{
+        f'dit-{size}-{patch}': EasyDict(_DIT, channels=hidden, depth=depth, heads=heads, patch=patch)
+        for size, (depth, hidden, heads) in _DIT_SIZES.items()
+        for patch in (2, 4, 8)
+    },
     # CPU presets on the built-in 32x32 shapes data (made on first use when --data is omitted).
     # Short warm-up and decay so that under a hundred thousand images suffice; pixel-space noise levels. A high
     # α_ref for so few steps: at 20Ki images the demo's loss was -0.47 / -0.74 / -0.88 with 0.01 / 0.02 / 0.03.
@@ -117,6 +139,29 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         checkpoint=1 << 10,
         synthetic=EasyDict(resolution=16, num_images=256),
         sample_steps=8,
+    ),
+    # MP-DiT under EDM2's preconditioning and loss on the 16x16 shapes: 64 tokens of 2x2 patches, width 128,
+    # 4 blocks. Width 64 with 80Ki images (or α_ref 0.02 with 48Ki) drew backgrounds and blobs, no shapes.
+    'demo-dit': EasyDict(
+        arch='mp-dit',
+        formulation='edm',
+        duration=80 << 10,
+        batch=64,
+        channels=128,
+        depth=4,
+        heads=2,
+        patch=2,
+        lr=0.0300,
+        decay=500,
+        dropout=0.00,
+        P_mean=-0.8,
+        P_std=1.6,
+        rampup=0.005,
+        status=4 << 10,
+        snapshot=16 << 10,
+        checkpoint=16 << 10,
+        synthetic=EasyDict(resolution=16, num_images=10000),
+        sample_steps=24,
     ),
     # Text-to-image demo cascade on the built-in captioned shapes: base 16x16, then 16->32 (no text needed).
     'demo-text': EasyDict(

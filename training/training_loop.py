@@ -169,7 +169,7 @@ def _save_snapshots(
     grids of one run are comparable; the loss chooses the grid's conditioning (or no grid)."""
     kimg = cur_nimg // 1000
     for ema_net, std in ema.get():
-        frozen = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False)
+        frozen = loss_fn.export(copy.deepcopy(ema_net)).cpu().eval().requires_grad_(False)
         data = dict(
             ema=frozen if fp32 else frozen.to(torch.float16),
             encoder=encoder,
@@ -177,7 +177,7 @@ def _save_snapshots(
             loss_fn=loss_fn,
         )
         save_network_pickle(data, os.path.join(run_dir, snapshot_name('network-snapshot', kimg, std)))
-    grid_net = ema.get()[0][0].eval()
+    grid_net = loss_fn.export(ema.get()[0][0]).eval()
     grid = 4
     cond = loss_fn.grid_conditioning(grid_net, dataset, encoder, grid * grid, device)
     if cond is None:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from dnnlib import EasyDict
+from torch_utils import persistence
+from training.loss import TrainingLoss
 
 PREDICTIONS = ('eps', 'v')
 VARIANCES = ('fixed_small', 'fixed_large', 'learned_range')
@@ -268,9 +270,11 @@ class VPDiffusion:
         return steps[j - 1] + w * (steps[j] - steps[j - 1])
 
 
-class VPLoss:
+@persistence.persistent_class
+class VPLoss(TrainingLoss):
     """Training loss for a net(x_t, t, labels) on the VP process, one value per sample; t is drawn uniformly
-    per sample (Ho et al. Alg. 1) and the net receives the original timestep index."""
+    per sample (Ho et al. Alg. 1) and the net receives the original timestep index. `export` presents the
+    trained net as an EDM denoiser for snapshots and sample grids."""
 
     def __init__(
         self,
@@ -280,8 +284,16 @@ class VPLoss:
         variance: str = 'learned_range',
         vlb_weight: float = 0.001,
     ) -> None:
+        super().__init__()
         self.diffusion = VPDiffusion.from_schedule(schedule, num_timesteps, prediction=prediction, variance=variance)
         self.vlb_weight = vlb_weight
+
+    def export(self, net: torch.nn.Module) -> 'VPDenoiser':
+        """The net as an EDM denoiser; its geometry comes from the net (DiT's or an adapter's names)."""
+        resolution = getattr(net, 'img_resolution', getattr(net, 'input_size', None))
+        channels = getattr(net, 'img_channels', getattr(net, 'in_channels', None))
+        label_dim = getattr(net, 'label_dim', getattr(net, 'num_classes', 0))
+        return VPDenoiser(net, self.diffusion, resolution, channels, label_dim)
 
     def __call__(self, net, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.randint(0, self.diffusion.num_timesteps, [images.shape[0]], device=images.device)
@@ -291,8 +303,13 @@ class VPLoss:
         return self.diffusion.loss(output.to(images.dtype), images, x_t, t, noise, self.vlb_weight)
 
 
+@persistence.persistent_class
 class VPDenoiser(torch.nn.Module):
     """A net(x_t, t, labels) trained on a VP process, seen as an EDM denoiser D(x; σ) (EDM Table 1).
+
+    The diffusion's float64 tables stay outside the module's tensors: `.to(device)` and `.half()` leave
+    them as they are, and each call copies what it reads to the input's device, so a snapshot moved to a
+    GPU or stored in float16 keeps its exact schedule.
 
     x = x_t / √ᾱ_t, so the net gets c_in·x with c_in = 1/√(σ²+1) = √ᾱ, and c_noise is the fractional
     original timestep with that σ. ε-prediction: c_skip = 1, c_out = −σ (EDM Table 1, VP and iDDPM columns);
