@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
 from training import shapes
+from training.backbones import preset_kwargs
 from training.dit_release import dit_network, is_dit_checkpoint
 from training.network_loading import load_network, resolve_network_path
 from training.networks_dit import DIT_CONFIGS, DiT
@@ -42,8 +43,15 @@ from training.presets_generate import presets as GENERATE_PRESETS
 from training.presets_train import TRAIN_PRESETS
 from training.snapshots import NetworkPickleError, load_network_pickle
 
-# Data the training presets are meant for: (resolution, channels, classes) of what the network sees.
-PRESET_DATA = {'edm2-img512': (64, 4, 1000), 'edm2-img64': (64, 3, 1000)}
+# Data the non-demo training presets are meant for: (resolution, channels, classes) of what the network sees.
+PRESET_DATA = {
+    'edm2-img512': (64, 4, 1000),
+    'edm2-img64': (64, 3, 1000),
+    'dit': (32, 4, 1000),
+    'text2img-64': (64, 3, 0),
+    'sr-64-256': (256, 3, 0),
+    'sr-256-1024': (1024, 3, 0),
+}
 
 
 class _ElementwiseCounter(TorchDispatchMode):
@@ -78,7 +86,9 @@ def count_flops(net: torch.nn.Module, elementwise: bool = True) -> int:
     sigma = torch.ones([1], device='meta')
     labels = torch.zeros([1, net.label_dim], device='meta') if net.label_dim else None
     forward = net.net if hasattr(net, 'diffusion') and hasattr(net, 'net') else net
-    return count_ops(lambda: forward(x, sigma, labels), elementwise)
+    lowres = getattr(net, 'lowres', None)  # A super-resolution stage also reads its low-res input.
+    extra = dict(lowres=torch.zeros([1, net.img_channels, lowres, lowres], device='meta')) if lowres else {}
+    return count_ops(lambda: forward(x, sigma, labels, **extra), elementwise)
 
 
 def count_parameters(net: torch.nn.Module) -> int:
@@ -100,18 +110,20 @@ def build_train_preset_net(preset: str, label_dim: int | None = None) -> torch.n
     if 'synthetic' in p:
         resolution, channels, classes = p.synthetic.resolution, 3, len(shapes.SHAPES)
     else:
-        resolution, channels, classes = PRESET_DATA[preset.rsplit('-', 1)[0]]
-    kwargs = {key: p[key] for key in ('channel_mult', 'num_blocks', 'attn_resolutions') if key in p}
+        data = [shape for prefix, shape in PRESET_DATA.items() if preset == prefix or preset.startswith(prefix + '-')]
+        resolution, channels, classes = data[0] if data else (64, 3, 0)
+    network_kwargs, _loss_kwargs = preset_kwargs(p, resolution, use_fp16=False)
+    network_kwargs.update(p.get('network_kwargs', {}))
+    if network_kwargs.class_name.endswith('.CLIPGuide'):
+        raise click.ClickException(f'{preset}: count_flops counts denoisers; this preset trains a CLIP guide.')
+    if network_kwargs.class_name.endswith('.TextPrecond'):
+        classes = 0
     with torch.device('meta'):
         return dnnlib.util.construct_class_by_name(
-            class_name='training.networks_edm2.Precond',
             img_resolution=resolution,
             img_channels=channels,
             label_dim=classes if label_dim is None else label_dim,
-            model_channels=p.channels,
-            dropout=p.get('dropout', 0.0),
-            use_fp16=False,
-            **kwargs,
+            **network_kwargs,
         )
 
 

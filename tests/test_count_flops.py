@@ -103,3 +103,15 @@ def test_dit_checkpoint_and_preset_count_the_net_their_names_and_weights_give(tm
     ((_, net512),) = count_flops.resolve('dit-xl2-512')
     assert (net512.img_resolution, net512.label_dim) == (64, 1000)
     assert abs(count_flops.count_flops(net512, elementwise=False) / 1e9 / 524.6 - 1) < 0.002  # DiT Table 4
+
+
+def test_training_presets_count_the_network_train_edm2_builds():
+    # dit-s-2 trains DiT-S/2 on 32x32x4 latents (DiT Table 4: 33.0M parameters, 6.06 Gflops in multiply-adds).
+    dit = count_flops.build_train_preset_net('dit-s-2')
+    assert type(dit).__name__ == 'VPDiT' and (dit.img_resolution, dit.img_channels) == (32, 4)
+    assert abs(count_flops.count_flops(dit, elementwise=False) / 1e9 - 6.06) < 0.02
+    assert type(count_flops.build_train_preset_net('demo-dit').unet).__name__ == 'MPDiT'
+    sr = count_flops.build_train_preset_net('demo-sr')  # reads a low-res image besides x
+    assert count_flops.count_flops(sr) > count_flops.count_flops(count_flops.build_train_preset_net('demo-tiny'))
+    result = CliRunner().invoke(count_flops.main, ['demo-clip'])
+    assert result.exit_code == 1 and 'trains a CLIP guide' in result.output
