@@ -13,8 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.loss import EDM2Loss  # noqa: E402
-from training.networks_edm2 import Precond  # noqa: E402
+import dnnlib  # noqa: E402
+from training.backbones import preset_kwargs  # noqa: E402
 from training.presets_train import TRAIN_PRESETS  # noqa: E402
 
 
@@ -70,23 +70,20 @@ def main(preset, batch, resolution, img_channels, label_dim, precision, steps, d
     """Time optimiser steps of a preset's network on random data."""
     p = TRAIN_PRESETS[preset]
     resolution = resolution or p.get('synthetic', {}).get('resolution', 64)
-    kwargs = {k: p[k] for k in ('channel_mult', 'num_blocks', 'attn_resolutions') if k in p}
+    if 'network_kwargs' in p:
+        raise click.ClickException(
+            f'{preset}: this bench times class-conditional denoisers; the preset trains captions.'
+        )
     use_fp16 = dict(fp32=False, fp16=True, bf16='bf16')[precision]
     device = torch.device(device)
-    net = (
-        Precond(
-            resolution,
-            img_channels,
-            label_dim,
-            use_fp16=use_fp16,
-            model_channels=p.channels,
-            dropout=p.get('dropout', 0),
-            **kwargs,
-        )
-        .train()
-        .to(device)
+    network_kwargs, loss_kwargs = preset_kwargs(p, resolution, use_fp16=use_fp16)
+    net = dnnlib.util.construct_class_by_name(
+        img_resolution=resolution, img_channels=img_channels, label_dim=label_dim, **network_kwargs
     )
-    loss_fn = EDM2Loss(**{k: p[k] for k in ('P_mean', 'P_std') if k in p})
+    net = net.train().to(device)
+    if loss_kwargs.class_name == 'training.loss.EDM2Loss':
+        loss_kwargs.update({k: p[k] for k in ('P_mean', 'P_std') if k in p})
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
     images = torch.randn([batch, img_channels, resolution, resolution], device=device)
     labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)]
