@@ -1,7 +1,6 @@
 """Tar-shard streaming: every sample once per pass over ranks x workers, filters, corrupt members,
 resume mid-pass, on-the-fly resizing and one-line errors for bad input."""
 
-import collections
 import io
 import json
 import os

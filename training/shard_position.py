@@ -11,7 +11,7 @@ import torch
 
 from torch_utils import distributed as dist
 from torch_utils import training_stats
-from training.shards import NUM_INFO_FIXED, INFO_CORRUPT, INFO_EMITTED, INFO_PASS, INFO_READ, INFO_SLOT, INFO_SMALL
+from training.shards import INFO_CORRUPT, INFO_EMITTED, INFO_PASS, INFO_READ, INFO_SLOT, INFO_SMALL, NUM_INFO_FIXED
 
 
 class DataPosition:

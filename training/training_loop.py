@@ -24,11 +24,11 @@ from torch_utils import misc, training_stats
 from training import checkpoint as ckpt
 from training.generation import sample
 from training.image_grid import save_image_grid
-from training.shard_position import DataPosition
 
 # Options files written before training/loss.py existed name `training.training_loop.EDM2Loss` and
 # `training.training_loop.learning_rate_schedule`; these names keep them loadable.
 from training.loss import EDM2Loss, learning_rate_schedule  # noqa: F401
+from training.shard_position import DataPosition
 from training.snapshots import save_network_pickle, snapshot_name
 
 
