@@ -202,3 +202,11 @@ def test_a_data_loader_with_two_workers_reads_each_sample_once(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
     seen = [i for images, _labels, _info in loader for i in _ids(images.numpy())]
     assert sorted(seen) == list(range(12))
+
+
+def test_a_worker_left_without_samples_is_one_clear_line(tmp_path):
+    write_shards(tmp_path, num_shards=1, per_shard=1)
+    ds = ShardDataset(str(tmp_path), shuffle=0, rank=0, num_replicas=1)
+    assert _ids(image for image, _, _ in [next(ds.iter_slot(0, 2))]) == [0]
+    with pytest.raises(ShardError, match='use fewer --workers'):
+        next(ds.iter_slot(1, 2))

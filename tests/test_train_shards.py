@@ -60,3 +60,21 @@ def test_a_stopped_run_resumes_mid_pass_where_an_uninterrupted_run_would_be(tmp_
 
     whole, parts = position(tmp_path / 'whole'), position(tmp_path / 'parts')
     assert whole['slots'] == parts['slots'] == {0: (1, 8)}  # 32 = 24 + 8: the same place in the second pass.
+
+
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--data={dir}/{{000007..000009}}.tar'], 'matches no file'),
+        (['--data={shards}', '--filter=label=>2'], 'cannot parse filter'),
+        (['--data={zip}', '--filter=label<=2'], '--filter applies to tar shards only'),
+        (['--data={dir}/bad.tar'], 'not a readable tar'),
+    ],
+)
+def test_bad_shard_input_is_one_clear_line(tmp_path, shapes, args, message):
+    zip_path, shards, _small = shapes
+    (tmp_path / 'bad.tar').write_bytes(b'no tar here' * 100)
+    args = [a.format(dir=tmp_path, shards=shards, zip=zip_path) for a in args]
+    result = CliRunner().invoke(train_edm2.main, [f'--outdir={tmp_path / "run"}', *COMMON, *args])
+    assert result.exit_code != 0 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
