@@ -16,7 +16,6 @@ import torch
 
 from torch_utils import distributed as dist
 from training.dataset import DatasetError, ImageFolderDataset
-from training.shards import ShardDataset, is_shard_spec
 from training.detectors import DETECTORS_ENV, DetectorError
 from training.generation import (
     SAMPLER_OPTIONS,
@@ -36,6 +35,8 @@ from training.metrics import (
     require_metrics,
     save_stats,
 )
+from training.shard_files import is_shard_spec
+from training.shards import ShardDataset
 from training.snapshots import NetworkPickleError
 
 _REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
@@ -183,7 +184,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option('--data', metavar='PATH', type=str, required=True, help='Dataset folder or ZIP of PNG images, or tar shards.')
+@click.option(
+    '--data', metavar='PATH', type=str, required=True, help='Dataset folder or ZIP of PNG images, or tar shards.'
+)
 @click.option('--dest', metavar='PKL|NPZ', type=str, required=True, help='Where to write the statistics.')
 @_common_options
 @click.option(

@@ -26,8 +26,8 @@ from training.dataset_io import (
     parse_resolution,
     write_synthetic_dataset,
 )
+from training.shard_files import ShardError, is_shard_spec
 from training.shard_writer import encode_shards, make_shards
-from training.shards import ShardError, is_shard_spec
 
 # ---- command line ----
 

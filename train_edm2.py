@@ -14,7 +14,7 @@ from training import dataset as dataset_mod
 from training.checkpoint import CheckpointError
 from training.dataset_io import write_synthetic_dataset
 from training.presets_train import TRAIN_PRESETS
-from training.shards import is_shard_spec
+from training.shard_files import is_shard_spec
 from training.training_loop import TrainingError, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')

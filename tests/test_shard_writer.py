@@ -14,8 +14,9 @@ from conftest import assert_one_line_error
 import dataset_tool
 from training import encoders
 from training.dataset import ImageFolderDataset
+from training.shard_files import read_shard
 from training.shard_writer import encode_shards
-from training.shards import ShardDataset, read_shard
+from training.shards import ShardDataset
 
 
 @pytest.fixture(scope='module')

@@ -12,14 +12,13 @@ import webdataset as wds
 from PIL import Image
 
 from training import dataset_io
+from training.shard_files import ShardError, expand_shards
 from training.shard_position import DataPosition
 from training.shards import (
     INFO_CORRUPT,
     INFO_READ,
     NUM_INFO_FIXED,
     ShardDataset,
-    ShardError,
-    expand_shards,
     parse_filter,
 )
 
@@ -210,3 +209,17 @@ def test_a_worker_left_without_samples_is_one_clear_line(tmp_path):
     assert _ids(image for image, _, _ in [next(ds.iter_slot(0, 2))]) == [0]
     with pytest.raises(ShardError, match='use fewer --workers'):
         next(ds.iter_slot(1, 2))
+
+
+def test_xflip_mirrors_about_half_the_samples_and_nothing_else(tmp_path):
+    ramp = np.tile(np.arange(0, 64, 8, dtype=np.uint8)[None, :, None], [8, 1, 3])
+    with wds.TarWriter(str(tmp_path / '000000.tar')) as writer:
+        for idx in range(40):
+            writer.write({'__key__': f'{idx:09d}', 'png': dataset_io.encode_png(ramp + idx)})
+    ds = ShardDataset(str(tmp_path), xflip=True, shuffle=0, loop=False, rank=0, num_replicas=1)
+    flipped = 0
+    for idx, (image, _, _) in enumerate(ds):
+        plain = (ramp + idx).transpose(2, 0, 1)
+        assert np.array_equal(image, plain) or np.array_equal(image, plain[:, :, ::-1])
+        flipped += not np.array_equal(image, plain)
+    assert 8 <= flipped <= 32

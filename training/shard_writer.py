@@ -19,7 +19,7 @@ from PIL import Image
 
 import dnnlib
 from training.dataset_io import DatasetFileError, ImageSource, decode_image
-from training.shards import IMAGE_FIELDS, expand_shards, is_shard_spec, read_shard
+from training.shard_files import IMAGE_FIELDS, expand_shards, is_shard_spec, read_shard
 
 
 def shard_name(idx: int) -> str:

@@ -23,73 +23,22 @@ import json
 import operator
 import os
 import re
-import tarfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
-from webdataset import tariterators
 
 from torch_utils import distributed as dist
-from training.dataset import DatasetError
 from training.dataset_io import DatasetFileError, decode_image, make_transform
+from training.shard_files import IMAGE_FIELDS, ShardError, expand_shards, read_shard
 
-IMAGE_FIELDS = ('jpg', 'jpeg', 'png', 'webp')
 PREVIEW_SIZE = 64  # Samples kept for the first image's shape and the snapshots' sample grids.
 _OPS = {'<=': operator.le, '>=': operator.ge, '==': operator.eq, '!=': operator.ne, '<': operator.lt, '>': operator.gt}
 _FILTER_RE = re.compile(r'\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*([^<>=!\s].*?)\s*')
 # Fixed columns of the per-sample record; one "dropped by filter i" column follows per filter.
 INFO_SLOT, INFO_PASS, INFO_EMITTED, INFO_READ, INFO_CORRUPT, INFO_SMALL = range(6)
 NUM_INFO_FIXED = 6
-
-
-class ShardError(DatasetError):
-    """Shards, a filter or a shard sample the user can fix; the message names the file or the text."""
-
-
-# ---- shard lists ----
-
-
-def is_shard_spec(path: str) -> bool:
-    """Whether `--data` names shards rather than a folder or ZIP of images."""
-    path = str(path)
-    if '{' in path or path.endswith('.tar') or path.endswith('.txt'):
-        return True
-    return os.path.isdir(path) and any(f.endswith('.tar') for f in os.listdir(path))
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Shard paths of a brace pattern, a folder of .tar files or a text file listing them, checked to exist."""
-    spec = str(spec)
-    if os.path.isdir(spec):
-        paths = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.endswith('.tar'))
-    elif spec.endswith('.txt') and os.path.isfile(spec):
-        base = os.path.dirname(spec)
-        with open(spec, encoding='utf-8') as f:
-            paths = [os.path.join(base, line.strip()) for line in f if line.strip() and not line.startswith('#')]
-    else:
-        paths = list(wds.shardlists.expand_urls(spec))
-    if not paths:
-        raise ShardError(f'{spec}: names no shards; give a brace pattern, a folder of .tar files or a list file')
-    found = [p for p in paths if os.path.isfile(p)]
-    if not found:
-        raise ShardError(f'{spec}: matches no file (first expected: {paths[0]}); check the pattern and the folder')
-    if len(found) < len(paths):
-        missing = next(p for p in paths if not os.path.isfile(p))
-        raise ShardError(f'{spec}: {len(paths) - len(found)} of {len(paths)} shards missing, e.g. {missing}')
-    return paths
-
-
-def read_shard(path: str) -> Iterator[dict[str, Any]]:
-    """The samples of one shard as dicts {'__key__': ..., 'png': bytes, ...}, in file order."""
-    try:
-        with open(path, 'rb') as f:
-            members = (dict(m, __url__=path) for m in tariterators.tar_file_iterator(f))
-            yield from tariterators.group_by_keys(members)
-    except tarfile.TarError as e:
-        raise ShardError(f'{path}: not a readable tar file ({e}); re-create it with dataset_tool.py shards') from None
 
 
 # ---- metadata filters ----
