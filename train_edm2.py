@@ -144,6 +144,8 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         raise click.ClickException(str(e)) from e
     if p.cond and not ds.has_labels and not p.get('dataset_kwargs'):
         raise click.ClickException(f'{data} has no class labels (dataset.json "labels"); train with --cond=False.')
+    if c.dataset_kwargs.class_name == 'training.shards.ShardDataset' and c.dataset_kwargs.use_labels:
+        c.dataset_kwargs.label_dim = ds.label_dim  # Found by reading every shard's labels: once is enough.
     c.encoder_kwargs = dnnlib.EasyDict(encoder_for_channels(ds.num_channels, data, p.vae))
     c.data_loader_kwargs = dnnlib.EasyDict(
         num_workers=p.workers,

@@ -40,6 +40,7 @@ def test_text_demo_trains_from_shards_with_a_filter_and_reports_the_drops(tmp_pa
     assert glob.glob(str(run / 'network-snapshot-*.pkl')) and glob.glob(str(run / 'samples-*.png'))
     options = json.loads((run / 'training_options.json').read_text())
     assert options['dataset_kwargs']['use_captions'] and options['dataset_kwargs']['filters'] == ['label<=2']
+    assert options['dataset_kwargs']['label_dim'] == 5  # Scanned once, by train_edm2.py, not again by the loop.
     stats = [json.loads(line) for line in (run / 'stats.jsonl').read_text().splitlines()]
     labels = ImageFolderDataset(zip_path, use_labels=True)
     failing = sum(int(labels[i][1].argmax()) > 2 for i in range(len(labels)))
