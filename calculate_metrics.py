@@ -29,6 +29,8 @@ from training.metrics import (
     save_stats,
 )
 from training.sampler_options import SAMPLER_OPTIONS, read_prompts, resolve_sampler_options
+from training.shard_files import is_shard_spec
+from training.shards import ShardDataset
 from training.snapshots import NetworkPickleError
 
 _REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
@@ -42,9 +44,15 @@ def _one_line(err: Exception) -> str:
     return last.split(': ', 1)[1] if last.startswith('training.') and ': ' in last else last
 
 
-def _open_images(path: str, num: int | None = None, seed: int = 0) -> ImageFolderDataset:
-    """The RGB images of a folder or ZIP; with `num`, exactly `num` of them, subsampled by `seed`."""
-    dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
+def _open_images(
+    path: str, num: int | None = None, seed: int = 0, allow_shards: bool = False
+) -> ImageFolderDataset | ShardDataset:
+    """The RGB images of a folder or ZIP; with `num`, exactly `num` of them, subsampled by `seed`. Tar shards
+    (with `allow_shards`) stream one pass, each rank and data worker reading its own share."""
+    if allow_shards and is_shard_spec(path):
+        dataset = ShardDataset(path, shuffle=0, loop=False)
+    else:
+        dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:
         raise MetricsError(f'{path} holds {len(dataset)} images, fewer than --num={num}; add images or lower --num.')
     image, _label = dataset[0]
@@ -60,9 +68,10 @@ def _open_images(path: str, num: int | None = None, seed: int = 0) -> ImageFolde
 
 def _dataset_batches(dataset: ImageFolderDataset, batch: int, workers: int) -> Iterator[torch.Tensor]:
     """This rank's share of the dataset (every world-size-th image), as uint8 NCHW batches."""
-    share = torch.utils.data.Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
-    loader = torch.utils.data.DataLoader(share, batch_size=batch, num_workers=workers)
-    for images, _labels in loader:
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset = torch.utils.data.Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
+    for images, *_labels in loader:
         yield images
 
 
@@ -169,7 +178,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option('--data', metavar='PATH', type=str, required=True, help='Dataset folder or ZIP of PNG images.')
+@click.option(
+    '--data', metavar='PATH', type=str, required=True, help='Dataset folder or ZIP of PNG images, or tar shards.'
+)
 @click.option('--dest', metavar='PKL|NPZ', type=str, required=True, help='Where to write the statistics.')
 @_common_options
 @click.option(
@@ -190,15 +201,17 @@ def ref(
     """
     dist.init()
     metric_list, torch_device = _check_metrics(metrics), _device(device)
-    dataset = _run(_open_images, data)
-    dist.print0(f'Embedding {len(dataset)} images of {data} for {",".join(metric_list)} ...')
+    dataset = _run(_open_images, data, allow_shards=True)
+    streaming = isinstance(dataset, ShardDataset)
+    size = f'the images of {len(dataset.shards)} shards' if streaming else f'{len(dataset)} images'
+    dist.print0(f'Embedding {size} of {data} for {",".join(metric_list)} ...')
     stats = _run(
         calculate_stats_for_iterable,
         _dataset_batches(dataset, batch, workers),
         metric_list,
         detector_source=detectors,
         device=torch_device,
-        num_images=len(dataset),
+        num_images=None if streaming else len(dataset),
     )
     if dist.is_main():
         _run(save_stats, stats, dest)

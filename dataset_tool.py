@@ -26,6 +26,8 @@ from training.dataset_io import (
     parse_resolution,
     write_synthetic_dataset,
 )
+from training.shard_files import ShardError, is_shard_spec
+from training.shard_writer import encode_shards, make_shards
 
 # ---- command line ----
 
@@ -36,13 +38,13 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except DatasetFileError as e:
+        except (DatasetFileError, ShardError) as e:
             raise click.ClickException(str(e)) from None
 
 
 @click.group(cls=_Commands)
 def cli() -> None:
-    """Make edm2x datasets (folder or uncompressed ZIP of PNGs with dataset.json).
+    """Make edm2x datasets (folder or uncompressed ZIP of PNGs with dataset.json, or tar shards).
 
     \b
     # The built-in demo data: 10K coloured shapes at 32x32 with labels and captions.
@@ -56,6 +58,10 @@ def cli() -> None:
     python dataset_tool.py convert --source=downloads/imagenet/train --dest=datasets/img512.zip \\
         --resolution=512 --transform=center-crop-dhariwal
     python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    \b
+    # Tar shards (WebDataset, img2dataset's layout) of 10K samples each, then latent shards.
+    python dataset_tool.py shards --source=datasets/img512.zip --dest=datasets/img512-shards --per-shard=10K
+    python dataset_tool.py encode --source=datasets/img512-shards --dest=datasets/img512-sd-shards
     """
 
 
@@ -153,6 +159,30 @@ def convert(
             writer.add_image(item_relpath(idx), image, label=item.label, caption=item.caption)
 
 
+@cli.command()
+@click.option('--source', metavar='PATH', required=True, help='Folder or ZIP of images, or tar shards to re-shard.')
+@click.option('--dest', metavar='DIR', required=True, help='New folder for 000000.tar, 000001.tar, ...')
+@click.option(
+    '--per-shard',
+    metavar='INT',
+    callback=_parse_count,
+    default='10000',
+    show_default=True,
+    help='Samples per shard (suffixes K M Ki Mi).',
+)
+@click.option('--max-images', metavar='INT', callback=_parse_count, help='Write at most this many (first by path).')
+def shards(source: str, dest: str, per_shard: int, max_images: int | None) -> None:
+    """Write tar shards (WebDataset) as img2dataset lays them out: the image file's bytes, txt caption, cls
+    label and json metadata with original_width and original_height.
+
+    \b
+    python dataset_tool.py shards --source=datasets/shapes-32.zip --dest=datasets/shapes-shards --per-shard=1K
+    """
+    with tqdm(desc='shards', unit='img') as progress:
+        total = make_shards(source, dest, per_shard, max_images=max_images, progress=progress.update)
+    click.echo(f'{dest}: {total} samples in {-(-total // per_shard)} shards')
+
+
 def _check_partial(partial: str, settings: dict, resume: bool) -> None:
     """An existing folder of finished items beside --dest may only be continued, and only with its settings."""
     if not os.path.isdir(partial):
@@ -188,6 +218,23 @@ def _load_images(images: ImageSource, relpaths: list[str], shape: tuple) -> np.n
     return np.stack(batch)
 
 
+def _vae(model_url: str, batch: int, device: str | None) -> tuple:
+    """(the Stable Diffusion VAE, the torch device it runs on: `device`, else cuda if available)."""
+    import torch
+
+    from training.encoders import StabilityVAEEncoder
+
+    try:
+        torch_device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        if torch_device.type == 'cuda' and not torch.cuda.is_available():
+            raise click.ClickException(f'--device={device}: CUDA is not available here; use --device=cpu')
+        encoder = StabilityVAEEncoder(vae_name=model_url, batch_size=batch)
+        encoder.init(torch_device)
+    except (RuntimeError, OSError) as e:
+        raise click.ClickException(re.sub(r'\s+', ' ', str(e))) from None
+    return encoder, torch_device
+
+
 @cli.command()
 @click.option(
     '--model-url',
@@ -196,8 +243,12 @@ def _load_images(images: ImageSource, relpaths: list[str], shape: tuple) -> np.n
     show_default=True,
     help='VAE: Hugging Face hub id or a folder saved with AutoencoderKL.save_pretrained.',
 )
-@click.option('--source', metavar='PATH', required=True, help='Pixel dataset: folder or ZIP of equal-size images.')
-@click.option('--dest', metavar='PATH', required=True, help='Output ZIP (ends in .zip) or new folder of NPY latents.')
+@click.option(
+    '--source', metavar='PATH', required=True, help='Pixel dataset: folder or ZIP of equal-size images, or tar shards.'
+)
+@click.option(
+    '--dest', metavar='PATH', required=True, help='Output ZIP (ends in .zip) or folder of NPY latents (of shards).'
+)
 @click.option('--max-images', metavar='INT', callback=_parse_count, help='Encode at most this many (first by path).')
 @click.option('--resume', is_flag=True, help='Continue an interrupted run from the items finished in DEST.partial.')
 @click.option(
@@ -218,11 +269,27 @@ def encode(
     \b
     python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
     python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip --resume
+
+    From tar shards, each shard becomes a latent shard of the same name in the folder DEST; shards that exist
+    there are finished and skipped, so re-running resumes. Under torchrun each rank encodes its own shards.
+
+    \b
+    torchrun --nproc_per_node=8 dataset_tool.py encode --source=data/{000000..000999}.tar --dest=data-sd
     """
     import torch
 
-    from training.encoders import StabilityVAEEncoder
+    if is_shard_spec(source):
+        rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+        if device is None and torch.cuda.is_available():
+            device = f'cuda:{os.environ.get("LOCAL_RANK", 0)}'
+        encoder, torch_device = _vae(model_url, batch, device)
 
+        def encode_batch(pixels: np.ndarray) -> np.ndarray:
+            return encoder.encode_pixels(torch.from_numpy(pixels).to(torch_device)).cpu().numpy()
+
+        written = encode_shards(source, dest, encode_batch, batch, rank=rank, world=world)
+        click.echo(f'rank {rank}: {len(written)} latent shards written to {dest}')
+        return
     images = ImageSource(source, max_images=max_images)
     partial = os.path.abspath(dest).rstrip(os.sep) + '.partial'
     settings = {'model_url': model_url, 'source': os.path.abspath(source)}
@@ -233,14 +300,7 @@ def encode(
         and not (os.path.isdir(dest) and not os.listdir(dest))
     ):
         raise click.ClickException(f'{dest}: already exists and is not an empty folder; choose a new --dest')
-    try:
-        device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        if device.type == 'cuda' and not torch.cuda.is_available():
-            raise click.ClickException(f'--device={device}: CUDA is not available here; use --device=cpu')
-        encoder = StabilityVAEEncoder(vae_name=model_url, batch_size=batch)
-        encoder.init(device)
-    except (RuntimeError, OSError) as e:
-        raise click.ClickException(re.sub(r'\s+', ' ', str(e))) from None
+    encoder, device = _vae(model_url, batch, device)
     shape = decode_image(images.read(images.relpaths[0]), images.describe(images.relpaths[0])).shape
     factor = encoder.downsampling
     if shape[0] % factor or shape[1] % factor:

@@ -15,6 +15,7 @@ from training.backbones import ARCHS, FORMULATIONS, BackboneError, preset_kwargs
 from training.checkpoint import CheckpointError
 from training.dataset_io import write_synthetic_dataset
 from training.presets_train import TRAIN_PRESETS
+from training.shard_files import is_shard_spec
 from training.training_loop import TrainingError, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
@@ -103,6 +104,28 @@ def backbone_kwargs(p: dnnlib.EasyDict, resolution: int, precision: bool | str) 
         raise click.ClickException(str(e)) from e
 
 
+def dataset_kwargs(p: dnnlib.EasyDict, data: str) -> dnnlib.EasyDict:
+    """ImageFolderDataset for a folder or ZIP, ShardDataset for tar shards, plus the preset's options."""
+    kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=p.cond)
+    row_kwargs = dict(p.get('dataset_kwargs', {}))
+    if not is_shard_spec(data):
+        for opt in ('filter', 'resolution', 'upscale'):
+            if p.get(opt):
+                raise click.ClickException(f'--{opt} applies to tar shards only; {data} is a folder or ZIP.')
+        return dnnlib.EasyDict(kwargs, **row_kwargs)  # A preset may name another class and its options.
+    if 'class_name' in row_kwargs:
+        raise click.ClickException(f'The preset reads its data with {row_kwargs["class_name"]}, not from shards.')
+    kwargs.update(
+        class_name='training.shards.ShardDataset',
+        filters=list(p.get('filter') or []),
+        resolution=p.get('resolution'),
+        upscale=bool(p.get('upscale')),
+        shuffle=p.get('shuffle', 1000),
+        random_seed=p.seed,
+    )
+    return dnnlib.EasyDict(kwargs, **row_kwargs)
+
+
 def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnlib.EasyDict:
     """Resolve preset and command-line options into the keyword arguments of training_loop()."""
     if preset is not None and preset not in TRAIN_PRESETS:
@@ -125,14 +148,15 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         data = ensure_synthetic_dataset(p.synthetic)
 
     c = dnnlib.EasyDict()
-    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=p.cond)
-    c.dataset_kwargs.update(p.get('dataset_kwargs', {}))  # A preset may name another class and its options.
+    c.dataset_kwargs = dataset_kwargs(p, data)
     try:
         ds = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
     except dataset_mod.DatasetError as e:
         raise click.ClickException(str(e)) from e
     if p.cond and not ds.has_labels and not p.get('dataset_kwargs'):
         raise click.ClickException(f'{data} has no class labels (dataset.json "labels"); train with --cond=False.')
+    if c.dataset_kwargs.class_name == 'training.shards.ShardDataset' and c.dataset_kwargs.use_labels:
+        c.dataset_kwargs.label_dim = ds.label_dim  # Found by reading every shard's labels: once is enough.
     c.encoder_kwargs = dnnlib.EasyDict(encoder_for_channels(ds.num_channels, data, p.vae))
     c.data_loader_kwargs = dnnlib.EasyDict(
         num_workers=p.workers,
@@ -178,7 +202,33 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
     '--outdir', metavar='DIR', type=str, required=True, help='Run folder; a re-run resumes from its newest checkpoint.'
 )
 @click.option(
-    '--data', metavar='ZIP|DIR', type=str, default=None, help='Dataset folder or ZIP (demo presets make their own).'
+    '--data',
+    metavar='ZIP|DIR|SHARDS',
+    type=str,
+    default=None,
+    help="Dataset folder or ZIP, or tar shards ('data/{000000..000099}.tar', a folder or a list file).",
+)
+@click.option(
+    '--filter',
+    metavar='EXPR',
+    multiple=True,
+    help="Keep shard samples whose json metadata satisfies EXPR, e.g. 'original_width>=512' (repeatable).",
+)
+@click.option(
+    '--resolution',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=None,
+    help='Resize and centre-crop shard images on the fly to this size (as dataset_tool.py convert).',
+)
+@click.option('--upscale', is_flag=True, help='With --resolution: upscale smaller shard images instead of dropping.')
+@click.option(
+    '--shuffle',
+    metavar='INT',
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help='Shuffle-buffer size of each shard-reading worker (0: file order).',
 )
 @click.option(
     '--cond', metavar='BOOL', type=bool, default=True, show_default=True, help='Train class-conditional (needs labels).'

@@ -313,3 +313,18 @@ def test_real_size_detectors_end_to_end(files, tmp_path):
     assert code == 0 and all(abs(v) < 1e-6 for v in _metrics_from_output(output).values()), output
     code, output = _cli('gen', f'--net={files["net"]}', f'--ref={tmp_path}/ref.pkl', '--num=2', '--steps=2', *common)
     assert code == 0 and set(_metrics_from_output(output)) == {'fid', 'fd_dinov2'}, output
+
+
+def test_ref_of_tar_shards_equals_ref_of_the_folder(files, ref_pkl, tmp_path):
+    from training.shard_writer import make_shards
+
+    shards = str(tmp_path / 'shards')
+    make_shards(files['images'], shards, per_shard=5)
+    dest = str(tmp_path / 'shards.pkl')
+    args = [f'--data={shards}', f'--dest={dest}', f'--detectors={files["detectors"]}', '--batch=4', '--device=cpu']
+    code, output = _cli('ref', *args, '--workers=2')
+    assert code == 0, output
+    stats, folder = load_stats(dest), load_stats(ref_pkl)
+    for metric in folder:
+        for key in ('mu', 'sigma'):
+            np.testing.assert_allclose(stats[metric][key], folder[metric][key], rtol=1e-5, atol=1e-6)

@@ -28,6 +28,7 @@ from training.image_grid import save_image_grid
 # Options files written before training/loss.py existed name `training.training_loop.EDM2Loss` and
 # `training.training_loop.learning_rate_schedule`; these names keep them loadable.
 from training.loss import EDM2Loss, learning_rate_schedule  # noqa: F401
+from training.shard_position import DataPosition
 from training.snapshots import save_network_pickle, snapshot_name
 
 
@@ -89,9 +90,14 @@ def _data_batches(dataset, sampler, batch_gpu: int, data_loader_kwargs: dict) ->
             shutdown()
 
 
-def _encoded(batches: Iterator, encoder: Any, device: torch.device) -> Iterator[tuple[torch.Tensor, Any]]:
-    """Data batches in network space on `device`, encoded lazily, one per request; captions stay strings."""
-    for images, labels in batches:
+def _encoded(
+    batches: Iterator, encoder: Any, device: torch.device, position: DataPosition | None
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """Data batches in network space on `device`, encoded lazily, one per request; captions stay strings.
+    A streamed batch's position records go to `position` as the batch is consumed."""
+    for images, labels, *info in batches:
+        if position is not None:
+            position.update(info[0])
         yield encoder.encode_latents(images.to(device)), labels.to(device) if torch.is_tensor(labels) else labels
 
 
@@ -141,7 +147,11 @@ class _Status:
             f'img/s {(cur_nimg - self.last_nimg) / max(now - self.last, 1e-9):<8.1f} '
             f'cpumem {means["Resources/cpu_mem_gb"]:<6.2f}'
         )
-        dist.print0(line + (f' gpumem {means["Resources/peak_gpu_mem_gb"]:<6.2f}' if on_gpu else ''))
+        line += f' gpumem {means["Resources/peak_gpu_mem_gb"]:<6.2f}' if on_gpu else ''
+        if 'Data/read' in means:
+            dropped = sum(v for k, v in means.items() if k.startswith('Data/dropped/') or k == 'Data/too_small')
+            line += f' data read {means["Data/read"]:.0f} dropped {dropped:.0f} corrupt {means["Data/corrupt"]:.0f}'
+        dist.print0(line)
         if dist.get_rank() == 0:
             with open(self.path, 'at') as f:
                 f.write(json.dumps(dict(means, timestamp=now)) + '\n')
@@ -187,11 +197,12 @@ def _save_snapshots(
     save_image_grid(images.cpu().numpy(), os.path.join(run_dir, f'samples-{kimg:07d}.png'), grid_w=grid)
 
 
-def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list | None]:
-    """Load the newest checkpoint of the run, if any: (images seen, per-rank RNG states or None)."""
+def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list | None, dict | None]:
+    """Load the newest checkpoint of the run, if any: (images seen, per-rank RNG states or None, the data
+    stream's position or None)."""
     path = ckpt.find_latest_checkpoint(run_dir)
     if path is None:
-        return 0, None
+        return 0, None, None
     dist.print0(f'Resuming from {path}')
     state = ckpt.load_checkpoint(path)
     net.load_state_dict(state['net'])
@@ -204,7 +215,7 @@ def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list
             'random streams restart, so the run is no longer bit-reproducible.'
         )
         rng = None
-    return state['cur_nimg'], rng
+    return state['cur_nimg'], rng, state.get('data')
 
 
 # ----------------------------------------------------------------------------
@@ -271,7 +282,9 @@ def training_loop(
     shape = encoder.encode_latents(torch.as_tensor(first_image).to(device).unsqueeze(0)).shape
     net = construct(img_resolution=shape[-1], img_channels=shape[1], label_dim=dataset.label_dim, **network_kwargs)
     net.train().requires_grad_(True).to(device)
-    dist.print0(f'Dataset: {len(dataset)} items of shape {list(first_image.shape)}, label_dim {dataset.label_dim}')
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    size = f'{len(dataset.shards)} shards' if streaming else f'{len(dataset)} items'
+    dist.print0(f'Dataset: {size} of shape {list(first_image.shape)}, label_dim {dataset.label_dim}')
     dist.print0(f'Network: {sum(p.numel() for p in net.parameters()):,} parameters')
     loss_fn = construct(**loss_kwargs)
     optimizer = construct(params=net.parameters(), **optimizer_kwargs)
@@ -279,16 +292,23 @@ def training_loop(
     ddp = net
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
-    cur_nimg, rng_states = _resume(run_dir, net, optimizer, ema)
+    cur_nimg, rng_states, data_state = _resume(run_dir, net, optimizer, ema)
+    position = None
+    if streaming:
+        num_slots = world * max(data_loader_kwargs.get('num_workers', 0), 1)
+        position = DataPosition(dataset.filter_names(), num_slots, dataset.fingerprint())
+        dataset.set_position(position.restore(data_state))
 
     def due(interval: int | None, done: bool) -> bool:
         return bool(interval) and (done or cur_nimg % interval == 0)
 
-    sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
+    sampler = None
+    if not streaming:
+        sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
     with _stop_signals_caught() as stop, _data_batches(dataset, sampler, batch_gpu, data_loader_kwargs) as loader:
         if rng_states is not None:
             ckpt.set_rng_state(rng_states[rank])  # After the DataLoader, which draws its own base seed.
-        batches = _encoded(loader, encoder, device)
+        batches = _encoded(loader, encoder, device, position)
         status = _Status(run_dir, cur_nimg, device)
         first_nimg = cur_nimg
         while True:
@@ -296,6 +316,8 @@ def training_loop(
             stopping = not done and _all_ranks_agree(stop['stop'], device)
             resumed_here = cur_nimg == first_nimg  # This state was just loaded (or is the start): not saved again.
             if due(status_nimg, done) and (cur_nimg == 0 or not resumed_here):
+                if position is not None:
+                    position.report()
                 status(cur_nimg, loss_fn, net, encoder, dataset_kwargs)
             if due(snapshot_nimg, done) and not resumed_here and rank == 0:
                 _save_snapshots(
@@ -312,6 +334,7 @@ def training_loop(
                 )
             if (due(checkpoint_nimg, done) or stopping) and not resumed_here:
                 states = ckpt.gather_rng_states()
+                data_position = position.state() if position is not None else None
                 if rank == 0:
                     state = dict(
                         net=net.state_dict(),
@@ -320,6 +343,7 @@ def training_loop(
                         cur_nimg=cur_nimg,
                         rng=states,
                         loss_fn=loss_fn,
+                        data=data_position,
                     )
                     ckpt.save_checkpoint(os.path.join(run_dir, ckpt.checkpoint_name(cur_nimg // 1000)), state)
                 if world > 1:

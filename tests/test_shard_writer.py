@@ -1,0 +1,101 @@
+"""dataset_tool.py shards and encode from shards: the same samples as the source, labels, captions and
+original sizes carried over, latent shards equal to the VAE on the pixels, resumable and split by rank."""
+
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import assert_one_line_error
+
+import dataset_tool
+from training import encoders
+from training.dataset import ImageFolderDataset
+from training.shard_files import read_shard
+from training.shard_writer import encode_shards
+from training.shards import ShardDataset
+
+
+@pytest.fixture(scope='module')
+def shapes_zip(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp('shapes') / 'shapes.zip')
+    dataset_tool.write_synthetic_dataset(path, resolution=8, num_images=10, seed=0, progress=False)
+    return path
+
+
+def _shards(source: str, dest, per_shard: int = 4):
+    result = CliRunner().invoke(
+        dataset_tool.cli, ['shards', f'--source={source}', f'--dest={dest}', f'--per-shard={per_shard}']
+    )
+    assert result.exit_code == 0, result.output
+    return dest
+
+
+def test_shards_hold_the_source_images_labels_captions_and_original_sizes(tmp_path, shapes_zip):
+    dest = _shards(shapes_zip, tmp_path / 'shards')
+    assert sorted(os.listdir(dest)) == ['000000.tar', '000001.tar', '000002.tar']
+    source = ImageFolderDataset(shapes_zip, use_labels=True)
+    want = collections.Counter(
+        (source[i][0].tobytes(), int(source[i][1].argmax()), source.get_caption(i)) for i in range(len(source))
+    )
+    labelled = ShardDataset(str(dest), use_labels=True, shuffle=0, loop=False, rank=0, num_replicas=1)
+    captioned = ShardDataset(str(dest), use_captions=True, shuffle=0, loop=False, rank=0, num_replicas=1)
+    got = collections.Counter(
+        (image.tobytes(), int(label.argmax()), caption)
+        for (image, label, _), (_, caption, _) in zip(labelled, captioned)
+    )
+    assert got == want
+    meta = json.loads(next(read_shard(str(dest / '000000.tar')))['json'])
+    assert meta['original_width'] == meta['original_height'] == 8 and 'label' in meta
+
+
+def test_resharding_shards_keeps_every_sample(tmp_path, shapes_zip):
+    first = _shards(shapes_zip, tmp_path / 'a', per_shard=4)
+    second = _shards(str(first), tmp_path / 'b', per_shard=3)
+    assert len(os.listdir(second)) == 4
+    keys = lambda d: sorted(s['__key__'] for f in sorted(os.listdir(d)) for s in read_shard(str(d / f)))  # noqa: E731
+    assert keys(first) == keys(second)
+
+
+def test_shards_into_a_non_empty_folder_is_one_clear_line(tmp_path, shapes_zip):
+    (tmp_path / 'x').mkdir()
+    (tmp_path / 'x' / 'keep.txt').write_text('mine')
+    result = CliRunner().invoke(dataset_tool.cli, ['shards', f'--source={shapes_zip}', f'--dest={tmp_path / "x"}'])
+    assert_one_line_error(result, 'not an empty folder')
+    assert (tmp_path / 'x' / 'keep.txt').read_text() == 'mine'
+
+
+def test_encode_from_shards_matches_the_vae_and_resumes_per_shard(tmp_path, vae_dir, shapes_zip):
+    pixels = _shards(shapes_zip, tmp_path / 'pixels')
+    dest = tmp_path / 'latents'
+    args = ['encode', f'--model-url={vae_dir}', f'--source={pixels}', f'--dest={dest}', '--batch=3', '--device=cpu']
+    result = CliRunner().invoke(dataset_tool.cli, args)
+    assert result.exit_code == 0, result.output
+    latents = ShardDataset(str(dest), use_captions=True, shuffle=0, loop=False, rank=0, num_replicas=1)
+    source = ShardDataset(str(pixels), use_captions=True, shuffle=0, loop=False, rank=0, num_replicas=1)
+    stored = {caption + str(i): image for i, (image, caption, _) in enumerate(latents)}
+    vae = encoders.StabilityVAEEncoder(vae_name=vae_dir)
+    for i, (image, caption, _) in enumerate(source):  # Same shard order: the same (seed, pass) permutation.
+        expected = vae.encode_pixels(torch.from_numpy(image[None])).numpy()[0]
+        np.testing.assert_allclose(stored[caption + str(i)], expected, rtol=1e-5, atol=1e-5)
+
+    kept = dest / '000000.tar'
+    before = kept.stat().st_mtime_ns
+    os.remove(dest / '000001.tar')
+    result = CliRunner().invoke(dataset_tool.cli, args)
+    assert result.exit_code == 0 and '1 latent shards written' in result.output
+    assert kept.stat().st_mtime_ns == before and (dest / '000001.tar').is_file()
+
+
+def test_encode_shards_splits_the_shards_over_ranks(tmp_path, shapes_zip):
+    pixels = _shards(shapes_zip, tmp_path / 'pixels', per_shard=2)
+
+    def encode(batch: np.ndarray) -> np.ndarray:
+        return batch[:, :1].astype(np.float32)
+
+    parts = [encode_shards(str(pixels), str(tmp_path / 'out'), encode, 2, rank=r, world=2) for r in range(2)]
+    names = [os.path.basename(p) for part in parts for p in part]
+    assert sorted(names) == sorted(os.listdir(pixels)) and not set(parts[0]) & set(parts[1])
