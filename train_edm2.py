@@ -237,14 +237,18 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
     '--preset', metavar='STR', type=str, default=None, help=f'Configuration preset: {", ".join(TRAIN_PRESETS)}.'
 )
 @click.option(
-    '--arch', metavar='STR', type=click.Choice(ARCHS), default=None, help='Backbone [default: unet or preset].'
+    '--arch',
+    metavar='|'.join(ARCHS),
+    type=click.Choice(ARCHS),
+    default=None,
+    help='Backbone: EDM2 MP U-Net, DiT (adaLN-Zero transformer), magnitude-preserving DiT [default: unet or preset].',
 )
 @click.option(
     '--formulation',
-    metavar='STR',
+    metavar='|'.join(FORMULATIONS),
     type=click.Choice(FORMULATIONS),
     default=None,
-    help='EDM preconditioning and loss, or DDPM timesteps and loss [default: edm or preset].',
+    help='EDM2 preconditioning and loss in sigma, or DDPM timesteps, epsilon and hybrid loss [default: edm or preset].',
 )
 @click.option(
     '--patch', metavar='INT', type=click.IntRange(min=1), default=None, help='Transformer patch size [default: 2].'
@@ -252,7 +256,11 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
 @click.option('--duration', metavar='NIMG', type=NIMG, default=None, help='Training duration in images, e.g. 2048Mi.')
 @click.option('--batch', metavar='NIMG', type=NIMG, default=None, help='Global batch size in images.')
 @click.option(
-    '--channels', metavar='INT', type=click.IntRange(min=1), default=None, help='Base channel count (model_channels).'
+    '--channels',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=None,
+    help='U-Net model_channels, transformer width.',
 )
 @click.option(
     '--dropout', metavar='FLOAT', type=click.FloatRange(0, 1), default=None, help='Dropout probability in blocks.'
