@@ -1,8 +1,9 @@
 """Data-loading speed and memory: decoded samples/s of one worker streaming tar shards (PNG and JPEG at 64²
 and 256², float32 latents), and resident memory while a loader streams many small samples.
 
-python bench/data_speed.py                          # speed table; compare with bench/train_speed.py
-python bench/data_speed.py --train-img-s=900        # ... and the workers needed to keep up with training
+python bench/data_speed.py                          # speed table
+python bench/data_speed.py --preset=demo            # ... beside the preset's training rate, and the workers it needs
+python bench/data_speed.py --train-img-s=900        # ... or beside a training rate measured elsewhere (a GPU)
 python bench/data_speed.py --memory --num=100000    # RSS after 1k and after --num samples, shards and ZIP
 """
 
@@ -22,6 +23,7 @@ from training.dataset import ImageFolderDataset  # noqa: E402
 from training.dataset_io import DatasetWriter, item_relpath  # noqa: E402
 from training.shard_writer import shard_name, write_shard  # noqa: E402
 from training.shards import ShardDataset  # noqa: E402
+from training.throughput import ThroughputError, time_training_steps  # noqa: E402
 
 
 def _encoded(image: np.ndarray, fmt: str) -> bytes:
@@ -90,13 +92,21 @@ def _memory(root: str, num: int) -> None:
 @click.command()
 @click.option('--num', metavar='INT', type=click.IntRange(min=1001), default=2048, show_default=True, help='Samples.')
 @click.option('--train-img-s', metavar='FLOAT', type=float, default=None, help='Training images/s to compare with.')
+@click.option('--preset', metavar='NAME', default=None, help='Time this training preset here and compare with it.')
+@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Its batch.')
 @click.option('--memory', is_flag=True, help='Measure resident memory instead of speed.')
-def main(num: int, train_img_s: float | None, memory: bool) -> None:
+def main(num: int, train_img_s: float | None, preset: str | None, batch: int, memory: bool) -> None:
     """Decoded samples/s per data-loader worker for tar shards, or resident memory while streaming."""
     with tempfile.TemporaryDirectory() as root:
         if memory:
             _memory(root, num)
             return
+        if preset is not None:
+            try:
+                train_img_s = time_training_steps(preset, batch, steps=5).img_s
+            except ThroughputError as e:
+                raise click.ClickException(str(e)) from None
+            print(f'training {preset}, batch {batch}, on cpu: {train_img_s:.1f} img/s')
         print(f'{"data":<14s} {"samples/s/worker":>16s}' + ('  workers for training' if train_img_s else ''))
         for kind, size in (('png', 64), ('jpeg', 64), ('png', 256), ('jpeg', 256), ('npy', 512)):
             count = num if size == 64 else num // 4

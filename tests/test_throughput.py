@@ -1,0 +1,21 @@
+"""training/throughput.py: the timing shared by bench/train_speed.py and bench/data_speed.py."""
+
+import pytest
+
+import count_flops
+from training.throughput import ThroughputError, time_training_steps
+
+
+def test_times_the_network_train_edm2_builds_for_the_preset(one_thread):
+    for preset in ('demo-tiny', 'demo-dit'):
+        r = time_training_steps(preset, batch=2, label_dim=5, steps=1)
+        built = count_flops.build_train_preset_net(preset, label_dim=5)
+        assert r.params == sum(p.numel() for p in built.parameters())
+        assert r.img_s == pytest.approx(2 / (r.ms_step / 1e3)) and r.tflops is None
+
+
+def test_presets_it_cannot_time_are_one_clear_error():
+    with pytest.raises(ThroughputError, match='captions'):
+        time_training_steps('demo-text', batch=2)
+    with pytest.raises(ThroughputError, match='Unknown preset'):
+        time_training_steps('no-such-preset', batch=2)
