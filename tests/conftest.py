@@ -39,3 +39,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def training_config(preset: str, data: str | None = None, **options):
+    """train_edm2.setup_training_config with its command-line defaults for a CPU test run (no mixed precision, no
+    data workers, seed 0), `options` overriding them."""
+    import train_edm2
+
+    defaults = dict(cond=True, workers=0, fp16=False, bf16=False, ls=1, bench=False, snapshot_fp32=False, seed=0)
+    return train_edm2.setup_training_config(preset, data, **{**defaults, 'vae': 'unused', **options})

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, training_config
 
 import dataset_tool
-import train_edm2
 from training import encoders, generation
 from training.dataset import ImageFolderDataset
 from training.training_loop import training_loop
@@ -116,19 +115,7 @@ def test_latent_pipeline_from_pixels_to_generated_images(tmp_path, vae_dir, pixe
     assert run(f'--model-url={vae_dir}', f'--source={pixels_zip}', f'--dest={latents}', '--device=cpu').exit_code == 0
 
     # train_edm2 picks the VAE encoder from the 8-channel data and sizes the net from the latents.
-    c = train_edm2.setup_training_config(
-        'demo-tiny',
-        latents,
-        cond=True,
-        workers=0,
-        fp16=False,
-        bf16=False,
-        ls=1,
-        bench=False,
-        snapshot_fp32=False,
-        seed=0,
-        vae=vae_dir,
-    )
+    c = training_config('demo-tiny', latents, vae=vae_dir)
     assert c.encoder_kwargs == dict(
         class_name='training.encoders.StabilityVAEEncoder', vae_name=os.path.abspath(vae_dir)
     )

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import training_config
 
 import dnnlib
 import reconstruct_phema
@@ -38,13 +39,7 @@ def _run_dir(tmp_path, name='run'):
 def _config(tmp_path, monkeypatch, arch, formulation, **opts):
     """demo-tiny (16x16 shapes, 5 classes) with a 2-block transformer of width 16, 4x4 patches."""
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path.parent / 'cache'))
-    c = train_edm2.setup_training_config(
-        'demo-tiny',
-        None,
-        **dict(cond=True, workers=0, fp16=False, bf16=False, ls=1, bench=False, snapshot_fp32=False, seed=0),
-        **dict(vae='unused', arch=arch, formulation=formulation, patch=4),
-        **opts,
-    )
+    c = training_config('demo-tiny', arch=arch, formulation=formulation, patch=4, **opts)
     if arch != 'unet':
         c.network_kwargs.depth = 2
     c.update(total_nimg=32, batch_size=16, status_nimg=16, snapshot_nimg=32, checkpoint_nimg=16)
@@ -115,12 +110,7 @@ def test_dit_run_resumed_from_a_checkpoint_continues_identically(tmp_path, monke
 def test_dit_recipe_presets_resolve_to_adamw_at_a_constant_rate_and_a_learned_variance_dit(tmp_path, monkeypatch):
     _config(tmp_path, monkeypatch, 'dit', 'ddpm')  # makes the 16x16 shapes data
     (data,) = glob.glob(str(tmp_path.parent / 'cache' / 'datasets' / 'shapes-16px-*.zip'))
-    c = train_edm2.setup_training_config(
-        'dit-b-8',
-        data,
-        **dict(cond=True, workers=0, fp16=True, bf16=False, ls=1, bench=True, snapshot_fp32=False),
-        **dict(seed=0, vae='unused'),
-    )
+    c = training_config('dit-b-8', data, fp16=True, bench=True)
     assert c.optimizer_kwargs == dict(class_name='torch.optim.AdamW', betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
     assert c.loss_kwargs.class_name == 'training.vp_diffusion.VPLoss' and c.loss_kwargs.variance == 'learned_range'
     net = c.network_kwargs

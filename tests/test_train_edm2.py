@@ -14,6 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import training_config
 
 import train_edm2
 from training.loss import EDM2Loss, unwrap
@@ -138,19 +139,7 @@ def test_two_processes_take_the_same_steps_as_one_at_the_same_global_batch(tmp_p
     # Same global batch of 32 (one process in 2 accumulation rounds of 16, or two gloo processes of 16 each),
     # same data order, per-image noise, no dropout, plain SGD: the weights after 3 steps agree to float
     # rounding. A wrong gradient-averaging factor (e.g. 2x) scales every SGD step and breaks this by far.
-    c = train_edm2.setup_training_config(
-        'demo-tiny',
-        None,
-        cond=True,
-        workers=0,
-        fp16=False,
-        bf16=False,
-        ls=1,
-        bench=False,
-        snapshot_fp32=False,
-        seed=0,
-        vae='unused',
-    )
+    c = training_config('demo-tiny')
     c.loss_kwargs.class_name = 'test_train_edm2.SeededLoss'
     c.optimizer_kwargs = dict(class_name='torch.optim.SGD')
     c.lr_kwargs.update(ref_lr=0.001, rampup_Mimg=0)

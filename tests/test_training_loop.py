@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import training_config
 
-import train_edm2
 from torch_utils import training_stats
 from training.loss import EDM2Loss, unwrap
 from training.training_loop import TrainingError, training_loop
@@ -23,19 +23,7 @@ def private_training_stats(monkeypatch):
 
 def _tiny_config(tmp_path, monkeypatch, loss_class: str, **kwargs):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
-    c = train_edm2.setup_training_config(
-        'demo-tiny',
-        None,
-        cond=True,
-        workers=0,
-        fp16=False,
-        bf16=False,
-        ls=1,
-        bench=False,
-        snapshot_fp32=False,
-        seed=0,
-        vae='unused',
-    )
+    c = training_config('demo-tiny')
     c.loss_kwargs.class_name = loss_class
     c.update(kwargs)
     run_dir = str(tmp_path / 'run')
