@@ -48,3 +48,24 @@ def training_config(preset: str, data: str | None = None, **options):
 
     defaults = dict(cond=True, workers=0, fp16=False, bf16=False, ls=1, bench=False, snapshot_fp32=False, seed=0)
     return train_edm2.setup_training_config(preset, data, **{**defaults, 'vae': 'unused', **options})
+
+
+class _Stop(Exception):
+    pass
+
+
+def input_of(module: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What `layer` receives when `module` runs on `images`; the forward pass stops there."""
+    seen = []
+
+    def grab(mod: torch.nn.Module, args: tuple) -> None:
+        seen.append(args[0].detach().clone())
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(grab)
+    try:
+        with pytest.raises(_Stop):
+            module(images)
+    finally:
+        handle.remove()
+    return seen[0]

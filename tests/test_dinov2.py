@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import input_of
 from PIL import Image
 
 from training.dinov2 import DinoVisionTransformer
@@ -25,26 +26,6 @@ def vit() -> DinoVisionTransformer:
     return net.requires_grad_(False)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _input_of(module: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    seen = []
-
-    def grab(mod: torch.nn.Module, args: tuple) -> None:
-        seen.append(args[0].detach().clone())
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(grab)
-    try:
-        with pytest.raises(_Stop):
-            module(images)
-    finally:
-        handle.remove()
-    return seen[0]
-
-
 def _pil_bicubic(images: torch.Tensor, size: int) -> torch.Tensor:
     # PIL's bicubic widens its kernel when shrinking (antialiasing); one float32 plane at a time.
     planes = [
@@ -56,7 +37,7 @@ def _pil_bicubic(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def test_images_are_antialias_resized_to_224_then_imagenet_normalised(vit):
     images = torch.randint(0, 256, [2, 3, 300, 260], dtype=torch.uint8)
-    seen = _input_of(vit, vit.patch_embed, images)
+    seen = input_of(vit, vit.patch_embed, images)
     expected = (_pil_bicubic(images, 224) / 255 - MEAN) / STD
     assert seen.shape == (2, 3, 224, 224)
     torch.testing.assert_close(seen, expected, atol=0.02 / 255 / 0.225, rtol=0)  # PIL, torch: < 0.01 grey level apart

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import input_of
 
 from training.inception import InceptionV3, _avg_pool_tf, tf1_resize_bilinear
 
@@ -11,27 +12,6 @@ from training.inception import InceptionV3, _avg_pool_tf, tf1_resize_bilinear
 def inception() -> InceptionV3:
     torch.manual_seed(0)
     return InceptionV3().eval().requires_grad_(False)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _input_of(module: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """What `layer` receives when `module` runs on `images`; the forward pass stops there."""
-    seen = []
-
-    def grab(mod: torch.nn.Module, args: tuple) -> None:
-        seen.append(args[0].detach().clone())
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(grab)
-    try:
-        with pytest.raises(_Stop):
-            module(images)
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def _tf_average_3x3(x: torch.Tensor) -> torch.Tensor:
@@ -50,13 +30,13 @@ def _max_3x3(x: torch.Tensor, stride: int, pad: int) -> torch.Tensor:
 
 def test_input_is_mapped_by_x_minus_128_over_128(inception):
     images = torch.randint(0, 256, [2, 3, 299, 299], dtype=torch.uint8)
-    seen = _input_of(inception, inception.Conv2d_1a_3x3, images)
+    seen = input_of(inception, inception.Conv2d_1a_3x3, images)
     torch.testing.assert_close(seen, (images.float() - 128) / 128, atol=0, rtol=0)
 
 
 def test_other_sizes_are_resized_with_tensorflow1_bilinear_before_scaling(inception):
     images = torch.randint(0, 256, [1, 3, 40, 50], dtype=torch.uint8)
-    seen = _input_of(inception, inception.Conv2d_1a_3x3, images)
+    seen = input_of(inception, inception.Conv2d_1a_3x3, images)
     torch.testing.assert_close(seen, (tf1_resize_bilinear(images.float(), 299) - 128) / 128)
 
 
