@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from test_networks_edm2 import TINY, reference_precond, tiny_precond
+from test_networks_text import tiny_text_net
 
 from training import generation
 from training.cascade import TextEDM2Loss, downsample, gaussian_blur
@@ -69,20 +70,7 @@ def test_gaussian_blur_kernel_has_unit_mass_and_the_requested_variance():
 
 
 def test_guided_stage_equals_the_classifier_free_guidance_formula():
-    torch.manual_seed(0)
-    net = TextPrecond(
-        8,
-        3,
-        model_channels=8,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[4],
-        channels_per_head=8,
-        text_length=16,
-        text_channels=16,
-        text_layers=1,
-        use_fp16=False,
-    ).eval()
+    net = tiny_text_net()
     with torch.no_grad():
         net.unet.out_gain.fill_(1)
         for p in net.unet.emb_text.parameters():
