@@ -7,6 +7,7 @@ name it with --detectors or the EDM2X_DETECTORS environment variable:
   dinov2_vitl14_pretrain.pth            (FD-DINOv2)
 """
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from training.metrics import (
     require_metrics,
     save_stats,
 )
-from training.sampler_options import SAMPLER_OPTIONS, read_prompts, resolve_sampler_options
+from training.sampler_options import SAMPLER_OPTIONS, SWEEP_NAMES, read_prompts, sweep_settings
 from training.shard_files import is_shard_spec
 from training.shards import ShardDataset
 from training.snapshots import NetworkPickleError
@@ -101,7 +102,7 @@ def _sampler_options(fn: Any) -> Any:
     """training.sampler_options.SAMPLER_OPTIONS as click options, as generate_images.py offers them."""
     for o in reversed(SAMPLER_OPTIONS):
         kind = o.type if o.min is None else (click.IntRange if o.type is int else click.FloatRange)
-        kind = kind if o.min is None else kind(o.min, min_open=o.min_open)
+        kind = str if o.name in SWEEP_NAMES else kind if o.min is None else kind(o.min, min_open=o.min_open)
         show = o.default is not None
         fn = click.option(
             o.flag, o.name, metavar=o.metavar, type=kind, default=o.default, show_default=show, help=o.help
@@ -344,10 +345,12 @@ def gen(
     device: str | None,
     **opts: Any,
 ) -> None:
-    """Metrics of images generated on the fly (nothing is written).
+    """Metrics of images generated on the fly (nothing is written). Comma lists of --guidance,
+    --guidance-interval (LO,HI pairs), --solver and --steps evaluate every combination, one JSON line each.
 
     \b
     python calculate_metrics.py gen --net=run/network-snapshot-0008388-0.100.pkl --ref=refs/img64.pkl --num=10000
+    python calculate_metrics.py gen --preset=edm2-img512-s-guid-fid --guidance=1.4,2 --guidance-interval=0.3,5
     """
     dist.init()
     metric_list, torch_device = _check_metrics(metrics), _device(device)
@@ -355,38 +358,45 @@ def gen(
     if ref_path is None:
         raise click.ClickException('No reference statistics: give --ref=PKL (make one with calculate_metrics.py ref).')
     ref_stats = _load_ref(ref_path, metric_list)
-    c = _run(resolve_sampler_options, **opts)
+    settings = _run(sweep_settings, opts)
     prompts = _run(read_prompts, (), prompts_file) if prompts_file is not None else None
+    c = settings[0][1]  # The net, its guide and decoder are the same in every combination.
     net, encoder = _run(load_network, c.net, torch_device, verbose=True, vae=c.vae)
-    gnet = (
-        _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and c.sampler_kwargs.guidance != 1 else None
-    )
-    dist.print0(
-        f'Generating and embedding {num} images (seeds {seed}-{seed + num - 1}) for {",".join(metric_list)} ...'
-    )
-    batches = (
-        b.images
-        for b in generate_images(
-            net,
-            encoder,
-            gnet,
-            seeds=range(seed, seed + num),
-            class_idx=class_idx,
-            max_batch_size=batch,
-            device=torch_device,
-            prompts=prompts,
-            **c.sampler_kwargs,
+    guided = any(setting.sampler_kwargs.guidance != 1 for _label, setting in settings)
+    gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and guided else None
+    for label, setting in settings:
+        dist.print0(
+            f'Generating and embedding {num} images (seeds {seed}-{seed + num - 1}) for {",".join(metric_list)} '
+            f'{label}...'
         )
-    )
-    stats = _run(
-        calculate_stats_for_iterable,
-        batches,
-        metric_list,
-        detector_source=detectors,
-        device=torch_device,
-        num_images=num,
-    )
-    _report(stats, ref_stats, ref_path, metric_list)
+        batches = (
+            b.images
+            for b in generate_images(
+                net,
+                encoder,
+                gnet if setting.sampler_kwargs.guidance != 1 else None,
+                seeds=range(seed, seed + num),
+                class_idx=class_idx,
+                max_batch_size=batch,
+                device=torch_device,
+                prompts=prompts,
+                **setting.sampler_kwargs,
+            )
+        )
+        stats = _run(
+            calculate_stats_for_iterable,
+            batches,
+            metric_list,
+            detector_source=detectors,
+            device=torch_device,
+            num_images=num,
+        )
+        if len(settings) == 1:
+            _report(stats, ref_stats, ref_path, metric_list)
+        elif dist.is_main():
+            results = _run(calculate_metrics_from_stats, stats, ref_stats, metric_list, ref_name=ref_path)
+            swept = {name: setting.sampler_kwargs.get(name) for name in SWEEP_NAMES}
+            print(json.dumps(dict(setting=label, **swept, **results)), flush=True)
 
 
 if __name__ == '__main__':

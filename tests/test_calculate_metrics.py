@@ -5,6 +5,7 @@ small ViT saved with the published key names (its architecture is read from the 
 is fast; the real-size detectors run in the slow test at the end (pytest -m slow).
 """
 
+import json
 import os
 import pickle
 import socket
@@ -328,3 +329,20 @@ def test_ref_of_tar_shards_equals_ref_of_the_folder(files, ref_pkl, tmp_path):
     for metric in folder:
         for key in ('mu', 'sigma'):
             np.testing.assert_allclose(stats[metric][key], folder[metric][key], rtol=1e-5, atol=1e-6)
+
+
+def test_gen_sweep_prints_one_json_line_per_setting_equal_to_its_single_run(files, ref_pkl, monkeypatch):
+    monkeypatch.setenv('EDM2X_DETECTORS', files['detectors'])
+    common = [f'--net={files["net"]}', f'--ref={ref_pkl}', '--num=3', '--batch=2', '--device=cpu']
+    code, output = _cli('gen', *common, '--solver=heun,euler', '--steps=2,3')
+    assert code == 0, output
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith('{')]
+    assert [(r['solver'], r['num_steps']) for r in lines] == [('heun', 2), ('heun', 3), ('euler', 2), ('euler', 3)]
+    for r in lines:
+        code, single = _cli('gen', *common, f'--solver={r["solver"]}', f'--steps={r["num_steps"]}')
+        assert code == 0, single
+        values = _metrics_from_output(single)
+        assert values.keys() <= r.keys()
+        for metric, value in values.items():
+            assert r[metric] == pytest.approx(value, rel=1e-5)  # the single run prints 6 significant digits
+    assert len({r['fid'] for r in lines}) == 4  # each setting really sampled differently
