@@ -80,6 +80,10 @@ SAMPLER_OPTIONS: list[Option] = [
 ]
 
 
+# Settings of the EDM sampler's ODE that DDPM and DDIM have no use for, with their defaults.
+EDM_ONLY = dict(solver='heun', schedule='karras', guidance_interval=None)
+
+
 def check_solver_options(k: dict[str, Any]) -> None:
     """Parse --guidance-interval 'LO,HI' in place to (σ_lo, σ_hi); a GenerationError for settings that cannot run."""
     text = k.get('guidance_interval')
@@ -94,6 +98,11 @@ def check_solver_options(k: dict[str, Any]) -> None:
         check_solver(k.get('solver', 'heun'), k.get('schedule', 'karras'), k.get('num_steps', 32), k.get('S_churn', 0))
     except ValueError as e:
         raise GenerationError(str(e)) from None
+    sampler = k.get('sampler', 'edm')
+    edm_only = [f'--{n.replace("_", "-")}' for n, d in EDM_ONLY.items() if k.get(n, d) != d]
+    if sampler != 'edm' and edm_only:
+        verb = 'applies' if len(edm_only) == 1 else 'apply'
+        raise GenerationError(f'{" and ".join(edm_only)} {verb} to --sampler=edm only, not to --sampler={sampler}.')
 
 
 def resolve_sampler_options(
