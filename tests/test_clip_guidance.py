@@ -11,10 +11,10 @@ from training.sampling import edm_sampler
 CAPTIONS = ['a red circle on a blue background, at the top', 'a white cross on a black background, at the left']
 
 
-def tiny_denoiser(seed: int) -> Precond:
+def tiny_denoiser(seed: int, img_resolution: int = 8) -> Precond:
     torch.manual_seed(seed)
     net = Precond(
-        img_resolution=8,
+        img_resolution=img_resolution,
         img_channels=3,
         label_dim=0,
         model_channels=8,
@@ -102,16 +102,6 @@ def test_generate_images_clip_errors_are_one_sentence():
     net, clip = tiny_denoiser(0), tiny_guide().eval()
     with pytest.raises(GenerationError, match='needs prompts'):
         next(generate_images(net, seeds=[0], device='cpu', clip=clip, clip_scale=1.0))
-    wide = Precond(
-        img_resolution=16,
-        img_channels=3,
-        label_dim=0,
-        model_channels=8,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[4],
-        channels_per_head=8,
-        logvar_channels=8,
-    ).eval()
+    wide = tiny_denoiser(0, img_resolution=16)
     with pytest.raises(NetworkPickleError, match='reads 3x8x8 images but the network makes 3x16x16'):
         next(generate_images(wide, seeds=[0], device='cpu', prompts=['x'], clip=clip, clip_scale=1.0))
