@@ -42,12 +42,12 @@ def one_thread():
 
 
 def training_config(preset: str, data: str | None = None, **options):
-    """train_edm2.setup_training_config with its command-line defaults for a CPU test run (no mixed precision, no
+    """training.run_config.setup_training_config with its command-line defaults for a CPU test run (no mixed precision, no
     data workers, seed 0), `options` overriding them."""
-    import train_edm2
+    from training.run_config import setup_training_config
 
     defaults = dict(cond=True, workers=0, fp16=False, bf16=False, ls=1, bench=False, snapshot_fp32=False, seed=0)
-    return train_edm2.setup_training_config(preset, data, **{**defaults, 'vae': 'unused', **options})
+    return setup_training_config(preset, data, **{**defaults, 'vae': 'unused', **options})
 
 
 class _Stop(Exception):
