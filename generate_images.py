@@ -20,8 +20,8 @@ from training.sampler_options import (
     SAMPLER_OPTIONS,
     SWEEP_NAMES,
     Option,
+    cascade_settings,
     read_prompts,
-    single_value,
     sweep_path,
     sweep_settings,
 )
@@ -178,8 +178,8 @@ def main(**o: Any) -> None:
         if o.cascade is not None:
             if o.cascade not in cascades:
                 raise GenerationError(f'Unknown cascade {o.cascade!r}; choose one of: {", ".join(cascades)}.')
-            w = single_value('guidance', o.guidance)
-            jobs = [('', generate_cascade(cascades[o.cascade], prompts, guidance=w, aug_sigma=o.aug_sigma, **common))]
+            settings = cascade_settings({opt.name: o[opt.name] for opt in SAMPLER_OPTIONS})
+            jobs = [('', generate_cascade(cascades[o.cascade], prompts, aug_sigma=o.aug_sigma, **settings, **common))]
         else:
             kw = dict(class_idx=o.class_idx, prompts=prompts, **common)
             sweep = sweep_settings({opt.name: o[opt.name] for opt in SAMPLER_OPTIONS})

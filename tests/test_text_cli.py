@@ -9,6 +9,7 @@ from conftest import assert_one_line_error
 
 import generate_images
 import train_edm2
+from training import generation, network_loading
 from training.dataset_io import write_synthetic_dataset
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -86,12 +87,44 @@ def test_cascade_writes_a_grid_of_final_resolution_images_and_its_captions(runs,
     assert grid.shape[0] % 32 == 0 and grid.shape[1] % 32 == 0
 
 
+def cascade_evaluations(runs, monkeypatch, *args: str) -> list[int]:
+    """Images each stage's net evaluated while generate_images.py ran the demo-text cascade on 2 seeds."""
+    counts = {}
+
+    def counting_load(path, *a, **k):
+        net, encoder = network_loading.load_network(path, *a, **k)
+        counts[path] = 0
+        net.register_forward_hook(lambda module, inputs, output: counts.__setitem__(path, counts[path] + len(output)))
+        return net, encoder
+
+    monkeypatch.setattr(generation, 'load_network', counting_load)
+    result = generate(
+        runs, monkeypatch, '--cascade=demo-text', '--prompt=a red circle', '--seeds=0-1', '--npz=c.npz', *args
+    )
+    assert result.exit_code == 0, result.output
+    return list(counts.values())
+
+
+def test_cascade_stages_take_solver_steps_and_guidance_interval(runs, monkeypatch):
+    """Heun evaluates 2n-1 times, Euler n; guidance doubles the base stage's evaluations (the empty caption) only
+    inside the interval. demo-text's base stage is guided (2), its super-resolution stage is not."""
+    assert cascade_evaluations(runs, monkeypatch, '--steps=3') == [2 * 2 * 5, 2 * 5]
+    assert cascade_evaluations(runs, monkeypatch, '--steps=3', '--solver=euler') == [2 * 2 * 3, 2 * 3]
+    assert cascade_evaluations(runs, monkeypatch, '--steps=3', '--guidance=1') == [2 * 5, 2 * 5]
+    assert cascade_evaluations(runs, monkeypatch, '--steps=3', '--guidance-interval=0,0') == [2 * 5, 2 * 5]
+    assert cascade_evaluations(runs, monkeypatch, '--steps=3', '--guidance-interval=0,1e9') == [2 * 2 * 5, 2 * 5]
+
+
 @pytest.mark.parametrize(
     'args, message',
     [
         (['--net=runs/demo-text'], '--prompt'),
         (['--net=runs/demo-sr', '--prompt=x'], 'super-resolution stage'),
         (['--cascade=nope', '--prompt=x'], 'Unknown cascade'),
+        (['--cascade=demo-text', '--prompt=x', '--solver=dpm++3m', '--steps=2'], 'at least 3 steps'),
+        (['--cascade=demo-text', '--prompt=x', '--net=runs/demo-text'], '--net does not apply to --cascade'),
+        (['--cascade=demo-text', '--prompt=x', '--sampler=ddim'], '--sampler does not apply to --cascade'),
+        (['--cascade=demo-text', '--prompt=x', '--solver=euler,heun'], 'one value'),
         (['--net=runs/demo-text', '--prompts=missing.txt'], 'missing.txt'),
     ],
 )

@@ -328,12 +328,15 @@ def generate_cascade(
     aug_sigma: float | None = None,
     clip: torch.nn.Module | str | None = None,
     clip_scale: float = 0.0,
+    **sampler_kwargs: Any,
 ) -> Iterator[dnnlib.EasyDict]:
     """Run a text-to-image net and its super-resolution stages in order (Imagen's cascade), yielding per
     batch EasyDict(images, seeds, labels=None, captions) at the last stage's resolution.
 
     A stage is EasyDict(net, num_steps, guidance, aug_sigma) as in presets_generate.cascades; `guidance`
-    overrides the first stage's, `aug_sigma` the super-resolution stages'. Pixel-space stages only.
+    overrides the first stage's, `aug_sigma` the super-resolution stages'. `sampler_kwargs` are EDM sampler
+    settings for every stage (solver, schedule, guidance_interval, ...; num_steps replaces each stage's own).
+    Pixel-space stages only.
     CLIP guidance applies to the stages whose images the guide reads. Each image's stages draw from one
     generator in order, so an image still depends on its seed alone.
     """
@@ -345,6 +348,7 @@ def generate_cascade(
         if network_kind(net) != want or (k and net.lowres != nets[k - 1].img_resolution):
             role = f'a {nets[k - 1].img_resolution}->N super-resolution stage' if k else 'a text-to-image base net'
             raise GenerationError(f'Cascade stage {k + 1} ({stages[k].net}) must be {role}.')
+    stage_kwargs = [{'num_steps': stage.num_steps, **sampler_kwargs} for stage in stages]
     clip = load_clip(clip, clip_scale, nets, prompts, device, verbose)
     encoder = loaded[-1][1] or StandardRGBEncoder()
     encoder.init(device)
@@ -352,7 +356,7 @@ def generate_cascade(
         rnd = StackedRandomGenerator(device, batch_seeds)
         x = None
         with torch.no_grad():
-            for k, (net, stage) in enumerate(zip(nets, stages)):
+            for k, (net, stage, kw) in enumerate(zip(nets, stages, stage_kwargs)):
                 x = sample(
                     net,
                     rnd,
@@ -362,7 +366,7 @@ def generate_cascade(
                     guidance=stage.guidance if guidance is None or k else guidance,
                     clip=clip,
                     clip_scale=clip_scale,
-                    num_steps=stage.num_steps,
+                    **kw,
                 ).latents
             images = encoder.decode(x)
         yield dnnlib.EasyDict(images=images, seeds=batch_seeds, labels=None, captions=captions)

@@ -185,6 +185,23 @@ def single_value(name: str, text: Any) -> Any:
     return values[0]
 
 
+# Options a cascade cannot take: its stages name their own networks, and it runs the EDM sampler.
+_NOT_FOR_CASCADES = ('preset', 'net', 'gnet', 'sampler', 'respacing', 'eta', 'vp_schedule', 'vae')
+
+
+def cascade_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """A cascade's settings from the SAMPLER_OPTIONS values given: `guidance` for its base stage and the EDM
+    sampler's settings for every stage, one value each (a cascade is not swept)."""
+    given = {o.name: options.get(o.name, o.default) for o in SAMPLER_OPTIONS if options.get(o.name) is not None}
+    wrong = [o.flag for o in SAMPLER_OPTIONS if o.name in _NOT_FOR_CASCADES and given.get(o.name, o.default) != o.default]
+    if wrong:
+        verb = 'does' if len(wrong) == 1 else 'do'
+        raise GenerationError(f'{", ".join(wrong)} {verb} not apply to --cascade, whose stages name their networks.')
+    settings = {name: single_value(name, value) for name, value in given.items() if name not in _NOT_FOR_CASCADES}
+    check_solver_options(settings)  # Parses the interval.
+    return settings
+
+
 def sweep_settings(options: dict[str, Any]) -> list[tuple[str, dnnlib.EasyDict]]:
     """(sub-folder name, resolve_sampler_options() result) per combination; the name is '' without a sweep."""
     lists = {name: _values(name, options[name]) if name in SWEEP_NAMES else [options[name]] for name in options}
