@@ -17,11 +17,12 @@ from test_generate_images import tiny_precond
 
 import calculate_metrics
 import generate_images
+from training.dit_checkpoints import dit_state_dict_from_diffusers, load_dit_checkpoint
 from training.dit_release import diffusion_from_scheduler_config, load_dit_network
 from training.encoders import DiTVAEEncoder, StandardRGBEncoder
 from training.generation import generate_images as generate
 from training.generation import load_network, sample
-from training.networks_dit import DiT, dit_state_dict_from_diffusers, load_dit_checkpoint
+from training.networks_dit import DiT
 from training.snapshots import save_network_pickle
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -1,4 +1,4 @@
-"""Tests for training/networks_dit.py: DiT's checkpoint layout and equations, sizes, Gflops, MP-DiT."""
+"""Tests for training/networks_dit.py and dit_checkpoints.py: DiT's checkpoint layout and equations, sizes, Gflops, MP-DiT."""
 
 import math
 import pickle
@@ -7,15 +7,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from training.networks_dit import (
-    DIT_CONFIGS,
-    DiT,
-    DiTCheckpointError,
-    MPDiT,
-    infer_dit_kwargs,
-    load_dit_checkpoint,
-    sincos_pos_embed,
-)
+from training.dit_checkpoints import DiTCheckpointError, infer_dit_kwargs, load_dit_checkpoint
+from training.networks_dit import DIT_CONFIGS, DiT, MPDiT, sincos_pos_embed
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from training.encoders import DiTVAEEncoder
-from training.networks_dit import DiT, DiTCheckpointError, load_dit_checkpoint
+from training.dit_checkpoints import DiTCheckpointError, load_dit_checkpoint
+from training.networks_dit import DiT
 from training.snapshots import NetworkPickleError
 from training.vp_diffusion import VPDenoiser, VPDiffusion, VPDiffusionError, beta_schedule
 

@@ -2,7 +2,7 @@
 
 `DiT` follows the paper's adaLN-Zero design, with parameter names and shapes equal to those of the
 released checkpoints (`DiT-XL-2-256x256.pt`, `DiT-XL-2-512x512.pt`, plain state dicts), so that
-`load_dit_checkpoint` builds the matching net and loads them strictly. It predicts epsilon (and, with
+`training.dit_checkpoints.load_dit_checkpoint` builds the matching net and loads them strictly. It predicts epsilon (and, with
 learned sigma, the variance interpolation value v) from a noisy latent, an integer DDPM timestep and a
 class index; index `num_classes` is the null label of classifier-free guidance.
 
@@ -13,8 +13,6 @@ U-Net, so EDM preconditioning (c_in, c_noise = ln(sigma)/4, c_skip, c_out) can w
 """
 
 import math
-import pickle
-import re
 
 import numpy as np
 import torch
@@ -30,10 +28,6 @@ DIT_CONFIGS = {
     for size, (depth, hidden, heads) in DIT_SIZES.items()
     for patch in (2, 4, 8)
 }
-
-
-class DiTCheckpointError(ValueError):
-    """A state dict that is not a DiT checkpoint, or one whose weights contradict each other."""
 
 
 def _check_geometry(input_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:
@@ -187,112 +181,6 @@ class DiT(torch.nn.Module):
         return unpatchify(tokens, self.patch_size, self.grid_size)
 
 
-def infer_dit_kwargs(state: dict) -> dict:
-    """DiT constructor arguments that a state dict in the released layout was made with."""
-    required = ['x_embedder.proj.weight', 'pos_embed', 'y_embedder.embedding_table.weight', 'final_layer.linear.weight']
-    missing = [key for key in required if key not in state]
-    if len(missing) == len(required):
-        raise DiTCheckpointError(f'Not a DiT checkpoint: none of the keys {", ".join(required)} is present.')
-    if missing:
-        raise DiTCheckpointError(f'Incomplete DiT checkpoint: key {missing[0]} is missing.')
-    hidden, in_channels, patch, _ = state['x_embedder.proj.weight'].shape
-    grid = math.isqrt(state['pos_embed'].shape[1])
-    depth = sum(1 for key in state if key.startswith('blocks.') and key.endswith('.attn.qkv.weight'))
-    out_channels = state['final_layer.linear.weight'].shape[0] // patch**2
-    if out_channels not in (in_channels, 2 * in_channels) or grid**2 != state['pos_embed'].shape[1]:
-        raise DiTCheckpointError('Inconsistent DiT checkpoint: pos_embed or final_layer.linear has an odd shape.')
-    known_heads = {(cfg['depth'], cfg['hidden_size']): cfg['num_heads'] for cfg in DIT_CONFIGS.values()}
-    fc1 = state.get('blocks.0.mlp.fc1.weight')
-    mlp_hidden = 4 * hidden if fc1 is None else fc1.shape[0]  # a missing key is reported by the strict load
-    return dict(
-        input_size=grid * patch,
-        patch_size=patch,
-        in_channels=in_channels,
-        hidden_size=hidden,
-        depth=depth,
-        num_heads=known_heads.get((depth, hidden), max(hidden // 64, 1)),
-        mlp_ratio=mlp_hidden / hidden,
-        num_classes=state['y_embedder.embedding_table.weight'].shape[0] - 1,
-        learn_sigma=out_channels == 2 * in_channels,
-    )
-
-
-# diffusers' DiTTransformer2DModel stores the same weights under other names, q, k and v apart, a copy
-# of the conditioning embedders in every block, and no position embedding.
-_DIFFUSERS_NAMES = {
-    'pos_embed.proj': 'x_embedder.proj',
-    'emb.timestep_embedder.linear_1': 't_embedder.mlp.0',
-    'emb.timestep_embedder.linear_2': 't_embedder.mlp.2',
-    'emb.class_embedder.embedding_table': 'y_embedder.embedding_table',
-    'proj_out_1': 'final_layer.adaLN_modulation.1',
-    'proj_out_2': 'final_layer.linear',
-    'norm1.linear': 'adaLN_modulation.1',
-    'attn1.to_out.0': 'attn.proj',
-    'ff.net.0.proj': 'mlp.fc1',
-    'ff.net.2': 'mlp.fc2',
-}
-
-
-def dit_state_dict_from_diffusers(state: dict, input_size: int) -> dict:
-    """The DiT layout of a diffusers DiTTransformer2DModel state dict for `input_size` latents (its
-    config's sample_size). Keys it does not know are kept, for the strict load to name."""
-    converted, embedders = {}, {}
-    for key, value in state.items():
-        match = re.fullmatch(r'(?:transformer_blocks\.(\d+)\.)?(.+)\.(weight|bias)', key)
-        block, name, leaf = match.groups() if match else (None, key, None)
-        prefix = '' if block is None else f'blocks.{block}.'
-        if name.startswith('norm1.emb.') and name[6:] in _DIFFUSERS_NAMES:
-            embedders.setdefault(f'{_DIFFUSERS_NAMES[name[6:]]}.{leaf}', []).append(value)
-        elif name in _DIFFUSERS_NAMES:
-            converted[f'{prefix}{_DIFFUSERS_NAMES[name]}.{leaf}'] = value
-        elif block is None or not name.startswith('attn1.to_'):
-            converted[key] = value
-    for key, copies in embedders.items():
-        if any(not torch.equal(copy, copies[0]) for copy in copies):
-            raise DiTCheckpointError(f'diffusers DiT checkpoint has different per-block copies of {key}; DiT has one.')
-        converted[key] = copies[0]
-    for block in sorted({int(key.split('.')[1]) for key in state if key.startswith('transformer_blocks.')}):
-        for leaf in ('weight', 'bias'):
-            parts = [state.get(f'transformer_blocks.{block}.attn1.to_{name}.{leaf}') for name in 'qkv']
-            if all(part is not None for part in parts):
-                converted[f'blocks.{block}.attn.qkv.{leaf}'] = torch.cat(parts)
-    if 'x_embedder.proj.weight' in converted:
-        hidden, _, patch, _ = converted['x_embedder.proj.weight'].shape
-        converted['pos_embed'] = sincos_pos_embed(hidden, input_size // patch)
-    return converted
-
-
-def load_dit_checkpoint(source: str | dict, input_size: int | None = None, **overrides) -> DiT:
-    """DiT from a released checkpoint (a path or a state dict; DiT's training checkpoints, dicts with
-    'ema' and 'model', give their 'ema' weights), configured from its weight shapes. The number of
-    heads is not in the weights: DiT's sizes give it, other widths get 64 channels per head, and
-    `num_heads=` overrides both. A diffusers DiTTransformer2DModel state dict needs `input_size`."""
-    state = source
-    if isinstance(source, str):
-        try:
-            state = torch.load(source, map_location='cpu', weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as error:
-            raise DiTCheckpointError(f'Cannot read DiT checkpoint {source}: {error}'.splitlines()[0]) from None
-    if isinstance(state, dict) and 'pos_embed' not in state:
-        state = state.get('ema', state.get('model', state))
-    if not isinstance(state, dict):
-        raise DiTCheckpointError(f'Not a DiT checkpoint: expected a state dict, found {type(state).__name__}.')
-    if 'pos_embed.proj.weight' in state:
-        if input_size is None:
-            raise DiTCheckpointError('A diffusers DiT checkpoint needs input_size (its config.json sample_size).')
-        state = dit_state_dict_from_diffusers(state, input_size)
-    kwargs = infer_dit_kwargs(state)
-    if input_size not in (None, kwargs['input_size']):
-        raise DiTCheckpointError(f'The DiT checkpoint is for input size {kwargs["input_size"]}, not {input_size}.')
-    net = DiT(**{**kwargs, **overrides})
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        detail = str(error).strip().splitlines()[-1].strip()
-        raise DiTCheckpointError(f'DiT checkpoint does not match the DiT layout: {detail}') from None
-    return net.eval()
-
-
 # ----------------------------------------------------------------------------
 # Magnitude-preserving DiT: EDM2's layers (Karras et al. 2024, Sec. 3) on DiT's token pipeline.
 
@@ -380,22 +268,35 @@ class MPDiT(torch.nn.Module):
         self.out_linear = MPConv(hidden_size, patch_size**2 * img_channels, kernel=[])
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
 
-    def embedding(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """MP-SiLU(MP-sum(noise term, label term)) as in EDM2's U-Net; None means all-zero one-hot rows."""
+    def embedding_terms(self, class_labels: torch.Tensor | None, emb: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+        """Conditioning terms MP-summed into the noise embedding `emb`: the class label, one-hot scaled to unit
+        RMS (None: all-zero rows). Subclasses add their own (text: training/networks_dit_text.py)."""
+        if self.emb_label is None:
+            return []
+        labels = torch.zeros_like(emb[:, :1]).expand(-1, self.label_dim) if class_labels is None else class_labels
+        return [self.emb_label(labels.to(emb.dtype) * math.sqrt(self.label_dim))]
+
+    def after_block(self, index: int, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Runs after transformer block `index`; nothing here."""
+        return tokens
+
+    def embedding(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        """MP-SiLU of the noise term MP-summed with each conditioning term in turn, as in EDM2's U-Net."""
         emb = self.emb_noise(self.emb_fourier(noise_labels))
-        if self.emb_label is not None:
-            labels = torch.zeros_like(emb[:, :1]).expand(-1, self.label_dim) if class_labels is None else class_labels
-            emb = mp_sum(emb, self.emb_label(labels.to(emb.dtype) * math.sqrt(self.label_dim)), t=self.label_balance)
+        for term in self.embedding_terms(class_labels, emb, **kwargs):
+            emb = mp_sum(emb, term, t=self.label_balance)
         return mp_silu(emb)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         n, p, g = x.shape[0], self.patch_size, self.grid_size
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         patches = x.reshape(n, -1, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(n, g * g, -1)
         tokens = mp_sum(self.patch_embed(patches), self.pos_embed.to(x.dtype), t=self.pos_balance)
-        emb = self.embedding(noise_labels, class_labels).to(x.dtype)
-        for block in self.blocks:
-            tokens = block(tokens, emb)
+        emb = self.embedding(noise_labels, class_labels, **kwargs).to(x.dtype)
+        for index, block in enumerate(self.blocks):
+            tokens = self.after_block(index, block(tokens, emb), **kwargs)
         c = self.out_emb(emb, gain=self.out_emb_gain) + 1
         tokens = self.out_linear(normalize(tokens, dim=2) * c[:, None], gain=self.out_gain)
         return unpatchify(tokens, p, g)
