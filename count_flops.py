@@ -35,12 +35,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
 from training import shapes
-from training.backbones import preset_kwargs
 from training.dit_release import dit_network, is_dit_checkpoint
 from training.network_loading import load_network, resolve_network_path
 from training.networks_dit import DIT_CONFIGS, DiT
 from training.presets_generate import presets as GENERATE_PRESETS
 from training.presets_train import TRAIN_PRESETS
+from training.run_config import backbone_kwargs
 from training.snapshots import NetworkPickleError, load_network_pickle
 
 # Data the non-demo training presets are meant for: (resolution, channels, classes) of what the network sees.
@@ -112,8 +112,7 @@ def build_train_preset_net(preset: str, label_dim: int | None = None) -> torch.n
     else:
         data = [shape for prefix, shape in PRESET_DATA.items() if preset == prefix or preset.startswith(prefix + '-')]
         resolution, channels, classes = data[0] if data else (64, 3, 0)
-    network_kwargs, _loss_kwargs = preset_kwargs(p, resolution, use_fp16=False)
-    network_kwargs.update(p.get('network_kwargs', {}))
+    network_kwargs, _loss_kwargs = backbone_kwargs(p, resolution, precision=False)
     if network_kwargs.class_name.endswith('.CLIPGuide'):
         raise click.ClickException(f'{preset}: count_flops counts denoisers; this preset trains a CLIP guide.')
     if network_kwargs.class_name.endswith('.TextPrecond'):

@@ -22,6 +22,7 @@ from training.vp_diffusion import beta_schedule
 ARCHS = ('unet', 'dit', 'mp-dit')
 FORMULATIONS = ('edm', 'ddpm')
 _BACKBONES = {'unet': 'training.networks_edm2.UNet', 'mp-dit': 'training.networks_dit.MPDiT'}
+TEXT_BACKBONES = {'mp-dit': 'training.networks_dit_text.TextMPDiT'}  # Backbones of TextPrecond beside its U-Net.
 
 # DiT's timestep input under EDM: t = DIT_TIMESTEP_SCALE·c_noise = 250·ln σ. DiT's frequency features were
 # made for t in [0, 1000); this maps EDM's range σ ∈ [0.002, 80] to t ∈ [−1550, 1100], a span of the

@@ -14,8 +14,8 @@ import zipfile
 import numpy as np
 import torch
 
-from training.encoders import DiTVAEEncoder
 from training.dit_checkpoints import DiTCheckpointError, load_dit_checkpoint
+from training.encoders import DiTVAEEncoder
 from training.networks_dit import DiT
 from training.snapshots import NetworkPickleError
 from training.vp_diffusion import VPDenoiser, VPDiffusion, VPDiffusionError, beta_schedule

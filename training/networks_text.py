@@ -20,6 +20,7 @@ is the empty caption, the unconditional prediction for classifier-free guidance 
 
 import torch
 
+import dnnlib
 from torch_utils import persistence
 from training.networks_edm2 import SIGMA_DATA, MPConv, MPFourier, Precond, UNet, mp_sum
 from training.text import FrozenTextEncoder, MPTextEncoder, make_tokenizer, mp_attention
@@ -160,8 +161,9 @@ class TextPrecond(Precond):
         lowres: int | None,
         label_dim: int,
         **unet_kwargs,
-    ) -> TextUNet:
-        """Registers the tokenizer and text encoder (before the U-Net), then builds the TextUNet."""
+    ) -> torch.nn.Module:
+        """Registers the tokenizer and text encoder (before the U-Net), then builds the TextUNet (or the
+        `backbone` class, e.g. training.networks_dit_text.TextMPDiT, with the same keyword arguments)."""
         self.tokenizer = make_tokenizer(text_length, tokenizer_path or text_encoder_path)
         if text_encoder_path:  # A frozen pretrained encoder: its width sets text_channels.
             self.text_encoder = FrozenTextEncoder(text_encoder_path, text_length)
@@ -171,7 +173,8 @@ class TextPrecond(Precond):
             self.text_encoder = MPTextEncoder(vocab_size, text_length, channels=text_channels, num_layers=text_layers)
         else:
             self.text_encoder = None
-        return TextUNet(
+        network = TextUNet if self.backbone is None else dnnlib.util.get_obj_by_name(self.backbone)
+        return network(
             text_channels=text_channels,
             cond_channels=unet_kwargs['img_channels'] if lowres else 0,
             augment_embedding=bool(lowres),

@@ -184,6 +184,28 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         sample_steps=24,
         **_text(text_channels=64, text_layers=1, channels_per_head=32),
     ),
+    # demo-text with demo-dit's transformer in place of the U-Net (TextMPDiT: cross-attention after every block).
+    'demo-text-dit': EasyDict(
+        arch='mp-dit',
+        duration=128 << 10,
+        batch=64,
+        channels=128,
+        depth=4,
+        heads=2,
+        patch=2,
+        lr=0.0300,
+        decay=600,
+        dropout=0.00,
+        P_mean=-0.8,
+        P_std=1.6,
+        rampup=0.005,
+        status=8 << 10,
+        snapshot=32 << 10,
+        checkpoint=32 << 10,
+        synthetic=EasyDict(resolution=16, num_images=10000),
+        sample_steps=24,
+        **_text(text_channels=64, text_layers=1, channels_per_head=64),
+    ),
     # demo-sr denoises the detail over the bicubic image: std 0.06, 0.125 with the training degradations.
     'demo-sr': EasyDict(
         duration=64 << 10,

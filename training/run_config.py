@@ -8,7 +8,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import dataset as dataset_mod
-from training.backbones import BackboneError, preset_kwargs
+from training.backbones import TEXT_BACKBONES, BackboneError, preset_kwargs
 from training.dataset_io import write_synthetic_dataset
 from training.presets_train import TRAIN_PRESETS
 from training.shard_files import is_shard_spec
@@ -65,13 +65,24 @@ def text_encoder_kwargs(p: dnnlib.EasyDict, network_class: str) -> dict:
 
 
 def backbone_kwargs(p: dnnlib.EasyDict, resolution: int, precision: bool | str) -> tuple[dict, dict]:
-    """Network and loss options of --arch and --formulation (EDM2's Precond and loss for unet/edm)."""
-    if (p.get('arch', 'unet'), p.get('formulation', 'edm')) != ('unet', 'edm') and 'network_kwargs' in p:
-        raise RunConfigError('--arch and --formulation do not apply to this preset; it builds its own network.')
+    """Network and loss options of --arch and --formulation (EDM2's Precond and loss for unet/edm) under the
+    preset's own network options. A text-to-image preset takes --arch=mp-dit: its MP-DiT is TextMPDiT."""
+    arch, formulation = p.get('arch', 'unet'), p.get('formulation', 'edm')
+    row = p.get('network_kwargs', {})
+    text_base = row.get('class_name', '').endswith('.TextPrecond') and not row.get('lowres')
+    if row and (arch, formulation) != ('unet', 'edm'):
+        if not text_base:
+            raise RunConfigError('--arch and --formulation do not apply to this preset; it builds its own network.')
+        if (arch, formulation) != ('mp-dit', 'edm'):
+            raise RunConfigError('Text-to-image presets train --arch=unet or --arch=mp-dit with --formulation=edm.')
     try:
-        return preset_kwargs(p, resolution, use_fp16=precision)
+        network, loss = preset_kwargs(p, resolution, use_fp16=precision)
     except BackboneError as e:
         raise RunConfigError(str(e)) from e
+    network.update(row)
+    if text_base and arch == 'mp-dit':
+        network.backbone = TEXT_BACKBONES[arch]
+    return network, loss
 
 
 def dataset_kwargs(p: dnnlib.EasyDict, data: str) -> dnnlib.EasyDict:
@@ -136,7 +147,6 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
     )
     precision = 'bf16' if p.bf16 else bool(p.fp16)
     c.network_kwargs, c.loss_kwargs = backbone_kwargs(p, ds.resolution, precision)
-    c.network_kwargs.update(p.get('network_kwargs', {}))  # A preset may name another class and its options.
     c.network_kwargs.update(text_kwargs)
     if c.loss_kwargs.class_name == 'training.loss.EDM2Loss':
         c.loss_kwargs.update({key: p[key] for key in ('P_mean', 'P_std') if key in p})  # Else the loss's defaults.
