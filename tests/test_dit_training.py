@@ -167,6 +167,28 @@ def test_ddpm_adapter_feeds_the_backbone_x_t_unscaled_with_one_hot_labels(one_th
     torch.testing.assert_close(net(x, t, None), null)
 
 
+def test_ddpm_adapter_drops_labels_to_the_null_label_in_training_only(one_thread):
+    torch.manual_seed(0)
+    net = backbones.VPBackbone(
+        8, 3, 4, backbone='training.networks_dit.MPDiT', patch_size=4, hidden_size=16, depth=1, num_heads=2
+    )
+    for name, gain in net.named_parameters():  # Trained gains: at 0 the labels would not reach the output.
+        if name.endswith('gain'):
+            gain.data.fill_(1)
+    x, t, labels = torch.randn(64, 3, 8, 8), torch.full([64], 300), torch.eye(4)[torch.arange(64) % 4]
+    with torch.no_grad():
+        conditional, null = net(x, t, labels), net(x, t, None)
+        assert (conditional - null).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+        net.label_dropout = 0.5
+        dropped = net(x, t, labels)
+        per_image = [torch.allclose(dropped[i], null[i], atol=1e-5) for i in range(64)]
+        assert all(per_image[i] or torch.allclose(dropped[i], conditional[i], atol=1e-5) for i in range(64))
+        assert 16 <= sum(per_image) <= 48  # Binomial(64, 0.5): outside this range with probability < 1e-4.
+        torch.testing.assert_close(net.eval()(x, t, labels), conditional)
+    kwargs, _loss = backbones.build_kwargs('unet', 'ddpm', 16, dict(model_channels=8), {})
+    assert kwargs.label_dropout == 0.1
+
+
 def test_dit_under_edm_gets_timestep_1000_c_noise_and_precond_keeps_the_unet_name():
     torch.manual_seed(0)
     dit_kwargs = dict(patch_size=4, hidden_size=16, depth=1, num_heads=2)

@@ -78,7 +78,10 @@ def schedule_log_sigma(t: torch.Tensor, schedule: str = 'linear', num_timesteps:
 class VPBackbone(torch.nn.Module):
     """An EDM-signature backbone F(x; c_noise, class_labels) as a DDPM net(x_t, t, labels) predicting ε:
     F gets x_t as it is (unit variance under a VP process, so c_in = 1) and c_noise = ln(σ_t)/4, EDM's
-    noise label (EDM Table 1) of the timestep's σ_t = √((1 − ᾱ_t)/ᾱ_t). Computes in float32."""
+    noise label (EDM Table 1) of the timestep's σ_t = √((1 − ᾱ_t)/ᾱ_t). Computes in float32.
+
+    `label_dropout`: in training, each image's one-hot label becomes the all-zero null label with this
+    probability (DiT's class dropout, Ho & Salimans 2022), so that the null label guides at sampling time."""
 
     def __init__(
         self,
@@ -88,11 +91,12 @@ class VPBackbone(torch.nn.Module):
         backbone: str = _BACKBONES['unet'],
         schedule: str = 'linear',
         num_timesteps: int = 1000,
+        label_dropout: float = 0.0,
         **backbone_kwargs,
     ) -> None:
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.schedule, self.num_timesteps = schedule, num_timesteps
+        self.schedule, self.num_timesteps, self.label_dropout = schedule, num_timesteps, label_dropout
         self.net = dnnlib.util.construct_class_by_name(
             class_name=backbone,
             img_resolution=img_resolution,
@@ -110,6 +114,9 @@ class VPBackbone(torch.nn.Module):
         if self.label_dim:
             labels = torch.zeros([len(x), self.label_dim], device=x.device) if class_labels is None else class_labels
             labels = labels.to(torch.float32).reshape(-1, self.label_dim)
+            if self.training and self.label_dropout > 0:
+                keep = torch.rand([len(x), 1], device=x.device) >= self.label_dropout
+                labels = labels * keep
         return self.net(x, self.noise_labels(t).expand(len(x)), labels).to(torch.float32)
 
 
@@ -148,6 +155,7 @@ def build_kwargs(
             loss, variance='learned_range'
         )
     net = dnnlib.EasyDict(class_name='training.backbones.VPBackbone', backbone=_BACKBONES[arch], **kwargs)
+    net.label_dropout = 0.1  # DiT's class dropout rate: the null label guides (sample() with guidance, no gnet).
     return net, dnnlib.EasyDict(loss, variance='fixed_small')
 
 
