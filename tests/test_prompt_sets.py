@@ -1,0 +1,21 @@
+"""Tests for training/prompt_sets.py: held-out captions really are absent from the built-in data."""
+
+from training.dataset import ImageFolderDataset
+from training.dataset_io import write_synthetic_dataset
+from training.prompt_sets import all_scenes, held_out_scenes, seen_scenes
+from training.shapes import COLOR_NAMES, POSITIONS, SHAPES
+
+
+def test_all_scenes_are_every_combination_once():
+    scenes = all_scenes()
+    assert len(scenes) == len(SHAPES) * len(COLOR_NAMES) * (len(COLOR_NAMES) - 1) * len(POSITIONS)
+    assert len({s.caption for s in scenes}) == len(scenes)
+
+
+def test_held_out_captions_are_absent_from_the_written_dataset_and_seen_ones_present(tmp_path):
+    write_synthetic_dataset(str(tmp_path / 'data'), resolution=8, num_images=300, seed=0)
+    dataset = ImageFolderDataset(str(tmp_path / 'data'), use_captions=True)
+    captions = {dataset[i][1] for i in range(len(dataset))}
+    held_out = held_out_scenes(40, dataset_size=300)
+    assert len(held_out) == 40 and not captions & {s.caption for s in held_out}
+    assert {s.caption for s in seen_scenes(40, dataset_size=300)} <= captions
