@@ -103,13 +103,23 @@ def _parse_count(ctx: click.Context, param: click.Parameter, value: str | None) 
     show_default=True,
     help='Random seed; item i depends only on it and i.',
 )
-def synth(dest: str, resolution: int, max_images: int, seed: int) -> None:
+@click.option(
+    '--hold-out',
+    'hold_out',
+    metavar='TEXT',
+    multiple=True,
+    help="Leave out every scene whose caption contains TEXT, e.g. 'red circle' (repeatable).",
+)
+def synth(dest: str, resolution: int, max_images: int, seed: int, hold_out: tuple[str, ...]) -> None:
     """Write the built-in coloured-shapes dataset with labels (shape) and captions.
 
     \b
     python dataset_tool.py synth --dest=datasets/shapes-32.zip --resolution=32 --max-images=10K
+    # Without two combinations, to test whether a text net composes words it never saw together
+    python dataset_tool.py synth --dest=datasets/shapes-16-ho.zip --resolution=16 \\
+        --hold-out='red circle' --hold-out='blue square on a yellow background'
     """
-    write_synthetic_dataset(dest, resolution=resolution, num_images=max_images, seed=seed)
+    write_synthetic_dataset(dest, resolution=resolution, num_images=max_images, seed=seed, hold_out=hold_out)
 
 
 @cli.command()

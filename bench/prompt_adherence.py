@@ -5,12 +5,14 @@ sampled with seeds disjoint from the training grids. Every image is read back by
 training/shape_attributes.py (checked first on dataset images) and scored on shape, foreground colour,
 background colour and position separately and all four jointly, beside the chance of an image that ignores
 the prompt. Rows: each guidance weight, the empty caption, and with --clip each CLIP scale; with --seen a
-second table on captions the data does carry. Trains demo-text first when neither --net nor --cascade is
-given.
+table on captions the data does carry; with --hold-out (the fragments given to `dataset_tool.py synth
+--hold-out` for the net's data) a table on the combinations that data left out entirely. Trains demo-text
+first when neither --net nor --cascade is given.
 
     python bench/prompt_adherence.py --net=runs/demo-text --guidance=1,2,3
     python bench/prompt_adherence.py --cascade=demo-text --guidance=2 --seen
     python bench/prompt_adherence.py --net=runs/demo-text --clip=runs/demo-clip --clip-scales=1,3
+    python bench/prompt_adherence.py --net=runs/text-ho --hold-out='red circle' --seen
 """
 
 import os
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import shapes  # noqa: E402
 from training.generation import generate_cascade, generate_images  # noqa: E402
 from training.presets_generate import cascades  # noqa: E402
-from training.prompt_sets import ATTRIBUTES, held_out_scenes, seen_scenes  # noqa: E402
+from training.prompt_sets import ATTRIBUTES, held_out_scenes, scenes_containing, seen_scenes  # noqa: E402
 from training.shape_attributes import CHANCE, classify  # noqa: E402
 
 FIRST_SEED = 1000  # Training grids use seeds 0-15.
@@ -56,7 +58,7 @@ def print_table(title: str, rows: dict[str, dict[str, float]], num: int) -> None
     for setting, s in rows.items():
         print(f'| {setting} | ' + ' | '.join(f'{s[n]:.0%}' for n in (*ATTRIBUTES, 'joint')) + ' |')
     chance = dict(CHANCE, joint=float(np.prod(list(CHANCE.values()))))
-    print('| chance | ' + ' | '.join(f'{chance[n]:.1%}' for n in (*ATTRIBUTES, 'joint')) + ' |')
+    print('| chance | ' + ' | '.join(f'{chance[n]:.2%}' for n in (*ATTRIBUTES, 'joint')) + ' |')
 
 
 def parse_list(text: str) -> list[float]:
@@ -82,9 +84,11 @@ def parse_list(text: str) -> list[float]:
 @click.option('--clip-scales', metavar='LIST', type=str, default='1,3', show_default=True,
               help='CLIP guidance scales, at the first --guidance weight.')  # fmt: skip
 @click.option('--seen', is_flag=True, help='Also score captions the training data carries.')
+@click.option('--hold-out', 'hold_out', metavar='TEXT', multiple=True,
+              help="Caption fragments the net's data was written without; also score those combinations.")  # fmt: skip
 @click.option('--dataset-size', metavar='INT', type=click.IntRange(min=1), default=10000, show_default=True,
               help='Images of the built-in data the net trained on (seed 0), to tell held-out captions.')  # fmt: skip
-def main(net, cascade, outdir, num, steps, guidance, clip, clip_scales, seen, dataset_size) -> None:
+def main(net, cascade, outdir, num, steps, guidance, clip, clip_scales, seen, hold_out, dataset_size) -> None:
     """Score shape, colours and position of held-out prompts, per attribute and jointly."""
     if net is None and cascade is None:
         subprocess.run(
@@ -94,12 +98,17 @@ def main(net, cascade, outdir, num, steps, guidance, clip, clip_scales, seen, da
         )
         net = outdir
     weights = parse_list(guidance)
-    check = [classify(shapes.render_scene(s, 16)) for s in held_out_scenes(num, dataset_size=dataset_size)]
-    reader = np.mean([c.clean for c in check])
-    print(f'Reader on the held-out scenes rendered at 16x16: {reader:.0%} clean')
-    sets = {'held-out captions': held_out_scenes(num, dataset_size=dataset_size)}
+    data = dict(dataset_size=dataset_size, hold_out=hold_out)
+    sets = {'held-out captions': held_out_scenes(num, **data)}
     if seen:
-        sets['captions in the training data'] = seen_scenes(num, dataset_size=dataset_size)
+        sets['captions in the training data'] = seen_scenes(num, **data)
+    if hold_out:
+        combinations = scenes_containing(hold_out)
+        order = np.random.default_rng(0).permutation(len(combinations))[:num]
+        sets['combinations left out of the data'] = [combinations[i] for i in sorted(order)]
+    for title, scenes in sets.items():
+        reader = np.mean([classify(shapes.render_scene(s, 16)).clean for s in scenes])
+        print(f'Reader on the {title} rendered at 16x16: {reader:.0%} clean')
     for title, scenes in sets.items():
         captions = [s.caption for s in scenes]
         rows = {}

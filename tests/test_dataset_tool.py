@@ -39,6 +39,23 @@ def test_synth_writes_stored_zip_with_labels_and_captions(tmp_path):
     assert len(ImageFolderDataset(str(dest), use_labels=True)) == 6
 
 
+def test_synth_hold_out_leaves_every_matching_combination_out_and_keeps_the_rest(tmp_path):
+    held = ['red circle', 'on a blue background, at the top']
+    dest = tmp_path / 'held.zip'
+    args = ['synth', f'--dest={dest}', '--resolution=8', '--max-images=600', '--seed=3']
+    assert run(*args, *[f'--hold-out={h}' for h in held]).exit_code == 0
+    with zipfile.ZipFile(dest) as z:
+        captions = [caption for _, caption in json.loads(z.read('dataset.json'))['captions']]
+    assert len(captions) == 600
+    assert not any('red circle' in c or ('blue background, at the top' in c) for c in captions)
+    assert any('red' in c for c in captions) and any('circle' in c for c in captions)
+    # Every other scene of the seed is kept, in order: the data is the unfiltered stream minus the held-out.
+    stream = [shapes.make_image(3, i, 8)[2] for i in range(900)]
+    assert captions == [c for c in stream if not any(h in c for h in held)][:600]
+    assert_one_line_error(run('synth', f'--dest={tmp_path / "none.zip"}', '--hold-out=a'), 'leaves no caption')
+    assert not (tmp_path / 'none.zip').exists()
+
+
 def test_convert_folder_labels_from_subfolders_and_captions_from_sidecars(tmp_path):
     src = tmp_path / 'src'
     save(src / 'zebra' / 'z1.png', noise(6, 6, 1))

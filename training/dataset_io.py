@@ -11,7 +11,7 @@ import re
 import shutil
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import dnnlib
-from training import shapes
+from training import prompt_sets, shapes
 
 SOURCE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
@@ -142,13 +142,26 @@ class DatasetWriter:
 
 
 def write_synthetic_dataset(
-    dest: str, resolution: int = 32, num_images: int = 10000, seed: int = 0, progress: bool = True
+    dest: str,
+    resolution: int = 32,
+    num_images: int = 10000,
+    seed: int = 0,
+    progress: bool = True,
+    hold_out: Sequence[str] = (),
 ) -> None:
-    """Write the coloured-shapes demo dataset (training/shapes.py) with labels and captions."""
+    """Write the coloured-shapes demo dataset (training/shapes.py) with labels and captions.
+
+    `hold_out`: caption fragments, e.g. 'red circle' or 'on a blue background, at the top'; scenes whose
+    caption contains any of them are skipped, so those combinations are absent from the data (a test of
+    compositional generalisation; prompt_sets.dataset_scenes). Without it, item i is scene i of `seed`."""
+    captions = [scene.caption for scene in prompt_sets.all_scenes()]
+    if hold_out and all(any(fragment in caption for fragment in hold_out) for caption in captions):
+        raise DatasetFileError(f'Holding out {", ".join(map(repr, hold_out))} leaves no caption to write.')
     with DatasetWriter(dest) as writer:
-        for idx in tqdm(range(num_images), desc='synth', unit='img', disable=not progress):
-            image, label, caption = shapes.make_image(seed, idx, resolution)
-            writer.add_image(item_relpath(idx), image, label=label, caption=caption)
+        scenes = prompt_sets.dataset_scenes(seed, num_images, hold_out)
+        for idx, scene in enumerate(tqdm(scenes, total=num_images, desc='synth', unit='img', disable=not progress)):
+            image = shapes.render_scene(scene, resolution)
+            writer.add_image(item_relpath(idx), image, label=scene.label, caption=scene.caption)
 
 
 # ---- reading ----
