@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training.networks_edm2 import Precond
-from training.networks_text import CrossAttention, TextPrecond
+from training.networks_text import CrossAttention, TextPrecond, position_features
 from training.text import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -161,3 +161,29 @@ def test_embedding_joins_pooled_text_then_augmentation_level_by_mp_sum():
     aug = unet.emb_aug(unet.emb_aug_fourier((aug_sigma + 0.002).log() / 4))
     expected = torch.nn.functional.silu(blend(blend(noise, text), aug)) / 0.596  # MP-SiLU, EDM2 Eq. 81
     torch.testing.assert_close(seen['emb'], expected)
+
+
+def test_position_features_are_unit_rms_fourier_coordinates_that_tell_every_pixel_apart():
+    features = position_features(16, 16, torch.device('cpu'))[0]
+    assert features.shape == (16, 16, 16)
+    torch.testing.assert_close(features.square().mean(dim=(1, 2)), torch.ones(16), atol=1e-5, rtol=0)
+    u = (torch.arange(16) + 0.5) / 16
+    torch.testing.assert_close(features[0, 3, 5], np.sqrt(2) * torch.sin(np.pi * u[5]))  # x of column 5
+    torch.testing.assert_close(features[3, 3, 5], np.sqrt(2) * torch.cos(np.pi * u[3]))  # y of row 3
+    pixels = features.flatten(1).T
+    assert torch.cdist(pixels, pixels).add(torch.eye(256) * 10).min() > 0.1
+
+
+@torch.no_grad()
+def test_position_channels_reach_the_unet_as_extra_inputs_in_text_and_super_resolution_nets():
+    net = tiny_text_net(position_channels=8)
+    assert net.unet.enc['8x8_conv'].weight.shape[1] == 3 + 8 + 1
+    x = torch.randn(2, 3, 8, 8)
+    _, inputs = net.conditioning(x, ['a', 'b'], torch.float32)
+    torch.testing.assert_close(inputs['cond'], position_features(8, 8, x.device).expand(2, -1, -1, -1))
+    sr = tiny_text_net(position_channels=4, lowres=4)
+    _, inputs = sr.conditioning(x, ['a', 'b'], torch.float32, lowres=torch.zeros(2, 3, 4, 4))
+    assert inputs['cond'].shape == (2, 3 + 4, 8, 8)
+    torch.testing.assert_close(inputs['cond'][:, 3:], position_features(4, 8, x.device).expand(2, -1, -1, -1))
+    with pytest.raises(ValueError, match='multiple of 4'):
+        tiny_text_net(position_channels=6)

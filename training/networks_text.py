@@ -18,6 +18,8 @@ Hugging Face model to use frozen (FrozenTextEncoder), whose weights stay outside
 is the empty caption, the unconditional prediction for classifier-free guidance (caption dropout).
 """
 
+import math
+
 import torch
 
 import dnnlib
@@ -47,6 +49,24 @@ class CrossAttention(torch.nn.Module):
         keys, values = self.kv(features.to(x.dtype)).chunk(2, dim=2)
         attended = mp_attention(queries, keys, values, self.num_heads, mask)
         return mp_sum(x, self.proj(attended.mT.reshape(x.shape)), t=self.balance)
+
+
+def position_features(channels: int, resolution: int, device: torch.device) -> torch.Tensor:
+    """[1, channels, H, W] Fourier features of each pixel's coordinates (CoordConv, Liu et al. 2018, in the
+    frequencies of NeRF's positional encoding): per octave k, sin and cos of 2^k·π·u for u = x and y in
+    [0, 1], scaled by √2 to unit RMS as EDM2's layers expect. Convolutions alone see position only through
+    the border padding; a caption that names a place needs the net to know where each pixel is."""
+    u = (torch.arange(resolution, device=device, dtype=torch.float32) + 0.5) / resolution
+    features = []
+    for k in range(channels // 4):
+        angle = (2**k * math.pi) * u
+        for f in (torch.sin(angle), torch.cos(angle)):
+            features += [f[None, :].expand(resolution, -1), f[:, None].expand(-1, resolution)]
+    return (
+        (torch.stack(features) * math.sqrt(2)).unsqueeze(0)
+        if features
+        else torch.zeros([1, 0, resolution, resolution], device=device)
+    )
 
 
 @persistence.persistent_class
@@ -129,6 +149,7 @@ class TextPrecond(Precond):
         text_encoder_path: str | None = None,
         lowres: int | None = None,
         residual: bool = False,
+        position_channels: int = 0,
         **unet_kwargs,
     ):
         if residual and not lowres:
@@ -147,9 +168,10 @@ class TextPrecond(Precond):
             text_layers=text_layers,
             text_encoder_path=text_encoder_path,
             lowres=lowres,
+            position_channels=position_channels,
             **unet_kwargs,
         )
-        self.lowres, self.residual = lowres, residual
+        self.lowres, self.residual, self.position_channels = lowres, residual, position_channels
 
     def make_unet(
         self,
@@ -160,6 +182,7 @@ class TextPrecond(Precond):
         text_encoder_path: str | None,
         lowres: int | None,
         label_dim: int,
+        position_channels: int,
         **unet_kwargs,
     ) -> torch.nn.Module:
         """Registers the tokenizer and text encoder (before the U-Net), then builds the TextUNet (or the
@@ -173,10 +196,12 @@ class TextPrecond(Precond):
             self.text_encoder = MPTextEncoder(vocab_size, text_length, channels=text_channels, num_layers=text_layers)
         else:
             self.text_encoder = None
+        if position_channels % 4 or (position_channels and self.backbone is not None):
+            raise ValueError('position_channels: a multiple of 4, for the U-Net (transformer tokens carry positions)')
         network = TextUNet if self.backbone is None else dnnlib.util.get_obj_by_name(self.backbone)
         return network(
             text_channels=text_channels,
-            cond_channels=unet_kwargs['img_channels'] if lowres else 0,
+            cond_channels=(unet_kwargs['img_channels'] if lowres else 0) + position_channels,
             augment_embedding=bool(lowres),
             **unet_kwargs,
         )
@@ -204,7 +229,10 @@ class TextPrecond(Precond):
         by EDM's σ_data (the pixel std), as input channels; the augmentation level as c_aug = ln(σ_aug + 0.002)/4
         (EDM's c_noise with a floor at σ_min); with `residual` the upsampled image is the base."""
         inputs = dict(text=self.encode_text(class_labels, len(x), x.device))
+        positions = position_features(self.position_channels, self.img_resolution, x.device).expand(len(x), -1, -1, -1)
         if not self.lowres:
+            if self.position_channels:
+                inputs.update(cond=positions.to(dtype))
             return 0, inputs
         if lowres is None:
             raise ValueError(f'this super-resolution net needs a {self.lowres}x{self.lowres} lowres image')
@@ -212,5 +240,5 @@ class TextPrecond(Precond):
             lowres.float(), size=self.img_resolution, mode='bicubic', align_corners=False
         )
         aug = torch.as_tensor(aug_sigma, dtype=torch.float32, device=up.device).flatten().expand(len(x))
-        inputs.update(cond=(up / SIGMA_DATA).to(dtype), aug_labels=(aug + 0.002).log() / 4)
+        inputs.update(cond=torch.cat([up / SIGMA_DATA, positions], dim=1).to(dtype), aug_labels=(aug + 0.002).log() / 4)
         return (up if self.residual else 0), inputs
