@@ -16,8 +16,9 @@ from training.snapshots import (
     NetworkPickleError,
     load_network_pickle,
     parse_snapshot_name,
-    save_network_pickle,
+    save_network,
     snapshot_name,
+    trust_pickles,
 )
 
 
@@ -54,11 +55,14 @@ def parse_std_list(s: str) -> list[float]:
 
 
 def list_snapshots(indir: str, exclude_prefix: str | None = None) -> list[str]:
-    """Snapshot pickles `*-{kimg:07d}-{std:.3f}.pkl` in `indir`, oldest first (earlier outputs excluded)."""
+    """Snapshots `*-{kimg:07d}-{std:.3f}.pkl` in `indir`, oldest first (earlier outputs excluded); a .safetensors
+    file replaces the pickle of the same name (it loads without running code)."""
     if not os.path.isdir(indir):
         raise PhemaError(f'Input folder not found: {indir}')
     found = []
-    for path in glob.glob(os.path.join(indir, '*.pkl')):
+    paths = glob.glob(os.path.join(indir, '*.safetensors'))
+    paths += [p for p in glob.glob(os.path.join(indir, '*.pkl')) if f'{p[:-4]}.safetensors' not in paths]
+    for path in paths:
         try:
             prefix, kimg, std = parse_snapshot_name(path)
         except ValueError:
@@ -261,6 +265,15 @@ def _parse_std_option(_ctx: click.Context, _param: click.Parameter, value: str) 
 @click.option(
     '--skip-existing/--overwrite', default=True, show_default=True, help='Skip outputs whose file already exists'
 )
+@click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help='No pickle notice.')
+@click.option(
+    '--snapshot-format',
+    metavar='pkl|safetensors|both',
+    type=click.Choice(['pkl', 'safetensors', 'both']),
+    default='pkl',
+    show_default=True,
+    help='Output files: pickles, .safetensors or both',
+)
 def main(
     indir: str,
     outdir: str,
@@ -270,6 +283,7 @@ def main(
     batch_size: int,
     max_error: float,
     skip_existing: bool,
+    snapshot_format: str,
 ) -> None:
     """Reconstruct post-hoc EMA networks of any std from the snapshots of a training run.
 
@@ -287,7 +301,8 @@ def main(
     try:
         in_pkls = list_snapshots(indir, exclude_prefix=outprefix)
         outkimg = outkimg if outkimg is not None else max(parse_snapshot_name(p)[1] for p in in_pkls)
-        out_paths = {std: os.path.join(outdir, snapshot_name(outprefix, outkimg, std)) for std in outstd}
+        ext = 'safetensors' if snapshot_format == 'safetensors' else 'pkl'
+        out_paths = {std: os.path.join(outdir, snapshot_name(outprefix, outkimg, std, ext)) for std in outstd}
         todo = [std for std in outstd if not (skip_existing and os.path.isfile(out_paths[std]))]
         if len(todo) < len(outstd):
             click.echo(f'Skipping {len(outstd) - len(todo)} existing outputs in {outdir}.')
@@ -301,7 +316,7 @@ def main(
         recons = reconstruct_phema(in_pkls, todo, outkimg, batch_size=batch_size, max_error=max_error, verbose=True)
         for std, data in recons:
             os.makedirs(outdir, exist_ok=True)  # only once the fit checks have passed
-            save_network_pickle(data, out_paths[std])
+            save_network(data, out_paths[std], snapshot_format)
             tqdm.tqdm.write(f'Saved {out_paths[std]}')
             del data  # keep only one output alive outside the reconstruction
     except (PhemaError, NetworkPickleError) as e:

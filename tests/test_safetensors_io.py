@@ -237,7 +237,7 @@ def test_pickle_warns_once_and_trusting_silences_it(tmp_path, monkeypatch):
 
 
 def test_snapshot_formats_and_run_folders_prefer_safetensors(tmp_path):
-    save_network(dict(ema=tiny_precond()), str(tmp_path / 'network-snapshot-0000001-0.050'), 'both')
+    save_network(dict(ema=tiny_precond()), str(tmp_path / 'network-snapshot-0000001-0.050.pkl'), 'both')
     assert sorted(os.listdir(tmp_path)) == [
         'network-snapshot-0000001-0.050.pkl',
         'network-snapshot-0000001-0.050.safetensors',

@@ -145,6 +145,12 @@ def _describe(obj: Any, tensors: dict[str, torch.Tensor], prefix: str, allowed: 
     return entry
 
 
+def describe(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The JSON-able description of how `obj` was constructed, and the tensors among its arguments (no weights)."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _encode(obj, tensors, allowed_classes()), tensors
+
+
 def save_safetensors(data: dict, path: str) -> None:
     """Write a snapshot dict (network under 'ema'; 'encoder', 'loss_fn', 'dataset_kwargs' and others optional) as
     `path`, atomically. Raises SafetensorsError for an entry that edm2x's classes cannot rebuild."""
@@ -199,6 +205,13 @@ def _build(desc: Any, tensors: dict[str, torch.Tensor], allowed: dict[str, type]
         return allowed[name](*args, **kwargs)
     except Exception as e:  # Any failure of a constructor on stored arguments is the file's fault.
         raise SafetensorsError(f'{name} cannot be built from the stored arguments ({e}).') from None
+
+
+def build(description: Any, tensors: dict[str, torch.Tensor] | None = None) -> Any:
+    """The object a description (from describe()) specifies, built by allow-listed constructors only, with freshly
+    initialised weights; the caller's random state is kept. Raises SafetensorsError for anything else."""
+    with torch.random.fork_rng(devices=[]):
+        return _build(description, tensors or {}, allowed_classes())
 
 
 def _restore(entry: dict, tensors: dict[str, torch.Tensor], prefix: str, allowed: dict[str, type]) -> Any:

@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import warnings
+from typing import Any
 
 import dnnlib
 from training.safetensors_io import SafetensorsError, load_safetensors, save_safetensors
@@ -21,9 +22,12 @@ class PickleWarning(UserWarning):
     """Loading a pickle runs the code inside it; shown once per process unless pickles are trusted."""
 
 
-def trust_pickles() -> None:
-    """Silence PickleWarning for this process (--trust-pickles); EDM2X_TRUST_PICKLES=1 does the same."""
-    warnings.filterwarnings('ignore', category=PickleWarning)
+def trust_pickles(_ctx: Any = None, _param: Any = None, value: bool = True) -> bool:
+    """Silence PickleWarning for this process when `value` (EDM2X_TRUST_PICKLES=1 does the same); the signature is
+    that of a click option callback, so that scripts declare --trust-pickles in one line."""
+    if value:
+        warnings.filterwarnings('ignore', category=PickleWarning)
+    return value
 
 
 def snapshot_name(prefix: str, kimg: int, std: float, ext: str = 'pkl') -> str:
@@ -44,15 +48,19 @@ def save_network_pickle(data: dict, path: str) -> None:
         pickle.dump(data, f)
 
 
-def save_network(data: dict, path_without_ext: str, snapshot_format: str = 'pkl') -> None:
-    """Write a snapshot dict as PATH.pkl, PATH.safetensors or both (snapshot_format 'pkl', 'safetensors', 'both')."""
+def save_network(data: dict, path: str, snapshot_format: str = 'pkl') -> None:
+    """Write a snapshot dict as NAME.pkl, NAME.safetensors or both (`snapshot_format` 'pkl', 'safetensors' or 'both';
+    `path` is NAME with either extension)."""
+    if snapshot_format not in SNAPSHOT_FORMATS:
+        raise NetworkPickleError(f'Unknown snapshot format {snapshot_format!r}; choose one of {SNAPSHOT_FORMATS}.')
+    name = os.path.splitext(path)[0]
     if snapshot_format in ('pkl', 'both'):
-        save_network_pickle(data, f'{path_without_ext}.pkl')
+        save_network_pickle(data, f'{name}.pkl')
     if snapshot_format in ('safetensors', 'both'):
         try:
-            save_safetensors(data, f'{path_without_ext}.safetensors')
+            save_safetensors(data, f'{name}.safetensors')
         except SafetensorsError as e:
-            raise NetworkPickleError(f'{path_without_ext}.safetensors: {e}') from None
+            raise NetworkPickleError(f'{name}.safetensors: {e}') from None
 
 
 def load_network_pickle(path_or_url: str) -> dict:
