@@ -5,7 +5,11 @@ import os
 import click
 
 from training.diffusers_export import DiffusersExportError, export_diffusers
-from training.snapshots import NetworkPickleError, load_network_pickle, parse_snapshot_name, save_network
+from training.snapshots import NetworkPickleError, load_network_pickle, parse_snapshot_name, save_network, trust_pickles
+
+TRUST = click.option(
+    '--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help='No pickle notice.'
+)
 
 
 @click.group()
@@ -45,6 +49,7 @@ def _sources(net: str) -> list[str]:
 @main.command()
 @click.option('--net', metavar='PKL|DIR|URL', type=str, required=True, help='Network pickle, or a folder of snapshots.')
 @click.option('--dest', metavar='PATH', type=str, default=None, help='Output file (one input)  [default: beside it]')
+@TRUST
 def safetensors(net: str, dest: str | None) -> None:
     """Write NAME.safetensors for each NAME.pkl: weights and constructor configuration, loadable without code."""
     sources = _sources(net)
@@ -64,6 +69,7 @@ def safetensors(net: str, dest: str | None) -> None:
 @click.option('--dest', metavar='DIR', type=str, required=True, help='Folder to write the pipeline to.')
 @click.option('--gnet', metavar='PKL|URL', type=str, default=None, help='Guiding network (autoguidance / CFG).')
 @click.option('--vae', metavar='ID|DIR', type=str, default=None, help="VAE to ship  [default: the net's own]")
+@TRUST
 def diffusers(net: str, dest: str, gnet: str | None, vae: str | None) -> None:
     """Write a folder that DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True) loads."""
     try:
