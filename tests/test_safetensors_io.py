@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from torch_utils import persistence
-from training import networks_edm2
+from training import networks_edm2, safetensors_io
 from training.clip_guide import CLIPGuide
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
 from training.loss import EDM2Loss
@@ -102,8 +102,11 @@ NETS = {
 }
 
 
+@pytest.mark.parametrize('on_meta', [False, True])
 @pytest.mark.parametrize('kind', list(NETS))
-def test_rebuilt_net_computes_bitwise_what_the_original_computes(tmp_path, kind):
+def test_rebuilt_net_computes_bitwise_what_the_original_computes(tmp_path, monkeypatch, kind, on_meta):
+    if on_meta:  # Build even tiny nets on the meta device first, as large ones are.
+        monkeypatch.setattr(safetensors_io, '_META_MIN_WEIGHTS', 0)
     make, run = NETS[kind]
     net = make()
     data = dict(ema=net, encoder=StandardRGBEncoder(), loss_fn=EDM2Loss(P_mean=-0.3), dataset_kwargs=dict(path='x'))
@@ -117,6 +120,21 @@ def test_rebuilt_net_computes_bitwise_what_the_original_computes(tmp_path, kind)
     with torch.no_grad():
         expected, got = run(net), run(loaded['ema'])
     assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize('threshold', [0, 1 << 40])
+def test_nets_are_constructed_once_on_either_device(tmp_path, monkeypatch, threshold):
+    save_safetensors(dict(ema=tiny_precond()), str(tmp_path / 'net.safetensors'))
+    monkeypatch.setattr(safetensors_io, '_META_MIN_WEIGHTS', threshold)
+    devices, init = [], Precond.__init__
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        devices.append(self.logvar_linear.weight.device.type)
+
+    monkeypatch.setattr(Precond, '__init__', counting_init)
+    net = load_safetensors(str(tmp_path / 'net.safetensors'))['ema']
+    assert devices == (['meta'] if threshold == 0 else ['cpu']) and net.logvar_linear.weight.device.type == 'cpu'
 
 
 def test_loading_restores_the_callers_random_state(tmp_path):

@@ -41,6 +41,7 @@ VERSION = 1
 _META_KEY = 'edm2x'
 _CONFIG_PREFIX = '__config__.'  # Tensors that are constructor arguments, not weights.
 _CLASS_ARGS = ('backbone', 'class_name')  # Constructor arguments that name a class to build.
+_META_MIN_WEIGHTS = 1 << 25  # Networks with this many weights or more are built on the meta device first.
 _MODULES = (
     networks_edm2,
     networks_text,
@@ -138,7 +139,7 @@ def _describe(obj: Any, tensors: dict[str, torch.Tensor], prefix: str, allowed: 
         for name, t in obj.state_dict().items():
             tensors[f'{prefix}.{name}'] = t.detach().cpu().contiguous().clone()
     if persistence.is_persistent(obj):  # Rebuild now, so that a file that cannot be loaded is never written.
-        rebuilt = _build(json.loads(json.dumps(entry['config'])), tensors, allowed)
+        rebuilt = _construct(json.loads(json.dumps(entry['config'])), tensors, prefix, allowed)
         now, fresh = _plain_attrs(obj), _plain_attrs(rebuilt)
         attrs = {p: {k: v for k, v in a.items() if fresh.get(p, {}).get(k, v) != v} for p, a in now.items()}
         entry['attrs'] = {p: a for p, a in attrs.items() if a}
@@ -214,11 +215,8 @@ def build(description: Any, tensors: dict[str, torch.Tensor] | None = None) -> A
         return _build(description, tensors or {}, allowed_classes())
 
 
-def _restore(entry: dict, tensors: dict[str, torch.Tensor], prefix: str, allowed: dict[str, type]) -> Any:
-    if not isinstance(entry, dict) or 'config' not in entry:
-        raise SafetensorsError(f'entry {prefix!r} has no configuration.')
-    with torch.random.fork_rng(devices=[]):  # Construction draws random weights; keep the caller's RNG as it was.
-        obj = _build(entry['config'], tensors, allowed)
+def _with_weights(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """A module takes the tensors stored under `prefix.` as its parameters and buffers (the dtypes stay)."""
     if isinstance(obj, torch.nn.Module):
         weights = {k[len(prefix) + 1 :]: t for k, t in tensors.items() if k.startswith(f'{prefix}.')}
         try:
@@ -226,6 +224,44 @@ def _restore(entry: dict, tensors: dict[str, torch.Tensor], prefix: str, allowed
         except RuntimeError as e:
             first = str(e).strip().splitlines()[1:2] or [str(e)]
             raise SafetensorsError(f'the weights of {prefix!r} do not fit its network ({first[0].strip()})') from None
+    return obj
+
+
+def _left_on_meta(obj: Any) -> bool:
+    """Whether a tensor of `obj` (parameter, buffer, or tensor attribute of a part or of an object a part holds)
+    was not replaced by a stored one."""
+    parts = list(obj.modules()) if isinstance(obj, torch.nn.Module) else [obj]
+    values = [v for part in parts for v in vars(part).values()]
+    values += [v for x in list(values) if hasattr(x, '__dict__') and not isinstance(x, (type, torch.nn.Module))
+               for v in vars(x).values()]  # fmt: skip
+    if isinstance(obj, torch.nn.Module):
+        values += [*obj.parameters(), *obj.buffers()]
+    return any(isinstance(v, torch.Tensor) and v.is_meta for v in values)
+
+
+def _construct(config: Any, tensors: dict[str, torch.Tensor], prefix: str, allowed: dict[str, type]) -> Any:
+    """The object of a stored entry with its stored weights. A large network is first built on the meta device,
+    where the random initial weights that the stored ones replace cost nothing (its first use in a process costs
+    an import of about a second, more than a small net's random initialisation); a class that computes with
+    tensors while it is built, or keeps tensors the weights do not cover, is built again on the CPU."""
+    with torch.random.fork_rng(devices=[]):  # Construction draws random weights; keep the caller's RNG as it was.
+        if sum(t.numel() for k, t in tensors.items() if k.startswith(f'{prefix}.')) >= _META_MIN_WEIGHTS:
+            try:
+                with torch.device('meta'):
+                    obj = _build(config, tensors, allowed)
+                obj = _with_weights(obj, tensors, prefix)
+                if not _left_on_meta(obj):
+                    return obj
+            except SafetensorsError:
+                pass  # Built again on the CPU, which raises the error a user should see.
+        return _with_weights(_build(config, tensors, allowed), tensors, prefix)
+
+
+def _restore(entry: dict, tensors: dict[str, torch.Tensor], prefix: str, allowed: dict[str, type]) -> Any:
+    if not isinstance(entry, dict) or 'config' not in entry:
+        raise SafetensorsError(f'entry {prefix!r} has no configuration.')
+    obj = _construct(entry['config'], tensors, prefix, allowed)
+    if isinstance(obj, torch.nn.Module):
         obj.train(entry.get('training') is True)
     attrs = entry.get('attrs', {})
     modules = dict(obj.named_modules()) if isinstance(obj, torch.nn.Module) else {'': obj}
