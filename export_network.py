@@ -5,11 +5,16 @@ import os
 import click
 
 from training.diffusers_export import DiffusersExportError, export_diffusers
-from training.snapshots import NetworkPickleError, load_network_pickle, parse_snapshot_name, save_network, trust_pickles
-
-TRUST = click.option(
-    '--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help='No pickle notice.'
+from training.snapshots import (
+    TRUST_HELP,
+    NetworkPickleError,
+    load_network_pickle,
+    parse_snapshot_name,
+    save_network,
+    trust_pickles,
 )
+
+TRUST = click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help=TRUST_HELP)
 
 
 @click.group()

@@ -14,6 +14,7 @@ from training.phema_reconstruct import (  # noqa: F401 (profile_errors: tests us
     reconstruct_phema,
 )
 from training.snapshots import (
+    TRUST_HELP,
     NetworkPickleError,
     parse_snapshot_name,
     save_network,
@@ -73,7 +74,7 @@ def _parse_std_option(_ctx: click.Context, _param: click.Parameter, value: str) 
 @click.option(
     '--skip-existing/--overwrite', default=True, show_default=True, help='Skip outputs whose file already exists'
 )
-@click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help='No pickle notice.')
+@click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help=TRUST_HELP)
 @click.option(
     '--snapshot-format',
     metavar='pkl|safetensors|both',

@@ -12,6 +12,7 @@ from training.safetensors_io import SafetensorsError, load_safetensors, save_saf
 
 _SNAPSHOT_RE = re.compile(r'^(?P<prefix>.+)-(?P<kimg>\d{7,})-(?P<std>\d+\.\d+)\.(pkl|safetensors)$')
 SNAPSHOT_FORMATS = ('pkl', 'safetensors', 'both')
+TRUST_HELP = 'Load pickles without the notice that they run code (they still run it).'  # --trust-pickles
 
 
 class NetworkPickleError(Exception):
