@@ -1,6 +1,7 @@
-"""edm2x from Python, beside the CPU demo's run folder and reference statistics:
+"""edm2x from Python, run beside the CPU demo's run folder and reference statistics of its kind of data:
 python train_edm2.py --outdir=runs/demo --preset=demo
-python calculate_metrics.py ref --data=DATASET --dest=refs/demo.pkl
+python dataset_tool.py synth --dest=datasets/shapes-32.zip --resolution=32 --max-images=10K
+python calculate_metrics.py ref --data=datasets/shapes-32.zip --dest=refs/demo.pkl
 """
 
 import edm2x
