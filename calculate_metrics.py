@@ -32,7 +32,7 @@ from training.metrics import (
 from training.sampler_options import SAMPLER_OPTIONS, SWEEP_NAMES, read_prompts, sweep_settings
 from training.shard_files import is_shard_spec
 from training.shards import ShardDataset
-from training.snapshots import NetworkPickleError
+from training.snapshots import TRUST_HELP, NetworkPickleError, trust_pickles
 
 _REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
 _USER_ERRORS = (MetricsError, DetectorError, DatasetError, GenerationError, NetworkPickleError, OSError)
@@ -297,6 +297,7 @@ def _default_ref(preset: str | None) -> str | None:
 
 @cli.command()
 @_sampler_options
+@click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help=TRUST_HELP)
 @click.option(
     '--ref',
     'ref_path',

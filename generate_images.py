@@ -25,7 +25,7 @@ from training.sampler_options import (
     sweep_path,
     sweep_settings,
 )
-from training.snapshots import NetworkPickleError
+from training.snapshots import TRUST_HELP, NetworkPickleError, trust_pickles
 
 
 def click_options(options: list[Option]) -> Callable:
@@ -126,6 +126,7 @@ def _write(batches, seeds: list[int], outdir: str | None, subdirs: bool, grid: s
 @click_options(SAMPLER_OPTIONS + OUTPUT_OPTIONS)
 @click.option('--subdirs', is_flag=True, help='Put images in subfolders of 1000 seeds ({seed//1000*1000:06d}/).')
 @click.option('--prompt', metavar='TEXT', type=str, multiple=True, help='Caption for text nets; repeat for several.')
+@click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help=TRUST_HELP)
 def main(**o: Any) -> None:
     """Generate images with an EDM2 network (edm2x or NVIDIA pickle) or DiT, with optional guidance. Examples:
 

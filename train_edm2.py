@@ -199,6 +199,14 @@ def one_line_message(e: Exception) -> str:
     '--snapshot-fp32', 'snapshot_fp32', is_flag=True, help='Keep snapshot weights in float32 (default float16).'
 )
 @click.option(
+    '--snapshot-format',
+    metavar='pkl|safetensors|both',
+    type=click.Choice(['pkl', 'safetensors', 'both']),
+    default='pkl',
+    show_default=True,
+    help='Snapshot files: pickles, .safetensors (load without running code) or both.',
+)
+@click.option(
     '--workers',
     metavar='INT',
     type=click.IntRange(min=0),

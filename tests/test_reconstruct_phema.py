@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import reconstruct_phema
-from training import phema
+from training import phema, phema_reconstruct
 from training.snapshots import load_network_pickle, save_network_pickle, snapshot_name
 
 LIVE_NETS: 'weakref.WeakSet[Trajectory]' = weakref.WeakSet()  # every Trajectory alive, for memory counting
@@ -104,7 +104,7 @@ def test_sweep_streams_inputs_once_per_pass(run32, tmp_path, monkeypatch):
         peak[0] = max(peak[0], len(LIVE_NETS) - baseline)
         return data
 
-    monkeypatch.setattr(reconstruct_phema, 'load_network_pickle', counting_loader)
+    monkeypatch.setattr(phema_reconstruct, 'load_network_pickle', counting_loader)
     outdir = str(tmp_path / 'out')
     result = CliRunner().invoke(
         reconstruct_phema.main,
@@ -130,7 +130,7 @@ def test_cli_writes_snapshot_format_in_input_dtype_and_skips_existing(tmp_path, 
         assert ema.theta.dtype == torch.float16 and not ema.theta.requires_grad and not ema.training
         np.testing.assert_allclose(ema.theta.detach().float().numpy(), snapshot_theta(str(indir), 4, std), rtol=2e-3)
         assert data['dataset_kwargs'] == dict(kimg=4) and int(ema.step) == 400
-    monkeypatch.setattr(reconstruct_phema, 'load_network_pickle', lambda path: pytest.fail('read an input'))
+    monkeypatch.setattr(phema_reconstruct, 'load_network_pickle', lambda path: pytest.fail('read an input'))
     result = CliRunner().invoke(reconstruct_phema.main, args)
     assert result.exit_code == 0 and 'Skipping 2 existing' in result.output
 

@@ -172,6 +172,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         loss_scaling=p.ls,
         cudnn_benchmark=p.bench,
         snapshot_fp32=p.snapshot_fp32,
+        snapshot_format=p.get('snapshot_format', 'pkl'),
         sample_steps=p.get('sample_steps', 32),
     )
     return c

@@ -1,24 +1,42 @@
-"""Network pickle names and I/O shared by training, generation, post-hoc EMA and metrics."""
+"""Network snapshot names and I/O shared by training, generation, post-hoc EMA and metrics: pickles, and
+.safetensors files that load without running code (training/safetensors_io.py)."""
 
 import os
 import pickle
 import re
+import warnings
+from typing import Any
 
 import dnnlib
+from training.safetensors_io import SafetensorsError, load_safetensors, save_safetensors
 
-_SNAPSHOT_RE = re.compile(r'^(?P<prefix>.+)-(?P<kimg>\d{7,})-(?P<std>\d+\.\d+)\.pkl$')
+_SNAPSHOT_RE = re.compile(r'^(?P<prefix>.+)-(?P<kimg>\d{7,})-(?P<std>\d+\.\d+)\.(pkl|safetensors)$')
+SNAPSHOT_FORMATS = ('pkl', 'safetensors', 'both')
+TRUST_HELP = 'Load pickles without the notice that they run code (they still run it).'  # --trust-pickles
 
 
 class NetworkPickleError(Exception):
     """A network pickle that cannot be used; the message is one sentence for the user."""
 
 
-def snapshot_name(prefix: str, kimg: int, std: float) -> str:
-    return f'{prefix}-{int(kimg):07d}-{std:.3f}.pkl'
+class PickleWarning(UserWarning):
+    """Loading a pickle runs the code inside it; shown once per process unless pickles are trusted."""
+
+
+def trust_pickles(_ctx: Any = None, _param: Any = None, value: bool = True) -> bool:
+    """Silence PickleWarning for this process when `value` (EDM2X_TRUST_PICKLES=1 does the same); the signature is
+    that of a click option callback, so that scripts declare --trust-pickles in one line."""
+    if value:
+        warnings.filterwarnings('ignore', category=PickleWarning)
+    return value
+
+
+def snapshot_name(prefix: str, kimg: int, std: float, ext: str = 'pkl') -> str:
+    return f'{prefix}-{int(kimg):07d}-{std:.3f}.{ext}'
 
 
 def parse_snapshot_name(path: str) -> tuple[str, int, float]:
-    """Split '.../{prefix}-{kimg:07d}-{std:.3f}.pkl' into (prefix, kimg, std)."""
+    """Split '.../{prefix}-{kimg:07d}-{std:.3f}.pkl' (or .safetensors) into (prefix, kimg, std)."""
     m = _SNAPSHOT_RE.match(os.path.basename(path))
     if m is None:
         raise ValueError(f'{path!r} is not named like PREFIX-KIMG-STD.pkl (e.g. network-snapshot-0008388-0.050.pkl)')
@@ -31,10 +49,39 @@ def save_network_pickle(data: dict, path: str) -> None:
         pickle.dump(data, f)
 
 
+def save_network(data: dict, path: str, snapshot_format: str = 'pkl') -> None:
+    """Write a snapshot dict as NAME.pkl, NAME.safetensors or both (`snapshot_format` 'pkl', 'safetensors' or 'both';
+    `path` is NAME with either extension)."""
+    if snapshot_format not in SNAPSHOT_FORMATS:
+        raise NetworkPickleError(f'Unknown snapshot format {snapshot_format!r}; choose one of {SNAPSHOT_FORMATS}.')
+    name = os.path.splitext(path)[0]
+    if snapshot_format in ('pkl', 'both'):
+        save_network_pickle(data, f'{name}.pkl')
+    if snapshot_format in ('safetensors', 'both'):
+        try:
+            save_safetensors(data, f'{name}.safetensors')
+        except SafetensorsError as e:
+            raise NetworkPickleError(f'{name}.safetensors: {e}') from None
+
+
 def load_network_pickle(path_or_url: str) -> dict:
-    """Load an edm2x or EDM2 network pickle: a dict holding at least the network under 'ema'."""
+    """Load an edm2x or EDM2 network pickle, or a .safetensors snapshot (built from edm2x's classes, no code from
+    the file run): a dict holding at least the network under 'ema'. A pickle warns once that it runs code."""
+    if path_or_url.endswith('.safetensors'):
+        if '://' in path_or_url:
+            path_or_url = dnnlib.util.open_url(path_or_url, return_filename=True, verbose=False)
+        try:
+            return load_safetensors(path_or_url)
+        except SafetensorsError as e:
+            raise NetworkPickleError(str(e)) from None
     if '://' not in path_or_url and not os.path.isfile(path_or_url):
         raise NetworkPickleError(f'Network pickle not found: {path_or_url}')
+    if os.environ.get('EDM2X_TRUST_PICKLES', '0') in ('0', ''):
+        warnings.warn(
+            'Loading a pickle runs the code inside it; load only pickles you trust, or convert them once with '
+            '"python export_network.py safetensors --net=PKL" (--trust-pickles or EDM2X_TRUST_PICKLES=1 hides this).',
+            PickleWarning,
+        )
     try:
         with dnnlib.util.open_url(path_or_url, verbose=False) as f:
             data = pickle.load(f)

@@ -29,7 +29,7 @@ from training.image_grid import save_image_grid
 # `training.training_loop.learning_rate_schedule`; these names keep them loadable.
 from training.loss import EDM2Loss, learning_rate_schedule  # noqa: F401
 from training.shard_position import DataPosition
-from training.snapshots import save_network_pickle, snapshot_name
+from training.snapshots import save_network, snapshot_name
 
 
 class TrainingError(Exception):
@@ -174,9 +174,11 @@ def _save_snapshots(
     fp32: bool,
     sample_steps: int,
     device: torch.device,
+    snapshot_format: str = 'pkl',
 ) -> None:
-    """A network pickle per tracked EMA length, and a fixed-seed sample grid of the first, so that the
-    grids of one run are comparable; the loss chooses the grid's conditioning (or no grid)."""
+    """A network snapshot (pickle, .safetensors or both: `snapshot_format`) per tracked EMA length, and a
+    fixed-seed sample grid of the first, so that the grids of one run are comparable; the loss chooses the grid's
+    conditioning (or no grid)."""
     kimg = cur_nimg // 1000
     for ema_net, std in ema.get():
         frozen = loss_fn.export(copy.deepcopy(ema_net)).cpu().eval().requires_grad_(False)
@@ -186,7 +188,7 @@ def _save_snapshots(
             dataset_kwargs=dataset_kwargs,
             loss_fn=loss_fn,
         )
-        save_network_pickle(data, os.path.join(run_dir, snapshot_name('network-snapshot', kimg, std)))
+        save_network(data, os.path.join(run_dir, snapshot_name('network-snapshot', kimg, std)), snapshot_format)
     grid_net = loss_fn.export(ema.get()[0][0]).eval()
     grid = 4
     cond = loss_fn.grid_conditioning(grid_net, dataset, encoder, grid * grid, device)
@@ -263,6 +265,7 @@ def training_loop(
     force_finite: bool = True,
     cudnn_benchmark: bool = True,
     snapshot_fp32: bool = False,
+    snapshot_format: str = 'pkl',
     sample_steps: int = 32,
     device: torch.device | None = None,
 ) -> None:
@@ -331,6 +334,7 @@ def training_loop(
                     snapshot_fp32,
                     sample_steps,
                     device,
+                    snapshot_format,
                 )
             if (due(checkpoint_nimg, done) or stopping) and not resumed_here:
                 states = ckpt.gather_rng_states()

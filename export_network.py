@@ -1,0 +1,88 @@
+"""Convert network snapshots: to .safetensors files that load without running code, or to a diffusers folder."""
+
+import os
+
+import click
+
+from training.diffusers_export import DiffusersExportError, export_diffusers
+from training.snapshots import (
+    TRUST_HELP,
+    NetworkPickleError,
+    load_network_pickle,
+    parse_snapshot_name,
+    save_network,
+    trust_pickles,
+)
+
+TRUST = click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help=TRUST_HELP)
+
+
+@click.group()
+def main() -> None:
+    """Convert edm2x or NVIDIA EDM2 network pickles. Examples:
+
+    \b
+    # One pickle -> net.safetensors beside it
+    python export_network.py safetensors --net=run/net.pkl
+
+    \b
+    # Every snapshot of a run folder (post-hoc EMA outputs included)
+    python export_network.py safetensors --net=runs/demo
+
+    \b
+    # A latent net and its VAE as a diffusers pipeline folder
+    python export_network.py diffusers --net=run/net.pkl --dest=out/edm2-diffusers
+    """
+
+
+def _sources(net: str) -> list[str]:
+    if not os.path.isdir(net):
+        return [net]
+    found = []
+    for name in sorted(os.listdir(net)):
+        try:
+            parse_snapshot_name(name)
+        except ValueError:
+            continue
+        if name.endswith('.pkl'):
+            found.append(os.path.join(net, name))
+    if not found:
+        raise click.ClickException(f'{net} holds no snapshot pickles named PREFIX-KIMG-STD.pkl.')
+    return found
+
+
+@main.command()
+@click.option('--net', metavar='PKL|DIR|URL', type=str, required=True, help='Network pickle, or a folder of snapshots.')
+@click.option('--dest', metavar='PATH', type=str, default=None, help='Output file (one input)  [default: beside it]')
+@TRUST
+def safetensors(net: str, dest: str | None) -> None:
+    """Write NAME.safetensors for each NAME.pkl: weights and constructor configuration, loadable without code."""
+    sources = _sources(net)
+    if dest is not None and len(sources) > 1:
+        raise click.ClickException(f'--dest names one file, but {net} holds {len(sources)} snapshots.')
+    for source in sources:
+        target = dest or os.path.splitext(os.path.basename(source) if '://' in source else source)[0] + '.safetensors'
+        try:
+            save_network(load_network_pickle(source), target, 'safetensors')
+        except NetworkPickleError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f'Wrote {target}')
+
+
+@main.command()
+@click.option('--net', metavar='PKL|URL', type=str, required=True, help='Network pickle or .safetensors file.')
+@click.option('--dest', metavar='DIR', type=str, required=True, help='Folder to write the pipeline to.')
+@click.option('--gnet', metavar='PKL|URL', type=str, default=None, help='Guiding network (autoguidance / CFG).')
+@click.option('--vae', metavar='ID|DIR', type=str, default=None, help="VAE to ship  [default: the net's own]")
+@TRUST
+def diffusers(net: str, dest: str, gnet: str | None, vae: str | None) -> None:
+    """Write a folder that DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True) loads."""
+    try:
+        export_diffusers(net, dest, gnet=gnet, vae=vae)
+    except (DiffusersExportError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f'Wrote {dest}')
+
+
+if __name__ == '__main__':
+    main()

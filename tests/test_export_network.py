@@ -1,0 +1,105 @@
+"""export_network.py and the .safetensors routes of the command-line tools: converted snapshots generate the images
+their pickles generate, training writes both formats, and a pickle's notice is printed once and can be silenced."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import assert_one_line_error
+
+import export_network
+import generate_images
+import train_edm2
+from training.encoders import StandardRGBEncoder
+from training.networks_edm2 import Precond
+from training.snapshots import PickleWarning, load_network_pickle, save_network_pickle
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _net(seed: int) -> Precond:
+    torch.manual_seed(seed)
+    net = Precond(img_resolution=8, img_channels=3, label_dim=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                  attn_resolutions=[4], channels_per_head=8)  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return net.eval().requires_grad_(False).to(torch.float16)
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp('run')
+    for i, std in enumerate([0.05, 0.1]):
+        save_network_pickle(dict(ema=_net(i), encoder=StandardRGBEncoder()), str(root / f'net-0000002-{std:.3f}.pkl'))
+    return str(root)
+
+
+def _images(tmp_path, *args: str) -> np.ndarray:
+    npz = str(tmp_path / 'images.npz')
+    result = CliRunner().invoke(
+        generate_images.main, [*args, f'--npz={npz}', '--device=cpu', '--seeds=0-2', '--steps=4']
+    )
+    assert result.exit_code == 0, result.output
+    return np.load(npz)['arr_0']
+
+
+def test_converted_folder_generates_bitwise_the_images_of_its_pickles(run, tmp_path):
+    result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={run}'])
+    assert result.exit_code == 0, result.output
+    assert sorted(n for n in os.listdir(run) if n.endswith('.safetensors')) == [
+        'net-0000002-0.050.safetensors',
+        'net-0000002-0.100.safetensors',
+    ]
+    pkl, converted = f'{run}/net-0000002-0.050.pkl', f'{run}/net-0000002-0.050.safetensors'
+    guided = ['--guidance=1.7', f'--gnet={run}/net-0000002-0.100.safetensors']
+    expected = _images(tmp_path, f'--net={pkl}', '--gnet=' + pkl.replace('0.050', '0.100'), '--guidance=1.7')
+    assert np.array_equal(_images(tmp_path, f'--net={converted}', *guided), expected) and expected.std() > 0
+
+
+def test_export_refuses_dest_for_several_inputs_and_missing_files(run, tmp_path):
+    result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={run}', '--dest=x.safetensors'])
+    assert_one_line_error(result, '--dest names one file', '2 snapshots')
+    result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={tmp_path}/missing.pkl'])
+    assert_one_line_error(result, 'not found', 'missing.pkl')
+
+
+def test_training_writes_both_snapshot_formats_with_equal_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    outdir = str(tmp_path / 'run')
+    args = [f'--outdir={outdir}', '--preset=demo-tiny', '--workers=0', '--duration=512', '--snapshot=512']
+    result = CliRunner().invoke(train_edm2.main, [*args, '--snapshot-format=both', '--checkpoint=512'])
+    assert result.exit_code == 0, result.output
+    name = os.path.join(outdir, 'network-snapshot-0000000-0.050')
+    pickled, safe = load_network_pickle(f'{name}.pkl'), load_network_pickle(f'{name}.safetensors')
+    expected, got = pickled['ema'].state_dict(), safe['ema'].state_dict()
+    assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert got['unet.out_conv.weight'].dtype == torch.float16 and not safe['ema'].training
+    assert (
+        safe['dataset_kwargs'] == pickled['dataset_kwargs']
+        and type(safe['loss_fn']).__name__ == type(pickled['loss_fn']).__name__
+    )
+
+
+def test_trust_pickles_flag_silences_the_notice(run, tmp_path):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        _images(tmp_path, f'--net={run}/net-0000002-0.050.pkl', '--trust-pickles')
+    assert not [w for w in seen if issubclass(w.category, PickleWarning)]
+
+
+def test_pickle_notice_is_printed_once_per_process(run, tmp_path):
+    args = [f'--net={run}/net-0000002-0.050.pkl', f'--gnet={run}/net-0000002-0.100.pkl', '--guidance=2']
+    cmd = [sys.executable, 'generate_images.py', *args, '--seeds=0', '--steps=2', f'--npz={tmp_path}/x.npz']
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    env.pop('EDM2X_TRUST_PICKLES', None)
+    proc = subprocess.run([*cmd, '--device=cpu'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count('Loading a pickle runs the code inside it') == 1
+    assert 'export_network.py safetensors' in proc.stderr
