@@ -33,7 +33,12 @@ class Option:
 SAMPLER_OPTIONS: list[Option] = [
     Option('--preset', 'preset', str, None, 'NAME', 'Named net/gnet/guidance, e.g. edm2-img512-s-autog-fid, or demo.'),
     Option(
-        '--net', 'net', str, None, 'PKL|PT|URL|DIR', 'Network pickle, run folder, or DiT checkpoint (.pt, diffusers).'
+        '--net',
+        'net',
+        str,
+        None,
+        'PKL|PT|URL|DIR',
+        'Network (.pkl, .safetensors), run folder, or DiT checkpoint (.pt, diffusers).',
     ),
     Option(
         '--gnet', 'gnet', str, None, 'PKL|URL|DIR', 'Guiding network: unconditional (CFG) or weaker (autoguidance).'
@@ -193,7 +198,9 @@ def cascade_settings(options: dict[str, Any]) -> dict[str, Any]:
     """A cascade's settings from the SAMPLER_OPTIONS values given: `guidance` for its base stage and the EDM
     sampler's settings for every stage, one value each (a cascade is not swept)."""
     given = {o.name: options.get(o.name, o.default) for o in SAMPLER_OPTIONS if options.get(o.name) is not None}
-    wrong = [o.flag for o in SAMPLER_OPTIONS if o.name in _NOT_FOR_CASCADES and given.get(o.name, o.default) != o.default]
+    wrong = [
+        o.flag for o in SAMPLER_OPTIONS if o.name in _NOT_FOR_CASCADES and given.get(o.name, o.default) != o.default
+    ]
     if wrong:
         verb = 'does' if len(wrong) == 1 else 'do'
         raise GenerationError(f'{", ".join(wrong)} {verb} not apply to --cascade, whose stages name their networks.')
