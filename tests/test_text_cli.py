@@ -1,16 +1,19 @@
 """End to end on the command line: train the demo-text and demo-sr stages with train_edm2.py (tiny sizes),
 then generate_images.py with --prompt, --prompts and --cascade, and calculate_metrics-style prompt files."""
 
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
 from click.testing import CliRunner
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, training_config
 
 import generate_images
 import train_edm2
-from training import generation, network_loading
+from training import generation, network_loading, shapes
 from training.dataset_io import write_synthetic_dataset
+from training.text import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -166,3 +169,20 @@ def test_a_frozen_pretrained_text_encoder_trains_and_samples_from_the_command_li
     )
     assert result.exit_code == 0, result.output
     assert (runs / 'out' / 'minilm' / 'captions.txt').read_text().splitlines()[1] == '000001.png\t1\ta red circle'
+
+
+def test_a_text_net_context_grows_to_hold_the_longest_caption_of_its_data(tmp_path):
+    """Byte-tokenized demo captions run to 62 tokens; with the preset's 48 the position words were cut off."""
+    write_synthetic_dataset(str(tmp_path / 'data'), resolution=8, num_images=64, seed=0)
+    c = training_config('demo-text', str(tmp_path / 'data'))
+    longest = max(1 + len(shapes.make_image(0, i, 8)[2].encode()) for i in range(64))
+    assert c.network_kwargs.text_length >= longest and c.network_kwargs.text_length % 16 == 0
+    tokenizer = ByteTokenizer(c.network_kwargs.text_length)
+    caption = max((shapes.make_image(0, i, 8)[2] for i in range(64)), key=len)
+    assert tokenizer([caption])[0, longest - 1] == caption.encode()[-1] + 2  # the last byte survives
+    short = tmp_path / 'short'
+    write_synthetic_dataset(str(short), resolution=8, num_images=4, seed=0)
+    meta = json.loads((short / 'dataset.json').read_text())
+    meta['captions'] = [[name, 'a dot'] for name, _ in meta['captions']]
+    (short / 'dataset.json').write_text(json.dumps(meta))
+    assert 'text_length' not in training_config('demo-text', str(short)).network_kwargs  # the preset's 48 holds

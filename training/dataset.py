@@ -262,6 +262,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             onehot[self._raw_labels[self._raw_idx[idx]]] = 1
         return onehot
 
+    def caption_texts(self) -> list[str]:
+        """Every caption of the dataset's files (those without one are absent)."""
+        return list(self._captions.values())
+
     def get_caption(self, idx: int) -> str:
         return self._captions.get(self._image_fnames[self._raw_idx[idx]], '')
 

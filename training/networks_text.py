@@ -27,6 +27,8 @@ from torch_utils import persistence
 from training.networks_edm2 import SIGMA_DATA, MPConv, MPFourier, Precond, UNet, mp_sum
 from training.text import FrozenTextEncoder, MPTextEncoder, make_tokenizer, mp_attention
 
+TEXT_LENGTH = 48  # Caption tokens a text net reads by default (train_edm2.py grows it to fit the data).
+
 # (features [N, L, C], pooled [N, C], mask [N, L]) from a text encoder.
 TextInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -142,7 +144,7 @@ class TextPrecond(Precond):
         use_fp16: bool | str = True,
         sigma_data: float = SIGMA_DATA,
         logvar_channels: int = 128,
-        text_length: int = 48,
+        text_length: int = TEXT_LENGTH,
         tokenizer_path: str | None = None,
         text_channels: int = 128,
         text_layers: int = 2,

@@ -2,6 +2,7 @@
 dataset, encoder, network, loss, optimiser, learning-rate and EMA configuration of a run."""
 
 import os
+from typing import Any
 
 import torch
 
@@ -10,6 +11,7 @@ from torch_utils import distributed as dist
 from training import dataset as dataset_mod
 from training.backbones import TEXT_BACKBONES, BackboneError, preset_kwargs
 from training.dataset_io import write_synthetic_dataset
+from training.networks_text import TEXT_LENGTH
 from training.presets_train import TRAIN_PRESETS
 from training.shard_files import is_shard_spec
 
@@ -107,6 +109,23 @@ def dataset_kwargs(p: dnnlib.EasyDict, data: str) -> dnnlib.EasyDict:
     return dnnlib.EasyDict(kwargs, **row_kwargs)
 
 
+def fitted_text_length(p: dnnlib.EasyDict, dataset: Any) -> dict:
+    """A byte-tokenizer text net's context, grown to hold the data's longest caption (start token plus UTF-8
+    bytes, rounded up to 16) so that no caption loses its end (a caption's last words, e.g. where the object
+    is, would otherwise never reach the net). Hugging Face tokenizers and tar shards keep the preset's."""
+    row = p.get('network_kwargs', {})
+    text_net = row.get('class_name', '').endswith('.TextPrecond') and row.get('text_channels', 1)
+    if not text_net or p.get('tokenizer') or p.get('text_encoder') or not hasattr(dataset, 'caption_texts'):
+        return {}
+    length = row.get('text_length', TEXT_LENGTH)
+    longest = 1 + max((len(caption.encode('utf-8')) for caption in dataset.caption_texts()), default=0)
+    if longest <= length:
+        return {}
+    fitted = -(-longest // 16) * 16
+    dist.print0(f'Captions reach {longest} tokens: text_length {length} -> {fitted}, so that none is cut short.')
+    return dict(text_length=fitted)
+
+
 def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnlib.EasyDict:
     """Resolve preset and command-line options into the keyword arguments of training_loop()."""
     if preset is not None and preset not in TRAIN_PRESETS:
@@ -147,7 +166,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
     )
     precision = 'bf16' if p.bf16 else bool(p.fp16)
     c.network_kwargs, c.loss_kwargs = backbone_kwargs(p, ds.resolution, precision)
-    c.network_kwargs.update(text_kwargs)
+    c.network_kwargs.update(text_kwargs, **fitted_text_length(p, ds))
     if c.loss_kwargs.class_name == 'training.loss.EDM2Loss':
         c.loss_kwargs.update({key: p[key] for key in ('P_mean', 'P_std') if key in p})  # Else the loss's defaults.
     c.loss_kwargs.update(p.get('loss_kwargs', {}))
