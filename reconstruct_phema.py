@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import tqdm
 
+import dnnlib
 from training import phema
 from training.snapshots import (
     NetworkPickleError,
@@ -19,6 +20,7 @@ from training.snapshots import (
     save_network_pickle,
     snapshot_name,
 )
+from training.tracking import LOGGERS, Tracker, TrackingError
 
 
 class PhemaError(Exception):
@@ -144,8 +146,10 @@ def reconstruct_phema(
     Inputs are streamed one at a time; each pass over them builds `batch_size` outputs, accumulated in
     float32 and stored in the inputs' dtype. The other dict entries come from the newest input used.
     """
-    if out_kimg <= 0 or batch_size <= 0:
-        raise PhemaError(f'Output kimg and batch size must be positive, got {out_kimg} and {batch_size}.')
+    if out_kimg <= 0:
+        raise PhemaError(f'The output kimg must be positive, got {out_kimg}; post-hoc EMA needs some training.')
+    if batch_size <= 0:
+        raise PhemaError(f'The batch size must be positive, got {batch_size}.')
     inputs = []
     for path in in_pkls:
         try:
@@ -165,7 +169,9 @@ def reconstruct_phema(
     batches = [list(range(i, min(i + batch_size, len(out_std)))) for i in range(0, len(out_std), batch_size)]
     uses = [[i for i in range(len(inputs)) if np.any(coefs[i, cols] != 0)] for cols in batches]
     ref = None
-    with tqdm.tqdm(total=sum(map(len, uses)), unit='pkl', desc='Reconstructing', disable=not verbose) as bar:
+    with dnnlib.util.progress_bar(
+        total=sum(map(len, uses)), unit='pkl', desc='Reconstructing', disable=not verbose
+    ) as bar:
         for cols, use in zip(batches, uses):
             outs: list[torch.nn.Module | None] = [None] * len(cols)
             for i in use:
@@ -208,6 +214,18 @@ def _accumulate(out: torch.nn.Module, net: torch.nn.Module, coef: float) -> None
         p_out.add_(p_in.to(torch.float32), alpha=float(coef))
     for b_out, b_in in zip(out.buffers(), net.buffers()):
         b_out.copy_(b_in)
+
+
+def _log_fit(tracker: Tracker, in_pkls: list[str], out_kimg: int, stds: list[float], paths: dict) -> None:
+    """The reconstructed stds with their profile errors, filed at the output's training time."""
+    in_kimg, in_std = zip(*(parse_snapshot_name(p)[1:] for p in in_pkls))
+    errors = profile_errors(
+        in_kimg, in_std, out_kimg, stds, phema.solve_posthoc_coefficients(in_kimg, in_std, out_kimg, stds)
+    )
+    rows = [dict(std=std, profile_error=float(err), file=paths[std]) for std, err in zip(stds, errors)]
+    tracker.begin()
+    with tracker:
+        tracker.table('phema', rows, out_kimg * 1000)
 
 
 def _parse_std_option(_ctx: click.Context, _param: click.Parameter, value: str) -> list[float]:
@@ -261,6 +279,15 @@ def _parse_std_option(_ctx: click.Context, _param: click.Parameter, value: str) 
 @click.option(
     '--skip-existing/--overwrite', default=True, show_default=True, help='Skip outputs whose file already exists'
 )
+@click.option(
+    '--logger',
+    'loggers',
+    metavar='|'.join(LOGGERS),
+    type=click.Choice(LOGGERS),
+    multiple=True,
+    help='Log the stds and fit errors to the run in TensorBoard or W&B (repeatable)  [default: none]',
+)
+@click.option('--run-dir', metavar='DIR', type=str, default=None, help='Training run to log to  [default: --indir]')
 def main(
     indir: str,
     outdir: str,
@@ -270,6 +297,8 @@ def main(
     batch_size: int,
     max_error: float,
     skip_existing: bool,
+    loggers: tuple,
+    run_dir: str | None,
 ) -> None:
     """Reconstruct post-hoc EMA networks of any std from the snapshots of a training run.
 
@@ -285,8 +314,14 @@ def main(
         --outstd=0.010,0.015,...,0.250 --outkimg=67108 --batch=8
     """
     try:
+        tracker = Tracker(run_dir or indir, loggers)
         in_pkls = list_snapshots(indir, exclude_prefix=outprefix)
         outkimg = outkimg if outkimg is not None else max(parse_snapshot_name(p)[1] for p in in_pkls)
+        if outkimg == 0:
+            raise PhemaError(
+                f'The snapshots in {indir} are all from the first kimg of training (named kimg 0); post-hoc EMA '
+                f'needs snapshots from 1 kimg on: train longer (--duration=1Ki or more) and snapshot again.'
+            )
         out_paths = {std: os.path.join(outdir, snapshot_name(outprefix, outkimg, std)) for std in outstd}
         todo = [std for std in outstd if not (skip_existing and os.path.isfile(out_paths[std]))]
         if len(todo) < len(outstd):
@@ -304,7 +339,9 @@ def main(
             save_network_pickle(data, out_paths[std])
             tqdm.tqdm.write(f'Saved {out_paths[std]}')
             del data  # keep only one output alive outside the reconstruction
-    except (PhemaError, NetworkPickleError) as e:
+        if tracker.names:
+            _log_fit(tracker, in_pkls, outkimg, todo, out_paths)
+    except (PhemaError, NetworkPickleError, TrackingError) as e:
         raise click.ClickException(str(e)) from None
 
 

@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 import dnnlib
 from training import shapes
@@ -146,7 +145,7 @@ def write_synthetic_dataset(
 ) -> None:
     """Write the coloured-shapes demo dataset (training/shapes.py) with labels and captions."""
     with DatasetWriter(dest) as writer:
-        for idx in tqdm(range(num_images), desc='synth', unit='img', disable=not progress):
+        for idx in dnnlib.util.progress_bar(range(num_images), desc='synth', unit='img', disable=not progress):
             image, label, caption = shapes.make_image(seed, idx, resolution)
             writer.add_image(item_relpath(idx), image, label=label, caption=caption)
 
