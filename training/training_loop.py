@@ -137,8 +137,9 @@ class _Status:
         sec_per_kimg = (now - self.last) / images * 1e3
         img_per_sec = trained / max(now - self.last, 1e-9)
         training_stats.report0('Progress/kimg', cur_nimg / 1e3)
-        training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
-        training_stats.report0('Timing/img_per_sec', img_per_sec)
+        if trained:  # The first line of a run times nothing.
+            training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+            training_stats.report0('Timing/img_per_sec', img_per_sec)
         training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
         on_gpu = self.device.type == 'cuda'
         if on_gpu:
