@@ -418,8 +418,7 @@ def gen(
             print('\n'.join(f'{metric} {value:g}' for metric, value in results.items()))
         else:
             print(json.dumps(rows[-1]), flush=True)
-    if tracker.names:
-        _log_results(tracker, c.net, rows)
+    _log_results(tracker, c.net, rows)
 
 
 def _results_tracker(net: str | None, run_dir: str | None, loggers: tuple) -> Tracker:
@@ -428,21 +427,22 @@ def _results_tracker(net: str | None, run_dir: str | None, loggers: tuple) -> Tr
         if net is None or '://' in net or not os.path.exists(net):
             raise MetricsError('--logger needs --run-dir: the training run whose tracking gets the results.')
         run_dir = net if os.path.isdir(net) else os.path.dirname(net) or '.'
+    if loggers and not os.path.isdir(run_dir):
+        raise MetricsError(f'--run-dir={run_dir} is not a folder; name the training run to log to.')
     return Tracker(run_dir or '.', loggers)
 
 
 def _log_results(tracker: Tracker, net: str, rows: list[dict]) -> None:
     """Each setting's metrics, at the training time of the evaluated snapshot (0 when its name tells none);
     with one setting also as scalars, so that evaluating every snapshot draws a curve."""
+    if not tracker.names:
+        return
     try:
         nimg = parse_snapshot_name(resolve_network_path(net))[1] * 1000
     except (ValueError, NetworkPickleError):
         nimg = 0
-    tracker.begin()
-    with tracker:
-        tracker.table('Metrics', [dict(net=net, **row) for row in rows], nimg)
-        if len(rows) == 1:
-            tracker.scalars({f'Metrics/{m}': rows[0][m] for m in METRICS if m in rows[0]}, nimg)
+    scalars = {f'Metrics/{m}': rows[0][m] for m in METRICS if m in rows[0]} if len(rows) == 1 else None
+    tracker.results('Metrics', [dict(net=net, **row) for row in rows], nimg, scalars)
 
 
 if __name__ == '__main__':

@@ -223,9 +223,7 @@ def _log_fit(tracker: Tracker, in_pkls: list[str], out_kimg: int, stds: list[flo
         in_kimg, in_std, out_kimg, stds, phema.solve_posthoc_coefficients(in_kimg, in_std, out_kimg, stds)
     )
     rows = [dict(std=std, profile_error=float(err), file=paths[std]) for std, err in zip(stds, errors)]
-    tracker.begin()
-    with tracker:
-        tracker.table('phema', rows, out_kimg * 1000)
+    tracker.results('phema', rows, out_kimg * 1000)
 
 
 def _parse_std_option(_ctx: click.Context, _param: click.Parameter, value: str) -> list[float]:
@@ -315,6 +313,8 @@ def main(
     """
     try:
         tracker = Tracker(run_dir or indir, loggers)
+        if loggers and run_dir is not None and not os.path.isdir(run_dir):
+            raise PhemaError(f'--run-dir={run_dir} is not a folder; name the training run to log to.')
         in_pkls = list_snapshots(indir, exclude_prefix=outprefix)
         outkimg = outkimg if outkimg is not None else max(parse_snapshot_name(p)[1] for p in in_pkls)
         if outkimg == 0:

@@ -81,6 +81,7 @@ class _WandB:
         import wandb
 
         self.wandb = wandb
+        os.makedirs(run_dir, exist_ok=True)
         id_path = os.path.join(run_dir, WANDB_ID_FILE)
         if os.path.isfile(id_path):
             with open(id_path, encoding='utf-8') as f:
@@ -153,6 +154,14 @@ class Tracker:
         """Results of a sweep, one dict per setting, filed at step `nimg` (the training time they describe)."""
         for backend in self.backends:
             backend.table(tag, rows, nimg)
+
+    def results(self, tag: str, rows: list[dict], nimg: int, scalars: dict[str, float] | None = None) -> None:
+        """File a finished sweep's results in the run: open, log the table (and `scalars`), close."""
+        if self.names:
+            self.begin()
+            self.table(tag, rows, nimg)
+            self.scalars(scalars or {}, nimg)
+            self.close()
 
     def close(self) -> None:
         for backend in self.backends:
