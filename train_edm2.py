@@ -223,8 +223,8 @@ def main(outdir: str | None, data: str | None, preset: str | None, dry_run: bool
     Examples:
 
     \b
-    # Demo on CPU with the built-in shapes data (12-13 minutes on 2 cores)
-    python train_edm2.py --outdir=runs/demo --preset=demo
+    # Demo on CPU with the built-in shapes data (12-13 minutes on 2 idle cores), curves in TensorBoard
+    python train_edm2.py --outdir=runs/demo --preset=demo --logger=tensorboard
 
     \b
     # ImageNet-512 latents, XS model, 8 GPUs (re-run the same command to resume)

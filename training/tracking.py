@@ -90,14 +90,19 @@ class _WandB:
             run_id = secrets.token_hex(6)
             with dnnlib.util.atomic_write(id_path, 'wt') as f:
                 f.write(run_id + '\n')
-        self.run = wandb.init(
-            project=os.environ.get('WANDB_PROJECT', 'edm2x'),
-            name=os.path.basename(os.path.abspath(run_dir)),
-            id=run_id,
-            resume='allow',
-            dir=run_dir,
-            settings=wandb.Settings(console='off', silent=True),  # log.txt already holds the console.
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get('WANDB_PROJECT', 'edm2x'),
+                name=os.path.basename(os.path.abspath(run_dir)),
+                id=run_id,
+                resume='allow',
+                dir=run_dir,
+                settings=wandb.Settings(console='off', silent=True),  # log.txt already holds the console.
+            )
+        except wandb.errors.Error as e:
+            raise TrackingError(
+                f'W&B did not start ({e}); run `wandb login`, or set WANDB_MODE=offline and `wandb sync` later.'
+            ) from None
         # Charts plot against images seen, so results logged later for earlier snapshots land in place.
         self.run.define_metric(STEP_KEY)
         self.run.define_metric('*', step_metric=STEP_KEY)
