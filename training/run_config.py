@@ -169,7 +169,8 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
 
 
 # Options a re-run may change without changing what is trained: the schedule of outputs, the run's length
-# and how each process splits and loads its batch. Anything else differing from the saved options is refused.
+# and how each process splits and loads its batch. Anything else differing from the saved options is refused,
+# also a moved dataset (a new path may hold other images; after a move, edit the path in the saved options).
 RESUMABLE_KEYS = (
     'total_nimg',
     'status_nimg',
