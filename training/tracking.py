@@ -3,9 +3,9 @@ and/or Weights & Biases, on one step axis, the number of training images seen, t
 
 The training loop calls begin() once it knows where it resumes, scalars() at every status line and image()
 after every sample grid; reconstruct_phema.py and calculate_metrics.py file their sweeps in the same run with
-results(). TensorBoard events go into the run folder itself (`tensorboard --logdir runs` shows one run per folder); W&B
-keeps its files under RUN/wandb and its run id in RUN/wandb-run-id.txt, so a re-run resumes the same W&B run.
-"""
+results(). TensorBoard events go into the run folder itself (`tensorboard --logdir runs` shows one run per
+folder); W&B keeps its files under RUN/wandb and its run id in RUN/wandb-run-id.txt, so a re-run resumes the
+same W&B run."""
 
 import importlib.util
 import json
