@@ -102,7 +102,10 @@ def test_wandb_offline_run_folder_holds_the_scalars_and_a_resume_keeps_the_run_i
     folders = sorted(glob.glob(os.path.join(run_dir, 'wandb', 'offline-run-*')))
     assert len(folders) == 2 and all(f.endswith(f'-{run_id}') for f in folders)
     for folder in folders:
-        records = open(os.path.join(folder, f'run-{run_id}.wandb'), 'rb').read()
+        path, deadline = os.path.join(folder, f'run-{run_id}.wandb'), time.time() + 30
+        while b'Loss/custom_scalar' not in open(path, 'rb').read() and time.time() < deadline:
+            time.sleep(0.1)  # W&B's service process writes the records a moment after finish() returns.
+        records = open(path, 'rb').read()
         assert b'Loss/custom_scalar' in records and tracking.STEP_KEY.encode() in records
         assert glob.glob(os.path.join(folder, 'files', 'media', 'images', 'samples_*.png'))
 
