@@ -8,6 +8,7 @@ name it with --detectors or the EDM2X_DETECTORS environment variable:
 """
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from torch_utils import distributed as dist
 from training.dataset import DatasetError, ImageFolderDataset
-from training.detectors import DETECTORS_ENV, DetectorError
+from training.detectors import DETECTORS_ENV, METRICS, DetectorError
 from training.generation import GenerationError, generate_images, load_network
 from training.metrics import (
     MetricsError,
@@ -29,13 +30,15 @@ from training.metrics import (
     require_metrics,
     save_stats,
 )
+from training.network_loading import resolve_network_path
 from training.sampler_options import SAMPLER_OPTIONS, SWEEP_NAMES, read_prompts, sweep_settings
 from training.shard_files import is_shard_spec
 from training.shards import ShardDataset
-from training.snapshots import TRUST_HELP, NetworkPickleError, trust_pickles
+from training.snapshots import TRUST_HELP, NetworkPickleError, parse_snapshot_name, trust_pickles
+from training.tracking import LOGGERS, Tracker, TrackingError
 
 _REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
-_USER_ERRORS = (MetricsError, DetectorError, DatasetError, GenerationError, NetworkPickleError, OSError)
+_USER_ERRORS = (MetricsError, DetectorError, DatasetError, GenerationError, NetworkPickleError, TrackingError, OSError)
 
 
 def _one_line(err: Exception) -> str:
@@ -86,8 +89,8 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _device(device: str | None) -> torch.device:
     try:
-        return torch.device(device) if device is not None else dist.device()
-    except RuntimeError as err:
+        return dist.device_from_name(device)
+    except ValueError as err:
         raise click.ClickException(f'--device={device}: {err}') from None
 
 
@@ -334,6 +337,17 @@ def _default_ref(preset: str | None) -> str | None:
     help='Prompts of a text-to-image net, one per line (cycled over seeds).',
 )
 @_common_options
+@click.option(
+    '--logger',
+    'loggers',
+    metavar='|'.join(LOGGERS),
+    type=click.Choice(LOGGERS),
+    multiple=True,
+    help='Log the results to the training run in TensorBoard or W&B (repeatable)  [default: none]',
+)
+@click.option(
+    '--run-dir', metavar='DIR', type=str, default=None, help="Training run to log to  [default: --net's folder]"
+)
 def gen(
     ref_path: str | None,
     num: int,
@@ -344,6 +358,8 @@ def gen(
     batch: int,
     detectors: str | None,
     device: str | None,
+    loggers: tuple,
+    run_dir: str | None,
     **opts: Any,
 ) -> None:
     """Metrics of images generated on the fly (nothing is written). Comma lists of --guidance,
@@ -362,6 +378,8 @@ def gen(
     settings = _run(sweep_settings, opts)
     prompts = _run(read_prompts, (), prompts_file) if prompts_file is not None else None
     c = settings[0][1]  # The net, its guide and decoder are the same in every combination.
+    tracker = _run(_results_tracker, c.net, run_dir, loggers if dist.is_main() else ())
+    rows = []
     net, encoder = _run(load_network, c.net, torch_device, verbose=True, vae=c.vae)
     guided = any(setting.sampler_kwargs.guidance != 1 for _label, setting in settings)
     gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and guided else None
@@ -392,12 +410,40 @@ def gen(
             device=torch_device,
             num_images=num,
         )
+        if not dist.is_main():
+            continue
+        results = _run(calculate_metrics_from_stats, stats, ref_stats, metric_list, ref_name=ref_path)
+        swept = {name: setting.sampler_kwargs.get(name) for name in SWEEP_NAMES}
+        rows.append(dict(setting=label, **swept, **results))
         if len(settings) == 1:
-            _report(stats, ref_stats, ref_path, metric_list)
-        elif dist.is_main():
-            results = _run(calculate_metrics_from_stats, stats, ref_stats, metric_list, ref_name=ref_path)
-            swept = {name: setting.sampler_kwargs.get(name) for name in SWEEP_NAMES}
-            print(json.dumps(dict(setting=label, **swept, **results)), flush=True)
+            print('\n'.join(f'{metric} {value:g}' for metric, value in results.items()))
+        else:
+            print(json.dumps(rows[-1]), flush=True)
+    _log_results(tracker, c.net, rows)
+
+
+def _results_tracker(net: str | None, run_dir: str | None, loggers: tuple) -> Tracker:
+    """The tracker of the run the results belong to: --run-dir, else the folder --net names or lies in."""
+    if run_dir is None and loggers:
+        if net is None or '://' in net or not os.path.exists(net):
+            raise MetricsError('--logger needs --run-dir: the training run whose tracking gets the results.')
+        run_dir = net if os.path.isdir(net) else os.path.dirname(net) or '.'
+    if loggers and not os.path.isdir(run_dir):
+        raise MetricsError(f'--run-dir={run_dir} is not a folder; name the training run to log to.')
+    return Tracker(run_dir or '.', loggers)
+
+
+def _log_results(tracker: Tracker, net: str, rows: list[dict]) -> None:
+    """Each setting's metrics, at the training time of the evaluated snapshot (0 when its name tells none);
+    with one setting also as scalars, so that evaluating every snapshot draws a curve."""
+    if not tracker.names:
+        return
+    try:
+        nimg = parse_snapshot_name(resolve_network_path(net))[1] * 1000
+    except (ValueError, NetworkPickleError):
+        nimg = 0
+    scalars = {f'Metrics/{m}': rows[0][m] for m in METRICS if m in rows[0]} if len(rows) == 1 else None
+    tracker.results('Metrics', [dict(net=net, **row) for row in rows], nimg, scalars)
 
 
 if __name__ == '__main__':

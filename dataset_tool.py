@@ -11,7 +11,6 @@ import shutil
 
 import click
 import numpy as np
-from tqdm import tqdm
 
 import dnnlib
 from training.dataset_io import (
@@ -156,9 +155,11 @@ def convert(
         raise click.ClickException(str(e)) from None
     captions = load_caption_mapping(captions_file) if captions_file is not None else None
     images = ImageSource(source, max_images=max_images, captions=captions)
-    first_shape = None
+    first_shape, stretched = None, 0
     with DatasetWriter(dest) as writer:
-        for idx, item in enumerate(tqdm(images, desc='convert', unit='img')):
+        for idx, item in enumerate(dnnlib.util.progress_bar(images, desc='convert', unit='img')):
+            if transform is None and width is not None and item.image.shape[1] * height != item.image.shape[0] * width:
+                stretched += 1  # Resizing alone changes the image's aspect ratio.
             image = transform_fn(item.image)
             first_shape = first_shape or (image.shape, item.relpath)
             if image.shape != first_shape[0]:
@@ -167,6 +168,11 @@ def convert(
                     f'{first_shape[1]} is {first_shape[0][1]}x{first_shape[0][0]}; pass --resolution to resize all'
                 )
             writer.add_image(item_relpath(idx), image, label=item.label, caption=item.caption)
+    if stretched:
+        click.echo(
+            f'Note: {stretched} images were stretched to {width}x{height} (their aspect ratio differs); pass '
+            f'--transform=center-crop (or center-crop-wide) to crop them instead.'
+        )
 
 
 @cli.command()
@@ -188,7 +194,7 @@ def shards(source: str, dest: str, per_shard: int, max_images: int | None) -> No
     \b
     python dataset_tool.py shards --source=datasets/shapes-32.zip --dest=datasets/shapes-shards --per-shard=1K
     """
-    with tqdm(desc='shards', unit='img') as progress:
+    with dnnlib.util.progress_bar(desc='shards', unit='img') as progress:
         total = make_shards(source, dest, per_shard, max_images=max_images, progress=progress.update)
     click.echo(f'{dest}: {total} samples in {-(-total // per_shard)} shards')
 
@@ -332,7 +338,7 @@ def encode(
     while done < len(images) and os.path.isfile(item_path(done)):
         done += 1
     start = done - done % batch
-    with tqdm(total=len(images), initial=start, desc='encode', unit='img') as progress:
+    with dnnlib.util.progress_bar(total=len(images), initial=start, desc='encode', unit='img') as progress:
         for first in range(start, len(images), batch):
             pixels = _load_images(images, images.relpaths[first : first + batch], shape)
             latents = encoder.encode_pixels(torch.from_numpy(pixels).to(device)).cpu().numpy()

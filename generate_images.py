@@ -169,8 +169,8 @@ def main(**o: Any) -> None:
     except ValueError as e:
         raise click.ClickException(f'--seeds={o.seeds}: {e}') from None
     try:
-        device = torch.device(o.device) if o.device is not None else dist.device()
-    except RuntimeError as e:
+        device = dist.device_from_name(o.device)
+    except ValueError as e:
         raise click.ClickException(f'--device={o.device}: {e}') from None
     common = dict(seeds=seeds, max_batch_size=o.max_batch_size, device=device, verbose=True)
     common.update(clip=o.clip, clip_scale=o.clip_scale)

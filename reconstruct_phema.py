@@ -6,6 +6,7 @@ import os
 import click
 import tqdm
 
+from training import phema
 from training.phema_reconstruct import (  # noqa: F401 (profile_errors: tests use it from here)
     PhemaError,
     list_snapshots,
@@ -21,6 +22,17 @@ from training.snapshots import (
     snapshot_name,
     trust_pickles,
 )
+from training.tracking import LOGGERS, Tracker, TrackingError
+
+
+def _log_fit(tracker: Tracker, in_pkls: list[str], out_kimg: int, stds: list[float], paths: dict) -> None:
+    """The reconstructed stds with their profile errors, filed at the output's training time."""
+    in_kimg, in_std = zip(*(parse_snapshot_name(p)[1:] for p in in_pkls))
+    errors = profile_errors(
+        in_kimg, in_std, out_kimg, stds, phema.solve_posthoc_coefficients(in_kimg, in_std, out_kimg, stds)
+    )
+    rows = [dict(std=std, profile_error=float(err), file=paths[std]) for std, err in zip(stds, errors)]
+    tracker.results('phema', rows, out_kimg * 1000)
 
 
 def _parse_std_option(_ctx: click.Context, _param: click.Parameter, value: str) -> list[float]:
@@ -83,6 +95,15 @@ def _parse_std_option(_ctx: click.Context, _param: click.Parameter, value: str) 
     show_default=True,
     help='Output files: pickles, .safetensors or both',
 )
+@click.option(
+    '--logger',
+    'loggers',
+    metavar='|'.join(LOGGERS),
+    type=click.Choice(LOGGERS),
+    multiple=True,
+    help='Log the stds and fit errors to the run in TensorBoard or W&B (repeatable)  [default: none]',
+)
+@click.option('--run-dir', metavar='DIR', type=str, default=None, help='Training run to log to  [default: --indir]')
 def main(
     indir: str,
     outdir: str,
@@ -93,6 +114,8 @@ def main(
     max_error: float,
     skip_existing: bool,
     snapshot_format: str,
+    loggers: tuple,
+    run_dir: str | None,
 ) -> None:
     """Reconstruct post-hoc EMA networks of any std from the snapshots of a training run.
 
@@ -108,8 +131,16 @@ def main(
         --outstd=0.010,0.015,...,0.250 --outkimg=67108 --batch=8
     """
     try:
+        tracker = Tracker(run_dir or indir, loggers)
+        if loggers and run_dir is not None and not os.path.isdir(run_dir):
+            raise PhemaError(f'--run-dir={run_dir} is not a folder; name the training run to log to.')
         in_pkls = list_snapshots(indir, exclude_prefix=outprefix)
         outkimg = outkimg if outkimg is not None else max(parse_snapshot_name(p)[1] for p in in_pkls)
+        if outkimg == 0:
+            raise PhemaError(
+                f'The snapshots in {indir} are all from the first kimg of training (named kimg 0); post-hoc EMA '
+                f'needs snapshots from 1 kimg on: train longer (--duration=1Ki or more) and snapshot again.'
+            )
         ext = 'safetensors' if snapshot_format == 'safetensors' else 'pkl'
         out_paths = {std: os.path.join(outdir, snapshot_name(outprefix, outkimg, std, ext)) for std in outstd}
         todo = [std for std in outstd if not (skip_existing and os.path.isfile(out_paths[std]))]
@@ -128,7 +159,9 @@ def main(
             save_network(data, out_paths[std], snapshot_format)
             tqdm.tqdm.write(f'Saved {out_paths[std]}')
             del data  # keep only one output alive outside the reconstruction
-    except (PhemaError, NetworkPickleError) as e:
+        if tracker.names:
+            _log_fit(tracker, in_pkls, outkimg, todo, out_paths)
+    except (PhemaError, NetworkPickleError, TrackingError) as e:
         raise click.ClickException(str(e)) from None
 
 

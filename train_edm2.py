@@ -13,7 +13,8 @@ from training import dataset as dataset_mod
 from training.backbones import ARCHS, FORMULATIONS
 from training.checkpoint import CheckpointError
 from training.presets_train import TRAIN_PRESETS
-from training.run_config import RunConfigError, setup_training_config
+from training.run_config import RunConfigError, check_dataset, check_run_folder, setup_training_config
+from training.tracking import LOGGERS, Tracker, TrackingError
 from training.training_loop import TrainingError, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
@@ -46,7 +47,7 @@ def one_line_message(e: Exception) -> str:
 
 @click.command(context_settings=dict(max_content_width=110))
 @click.option(
-    '--outdir', metavar='DIR', type=str, required=True, help='Run folder; a re-run resumes from its newest checkpoint.'
+    '--outdir', metavar='DIR', type=str, default=None, help='Run folder; a re-run resumes from its newest checkpoint.'
 )
 @click.option(
     '--data',
@@ -215,15 +216,23 @@ def one_line_message(e: Exception) -> str:
     help='Data loader processes per device.',
 )
 @click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Random seed.')
+@click.option(
+    '--logger',
+    'loggers',
+    metavar='|'.join(LOGGERS),
+    type=click.Choice(LOGGERS),
+    multiple=True,
+    help='Also send status scalars, sample grids and options to TensorBoard or W&B (repeatable)  [default: none]',
+)
 @click.option('-n', '--dry-run', is_flag=True, help='Print the resolved options and exit.')
-def main(outdir: str, data: str | None, preset: str | None, dry_run: bool, **opts) -> None:
+def main(outdir: str | None, data: str | None, preset: str | None, dry_run: bool, loggers: tuple, **opts) -> None:
     """Train a diffusion model using the EDM2 recipe.
 
     Examples:
 
     \b
-    # Demo on CPU with the built-in shapes data (12-13 minutes on 2 cores)
-    python train_edm2.py --outdir=runs/demo --preset=demo
+    # Demo on CPU with the built-in shapes data (12-13 minutes on 2 idle cores), curves in TensorBoard
+    python train_edm2.py --outdir=runs/demo --preset=demo --logger=tensorboard
 
     \b
     # ImageNet-512 latents, XS model, 8 GPUs (re-run the same command to resume)
@@ -231,24 +240,33 @@ def main(outdir: str, data: str | None, preset: str | None, dry_run: bool, **opt
         --outdir=runs/img512-xs --data=datasets/img512-sd.zip --preset=edm2-img512-xs --batch-gpu=32
     """
     dist.init()
+    if outdir is None and not dry_run:
+        raise click.ClickException('Missing option --outdir: the run folder (only --dry-run goes without one).')
     try:
         c = setup_training_config(preset, data, **opts)
-        dist.print0(json.dumps(c, indent=2))
         if dry_run:
+            dist.print0(json.dumps(c, indent=2))
             dist.print0('Dry run; exiting.')
             return
+        # Every check before the run folder is touched, so a failed start leaves nothing behind.
+        tracker = Tracker(outdir, loggers if dist.get_rank() == 0 else [], config=c)
+        resuming = check_run_folder(outdir, c)
         if dist.get_rank() == 0:
+            if not resuming:
+                check_dataset(c.dataset_kwargs)
             os.makedirs(outdir, exist_ok=True)
             with dnnlib.util.atomic_write(os.path.join(outdir, 'training_options.json'), 'wt') as f:
                 json.dump(c, f, indent=2)
         dist.barrier()
         logger = dnnlib.util.Logger(os.path.join(outdir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
+        dist.print0(json.dumps(c, indent=2))
         try:
-            training_loop(run_dir=outdir, **c)
+            training_loop(run_dir=outdir, tracker=tracker, **c)
         finally:
+            tracker.close()
             if logger is not None:
                 logger.close()
-    except (RunConfigError, dataset_mod.DatasetError, TrainingError, CheckpointError, OSError) as e:
+    except (RunConfigError, dataset_mod.DatasetError, TrainingError, CheckpointError, TrackingError, OSError) as e:
         raise click.ClickException(one_line_message(e)) from e
 
 

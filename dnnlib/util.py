@@ -94,13 +94,22 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def progress_bar(*args: Any, **kwargs: Any) -> tqdm.tqdm:
+    """tqdm that, writing to a file or pipe (a log), redraws once a minute instead of ten times a second,
+    so the log does not fill with copies of the bar."""
+    file = kwargs.get('file') or sys.stderr
+    if not getattr(file, 'isatty', lambda: False)():
+        kwargs.setdefault('mininterval', 60)
+    return tqdm.tqdm(*args, **kwargs)
+
+
 def _download(url: str, sink: IO[bytes], sha256: str | None, verbose: bool) -> None:
     """Stream `url` into `sink`; raise DownloadError on an sha256 mismatch."""
     digest = hashlib.sha256()
     with requests.get(url, stream=True, timeout=(10, 60)) as response:
         response.raise_for_status()
         total = int(response.headers.get('content-length', 0)) or None
-        with tqdm.tqdm(
+        with progress_bar(
             total=total,
             unit='B',
             unit_scale=True,
@@ -154,10 +163,12 @@ def open_url(
             )
         return cache_file if return_filename else open(cache_file, 'rb')
 
+    reason = None
     for attempt in range(num_attempts):
         try:
             if verbose:
-                print(f'Downloading {url} ...', file=sys.stderr, flush=True)
+                again = f' again ({reason}; attempt {attempt + 1} of {num_attempts})' if attempt else ''
+                print(f'Downloading {url}{again} ...', file=sys.stderr, flush=True)
             if not cache:
                 buffer = io.BytesIO()
                 _download(url, buffer, sha256, verbose)
@@ -174,8 +185,8 @@ def open_url(
             # A 4xx answer will not change on retry, and a host that cannot be reached twice is most
             # likely offline: fail within seconds so the user learns where to place the file.
             unreachable = isinstance(err, requests.ConnectionError) and attempt >= 1
+            reason = f'HTTP {status}' if status is not None else type(err).__name__
             if attempt + 1 == num_attempts or unreachable or (status is not None and 400 <= status < 500):
-                reason = f'HTTP {status}' if status is not None else type(err).__name__
                 raise DownloadError(
                     f'Could not download {url} ({reason}); to work offline, place the file '
                     f'by hand at {cache_file} and run again.'

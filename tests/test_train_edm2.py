@@ -65,7 +65,7 @@ def test_demo_run_writes_snapshots_grids_checkpoints_and_stats(tmp_path, cache_e
     assert all(np.isfinite(s['Loss/loss']) for s in stats[1:])
 
     grid = np.asarray(PIL.Image.open(os.path.join(outdir, 'samples-0000002.png')))
-    assert grid.shape == (64, 64, 3) and grid.std() > 0
+    assert grid.shape == (512, 512, 3) and grid.std() > 0  # 4x4 samples of 16 px, each pixel shown 8x8.
 
     with open(os.path.join(outdir, 'network-snapshot-0000002-0.050.pkl'), 'rb') as f:
         data = pickle.load(f)

@@ -64,6 +64,24 @@ def device() -> torch.device:
     return torch.device('cuda', get_local_rank()) if torch.cuda.is_available() else torch.device('cpu')
 
 
+def device_from_name(name: str | None) -> torch.device:
+    """The device a --device option names (None: this process's default device); ValueError with one sentence
+    when torch cannot compute there, e.g. cuda on a CPU-only build."""
+    if name is None:
+        return device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f'{name!r} is not a torch device ({e}); use e.g. cpu, cuda or cuda:1') from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            build = 'this torch was built without CUDA' if torch.version.cuda is None else 'no CUDA GPU is visible'
+            raise ValueError(f'CUDA is not available here ({build}, torch {torch.__version__}); use --device=cpu')
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f'there is no {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    return dev
+
+
 def is_main() -> bool:
     """Whether this is rank 0, the process that prints and writes files."""
     return get_rank() == 0

@@ -174,10 +174,34 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 self._cached_images[raw_idx] = image
         return image
 
-    def validate(self) -> None:
-        """Read every image in use and check that it decodes and has the dataset's shape."""
+    def validate(self, decode: bool = True) -> None:
+        """Read every image in use and check that it decodes and has the dataset's shape; with `decode=False`
+        only each file's header is read (fast enough for every start of a run)."""
         for raw_idx in np.unique(self._raw_idx):
-            self._get_raw_image(int(raw_idx))
+            if decode:
+                self._get_raw_image(int(raw_idx))
+            elif (shape := self._header_shape(int(raw_idx))) != self.image_shape:
+                raise DatasetError(
+                    f'{self._describe(int(raw_idx))}: image is {self._shape_str(shape)}, but {self._describe(0)} '
+                    f'is {self._shape_str(self.image_shape)}; give all images one size, e.g. with dataset_tool.py '
+                    f'convert --resolution'
+                )
+
+    def _header_shape(self, raw_idx: int) -> list[int]:
+        """The CHW shape an image will load as, from its file header alone."""
+        fname = self._image_fnames[raw_idx]
+        try:
+            with self._open_file(fname) as f:
+                if fname.lower().endswith('.npy'):
+                    fmt = np.lib.format
+                    read_header = (
+                        fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+                    )
+                    return list(read_header(f)[0])
+                with Image.open(f) as img:
+                    return [{'L': 1, 'RGBA': 4}.get(img.mode, 3), img.height, img.width]
+        except _DECODE_ERRORS as e:
+            raise DatasetError(f'{self._describe(raw_idx)}: unreadable image ({e}); replace or remove it') from None
 
     def close(self) -> None:
         if self._zipfile is not None and self._zip_pid == os.getpid():

@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 import dnnlib
 from training import prompt_sets, shapes
@@ -159,7 +158,8 @@ def write_synthetic_dataset(
         raise DatasetFileError(f'Holding out {", ".join(map(repr, hold_out))} leaves no caption to write.')
     with DatasetWriter(dest) as writer:
         scenes = prompt_sets.dataset_scenes(seed, num_images, hold_out)
-        for idx, scene in enumerate(tqdm(scenes, total=num_images, desc='synth', unit='img', disable=not progress)):
+        bar = dnnlib.util.progress_bar(scenes, total=num_images, desc='synth', unit='img', disable=not progress)
+        for idx, scene in enumerate(bar):
             image = shapes.render_scene(scene, resolution)
             writer.add_image(item_relpath(idx), image, label=scene.label, caption=scene.caption)
 

@@ -9,6 +9,7 @@ searched for the published file names below; a file or URL is assigned to a metr
 
 import os
 import pickle
+import sys
 import warnings
 
 import torch
@@ -91,6 +92,35 @@ def resolve_detector_sources(metrics: list[str], detectors: str | None = None) -
             )
         found.setdefault(metric, entry)
     return {m: found.get(m, DETECTOR_FILES[m][1]) for m in metrics}
+
+
+def _folders_searched(detectors: str | None) -> tuple[str, list[str]]:
+    spec = detectors if detectors is not None else os.environ.get(DETECTORS_ENV, '')
+    entries = (os.path.expanduser(e.strip()) for e in spec.split(',') if e.strip())
+    return ('--detectors' if detectors is not None else DETECTORS_ENV), [e for e in entries if os.path.isdir(e)]
+
+
+def fetch_detector_files(metrics: list[str], detectors: str | None = None, verbose: bool = True) -> dict[str, str]:
+    """The local file of each metric's weights, found as resolve_detector_sources() finds them and downloaded
+    where needed. Every file that cannot be had is named in one DetectorError, with the folders searched."""
+    sources = resolve_detector_sources(metrics, detectors)
+    origin, folders = _folders_searched(detectors)
+    paths, failures = {}, []
+    for metric, source in sources.items():
+        names = ' or '.join(DETECTOR_FILES[metric][0])
+        if verbose and folders and _is_url(source):
+            print(f'{origin} folder(s) {", ".join(folders)} hold no {names}; downloading it.', file=sys.stderr)
+        try:
+            paths[metric] = dnnlib.util.open_url(source, return_filename=True, num_attempts=3, verbose=verbose)
+        except dnnlib.util.DownloadError as err:
+            failures.append(f'{names} for {metric} ({err})')
+    if failures:
+        searched = f'searched {origin} folder(s) {", ".join(folders)}' if folders else f'no folder named by {origin}'
+        raise DetectorError(
+            f'Missing detector weights ({searched}): {"; ".join(failures)} Alternatively put the files in one '
+            f'folder and name it with --detectors or {DETECTORS_ENV}.'
+        )
+    return paths
 
 
 def _fetch(metric: str, source: str, verbose: bool) -> str:

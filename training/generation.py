@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
@@ -247,7 +246,7 @@ def rank_batches(
     seeds = np.asarray(list(seeds), dtype=np.int64)
     num_steps = max(math.ceil(len(seeds) / (max_batch_size * world)), 1)
     parts = np.array_split(np.arange(len(seeds)), num_steps * world)
-    with tqdm.tqdm(total=len(seeds), unit='img', disable=not verbose or rank != 0) as progress:
+    with dnnlib.util.progress_bar(total=len(seeds), unit='img', disable=not verbose or rank != 0) as progress:
         for step in range(num_steps):
             mine = parts[step * world + rank]
             if len(mine):

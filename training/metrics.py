@@ -16,12 +16,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import tqdm
 from torch import nn
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.detectors import METRICS, load_detector, resolve_detector_sources
+from training.detectors import METRICS, fetch_detector_files, load_detector
 
 Stats = dict[str, dict[str, np.ndarray]]
 
@@ -51,10 +50,10 @@ def load_detectors(
 ) -> dict[str, nn.Module]:
     """Detector modules by metric; rank 0 fetches the weights first so ranks never download twice."""
     device = device if device is not None else dist.device()
-    sources = resolve_detector_sources(list(metrics), detectors)
     if dist.get_rank() != 0:
         dist.barrier()
     try:
+        sources = fetch_detector_files(list(metrics), detectors, verbose=verbose and dist.is_main())
         modules = {m: load_detector(m, src, device, verbose=verbose and dist.is_main()) for m, src in sources.items()}
     finally:
         if dist.get_rank() == 0:
@@ -122,7 +121,9 @@ def calculate_stats_for_iterable(
         detectors = load_detectors(metrics, detector_source, device, verbose)
     accum = {m: FeatureStats(detectors[m].feature_dim, device) for m in metrics}
     world = dist.get_world_size()
-    with tqdm.tqdm(total=num_images, unit='img', desc='Embedding', disable=not (verbose and dist.is_main())) as bar:
+    with dnnlib.util.progress_bar(
+        total=num_images, unit='img', desc='Embedding', disable=not (verbose and dist.is_main())
+    ) as bar:
         for images in image_iter:
             check_images(images)
             images = images.to(device)

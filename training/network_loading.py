@@ -12,19 +12,40 @@ from training.dit_release import is_dit_checkpoint, load_dit_network
 from training.snapshots import NetworkPickleError, load_network_pickle, parse_snapshot_name
 
 
-def resolve_network_path(path: str) -> str:
-    """A run folder resolves to its newest snapshot: highest kimg, then highest EMA std."""
-    if '://' in path or not os.path.isdir(path):
-        return path
+def _snapshots_in(folder: str) -> list[tuple[int, float, str]]:
     found = []
-    for name in os.listdir(path):
+    for name in os.listdir(folder):
         try:
             found.append((*parse_snapshot_name(name)[1:], name))
         except ValueError:
             continue
+    return found
+
+
+def resolve_network_path(path: str) -> str:
+    """A run folder resolves to its newest snapshot: highest kimg, then highest EMA std."""
+    if '://' in path:
+        return path
+    if not os.path.exists(path):
+        where = '' if os.path.isabs(path) else f' (relative to the current folder {os.getcwd()})'
+        raise NetworkPickleError(f'Network not found: {path}{where}.')
+    if not os.path.isdir(path):
+        return path
+    found = _snapshots_in(path)
     if not found:
         raise NetworkPickleError(f'{path} holds no network snapshot (PREFIX-KIMG-STD.pkl); train one there first.')
     return os.path.join(path, max(found)[-1])
+
+
+def _choice_note(folder: str) -> str:
+    """How resolve_network_path chose among a folder's snapshots, for the loading message."""
+    found = _snapshots_in(folder)
+    if len(found) < 2:
+        return ''
+    return (
+        f' (of {len(found)} snapshots in {folder}: the highest kimg, then the longest EMA std; '
+        f'name one file with --net to choose another)'
+    )
 
 
 def load_network(
@@ -35,7 +56,8 @@ def load_network(
     latent net's encoder decodes with. A URL is downloaded into dnnlib's cache first."""
     path = path_or_url if is_dit_checkpoint(path_or_url) else resolve_network_path(path_or_url)
     if verbose:
-        dist.print0(f'Loading network from {path} ...')
+        note = _choice_note(path_or_url) if path != path_or_url and os.path.isdir(path_or_url) else ''
+        dist.print0(f'Loading network from {path}{note} ...')
     if '://' in path:  # Offline, a DownloadError names the cache path to place the file at.
         path = dnnlib.util.open_url(path, return_filename=True, verbose=verbose)
     if is_dit_checkpoint(path):

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import tqdm
 
+import dnnlib
 from training import phema
 from training.snapshots import load_network_pickle, parse_snapshot_name
 
@@ -141,8 +141,10 @@ def reconstruct_phema(
     Inputs are streamed one at a time; each pass over them builds `batch_size` outputs, accumulated in
     float32 and stored in the inputs' dtype. The other dict entries come from the newest input used.
     """
-    if out_kimg <= 0 or batch_size <= 0:
-        raise PhemaError(f'Output kimg and batch size must be positive, got {out_kimg} and {batch_size}.')
+    if out_kimg <= 0:
+        raise PhemaError(f'The output kimg must be positive, got {out_kimg}; post-hoc EMA needs some training.')
+    if batch_size <= 0:
+        raise PhemaError(f'The batch size must be positive, got {batch_size}.')
     inputs = []
     for path in in_pkls:
         try:
@@ -162,7 +164,9 @@ def reconstruct_phema(
     batches = [list(range(i, min(i + batch_size, len(out_std)))) for i in range(0, len(out_std), batch_size)]
     uses = [[i for i in range(len(inputs)) if np.any(coefs[i, cols] != 0)] for cols in batches]
     ref = None
-    with tqdm.tqdm(total=sum(map(len, uses)), unit='pkl', desc='Reconstructing', disable=not verbose) as bar:
+    with dnnlib.util.progress_bar(
+        total=sum(map(len, uses)), unit='pkl', desc='Reconstructing', disable=not verbose
+    ) as bar:
         for cols, use in zip(batches, uses):
             outs: list[torch.nn.Module | None] = [None] * len(cols)
             for i in use:

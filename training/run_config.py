@@ -1,6 +1,7 @@
 """From a training preset and command-line options to the keyword arguments of training_loop(): the
 dataset, encoder, network, loss, optimiser, learning-rate and EMA configuration of a run."""
 
+import json
 import os
 from typing import Any
 
@@ -195,3 +196,89 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         sample_steps=p.get('sample_steps', 32),
     )
     return c
+
+
+# Options a re-run may change without changing what is trained: the schedule of outputs, the run's length
+# and how each process splits and loads its batch. Anything else differing from the saved options is refused,
+# also a moved dataset (a new path may hold other images; after a move, edit the path in the saved options).
+RESUMABLE_KEYS = (
+    'total_nimg',
+    'status_nimg',
+    'snapshot_nimg',
+    'checkpoint_nimg',
+    'batch_gpu',
+    'data_loader_kwargs',
+    'cudnn_benchmark',
+)
+
+# Resolved option -> the command-line option that sets it, for messages.
+_FLAGS = {
+    'total_nimg': '--duration',
+    'batch_size': '--batch',
+    'seed': '--seed',
+    'loss_scaling': '--ls',
+    'snapshot_fp32': '--snapshot-fp32',
+    'dataset_kwargs.path': '--data',
+    'dataset_kwargs.use_labels': '--cond',
+    'network_kwargs.model_channels': '--channels',
+    'network_kwargs.dropout': '--dropout',
+    'network_kwargs.use_fp16': '--fp16/--bf16',
+    'loss_kwargs.P_mean': '--P_mean',
+    'loss_kwargs.P_std': '--P_std',
+    'lr_kwargs.ref_lr': '--lr',
+    'lr_kwargs.ref_batches': '--decay',
+    'encoder_kwargs.vae_name': '--vae',
+}
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def options_differences(saved: dict, new: dict) -> list[str]:
+    """'--flag is OLD there, NEW now' for every option that differs and that a resume may not change; keys
+    present on one side only (options added or dropped by another edm2x version) are not compared."""
+    old_flat, new_flat = _flatten(saved), _flatten(json.loads(json.dumps(new)))
+    found = []
+    for key in old_flat.keys() & new_flat.keys():
+        if key.split('.')[0] in RESUMABLE_KEYS or old_flat[key] == new_flat[key]:
+            continue
+        name = f'{_FLAGS[key]} ({key})' if key in _FLAGS else key
+        found.append(f'{name} is {old_flat[key]!r} there, {new_flat[key]!r} now')
+    return sorted(found)
+
+
+def check_run_folder(outdir: str, c: dict) -> bool:
+    """Whether `outdir` already holds a run, which these options may then continue; touches nothing.
+    Raises RunConfigError when `outdir` is a file or its run was trained with other options."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise RunConfigError(f'--outdir={outdir} is a file, not a folder; name a new or existing run folder.')
+    path = os.path.join(outdir, 'training_options.json')
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding='utf-8') as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunConfigError(f'{path} is unreadable ({e}); restore it, or start the run in a new --outdir.') from None
+    differences = options_differences(saved, c)
+    if differences:
+        raise RunConfigError(
+            f'{outdir} holds a run with other settings: {"; ".join(differences)}. Re-run with its settings '
+            f'(see {path}) to resume it, or choose another --outdir.'
+        )
+    return True
+
+
+def check_dataset(dataset_kwargs: dict) -> None:
+    """Every image of a folder or ZIP dataset has the same readable size, checked from the file headers
+    before a run starts (tar shards are checked as they stream)."""
+    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    if isinstance(dataset, dataset_mod.ImageFolderDataset):
+        dataset.validate(decode=False)

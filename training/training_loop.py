@@ -23,13 +23,14 @@ from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
 from training import checkpoint as ckpt
 from training.generation import sample
-from training.image_grid import save_image_grid
+from training.image_grid import GRID_MIN_SIZE, save_image_grid
 
 # Options files written before training/loss.py existed name `training.training_loop.EDM2Loss` and
 # `training.training_loop.learning_rate_schedule`; these names keep them loadable.
 from training.loss import EDM2Loss, learning_rate_schedule  # noqa: F401
 from training.shard_position import DataPosition
 from training.snapshots import save_network, snapshot_name
+from training.tracking import Tracker
 
 
 class TrainingError(Exception):
@@ -115,11 +116,14 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
 
 
 class _Status:
-    """One status line per call: timing, memory, the loss's statistics; appended to stats.jsonl."""
+    """One status line per call: progress towards `end_nimg`, ETA, timing, memory, the loss's statistics;
+    appended to stats.jsonl and sent to the tracker."""
 
-    def __init__(self, run_dir: str, cur_nimg: int, device: torch.device) -> None:
+    def __init__(
+        self, run_dir: str, cur_nimg: int, end_nimg: int, device: torch.device, tracker: Tracker | None = None
+    ) -> None:
         self.path = os.path.join(run_dir, 'stats.jsonl')
-        self.run_dir, self.device = run_dir, device
+        self.run_dir, self.device, self.end_nimg, self.tracker = run_dir, device, end_nimg, tracker
         self.start = self.last = time.time()
         self.last_nimg = cur_nimg
         self.collector = (
@@ -128,10 +132,14 @@ class _Status:
 
     def __call__(self, cur_nimg: int, loss_fn: Any, net: Any, encoder: Any, dataset_kwargs: dict) -> None:
         now = time.time()
-        images = max(cur_nimg - self.last_nimg, 1)
+        trained = cur_nimg - self.last_nimg
+        images = max(trained, 1)
         sec_per_kimg = (now - self.last) / images * 1e3
+        img_per_sec = trained / max(now - self.last, 1e-9)
         training_stats.report0('Progress/kimg', cur_nimg / 1e3)
-        training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+        if trained:  # The first line of a run times nothing.
+            training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+            training_stats.report0('Timing/img_per_sec', img_per_sec)
         training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
         on_gpu = self.device.type == 'cuda'
         if on_gpu:
@@ -141,10 +149,13 @@ class _Status:
         self.collector.update()
         means = {name: entry.mean for name, entry in self.collector.as_dict().items() if entry.num}
         loss = means.get('Loss/loss', float('nan'))
+        eta = dnnlib.util.format_time((self.end_nimg - cur_nimg) / img_per_sec) if trained else '-'
+        kimg = f'{cur_nimg / 1e3:.1f}/{self.end_nimg / 1e3:.1f}'
         line = (
-            f'kimg {cur_nimg / 1e3:<9.1f} time {dnnlib.util.format_time(now - self.start):<12s} '
-            f'sec/kimg {sec_per_kimg:<8.2f} loss {loss:<8.4f} '
-            f'img/s {(cur_nimg - self.last_nimg) / max(now - self.last, 1e-9):<8.1f} '
+            f'kimg {kimg:<13s} time {dnnlib.util.format_time(now - self.start):<12s} eta {eta:<12s} '
+            f'sec/kimg {f"{sec_per_kimg:.2f}" if trained else "-":<8s} '
+            f'loss {f"{loss:.4f}" if "Loss/loss" in means else "-":<8s} '
+            f'img/s {f"{img_per_sec:.1f}" if trained else "-":<8s} '
             f'cpumem {means["Resources/cpu_mem_gb"]:<6.2f}'
         )
         line += f' gpumem {means["Resources/peak_gpu_mem_gb"]:<6.2f}' if on_gpu else ''
@@ -155,6 +166,8 @@ class _Status:
         if dist.get_rank() == 0:
             with open(self.path, 'at') as f:
                 f.write(json.dumps(dict(means, timestamp=now)) + '\n')
+            if self.tracker is not None:
+                self.tracker.scalars(means, cur_nimg)
         if 'Loss/loss' in means and not math.isfinite(loss):
             raise TrainingError(
                 f'Training diverged: the loss is {loss} at kimg {cur_nimg / 1e3:.1f}; '
@@ -175,10 +188,10 @@ def _save_snapshots(
     sample_steps: int,
     device: torch.device,
     snapshot_format: str = 'pkl',
-) -> None:
+) -> np.ndarray | None:
     """A network snapshot (pickle, .safetensors or both: `snapshot_format`) per tracked EMA length, and a
     fixed-seed sample grid of the first, so that the grids of one run are comparable; the loss chooses the grid's
-    conditioning (or no grid)."""
+    conditioning (or no grid). Returns the grid as saved (HWC, enlarged to be seen), or None."""
     kimg = cur_nimg // 1000
     for ema_net, std in ema.get():
         frozen = loss_fn.export(copy.deepcopy(ema_net)).cpu().eval().requires_grad_(False)
@@ -196,7 +209,16 @@ def _save_snapshots(
         return
     with torch.no_grad():
         images = encoder.decode(sample(grid_net, range(grid * grid), num_steps=sample_steps, **cond).latents)
-    save_image_grid(images.cpu().numpy(), os.path.join(run_dir, f'samples-{kimg:07d}.png'), grid_w=grid)
+    path = os.path.join(run_dir, f'samples-{kimg:07d}.png')
+    return save_image_grid(images.cpu().numpy(), path, grid_w=grid, min_size=GRID_MIN_SIZE)
+
+
+def _closing_line(run_dir: str) -> str:
+    """Where the run's newest grid is and how to sample from the run."""
+    grids = sorted(name for name in os.listdir(run_dir) if name.startswith('samples-') and name.endswith('.png'))
+    grid = f'Final sample grid: {os.path.join(run_dir, grids[-1])}. ' if grids else ''
+    out = os.path.join(run_dir, 'generated.png')
+    return f'{grid}Sample from the run: python generate_images.py --net={run_dir} --seeds=0-15 --grid={out}'
 
 
 def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list | None, dict | None]:
@@ -268,6 +290,7 @@ def training_loop(
     snapshot_format: str = 'pkl',
     sample_steps: int = 32,
     device: torch.device | None = None,
+    tracker: Tracker | None = None,
 ) -> None:
     device = device or dist.device()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -296,6 +319,12 @@ def training_loop(
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
     cur_nimg, rng_states, data_state = _resume(run_dir, net, optimizer, ema)
+    if cur_nimg >= total_nimg and cur_nimg > 0:
+        dist.print0(f'{run_dir} is already complete at kimg {cur_nimg / 1e3:.1f}; raise --duration to train on.')
+        dist.print0(_closing_line(run_dir))
+        return
+    if tracker is not None:
+        tracker.begin(cur_nimg)
     position = None
     if streaming:
         num_slots = world * max(data_loader_kwargs.get('num_workers', 0), 1)
@@ -312,7 +341,7 @@ def training_loop(
         if rng_states is not None:
             ckpt.set_rng_state(rng_states[rank])  # After the DataLoader, which draws its own base seed.
         batches = _encoded(loader, encoder, device, position)
-        status = _Status(run_dir, cur_nimg, device)
+        status = _Status(run_dir, cur_nimg, end_nimg, device, tracker)
         first_nimg = cur_nimg
         while True:
             done = cur_nimg >= end_nimg
@@ -323,7 +352,7 @@ def training_loop(
                     position.report()
                 status(cur_nimg, loss_fn, net, encoder, dataset_kwargs)
             if due(snapshot_nimg, done) and not resumed_here and rank == 0:
-                _save_snapshots(
+                grid = _save_snapshots(
                     ema,
                     loss_fn,
                     encoder,
@@ -336,6 +365,8 @@ def training_loop(
                     device,
                     snapshot_format,
                 )
+                if grid is not None and tracker is not None:
+                    tracker.image('samples', grid, cur_nimg)
             if (due(checkpoint_nimg, done) or stopping) and not resumed_here:
                 states = ckpt.gather_rng_states()
                 data_position = position.state() if position is not None else None
@@ -356,6 +387,8 @@ def training_loop(
                 dist.print0(
                     f'Stop requested: state saved at kimg {cur_nimg / 1e3:.1f}; re-run the same command to resume.'
                 )
+            if done and cur_nimg >= total_nimg:
+                dist.print0(_closing_line(run_dir))
             if done or stopping:
                 return
 
