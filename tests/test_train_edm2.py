@@ -23,14 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--preset=demo-tiny', '--workers=0', '--seed=3']
 
 
-@pytest.fixture
-def cache_env(tmp_path, monkeypatch):
-    """A private download/dataset cache, shared by in-process and subprocess runs of one test."""
-    cache = str(tmp_path / 'cache')
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', cache)
-    return dict(os.environ, DNNLIB_CACHE_DIR=cache, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
-
-
 def _train(args, env, **kwargs):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, 'train_edm2.py'), *args],

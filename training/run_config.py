@@ -163,5 +163,8 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         cudnn_benchmark=p.bench,
         snapshot_fp32=p.snapshot_fp32,
         sample_steps=p.get('sample_steps', 32),
+        keep_checkpoints=p.get('keep_checkpoints'),
+        continue_on_snapshot_error=bool(p.get('continue_on_snapshot_error')),
+        max_bad_samples=p.get('max_bad_samples', 10),
     )
     return c

@@ -1,5 +1,5 @@
 """The training loop: data, network, optimiser and EMA; status lines, snapshots with sample grids,
-checkpoints, resume, and a clean stop on SIGTERM/SIGINT.
+checkpoints, resume, and a clean stop on SIGTERM/SIGINT/SIGUSR1, a full disk or too many bad samples.
 
 What a step computes belongs to the loss (training/loss.py); the loop calls the loss's hooks for
 every kind of training and knows nothing of text, super-resolution or CLIP.
@@ -22,6 +22,8 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
 from training import checkpoint as ckpt
+from training import faults
+from training.bad_samples import BadSampleLog, SkipBadSamples
 from training.generation import sample
 from training.image_grid import save_image_grid
 
@@ -42,14 +44,15 @@ class TrainingError(Exception):
 
 @contextlib.contextmanager
 def _stop_signals_caught() -> Iterator[dict]:
-    """SIGTERM/SIGINT set a flag; the loop then checkpoints and exits at the end of the step. The previous
-    handlers come back on exit, so a caller (a test, a notebook) gets its Ctrl-C back."""
-    flag = dict(stop=False)
+    """SIGTERM/SIGINT and SIGUSR1 (SLURM's --signal warning before the time limit) set a flag; the loop then
+    checkpoints and exits at the end of the step. A fault (too many bad samples) stops the same way, with its
+    message. The previous handlers come back on exit, so a caller (a test, a notebook) gets its Ctrl-C back."""
+    flag = dict(stop=False, signal=None, fault=None)
 
     def handler(signum, frame):
-        flag['stop'] = True
+        flag.update(stop=True, signal=flag['signal'] or signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
         yield flag
     finally:
@@ -67,6 +70,7 @@ def _worker_defers_stop_signals(worker_id: int) -> None:
     checkpointing. Ignoring SIGTERM outright would hang multiprocessing's exit, which terminates and
     then joins leftover workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(_WORKER_GRACE_S))
 
 
@@ -91,13 +95,16 @@ def _data_batches(dataset, sampler, batch_gpu: int, data_loader_kwargs: dict) ->
 
 
 def _encoded(
-    batches: Iterator, encoder: Any, device: torch.device, position: DataPosition | None
+    batches: Iterator, encoder: Any, device: torch.device, position: DataPosition | None, bad: BadSampleLog | None
 ) -> Iterator[tuple[torch.Tensor, Any]]:
     """Data batches in network space on `device`, encoded lazily, one per request; captions stay strings.
-    A streamed batch's position records go to `position` as the batch is consumed."""
+    A streamed batch's position records go to `position`, the bad samples it stepped over to `bad`, as the
+    batch is consumed."""
     for images, labels, *info in batches:
         if position is not None:
             position.update(info[0])
+        if bad is not None:
+            bad.update(info[0])
         yield encoder.encode_latents(images.to(device)), labels.to(device) if torch.is_tensor(labels) else labels
 
 
@@ -176,7 +183,8 @@ def _save_snapshots(
     device: torch.device,
 ) -> None:
     """A network pickle per tracked EMA length, and a fixed-seed sample grid of the first, so that the
-    grids of one run are comparable; the loss chooses the grid's conditioning (or no grid)."""
+    grids of one run are comparable; the loss chooses the grid's conditioning (or no grid). A failed write
+    raises faults.WriteError naming the file; the files written before it stay."""
     kimg = cur_nimg // 1000
     for ema_net, std in ema.get():
         frozen = loss_fn.export(copy.deepcopy(ema_net)).cpu().eval().requires_grad_(False)
@@ -186,7 +194,9 @@ def _save_snapshots(
             dataset_kwargs=dataset_kwargs,
             loss_fn=loss_fn,
         )
-        save_network_pickle(data, os.path.join(run_dir, snapshot_name('network-snapshot', kimg, std)))
+        path = os.path.join(run_dir, snapshot_name('network-snapshot', kimg, std))
+        with faults.writing(path):
+            save_network_pickle(data, path)
     grid_net = loss_fn.export(ema.get()[0][0]).eval()
     grid = 4
     cond = loss_fn.grid_conditioning(grid_net, dataset, encoder, grid * grid, device)
@@ -194,20 +204,28 @@ def _save_snapshots(
         return
     with torch.no_grad():
         images = encoder.decode(sample(grid_net, range(grid * grid), num_steps=sample_steps, **cond).latents)
-    save_image_grid(images.cpu().numpy(), os.path.join(run_dir, f'samples-{kimg:07d}.png'), grid_w=grid)
+    path = os.path.join(run_dir, f'samples-{kimg:07d}.png')
+    with faults.writing(path):
+        save_image_grid(images.cpu().numpy(), path, grid_w=grid)
 
 
 def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list | None, dict | None]:
-    """Load the newest checkpoint of the run, if any: (images seen, per-rank RNG states or None, the data
-    stream's position or None)."""
-    path = ckpt.find_latest_checkpoint(run_dir)
-    if path is None:
+    """Load the newest checkpoint of the run that loads, if any: (images seen, per-rank RNG states or None,
+    the data stream's position or None). Elastic restarts (torchrun --max-restarts) come through here too."""
+    found = ckpt.load_newest_valid(run_dir)
+    if found is None:
         return 0, None, None
+    path, state = found
     dist.print0(f'Resuming from {path}')
-    state = ckpt.load_checkpoint(path)
-    net.load_state_dict(state['net'])
-    optimizer.load_state_dict(state['optimizer'])
-    ema.load_state_dict(state['ema'])
+    try:
+        net.load_state_dict(state['net'])
+        optimizer.load_state_dict(state['optimizer'])
+        ema.load_state_dict(state['ema'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ckpt.CheckpointError(
+            f'{path} was written by a run with other options ({faults.first_line(e)}); resume with the options '
+            f'in training_options.json or use a new --outdir'
+        ) from None
     rng = state['rng']
     if len(rng) != dist.get_world_size():
         dist.print0(
@@ -264,8 +282,12 @@ def training_loop(
     cudnn_benchmark: bool = True,
     snapshot_fp32: bool = False,
     sample_steps: int = 32,
+    keep_checkpoints: int | None = None,
+    continue_on_snapshot_error: bool = False,
+    max_bad_samples: int = 10,
     device: torch.device | None = None,
-) -> None:
+) -> bool:
+    """Train to total_nimg (or stop_at_nimg); True when a stop signal ended it early, its state saved."""
     device = device or dist.device()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -293,6 +315,12 @@ def training_loop(
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
     cur_nimg, rng_states, data_state = _resume(run_dir, net, optimizer, ema)
+    dist.print0(
+        *faults.disk_plan(
+            run_dir, net, ema, cur_nimg, end_nimg, snapshot_nimg, checkpoint_nimg, snapshot_fp32, keep_checkpoints
+        ),
+        sep='\n',
+    )
     position = None
     if streaming:
         num_slots = world * max(data_loader_kwargs.get('num_workers', 0), 1)
@@ -305,10 +333,12 @@ def training_loop(
     sampler = None
     if not streaming:
         sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
-    with _stop_signals_caught() as stop, _data_batches(dataset, sampler, batch_gpu, data_loader_kwargs) as loader:
+    items = dataset if streaming else SkipBadSamples(dataset, max_bad_samples)
+    with _stop_signals_caught() as stop, _data_batches(items, sampler, batch_gpu, data_loader_kwargs) as loader:
         if rng_states is not None:
             ckpt.set_rng_state(rng_states[rank])  # After the DataLoader, which draws its own base seed.
-        batches = _encoded(loader, encoder, device, position)
+        bad = None if streaming else BadSampleLog(max_bad_samples, stop)
+        batches = _encoded(loader, encoder, device, position, bad)
         status = _Status(run_dir, cur_nimg, device)
         first_nimg = cur_nimg
         while True:
@@ -318,42 +348,55 @@ def training_loop(
             if due(status_nimg, done) and (cur_nimg == 0 or not resumed_here):
                 if position is not None:
                     position.report()
+                if bad is not None:
+                    bad.report()
                 status(cur_nimg, loss_fn, net, encoder, dataset_kwargs)
-            if due(snapshot_nimg, done) and not resumed_here and rank == 0:
-                _save_snapshots(
-                    ema,
-                    loss_fn,
-                    encoder,
-                    dataset,
-                    dataset_kwargs,
-                    run_dir,
-                    cur_nimg,
-                    snapshot_fp32,
-                    sample_steps,
-                    device,
-                )
-            if (due(checkpoint_nimg, done) or stopping) and not resumed_here:
-                states = ckpt.gather_rng_states()
-                data_position = position.state() if position is not None else None
+            if due(snapshot_nimg, done) and not resumed_here:
+                error = None
                 if rank == 0:
-                    state = dict(
-                        net=net.state_dict(),
-                        optimizer=optimizer.state_dict(),
-                        ema=ema.state_dict(),
-                        cur_nimg=cur_nimg,
-                        rng=states,
-                        loss_fn=loss_fn,
-                        data=data_position,
-                    )
-                    ckpt.save_checkpoint(os.path.join(run_dir, ckpt.checkpoint_name(cur_nimg // 1000)), state)
-                if world > 1:
-                    torch.distributed.barrier()
+                    try:
+                        _save_snapshots(
+                            ema,
+                            loss_fn,
+                            encoder,
+                            dataset,
+                            dataset_kwargs,
+                            run_dir,
+                            cur_nimg,
+                            snapshot_fp32,
+                            sample_steps,
+                            device,
+                        )
+                    except faults.WriteError as e:
+                        error = str(e)
+                error = faults.first_error(error)
+                if error is not None and continue_on_snapshot_error:
+                    dist.print0(f'Warning: {error}; training goes on (--continue-on-snapshot-error).')
+                elif error is not None:
+                    stop['fault'] = f'{error}; free space and re-run to resume, or pass --continue-on-snapshot-error'
+                    stopping = not done
+            if (due(checkpoint_nimg, done) or stopping) and not resumed_here:
+                state = dict(
+                    net=net.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    ema=ema.state_dict(),
+                    cur_nimg=cur_nimg,
+                    loss_fn=loss_fn,
+                    data=position.state() if position is not None else None,
+                )
+                ckpt.save_training_state(run_dir, state, keep_checkpoints)
+            if done or stopping:
+                fault = faults.first_error(stop['fault'])
+                if fault is not None:
+                    raise TrainingError(fault)
             if stopping:
                 dist.print0(
-                    f'Stop requested: state saved at kimg {cur_nimg / 1e3:.1f}; re-run the same command to resume.'
+                    f'Stop requested ({stop["signal"] or "on another process"}): state saved at kimg '
+                    f'{cur_nimg / 1e3:.1f}; re-run the same command to resume.'
                 )
-            if done or stopping:
-                return
+                return True
+            if done:
+                return False
 
             # The gradient of the mean loss over the global batch: each rank sums its share times
             # 1/per_rank, and DDP averages the ranks' gradients.

@@ -1,0 +1,106 @@
+"""What a cluster does to a long run's writes: errors that name the file being written, the agreement of all
+ranks on the first error so that they stop together, and the disk space the run's outputs will take."""
+
+import contextlib
+import shutil
+from typing import Any, Iterator
+
+import torch
+
+from torch_utils import distributed as dist
+
+
+class WriteError(Exception):
+    """Writing one output file failed; the message names the file and why, in one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch's C++ errors append a stack of frames)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turn an OS error (disk full, quota, permissions) raised while writing `path` into a WriteError naming
+    it. torch.save wraps a failed write in a RuntimeError whose context is the OSError; that counts too."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise WriteError(f'Cannot write {path}: {cause.strerror or first_line(cause)}') from None
+
+
+def first_error(message: str | None) -> str | None:
+    """The first rank's error message among all ranks' (None: no error anywhere); a collective when
+    distributed, so that every rank stops at the same point with the same sentence."""
+    if dist.get_world_size() == 1:
+        return message
+    messages: list[Any] = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
+
+
+def _tensor_bytes(state: Any, bytes_per_float: int | None = None) -> int:
+    """Bytes of the tensors in a (nested) state dict; floating tensors at `bytes_per_float` when given."""
+    if isinstance(state, torch.Tensor):
+        per = bytes_per_float if bytes_per_float and state.is_floating_point() else state.element_size()
+        return state.numel() * per
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v, bytes_per_float) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v, bytes_per_float) for v in state)
+    return 0
+
+
+def _count(start_nimg: int, end_nimg: int, interval: int | None) -> int:
+    """Files a run writes every `interval` images after start_nimg, plus one at end_nimg."""
+    if not interval or end_nimg <= start_nimg:
+        return 0
+    return end_nimg // interval - start_nimg // interval + (1 if end_nimg % interval else 0)
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ('B', 'kB', 'MB', 'GB'):
+        if num_bytes < 1000:
+            return f'{num_bytes:.3g} {unit}'
+        num_bytes /= 1000
+    return f'{num_bytes:.3g} TB'
+
+
+def disk_plan(
+    run_dir: str,
+    net: torch.nn.Module,
+    ema: Any,
+    cur_nimg: int,
+    end_nimg: int,
+    snapshot_nimg: int | None,
+    checkpoint_nimg: int | None,
+    snapshot_fp32: bool,
+    keep_checkpoints: int | None,
+) -> list[str]:
+    """A one-line summary of the space the rest of the run writes (snapshot size x count, checkpoints at the
+    chosen retention), and a warning line when run_dir's file system has less free space. The
+    sizes are the tensors' bytes; Adam's two moments are assumed for the optimiser of a fresh run."""
+    stds = len(ema.get())
+    snapshot = _tensor_bytes(net.state_dict(), 4 if snapshot_fp32 else 2) * stds
+    checkpoint = _tensor_bytes(net.state_dict()) * 3 + _tensor_bytes(ema.state_dict())
+    num_snapshots = _count(cur_nimg, end_nimg, snapshot_nimg)
+    num_checkpoints = _count(cur_nimg, end_nimg, checkpoint_nimg)
+    if keep_checkpoints:
+        num_checkpoints = min(num_checkpoints, keep_checkpoints)
+    need = snapshot * num_snapshots + checkpoint * num_checkpoints
+    free = shutil.disk_usage(run_dir).free
+    summary = (
+        f'Disk: snapshots {num_snapshots} x {_size(snapshot)}, checkpoints {num_checkpoints} x {_size(checkpoint)}: '
+        f'{_size(need)} to come, {_size(free)} free in {run_dir}'
+    )
+    if need <= free:
+        return [summary]
+    warning = (
+        f'Warning: {run_dir} has {_size(free)} free but the run will write {_size(need)}; free space, raise '
+        f'--snapshot or set --keep-checkpoints, or the run stops when the disk is full.'
+    )
+    return [summary, warning]
