@@ -272,3 +272,16 @@ def test_bad_samples_met_in_training_are_skipped_counted_and_limited(tmp_path, c
 
     result = _cli(tmp_path / 'limited', *data, '--duration=32', '--max-bad-samples=1')
     assert_one_line_error(result, *bad, '--max-bad-samples=1')
+
+
+def test_temp_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    names = [
+        '.training-state-0000001.pt.k2j.tmp',
+        '.samples-0000001.png.x9.tmp',
+        '.network-snapshot-0000001-0.050.pkl.a.tmp',
+    ]
+    keep = ['.notes.tmp', 'training-state-0000001.pt', 'samples-0000001.png']
+    for name in names + keep:
+        (tmp_path / name).write_bytes(b'x')
+    assert sorted(faults.remove_stale_temp_files(str(tmp_path))) == sorted(str(tmp_path / n) for n in names)
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)

@@ -2,6 +2,8 @@
 ranks on the first error so that they stop together, and the disk space the run's outputs will take."""
 
 import contextlib
+import glob
+import os
 import shutil
 from typing import Any, Iterator
 
@@ -31,6 +33,17 @@ def writing(path: str) -> Iterator[None]:
         if not isinstance(cause, OSError):
             raise
         raise WriteError(f'Cannot write {path}: {cause.strerror or first_line(cause)}') from None
+
+
+def remove_stale_temp_files(run_dir: str) -> list[str]:
+    """Delete the temporary files (dnnlib.util.atomic_write's '.NAME.XXXX.tmp') of snapshots, grids and
+    checkpoints that a killed run left half-written; call before this run writes any. The deleted paths."""
+    stale = []
+    for prefix in ('network-snapshot-', 'samples-', 'training-state-'):
+        stale += glob.glob(os.path.join(glob.escape(run_dir), f'.{prefix}*.tmp'))
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def first_error(message: str | None) -> str | None:

@@ -212,6 +212,8 @@ def _save_snapshots(
 def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list | None, dict | None]:
     """Load the newest checkpoint of the run that loads, if any: (images seen, per-rank RNG states or None,
     the data stream's position or None). Elastic restarts (torchrun --max-restarts) come through here too."""
+    if dist.get_rank() == 0 and faults.remove_stale_temp_files(run_dir):
+        dist.print0(f'Removed the temporary files of writes a killed run left unfinished in {run_dir}')
     found = ckpt.load_newest_valid(run_dir)
     if found is None:
         return 0, None, None
