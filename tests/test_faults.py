@@ -50,7 +50,7 @@ def _no_temp_files(run_dir) -> bool:
 
 
 def test_rank_sigkilled_under_torchrun_restarts_to_the_same_final_weights(tmp_path, cache_env):
-    args = [*SMALL, '--duration=320', '--snapshot=320']
+    args = [*SMALL, '--duration=192', '--snapshot=192']
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
     run = [*torchrun, os.path.join(ROOT, 'train_edm2.py'), f'--outdir={straight}', *args]
@@ -67,7 +67,7 @@ def test_rank_sigkilled_under_torchrun_restarts_to_the_same_final_weights(tmp_pa
     os.kill(workers[-1].pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    assert _final_state(killed)['cur_nimg'] == 320
+    assert _final_state(killed)['cur_nimg'] == 192
     log = open(os.path.join(killed, 'log.txt')).read()
     assert 'Resuming from' in log, 'the run ended before the kill: it was not restarted'
     _assert_same_weights(_final_state(straight), _final_state(killed))

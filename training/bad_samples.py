@@ -30,7 +30,7 @@ def _limit_message(messages: Sequence[str], max_bad: int) -> str:
 
 
 class SkipBadSamples(torch.utils.data.Dataset):
-    """A map-style dataset's items as (image, label, errors): an item that raises DatasetError is replaced by
+    """A map-style dataset's items with one more entry, `errors`: an item that raises DatasetError is replaced by
     the next readable one in index order; `errors` holds the messages of the items stepped over, one per line
     ('' for none). With max_bad=0 the first bad item raises as it would without this wrapper."""
 
@@ -40,12 +40,12 @@ class SkipBadSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, idx: int) -> tuple[Any, Any, str]:
+    def __getitem__(self, idx: int) -> tuple[Any, ...]:
         stepped_over: list[str] = []
         for k in range(len(self.dataset)):
             try:
-                image, label = self.dataset[(idx + k) % len(self.dataset)]
-                return image, label, '\n'.join(stepped_over)
+                item = self.dataset[(idx + k) % len(self.dataset)]
+                return (*item, '\n'.join(stepped_over))
             except DatasetError as e:
                 if self.max_bad == 0:
                     raise

@@ -104,7 +104,7 @@ def _encoded(
         if position is not None:
             position.update(info[0])
         if bad is not None:
-            bad.update(info[0])
+            bad.update(info[-1])
         yield encoder.encode_latents(images.to(device)), labels.to(device) if torch.is_tensor(labels) else labels
 
 
