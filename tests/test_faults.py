@@ -224,16 +224,26 @@ class _TwoEMAs:
         return dict(emas=[self.net.state_dict()] * 2)
 
 
-def test_disk_plan_counts_snapshots_and_warns_when_space_is_short(tmp_path, monkeypatch):
+def _files_written(start: int, end: int, interval: int) -> int:
+    """Brute force: the distinct kimg names of the writes at every multiple of interval in (start, end], and at end."""
+    return len({n // 1000 for n in range(start + 1, end + 1) if n % interval == 0} | {end // 1000})
+
+
+def test_disk_plan_counts_files_and_warns_when_space_is_short(tmp_path, monkeypatch):
     net = torch.nn.Linear(100, 10)  # 1010 floats: 2020 bytes in float16, 4040 in float32.
-    plan = dict(cur_nimg=1000, end_nimg=10500, snapshot_nimg=2000, checkpoint_nimg=5000, keep_checkpoints=None)
-    # Snapshots at 2000, 4000, 6000, 8000, 10000 and the end; checkpoints at 5000, 10000 and the end.
+    plan = dict(cur_nimg=1000, end_nimg=11500, snapshot_nimg=2000, checkpoint_nimg=5000, keep_checkpoints=None)
+    assert (_files_written(1000, 11500, 2000), _files_written(1000, 11500, 5000)) == (6, 3)
     lines = faults.disk_plan(str(tmp_path), net, _TwoEMAs(net), snapshot_fp32=False, **plan)
     assert len(lines) == 1 and 'snapshots 6 x 4.04 kB, checkpoints 3 x 20.2 kB' in lines[0]
     monkeypatch.setattr(faults.shutil, 'disk_usage', lambda path: types.SimpleNamespace(free=10_000))
     lines = faults.disk_plan(str(tmp_path), net, _TwoEMAs(net), snapshot_fp32=True, **dict(plan, keep_checkpoints=1))
     assert 'snapshots 6 x 8.08 kB, checkpoints 1 x 20.2 kB: 68.7 kB to come' in lines[0]
     assert lines[1].startswith(f'Warning: {tmp_path} has 10 kB free')
+
+
+@pytest.mark.parametrize('start, end, interval', [(0, 4096, 16), (1000, 10500, 2000), (0, 999, 512), (5, 7, 3000)])
+def test_disk_plan_counts_writes_that_share_a_kimg_name_once(start, end, interval):
+    assert faults._count(start, end, interval) == _files_written(start, end, interval)
 
 
 # ----------------------------------------------------------------------------
@@ -285,3 +295,28 @@ def test_temp_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
         (tmp_path / name).write_bytes(b'x')
     assert sorted(faults.remove_stale_temp_files(str(tmp_path))) == sorted(str(tmp_path / n) for n in names)
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes 100 bytes, then fails as a full disk does."""
+
+    def __init__(self):
+        self.size = 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.size += len(data)
+        if self.size > 100:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return len(data)
+
+
+def test_a_full_disk_inside_torch_save_becomes_one_line_naming_the_file():
+    with pytest.raises(faults.WriteError, match=r'^Cannot write out/x\.pt: No space left on device$'):
+        with faults.writing('out/x.pt'):
+            torch.save({'w': torch.zeros(1000)}, _FullDisk())
+    with pytest.raises(RuntimeError, match='not a write error'):
+        with faults.writing('out/x.pt'):
+            raise RuntimeError('not a write error')

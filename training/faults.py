@@ -69,10 +69,17 @@ def _tensor_bytes(state: Any, bytes_per_float: int | None = None) -> int:
 
 
 def _count(start_nimg: int, end_nimg: int, interval: int | None) -> int:
-    """Files a run writes every `interval` images after start_nimg, plus one at end_nimg."""
+    """Files a run writes every `interval` images after start_nimg and at end_nimg, named by thousands of
+    images (kimg), so that writes less than 1000 images apart can share one file."""
     if not interval or end_nimg <= start_nimg:
         return 0
-    return end_nimg // interval - start_nimg // interval + (1 if end_nimg % interval else 0)
+    first = (start_nimg // interval + 1) * interval
+    if first > end_nimg:
+        return 1
+    if interval < 1000:  # Every kimg from the first write's to the end's gets a file.
+        return end_nimg // 1000 - first // 1000 + 1
+    last = end_nimg - end_nimg % interval
+    return (end_nimg - first) // interval + 1 + (end_nimg // 1000 != last // 1000)
 
 
 def _size(num_bytes: float) -> str:
