@@ -194,6 +194,34 @@ def test_write_error_keeps_earlier_files_and_stops_with_one_line(
     assert round(stats[-1]['Progress/kimg'] * 1000) == 32  # Stopped there; did not train on to 64.
 
 
+_FULL_DISK_RUN = """
+import errno, os
+real_fsync = os.fsync
+def fsync(fd):
+    if os.path.basename(os.readlink(f'/proc/self/fd/{fd}')).startswith('.training-state'):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_fsync(fd)
+os.fsync = fsync
+import train_edm2
+train_edm2.main()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='needs /proc/self/fd')
+def test_write_error_on_rank_0_stops_both_ranks_with_the_same_line(tmp_path, cache_env):
+    # Rank 0 writes alone; the others must learn of its failure instead of waiting for it forever.
+    script = tmp_path / 'full_disk.py'
+    script.write_text(_FULL_DISK_RUN)
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    cmd = [*torchrun, str(script), f'--outdir={tmp_path / "run"}', *SMALL, '--duration=64']
+    result = subprocess.run(cmd, env=cache_env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith('Error: ')]
+    path = tmp_path / 'run' / ckpt.checkpoint_name(0)
+    assert len(errors) == 2 and all(f'Cannot write {path}: No space left on device' in e for e in errors), errors
+    assert _no_temp_files(tmp_path / 'run') and not path.exists()
+
+
 def test_continue_on_snapshot_error_trains_on(tmp_path, cache_env, one_thread, disk_full_at):
     disk_full_at('samples', 1)
     result = _cli(tmp_path, '--duration=32', '--continue-on-snapshot-error')
