@@ -24,10 +24,8 @@ def _command(outdir: str, args: list[str]) -> list[str]:
 
 
 def _start(outdir: str, args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        _command(outdir, args), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True,
-    )  # fmt: skip
+    out = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(_command(outdir, args), env=env, cwd=ROOT, start_new_session=True, **out)
 
 
 def _run(outdir: str, args: list[str], env: dict) -> None:
