@@ -27,7 +27,12 @@ def init() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(get_local_rank())
         backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-        torch.distributed.init_process_group(backend=backend, init_method='env://')
+        # Workers restarted by torchrun --max-restarts may find the killed workers' addresses still in the
+        # store and wait for them; keys of their own attempt avoid that.
+        store, rank, world_size = next(torch.distributed.rendezvous('env://'))
+        attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+        store = torch.distributed.PrefixStore(f'attempt_{attempt}', store)
+        torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
         atexit.register(_shutdown)
     sync_device = device() if get_world_size() > 1 else None
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
