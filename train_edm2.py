@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import sys
 import warnings
 
 import click
@@ -18,6 +19,8 @@ from training.tracking import LOGGERS, Tracker, TrackingError
 from training.training_loop import TrainingError, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL of sysexits.h: stopped early, state saved, run again to resume.
 
 
 class NimgType(click.ParamType):
@@ -197,6 +200,38 @@ def one_line_message(e: Exception) -> str:
     '--checkpoint', metavar='NIMG', type=NIMG, default=None, help='Training-state interval [default: 128Mi or preset].'
 )
 @click.option(
+    '--keep-checkpoints',
+    'keep_checkpoints',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=None,
+    help='Keep only the newest INT training states [default: all].',
+)
+@click.option(
+    '--requeue-exit-code',
+    'requeue_exit_code',
+    metavar='INT',
+    type=click.IntRange(0, 255),
+    default=REQUEUE_EXIT_CODE,
+    show_default=True,
+    help='Exit status after SIGTERM/SIGINT/SIGUSR1 saved the state (for requeue scripts).',
+)
+@click.option(
+    '--continue-on-snapshot-error',
+    'continue_on_snapshot_error',
+    is_flag=True,
+    help='Warn and train on when a snapshot or grid cannot be written (else save the state and stop).',
+)
+@click.option(
+    '--max-bad-samples',
+    'max_bad_samples',
+    metavar='INT',
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help='Unreadable or wrongly sized images to skip (logged, counted as Data/skipped) before stopping.',
+)
+@click.option(
     '--snapshot-fp32', 'snapshot_fp32', is_flag=True, help='Keep snapshot weights in float32 (default float16).'
 )
 @click.option(
@@ -225,7 +260,15 @@ def one_line_message(e: Exception) -> str:
     help='Also send status scalars, sample grids and options to TensorBoard or W&B (repeatable)  [default: none]',
 )
 @click.option('-n', '--dry-run', is_flag=True, help='Print the resolved options and exit.')
-def main(outdir: str | None, data: str | None, preset: str | None, dry_run: bool, loggers: tuple, **opts) -> None:
+def main(
+    outdir: str | None,
+    data: str | None,
+    preset: str | None,
+    dry_run: bool,
+    loggers: tuple,
+    requeue_exit_code: int,
+    **opts,
+) -> None:
     """Train a diffusion model using the EDM2 recipe.
 
     Examples:
@@ -237,6 +280,11 @@ def main(outdir: str | None, data: str | None, preset: str | None, dry_run: bool
     \b
     # ImageNet-512 latents, XS model, 8 GPUs (re-run the same command to resume)
     torchrun --standalone --nproc_per_node=8 train_edm2.py \\
+        --outdir=runs/img512-xs --data=datasets/img512-sd.zip --preset=edm2-img512-xs --batch-gpu=32
+
+    \b
+    # The same, restarting all processes from the newest checkpoint when one dies (up to 3 times)
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train_edm2.py \\
         --outdir=runs/img512-xs --data=datasets/img512-sd.zip --preset=edm2-img512-xs --batch-gpu=32
     """
     dist.init()
@@ -253,7 +301,7 @@ def main(outdir: str | None, data: str | None, preset: str | None, dry_run: bool
         resuming = check_run_folder(outdir, c)
         if dist.get_rank() == 0:
             if not resuming:
-                check_dataset(c.dataset_kwargs)
+                check_dataset(c.dataset_kwargs, c.max_bad_samples)
             os.makedirs(outdir, exist_ok=True)
             with dnnlib.util.atomic_write(os.path.join(outdir, 'training_options.json'), 'wt') as f:
                 json.dump(c, f, indent=2)
@@ -261,11 +309,13 @@ def main(outdir: str | None, data: str | None, preset: str | None, dry_run: bool
         logger = dnnlib.util.Logger(os.path.join(outdir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
         dist.print0(json.dumps(c, indent=2))
         try:
-            training_loop(run_dir=outdir, tracker=tracker, **c)
+            stopped_early = training_loop(run_dir=outdir, tracker=tracker, **c)
         finally:
             tracker.close()
             if logger is not None:
                 logger.close()
+        if stopped_early:
+            sys.exit(requeue_exit_code)
     except (RunConfigError, dataset_mod.DatasetError, TrainingError, CheckpointError, TrackingError, OSError) as e:
         raise click.ClickException(one_line_message(e)) from e
 

@@ -1,7 +1,20 @@
 """Fixtures and checks shared by several test files."""
 
+import os
+
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch) -> dict:
+    """A private download/dataset cache, shared by in-process and subprocess runs of one test; the environment
+    for subprocesses (one OpenMP thread, this tree first on the path)."""
+    cache = str(tmp_path / 'cache')
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', cache)
+    return dict(os.environ, DNNLIB_CACHE_DIR=cache, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
 
 
 @pytest.fixture(scope='session')

@@ -135,10 +135,20 @@ def test_dry_run_needs_no_outdir(cache_env):
     ids=['non-square', 'mixed-sizes', 'corrupt-image'],
 )
 def test_failed_start_leaves_no_run_folder(tmp_path, cache_env, sizes, corrupt, message):
+    """More bad files than --max-bad-samples allows (0 here) stop the start before the folder is made."""
     data = _write_pngs(tmp_path / 'data', sizes, corrupt)
     run = tmp_path / 'runs' / 'new'
-    assert_one_line_error(_train(f'--outdir={run}', f'--data={data}', '--cond=False', *FAST), message)
+    args = [f'--outdir={run}', f'--data={data}', '--cond=False', '--max-bad-samples=0', *FAST]
+    assert_one_line_error(_train(*args), message)
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_bad_files_within_max_bad_samples_are_named_at_start_and_training_goes_on(tmp_path, cache_env):
+    data = _write_pngs(tmp_path / 'data', [(16, 16)] * 4 + [(12, 12)], corrupt=1)
+    result = _train(f'--outdir={tmp_path / "run"}', f'--data={data}', '--cond=False', '--max-bad-samples=2', *FAST)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith('Warning: ')]
+    assert len(warnings) == 2 and 'img1.png: unreadable image' in warnings[0] and 'img4.png' in warnings[1]
 
 
 def test_non_square_latents_are_refused_before_the_folder_is_made(tmp_path, cache_env):

@@ -27,7 +27,14 @@ def init() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(get_local_rank())
         backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-        torch.distributed.init_process_group(backend=backend, init_method='env://')
+        # Workers restarted by torchrun --max-restarts may find the killed workers' addresses still in the
+        # store and wait for them; keys of their own attempt avoid that. The restart count names the attempt
+        # only when one torchrun agent counts for all (one node): a node joining later would count from 0.
+        store, rank, world_size = next(torch.distributed.rendezvous('env://'))
+        if os.environ.get('GROUP_WORLD_SIZE', '1') == '1':
+            attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+            store = torch.distributed.PrefixStore(f'attempt_{attempt}', store)
+        torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
         atexit.register(_shutdown)
     sync_device = device() if get_world_size() > 1 else None
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)

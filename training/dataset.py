@@ -174,18 +174,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 self._cached_images[raw_idx] = image
         return image
 
-    def validate(self, decode: bool = True) -> None:
+    def validate(self, decode: bool = True, allow: int = 0) -> list[str]:
         """Read every image in use and check that it decodes and has the dataset's shape; with `decode=False`
-        only each file's header is read (fast enough for every start of a run)."""
+        only each file's header is read (fast enough for every start of a run). Up to `allow` bad files are
+        returned as one-line problems (training skips them); with more, the first raises a DatasetError."""
+        problems = []
         for raw_idx in np.unique(self._raw_idx):
-            if decode:
-                self._get_raw_image(int(raw_idx))
-            elif (shape := self._header_shape(int(raw_idx))) != self.image_shape:
-                raise DatasetError(
-                    f'{self._describe(int(raw_idx))}: image is {self._shape_str(shape)}, but {self._describe(0)} '
-                    f'is {self._shape_str(self.image_shape)}; give all images one size, e.g. with dataset_tool.py '
-                    f'convert --resolution'
-                )
+            try:
+                if decode:
+                    self._get_raw_image(int(raw_idx))
+                elif (shape := self._header_shape(int(raw_idx))) != self.image_shape:
+                    raise DatasetError(
+                        f'{self._describe(int(raw_idx))}: image is {self._shape_str(shape)}, but '
+                        f'{self._describe(0)} is {self._shape_str(self.image_shape)}; give all images one size, '
+                        f'e.g. with dataset_tool.py convert --resolution'
+                    )
+            except DatasetError as e:
+                problems.append(str(e))
+        if len(problems) > allow:
+            raise DatasetError(problems[0])
+        return problems
 
     def _header_shape(self, raw_idx: int) -> list[int]:
         """The CHW shape an image will load as, from its file header alone."""

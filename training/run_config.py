@@ -194,6 +194,9 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         snapshot_fp32=p.snapshot_fp32,
         snapshot_format=p.get('snapshot_format', 'pkl'),
         sample_steps=p.get('sample_steps', 32),
+        keep_checkpoints=p.get('keep_checkpoints'),
+        continue_on_snapshot_error=bool(p.get('continue_on_snapshot_error')),
+        max_bad_samples=p.get('max_bad_samples', 10),
     )
     return c
 
@@ -276,9 +279,19 @@ def check_run_folder(outdir: str, c: dict) -> bool:
     return True
 
 
-def check_dataset(dataset_kwargs: dict) -> None:
+def check_dataset(dataset_kwargs: dict, max_bad_samples: int = 0) -> None:
     """Every image of a folder or ZIP dataset has the same readable size, checked from the file headers
-    before a run starts (tar shards are checked as they stream)."""
+    before a run starts (tar shards are checked as they stream). Up to `max_bad_samples` bad files are named
+    in a warning and skipped in training; more stop the start."""
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    if isinstance(dataset, dataset_mod.ImageFolderDataset):
-        dataset.validate(decode=False)
+    if not isinstance(dataset, dataset_mod.ImageFolderDataset):
+        return
+    problems = dataset.validate(decode=False, allow=len(dataset))
+    if len(problems) > max_bad_samples:
+        others = [problem.split(': ')[0] for problem in problems[1:6]]
+        also = f'; also {", ".join(others)}{" ..." if len(problems) > 6 else ""}' if others else ''
+        raise RunConfigError(
+            f'{problems[0]}{also} ({len(problems)} bad files, more than --max-bad-samples={max_bad_samples}).'
+        )
+    for problem in problems:
+        dist.print0(f'Warning: {problem}; training skips it (--max-bad-samples={max_bad_samples}).')

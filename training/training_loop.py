@@ -1,41 +1,31 @@
 """The training loop: data, network, optimiser and EMA; status lines, snapshots with sample grids,
-checkpoints, resume, and a clean stop on SIGTERM/SIGINT.
+checkpoints, resume, and a clean stop on SIGTERM/SIGINT/SIGUSR1, a full disk or too many bad samples.
 
 What a step computes belongs to the loss (training/loss.py); the loop calls the loss's hooks for
 every kind of training and knows nothing of text, super-resolution or CLIP.
 """
 
 import contextlib
-import copy
-import json
-import math
-import os
 import signal
-import time
 from typing import Any, Iterator
 
 import numpy as np
-import psutil
 import torch
 
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
 from training import checkpoint as ckpt
-from training.generation import sample
-from training.image_grid import GRID_MIN_SIZE, save_image_grid
+from training import faults
+from training.bad_samples import BadSampleLog, SkipBadSamples
+from training.faults import TrainingError
 
 # Options files written before training/loss.py existed name `training.training_loop.EDM2Loss` and
 # `training.training_loop.learning_rate_schedule`; these names keep them loadable.
 from training.loss import EDM2Loss, learning_rate_schedule  # noqa: F401
+from training.run_outputs import Status, closing_line, save_snapshots
 from training.shard_position import DataPosition
-from training.snapshots import save_network, snapshot_name
 from training.tracking import Tracker
-
-
-class TrainingError(Exception):
-    """Training cannot go on; the message is one sentence for the user."""
-
 
 # ----------------------------------------------------------------------------
 # Stop requests and data workers.
@@ -43,14 +33,15 @@ class TrainingError(Exception):
 
 @contextlib.contextmanager
 def _stop_signals_caught() -> Iterator[dict]:
-    """SIGTERM/SIGINT set a flag; the loop then checkpoints and exits at the end of the step. The previous
-    handlers come back on exit, so a caller (a test, a notebook) gets its Ctrl-C back."""
-    flag = dict(stop=False)
+    """SIGTERM/SIGINT and SIGUSR1 (SLURM's --signal warning before the time limit) set a flag; the loop then
+    checkpoints and exits at the end of the step. A fault (too many bad samples) stops the same way, with its
+    message. The previous handlers come back on exit, so a caller (a test, a notebook) gets its Ctrl-C back."""
+    flag = dict(stop=False, signal=None, fault=None)
 
     def handler(signum, frame):
-        flag['stop'] = True
+        flag.update(stop=True, signal=flag['signal'] or signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
         yield flag
     finally:
@@ -68,6 +59,7 @@ def _worker_defers_stop_signals(worker_id: int) -> None:
     checkpointing. Ignoring SIGTERM outright would hang multiprocessing's exit, which terminates and
     then joins leftover workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(_WORKER_GRACE_S))
 
 
@@ -92,13 +84,16 @@ def _data_batches(dataset, sampler, batch_gpu: int, data_loader_kwargs: dict) ->
 
 
 def _encoded(
-    batches: Iterator, encoder: Any, device: torch.device, position: DataPosition | None
+    batches: Iterator, encoder: Any, device: torch.device, position: DataPosition | None, bad: BadSampleLog | None
 ) -> Iterator[tuple[torch.Tensor, Any]]:
     """Data batches in network space on `device`, encoded lazily, one per request; captions stay strings.
-    A streamed batch's position records go to `position` as the batch is consumed."""
+    A streamed batch's position records go to `position`, the bad samples it stepped over to `bad`, as the
+    batch is consumed."""
     for images, labels, *info in batches:
         if position is not None:
             position.update(info[0])
+        if bad is not None:
+            bad.update(info[-1])
         yield encoder.encode_latents(images.to(device)), labels.to(device) if torch.is_tensor(labels) else labels
 
 
@@ -112,126 +107,28 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
 
 
 # ----------------------------------------------------------------------------
-# Status lines, snapshots and checkpoints.
-
-
-class _Status:
-    """One status line per call: progress towards `end_nimg`, ETA, timing, memory, the loss's statistics;
-    appended to stats.jsonl and sent to the tracker."""
-
-    def __init__(
-        self, run_dir: str, cur_nimg: int, end_nimg: int, device: torch.device, tracker: Tracker | None = None
-    ) -> None:
-        self.path = os.path.join(run_dir, 'stats.jsonl')
-        self.run_dir, self.device, self.end_nimg, self.tracker = run_dir, device, end_nimg, tracker
-        self.start = self.last = time.time()
-        self.last_nimg = cur_nimg
-        self.collector = (
-            training_stats.Collector()
-        )  # Counts from now on, not what earlier runs in this process reported.
-
-    def __call__(self, cur_nimg: int, loss_fn: Any, net: Any, encoder: Any, dataset_kwargs: dict) -> None:
-        now = time.time()
-        trained = cur_nimg - self.last_nimg
-        images = max(trained, 1)
-        sec_per_kimg = (now - self.last) / images * 1e3
-        img_per_sec = trained / max(now - self.last, 1e-9)
-        training_stats.report0('Progress/kimg', cur_nimg / 1e3)
-        if trained:  # The first line of a run times nothing.
-            training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
-            training_stats.report0('Timing/img_per_sec', img_per_sec)
-        training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
-        on_gpu = self.device.type == 'cuda'
-        if on_gpu:
-            training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(self.device) / 2**30)
-            torch.cuda.reset_peak_memory_stats()
-        loss_fn.report(net=net, encoder=encoder, dataset_kwargs=dataset_kwargs, device=self.device)
-        self.collector.update()
-        means = {name: entry.mean for name, entry in self.collector.as_dict().items() if entry.num}
-        loss = means.get('Loss/loss', float('nan'))
-        eta = dnnlib.util.format_time((self.end_nimg - cur_nimg) / img_per_sec) if trained else '-'
-        kimg = f'{cur_nimg / 1e3:.1f}/{self.end_nimg / 1e3:.1f}'
-        line = (
-            f'kimg {kimg:<13s} time {dnnlib.util.format_time(now - self.start):<12s} eta {eta:<12s} '
-            f'sec/kimg {f"{sec_per_kimg:.2f}" if trained else "-":<8s} '
-            f'loss {f"{loss:.4f}" if "Loss/loss" in means else "-":<8s} '
-            f'img/s {f"{img_per_sec:.1f}" if trained else "-":<8s} '
-            f'cpumem {means["Resources/cpu_mem_gb"]:<6.2f}'
-        )
-        line += f' gpumem {means["Resources/peak_gpu_mem_gb"]:<6.2f}' if on_gpu else ''
-        if 'Data/read' in means:
-            dropped = sum(v for k, v in means.items() if k.startswith('Data/dropped/') or k == 'Data/too_small')
-            line += f' data read {means["Data/read"]:.0f} dropped {dropped:.0f} corrupt {means["Data/corrupt"]:.0f}'
-        dist.print0(line)
-        if dist.get_rank() == 0:
-            with open(self.path, 'at') as f:
-                f.write(json.dumps(dict(means, timestamp=now)) + '\n')
-            if self.tracker is not None:
-                self.tracker.scalars(means, cur_nimg)
-        if 'Loss/loss' in means and not math.isfinite(loss):
-            raise TrainingError(
-                f'Training diverged: the loss is {loss} at kimg {cur_nimg / 1e3:.1f}; '
-                f'lower --lr and re-run to resume from the last checkpoint in {self.run_dir}.'
-            )
-        self.last, self.last_nimg = time.time(), cur_nimg
-
-
-def _save_snapshots(
-    ema: Any,
-    loss_fn: Any,
-    encoder: Any,
-    dataset: Any,
-    dataset_kwargs: dict,
-    run_dir: str,
-    cur_nimg: int,
-    fp32: bool,
-    sample_steps: int,
-    device: torch.device,
-    snapshot_format: str = 'pkl',
-) -> np.ndarray | None:
-    """A network snapshot (pickle, .safetensors or both: `snapshot_format`) per tracked EMA length, and a
-    fixed-seed sample grid of the first, so that the grids of one run are comparable; the loss chooses the grid's
-    conditioning (or no grid). Returns the grid as saved (HWC, enlarged to be seen), or None."""
-    kimg = cur_nimg // 1000
-    for ema_net, std in ema.get():
-        frozen = loss_fn.export(copy.deepcopy(ema_net)).cpu().eval().requires_grad_(False)
-        data = dict(
-            ema=frozen if fp32 else frozen.to(torch.float16),
-            encoder=encoder,
-            dataset_kwargs=dataset_kwargs,
-            loss_fn=loss_fn,
-        )
-        save_network(data, os.path.join(run_dir, snapshot_name('network-snapshot', kimg, std)), snapshot_format)
-    grid_net = loss_fn.export(ema.get()[0][0]).eval()
-    grid = 4
-    cond = loss_fn.grid_conditioning(grid_net, dataset, encoder, grid * grid, device)
-    if cond is None:
-        return
-    with torch.no_grad():
-        images = encoder.decode(sample(grid_net, range(grid * grid), num_steps=sample_steps, **cond).latents)
-    path = os.path.join(run_dir, f'samples-{kimg:07d}.png')
-    return save_image_grid(images.cpu().numpy(), path, grid_w=grid, min_size=GRID_MIN_SIZE)
-
-
-def _closing_line(run_dir: str) -> str:
-    """Where the run's newest grid is and how to sample from the run."""
-    grids = sorted(name for name in os.listdir(run_dir) if name.startswith('samples-') and name.endswith('.png'))
-    grid = f'Final sample grid: {os.path.join(run_dir, grids[-1])}. ' if grids else ''
-    out = os.path.join(run_dir, 'generated.png')
-    return f'{grid}Sample from the run: python generate_images.py --net={run_dir} --seeds=0-15 --grid={out}'
+# Resume.
 
 
 def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list | None, dict | None]:
-    """Load the newest checkpoint of the run, if any: (images seen, per-rank RNG states or None, the data
-    stream's position or None)."""
-    path = ckpt.find_latest_checkpoint(run_dir)
-    if path is None:
+    """Load the newest checkpoint of the run that loads, if any: (images seen, per-rank RNG states or None,
+    the data stream's position or None). Elastic restarts (torchrun --max-restarts) come through here too."""
+    if dist.get_rank() == 0 and faults.remove_stale_temp_files(run_dir):
+        dist.print0(f'Removed the temporary files of writes a killed run left unfinished in {run_dir}')
+    found = ckpt.load_newest_valid(run_dir)
+    if found is None:
         return 0, None, None
+    path, state = found
     dist.print0(f'Resuming from {path}')
-    state = ckpt.load_checkpoint(path)
-    net.load_state_dict(state['net'])
-    optimizer.load_state_dict(state['optimizer'])
-    ema.load_state_dict(state['ema'])
+    try:
+        net.load_state_dict(state['net'])
+        optimizer.load_state_dict(state['optimizer'])
+        ema.load_state_dict(state['ema'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ckpt.CheckpointError(
+            f'{path} was written by a run with other options ({faults.first_line(e)}); resume with the options '
+            f'in training_options.json or use a new --outdir'
+        ) from None
     rng = state['rng']
     if len(rng) != dist.get_world_size():
         dist.print0(
@@ -289,9 +186,13 @@ def training_loop(
     snapshot_fp32: bool = False,
     snapshot_format: str = 'pkl',
     sample_steps: int = 32,
+    keep_checkpoints: int | None = None,
+    continue_on_snapshot_error: bool = False,
+    max_bad_samples: int = 10,
     device: torch.device | None = None,
     tracker: Tracker | None = None,
-) -> None:
+) -> bool:
+    """Train to total_nimg (or stop_at_nimg); True when a stop signal ended it early, its state saved."""
     device = device or dist.device()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -321,10 +222,16 @@ def training_loop(
     cur_nimg, rng_states, data_state = _resume(run_dir, net, optimizer, ema)
     if cur_nimg >= total_nimg and cur_nimg > 0:
         dist.print0(f'{run_dir} is already complete at kimg {cur_nimg / 1e3:.1f}; raise --duration to train on.')
-        dist.print0(_closing_line(run_dir))
-        return
+        dist.print0(closing_line(run_dir))
+        return False
     if tracker is not None:
         tracker.begin(cur_nimg)
+    dist.print0(
+        *faults.disk_plan(
+            run_dir, net, ema, cur_nimg, end_nimg, snapshot_nimg, checkpoint_nimg, snapshot_fp32, keep_checkpoints
+        ),
+        sep='\n',
+    )
     position = None
     if streaming:
         num_slots = world * max(data_loader_kwargs.get('num_workers', 0), 1)
@@ -337,11 +244,13 @@ def training_loop(
     sampler = None
     if not streaming:
         sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
-    with _stop_signals_caught() as stop, _data_batches(dataset, sampler, batch_gpu, data_loader_kwargs) as loader:
+    items = dataset if streaming else SkipBadSamples(dataset, max_bad_samples)
+    with _stop_signals_caught() as stop, _data_batches(items, sampler, batch_gpu, data_loader_kwargs) as loader:
         if rng_states is not None:
             ckpt.set_rng_state(rng_states[rank])  # After the DataLoader, which draws its own base seed.
-        batches = _encoded(loader, encoder, device, position)
-        status = _Status(run_dir, cur_nimg, end_nimg, device, tracker)
+        bad = None if streaming else BadSampleLog(max_bad_samples, stop)
+        batches = _encoded(loader, encoder, device, position, bad)
+        status = Status(run_dir, cur_nimg, end_nimg, device, tracker)
         first_nimg = cur_nimg
         while True:
             done = cur_nimg >= end_nimg
@@ -350,47 +259,60 @@ def training_loop(
             if due(status_nimg, done) and (cur_nimg == 0 or not resumed_here):
                 if position is not None:
                     position.report()
+                if bad is not None:
+                    bad.report()
                 status(cur_nimg, loss_fn, net, encoder, dataset_kwargs)
-            if due(snapshot_nimg, done) and not resumed_here and rank == 0:
-                grid = _save_snapshots(
-                    ema,
-                    loss_fn,
-                    encoder,
-                    dataset,
-                    dataset_kwargs,
-                    run_dir,
-                    cur_nimg,
-                    snapshot_fp32,
-                    sample_steps,
-                    device,
-                    snapshot_format,
-                )
+            if due(snapshot_nimg, done) and not resumed_here:
+                error = grid = None
+                if rank == 0:
+                    try:
+                        grid = save_snapshots(
+                            ema,
+                            loss_fn,
+                            encoder,
+                            dataset,
+                            dataset_kwargs,
+                            run_dir,
+                            cur_nimg,
+                            snapshot_fp32,
+                            sample_steps,
+                            device,
+                            snapshot_format,
+                        )
+                    except faults.WriteError as e:
+                        error = str(e)
                 if grid is not None and tracker is not None:
                     tracker.image('samples', grid, cur_nimg)
+                error = faults.first_error(error)
+                if error is not None and continue_on_snapshot_error:
+                    dist.print0(f'Warning: {error}; training goes on (--continue-on-snapshot-error).')
+                elif error is not None:
+                    stop['fault'] = f'{error}; free space and re-run to resume, or pass --continue-on-snapshot-error'
+                    stopping = not done
             if (due(checkpoint_nimg, done) or stopping) and not resumed_here:
-                states = ckpt.gather_rng_states()
-                data_position = position.state() if position is not None else None
-                if rank == 0:
-                    state = dict(
-                        net=net.state_dict(),
-                        optimizer=optimizer.state_dict(),
-                        ema=ema.state_dict(),
-                        cur_nimg=cur_nimg,
-                        rng=states,
-                        loss_fn=loss_fn,
-                        data=data_position,
-                    )
-                    ckpt.save_checkpoint(os.path.join(run_dir, ckpt.checkpoint_name(cur_nimg // 1000)), state)
-                if world > 1:
-                    torch.distributed.barrier()
+                state = dict(
+                    net=net.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    ema=ema.state_dict(),
+                    cur_nimg=cur_nimg,
+                    loss_fn=loss_fn,
+                    data=position.state() if position is not None else None,
+                )
+                ckpt.save_training_state(run_dir, state, keep_checkpoints)
+            if done or stopping:
+                fault = faults.first_error(stop['fault'])
+                if fault is not None:
+                    raise TrainingError(fault)
             if stopping:
                 dist.print0(
-                    f'Stop requested: state saved at kimg {cur_nimg / 1e3:.1f}; re-run the same command to resume.'
+                    f'Stop requested ({stop["signal"] or "on another process"}): state saved at kimg '
+                    f'{cur_nimg / 1e3:.1f}; re-run the same command to resume.'
                 )
-            if done and cur_nimg >= total_nimg:
-                dist.print0(_closing_line(run_dir))
-            if done or stopping:
-                return
+                return True
+            if done:
+                if cur_nimg >= total_nimg:
+                    dist.print0(closing_line(run_dir))
+                return False
 
             # The gradient of the mean loss over the global batch: each rank sums its share times
             # 1/per_rank, and DDP averages the ranks' gradients.

@@ -1,0 +1,133 @@
+"""What a run writes besides its checkpoints: status lines (stdout, stats.jsonl and the trackers), network
+snapshots with a fixed-seed sample grid, and the closing line that says where the results are."""
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import training_stats
+from training import faults
+from training.faults import TrainingError
+from training.generation import sample
+from training.image_grid import GRID_MIN_SIZE, save_image_grid
+from training.snapshots import save_network, snapshot_name
+from training.tracking import Tracker
+
+
+class Status:
+    """One status line per call: progress towards `end_nimg`, ETA, timing, memory, the loss's statistics;
+    appended to stats.jsonl and sent to the tracker."""
+
+    def __init__(
+        self, run_dir: str, cur_nimg: int, end_nimg: int, device: torch.device, tracker: Tracker | None = None
+    ) -> None:
+        self.path = os.path.join(run_dir, 'stats.jsonl')
+        self.run_dir, self.device, self.end_nimg, self.tracker = run_dir, device, end_nimg, tracker
+        self.start = self.last = time.time()
+        self.last_nimg = cur_nimg
+        self.collector = (
+            training_stats.Collector()
+        )  # Counts from now on, not what earlier runs in this process reported.
+
+    def __call__(self, cur_nimg: int, loss_fn: Any, net: Any, encoder: Any, dataset_kwargs: dict) -> None:
+        now = time.time()
+        trained = cur_nimg - self.last_nimg
+        images = max(trained, 1)
+        sec_per_kimg = (now - self.last) / images * 1e3
+        img_per_sec = trained / max(now - self.last, 1e-9)
+        training_stats.report0('Progress/kimg', cur_nimg / 1e3)
+        if trained:  # The first line of a run times nothing.
+            training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+            training_stats.report0('Timing/img_per_sec', img_per_sec)
+        training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
+        on_gpu = self.device.type == 'cuda'
+        if on_gpu:
+            training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(self.device) / 2**30)
+            torch.cuda.reset_peak_memory_stats()
+        loss_fn.report(net=net, encoder=encoder, dataset_kwargs=dataset_kwargs, device=self.device)
+        self.collector.update()
+        means = {name: entry.mean for name, entry in self.collector.as_dict().items() if entry.num}
+        loss = means.get('Loss/loss', float('nan'))
+        eta = dnnlib.util.format_time((self.end_nimg - cur_nimg) / img_per_sec) if trained else '-'
+        kimg = f'{cur_nimg / 1e3:.1f}/{self.end_nimg / 1e3:.1f}'
+        line = (
+            f'kimg {kimg:<13s} time {dnnlib.util.format_time(now - self.start):<12s} eta {eta:<12s} '
+            f'sec/kimg {f"{sec_per_kimg:.2f}" if trained else "-":<8s} '
+            f'loss {f"{loss:.4f}" if "Loss/loss" in means else "-":<8s} '
+            f'img/s {f"{img_per_sec:.1f}" if trained else "-":<8s} '
+            f'cpumem {means["Resources/cpu_mem_gb"]:<6.2f}'
+        )
+        line += f' gpumem {means["Resources/peak_gpu_mem_gb"]:<6.2f}' if on_gpu else ''
+        if 'Data/read' in means:
+            dropped = sum(v for k, v in means.items() if k.startswith('Data/dropped/') or k == 'Data/too_small')
+            line += f' data read {means["Data/read"]:.0f} dropped {dropped:.0f} corrupt {means["Data/corrupt"]:.0f}'
+        dist.print0(line)
+        if dist.get_rank() == 0:
+            with open(self.path, 'at') as f:
+                f.write(json.dumps(dict(means, timestamp=now)) + '\n')
+            if self.tracker is not None:
+                self.tracker.scalars(means, cur_nimg)
+        if 'Loss/loss' in means and not math.isfinite(loss):
+            raise TrainingError(
+                f'Training diverged: the loss is {loss} at kimg {cur_nimg / 1e3:.1f}; '
+                f'lower --lr and re-run to resume from the last checkpoint in {self.run_dir}.'
+            )
+        self.last, self.last_nimg = time.time(), cur_nimg
+
+
+def save_snapshots(
+    ema: Any,
+    loss_fn: Any,
+    encoder: Any,
+    dataset: Any,
+    dataset_kwargs: dict,
+    run_dir: str,
+    cur_nimg: int,
+    fp32: bool,
+    sample_steps: int,
+    device: torch.device,
+    snapshot_format: str = 'pkl',
+) -> np.ndarray | None:
+    """A network snapshot (pickle, .safetensors or both: `snapshot_format`) per tracked EMA length, and a
+    fixed-seed sample grid of the first, so that the grids of one run are comparable; the loss chooses the grid's
+    conditioning (or no grid). Returns the grid as saved (HWC, enlarged to be seen), or None. A failed write
+    raises faults.WriteError naming the file; the files written before it stay."""
+    kimg = cur_nimg // 1000
+    for ema_net, std in ema.get():
+        frozen = loss_fn.export(copy.deepcopy(ema_net)).cpu().eval().requires_grad_(False)
+        data = dict(
+            ema=frozen if fp32 else frozen.to(torch.float16),
+            encoder=encoder,
+            dataset_kwargs=dataset_kwargs,
+            loss_fn=loss_fn,
+        )
+        path = os.path.join(run_dir, snapshot_name('network-snapshot', kimg, std))
+        with faults.writing(path):
+            save_network(data, path, snapshot_format)
+    grid_net = loss_fn.export(ema.get()[0][0]).eval()
+    grid = 4
+    cond = loss_fn.grid_conditioning(grid_net, dataset, encoder, grid * grid, device)
+    if cond is None:
+        return
+    with torch.no_grad():
+        images = encoder.decode(sample(grid_net, range(grid * grid), num_steps=sample_steps, **cond).latents)
+    path = os.path.join(run_dir, f'samples-{kimg:07d}.png')
+    with faults.writing(path):
+        return save_image_grid(images.cpu().numpy(), path, grid_w=grid, min_size=GRID_MIN_SIZE)
+
+
+def closing_line(run_dir: str) -> str:
+    """Where the run's newest grid is and how to sample from the run."""
+    grids = sorted(name for name in os.listdir(run_dir) if name.startswith('samples-') and name.endswith('.png'))
+    grid = f'Final sample grid: {os.path.join(run_dir, grids[-1])}. ' if grids else ''
+    out = os.path.join(run_dir, 'generated.png')
+    return f'{grid}Sample from the run: python generate_images.py --net={run_dir} --seeds=0-15 --grid={out}'
