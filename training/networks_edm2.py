@@ -83,6 +83,8 @@ class MPFourier(torch.nn.Module):
 # MP convolution (kernel [kh, kw]) or linear layer (kernel []), EDM2 Eq. 47 and 66: the weight is
 # used as normalize(w)·gain/sqrt(fan_in). Forced weight normalisation (EDM2 §2.2): in training the
 # stored weight itself is first replaced by normalize(w), so its norm cannot grow.
+# In eval mode without autograd the used weight is kept and reused until the stored weight or gain
+# changes (their tensor version counters: load_state_dict, optimiser steps), train() or a move.
 @persistence.persistent_class
 class MPConv(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel: list[int]):
@@ -94,14 +96,50 @@ class MPConv(torch.nn.Module):
     def _force_unit_rows(self, w32: torch.Tensor) -> None:
         self.weight.copy_(normalize(w32))
 
-    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
+    def _used_weight(self, dtype: torch.dtype, gain: float | torch.Tensor) -> torch.Tensor:
         w32 = self.weight.to(torch.float32)  # fp16-stored weights are normalised in float32
         if self.training:
             self._force_unit_rows(w32)
-        w = (normalize(w32) * gain / math.sqrt(w32[0].numel())).to(x.dtype)
+        return (normalize(w32) * gain / math.sqrt(w32[0].numel())).to(dtype)
+
+    def _cache_key(self, dtype: torch.dtype, gain: float | torch.Tensor) -> tuple | None:
+        """What the used weight depends on, or None where it must be recomputed (training, autograd, tracing)."""
+        tensors = [self.weight] + ([gain] if torch.is_tensor(gain) else [])
+        if self.training or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        if torch.is_tensor(gain) and not isinstance(gain, torch.nn.Parameter):
+            return None  # a computed gain: no identity to key on
+        gain_key = (gain.data_ptr(), gain._version) if torch.is_tensor(gain) else gain
+        return (self.weight.data_ptr(), self.weight._version, self.weight.device, dtype, gain_key)
+
+    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
+        key = self._cache_key(x.dtype, gain)
+        cache = getattr(self, '_eval_cache', None)
+        if key is None:
+            w = self._used_weight(x.dtype, gain)
+        elif cache is not None and cache[0] == key:
+            w = cache[1]
+        else:
+            w = self._used_weight(x.dtype, gain)
+            self._eval_cache = (key, w)
         if w.ndim == 2:
             return x @ w.t()
         return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+
+    def train(self, mode: bool = True) -> 'MPConv':
+        self._eval_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> 'MPConv':
+        self._eval_cache = None  # .to(), .half(), .cuda() may give the weight new storage
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop('_eval_cache', None)  # pickles and deep copies hold the weight only
+        return state
 
 
 # ----------------------------------------------------------------------------
