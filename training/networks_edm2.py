@@ -10,10 +10,12 @@ relative to). `build_encoder` / `run_encoder` are the encoder half alone, `edm_c
 preconditioning alone.
 """
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 
 import dnnlib
 from torch_utils import persistence
@@ -100,7 +102,7 @@ class MPConv(torch.nn.Module):
 
     def _used_weight(self, dtype: torch.dtype, gain: float | torch.Tensor) -> torch.Tensor:
         w32 = self.weight.to(torch.float32)  # fp16-stored weights are normalised in float32
-        if self.training:
+        if self.training and not getattr(self, 'forcing_off', False):
             self._force_unit_rows(w32)
         return (normalize(w32) * gain / math.sqrt(w32[0].numel())).to(dtype)
 
@@ -142,6 +144,26 @@ class MPConv(torch.nn.Module):
         state = super().__getstate__()
         state.pop('_eval_cache', None)  # pickles and deep copies hold the weight only
         return state
+
+
+@contextlib.contextmanager
+def _forcing_off(convs: list[MPConv]) -> Iterator[None]:
+    """Forced weight normalisation paused for `convs` (a checkpointed block's recomputation)."""
+    for conv in convs:
+        conv.forcing_off = True
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv.forcing_off
+
+
+def set_checkpointing(net: torch.nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing of every U-Net block in `net` on or off; returns the number of blocks."""
+    blocks = [m for m in net.modules() if hasattr(m, '_unforced_recompute')]  # also Blocks of unpickled nets
+    for block in blocks:
+        block.checkpointing = enabled
+    return len(blocks)
 
 
 # ----------------------------------------------------------------------------
@@ -196,6 +218,18 @@ class Block(torch.nn.Module):
         return self.conv_res1(h)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.training and getattr(self, 'checkpointing', False) and torch.is_grad_enabled():
+            # Activation checkpointing: keep the block's inputs only and run it again in backward, without
+            # forcing the weights a second time (already done; again would shrink them by 1 + ε).
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, emb, use_reentrant=False, context_fn=self._unforced_recompute
+            )
+        return self._forward(x, emb)
+
+    def _unforced_recompute(self) -> tuple:
+        return contextlib.nullcontext(), _forcing_off([m for m in self.modules() if isinstance(m, MPConv)])
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = resample(x, self.resample_filter, self.resample_mode)
         encoder = self.flavor == 'enc'
         if encoder:
