@@ -10,6 +10,7 @@ from torch_utils import distributed as dist
 from training import dataset as dataset_mod
 from training.backbones import BackboneError, preset_kwargs
 from training.dataset_io import write_synthetic_dataset
+from training.precision import PrecisionError, resolve_precision, use_fp16_of
 from training.presets_train import TRAIN_PRESETS
 from training.shard_files import is_shard_spec
 
@@ -134,8 +135,11 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         prefetch_factor=2 if p.workers else None,
         persistent_workers=p.workers > 0,
     )
-    precision = 'bf16' if p.bf16 else bool(p.fp16)
-    c.network_kwargs, c.loss_kwargs = backbone_kwargs(p, ds.resolution, precision)
+    try:
+        precision = resolve_precision(p.get('precision'), p.get('fp16'), p.get('bf16'), dist.device())
+    except PrecisionError as e:
+        raise RunConfigError(str(e)) from e
+    c.network_kwargs, c.loss_kwargs = backbone_kwargs(p, ds.resolution, use_fp16_of(precision))
     c.network_kwargs.update(p.get('network_kwargs', {}))  # A preset may name another class and its options.
     c.network_kwargs.update(text_kwargs)
     if c.loss_kwargs.class_name == 'training.loss.EDM2Loss':
@@ -164,4 +168,5 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         snapshot_fp32=p.snapshot_fp32,
         sample_steps=p.get('sample_steps', 32),
     )
+    c.update({key: True for key in ('tf32', 'compile_net', 'checkpointing') if p.get(key)})  # Omitted when off.
     return c
