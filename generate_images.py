@@ -14,7 +14,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training.generation import GenerationError, generate_cascade, generate_images
-from training.image_grid import save_image_grid
+from training.image_sink import ImageSink
 from training.presets_generate import cascades
 from training.sampler_options import (
     SAMPLER_OPTIONS,
@@ -96,30 +96,19 @@ def _gather_to_rank0(items: dict[int, Any]) -> dict[int, Any]:
 
 
 def _write(batches, seeds: list[int], outdir: str | None, subdirs: bool, grid: str | None, npz: str | None) -> None:
-    """PNGs as they come; captions, the grid and the .npz on rank 0 once every rank is done."""
-    collected, captions = {}, {}
+    """PNGs as they come, the grid and .npz through a file on disk (ImageSink); captions once every rank is done."""
+    sink, captions = ImageSink(seeds, grid, npz), {}
     for batch in batches:
         for i, (seed, image) in enumerate(zip(batch.seeds, batch.images.permute(0, 2, 3, 1).cpu().numpy())):
             if outdir is not None:
                 _save_png(image, _image_path(outdir, seed, subdirs))
-            if grid is not None or npz is not None:
-                collected[seed] = image
+            sink.add(seed, image)
             if batch.captions is not None:
                 captions[seed] = batch.captions[i]
-    collected, captions = _gather_to_rank0(collected), _gather_to_rank0(captions)
-    if dist.get_rank() != 0:
-        return
-    if captions:
+    sink.finish()
+    captions = _gather_to_rank0(captions)
+    if dist.get_rank() == 0 and captions:
         _save_captions(captions, seeds, outdir, subdirs, grid)
-    if collected:
-        images = np.stack([collected[seed] for seed in seeds])
-        if grid is not None:
-            os.makedirs(os.path.dirname(grid) or '.', exist_ok=True)
-            save_image_grid(images.transpose(0, 3, 1, 2), grid)
-        if npz is not None:
-            os.makedirs(os.path.dirname(npz) or '.', exist_ok=True)
-            with dnnlib.util.atomic_write(npz) as f:
-                np.savez(f, arr_0=images)
 
 
 @click.command()
