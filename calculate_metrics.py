@@ -29,13 +29,14 @@ from training.metrics import (
     require_metrics,
     save_stats,
 )
+from training.precision import PrecisionError
 from training.sampler_options import SAMPLER_OPTIONS, SWEEP_NAMES, read_prompts, sweep_settings
 from training.shard_files import is_shard_spec
 from training.shards import ShardDataset
 from training.snapshots import NetworkPickleError
 
 _REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
-_USER_ERRORS = (MetricsError, DetectorError, DatasetError, GenerationError, NetworkPickleError, OSError)
+_USER_ERRORS = (MetricsError, DetectorError, DatasetError, GenerationError, NetworkPickleError, PrecisionError, OSError)
 
 
 def _one_line(err: Exception) -> str:
@@ -332,6 +333,8 @@ def _default_ref(preset: str | None) -> str | None:
     default=None,
     help='Prompts of a text-to-image net, one per line (cycled over seeds).',
 )
+@click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), default=None, help='[default: as pickled]')
+@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the networks (pays for many images).')
 @_common_options
 def gen(
     ref_path: str | None,
@@ -343,6 +346,8 @@ def gen(
     batch: int,
     detectors: str | None,
     device: str | None,
+    precision: str | None,
+    compile_net: bool,
     **opts: Any,
 ) -> None:
     """Metrics of images generated on the fly (nothing is written). Comma lists of --guidance,
@@ -352,7 +357,7 @@ def gen(
     python calculate_metrics.py gen --net=run/network-snapshot-0008388-0.100.pkl --ref=refs/img64.pkl --num=10000
     python calculate_metrics.py gen --preset=edm2-img512-s-guid-fid --guidance=1.4,2 --guidance-interval=0.3,5
     """
-    dist.init()
+    dist.init(cpu=device == 'cpu')
     metric_list, torch_device = _check_metrics(metrics), _device(device)
     ref_path = ref_path or _default_ref(opts['preset'])
     if ref_path is None:
@@ -361,9 +366,10 @@ def gen(
     settings = _run(sweep_settings, opts)
     prompts = _run(read_prompts, (), prompts_file) if prompts_file is not None else None
     c = settings[0][1]  # The net, its guide and decoder are the same in every combination.
-    net, encoder = _run(load_network, c.net, torch_device, verbose=True, vae=c.vae)
-    guided = any(setting.sampler_kwargs.guidance != 1 for _label, setting in settings)
-    gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and guided else None
+    with dist.rank0_first():  # one download into the cache, not one per rank
+        net, encoder = _run(load_network, c.net, torch_device, verbose=True, vae=c.vae)
+        guided = any(setting.sampler_kwargs.guidance != 1 for _label, setting in settings)
+        gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and guided else None
     for label, setting in settings:
         dist.print0(
             f'Generating and embedding {num} images (seeds {seed}-{seed + num - 1}) for {",".join(metric_list)} '
@@ -380,6 +386,8 @@ def gen(
                 max_batch_size=batch,
                 device=torch_device,
                 prompts=prompts,
+                precision=precision,
+                compile=compile_net,
                 **setting.sampler_kwargs,
             )
         )

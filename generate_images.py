@@ -15,6 +15,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from training.generation import GenerationError, generate_cascade, generate_images
 from training.image_sink import ImageSink
+from training.precision import PrecisionError
 from training.presets_generate import cascades
 from training.sampler_options import (
     SAMPLER_OPTIONS,
@@ -52,6 +53,7 @@ OUTPUT_OPTIONS = [
     Option('--grid', 'grid', str, None, 'PNG', 'Also write all images as one PNG grid.'),
     Option('--npz', 'npz', str, None, 'NPZ', 'Also write all images to one .npz (uint8 NHWC under arr_0).'),
     Option('--device', 'device', str, None, 'DEVICE', 'Torch device, e.g. cpu or cuda:1  [default: cuda if any]'),
+    Option('--precision', 'precision', str, None, 'fp32|fp16|bf16', 'Compute precision  [default: as pickled]'),
     Option('--prompts', 'prompts_file', str, None, 'FILE', 'Text file of prompts, one per line.'),
     Option('--cascade', 'cascade', str, None, 'NAME', 'Run a named cascade (base + super-resolution stages).'),
     Option('--aug-sigma', 'aug_sigma', float, None, 'FLOAT', 'Low-res noise augmentation  [default: cascade]', min=0),
@@ -113,6 +115,7 @@ def _write(batches, seeds: list[int], outdir: str | None, subdirs: bool, grid: s
 
 @click.command()
 @click_options(SAMPLER_OPTIONS + OUTPUT_OPTIONS)
+@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the networks (pays for many images).')
 @click.option('--subdirs', is_flag=True, help='Put images in subfolders of 1000 seeds ({seed//1000*1000:06d}/).')
 @click.option('--prompt', metavar='TEXT', type=str, multiple=True, help='Caption for text nets; repeat for several.')
 def main(**o: Any) -> None:
@@ -148,8 +151,8 @@ def main(**o: Any) -> None:
     python generate_images.py --net=runs/demo-tiny --clip=runs/demo-clip --clip-scale=100 \\
         --prompt="a red circle on a blue background, at the center" --grid=out/clip.png --device=cpu
     """
-    dist.init()
     o = dnnlib.EasyDict(o)
+    dist.init(cpu=o.device == 'cpu')
     if o.outdir is None and o.grid is None and o.npz is None:
         raise click.ClickException('Nothing to write: give --outdir, --grid or --npz.')
     try:
@@ -170,7 +173,7 @@ def main(**o: Any) -> None:
             w = single_value('guidance', o.guidance)
             jobs = [('', generate_cascade(cascades[o.cascade], prompts, guidance=w, aug_sigma=o.aug_sigma, **common))]
         else:
-            kw = dict(class_idx=o.class_idx, prompts=prompts, **common)
+            kw = dict(class_idx=o.class_idx, prompts=prompts, precision=o.precision, compile=o.compile_net, **common)
             sweep = sweep_settings({opt.name: o[opt.name] for opt in SAMPLER_OPTIONS})
             jobs = [
                 (label, generate_images(c.net, gnet=c.gnet, vae=c.vae, **kw, **c.sampler_kwargs)) for label, c in sweep
@@ -179,7 +182,7 @@ def main(**o: Any) -> None:
             dist.print0(f'Generating {len(seeds)} images on {dist.get_world_size()} rank(s) ... {label}')
             paths = sweep_path(o.outdir, label, folder=True), sweep_path(o.grid, label), sweep_path(o.npz, label)
             _write(batches, seeds, paths[0], o.subdirs, *paths[1:])
-    except (GenerationError, NetworkPickleError, OSError) as e:
+    except (GenerationError, NetworkPickleError, PrecisionError, OSError) as e:
         raise click.ClickException(str(e)) from None
     dist.print0('Done.')
 

@@ -105,3 +105,14 @@ def test_bf16_run_keeps_float32_weights_ema_and_checkpoints(tmp_path, monkeypatc
     assert all(v.dtype == torch.float32 for v in state['net'].values() if v.is_floating_point())
     ema_tensors = [v for v in torch.utils._pytree.tree_leaves(state['ema']) if torch.is_tensor(v)]
     assert ema_tensors and all(v.dtype == torch.float32 for v in ema_tensors if v.is_floating_point())
+
+
+def test_prepare_for_sampling_sets_every_precond_and_refuses_mixed_precision_for_fp32_only_nets():
+    net = nets.Precond(8, 3, 4, use_fp16=False, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    precision.prepare_for_sampling(net, 'bf16')
+    assert net.use_fp16 == 'bf16'
+    precision.prepare_for_sampling(net, None)
+    assert net.use_fp16 == 'bf16'  # None keeps what the pickle says
+    with pytest.raises(precision.PrecisionError, match='fp32 only'):
+        precision.prepare_for_sampling(torch.nn.Linear(2, 2), 'fp16')
+    precision.prepare_for_sampling(torch.nn.Linear(2, 2), 'fp32')

@@ -84,3 +84,17 @@ def compile_module(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
         # In place (Module.compile): state-dict keys, DDP wrapping and pickles stay those of the plain module.
         module.compile(dynamic=False, mode=os.environ.get('EDM2X_COMPILE_MODE') or None)
     return module
+
+
+def prepare_for_sampling(net: torch.nn.Module, precision: str | None = None, compile: bool = False) -> None:
+    """Set a loaded denoiser's compute precision (None: as pickled) and compile it, in place. The precision is
+    `use_fp16` of every Precond inside (a guided or wrapped net included); a net without one runs fp32 only."""
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise PrecisionError(f'--precision={precision}: choose one of {", ".join(PRECISIONS)}.')
+        preconds = [m for m in net.modules() if hasattr(m, 'use_fp16')]
+        if not preconds and precision != 'fp32':
+            raise PrecisionError(f'--precision={precision}: this network ({type(net).__name__}) computes in fp32 only.')
+        for m in preconds:
+            m.use_fp16 = use_fp16_of(precision)
+    compile_module(net, compile)
