@@ -245,7 +245,8 @@ class Block(torch.nn.Module):
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
-        q, k, v = (t.mT for t in normalize(qkv, dim=2).unbind(3))  # each [n, heads, pixels, head channels]
+        # Each [n, heads, pixels, head channels], contiguous: CPU attention over 16x16 pixels runs 3x faster.
+        q, k, v = (t.mT.contiguous() for t in normalize(qkv, dim=2).unbind(3))
         return torch.nn.functional.scaled_dot_product_attention(q, k, v).mT.reshape(n, c, h, w)
 
 
