@@ -9,6 +9,7 @@ count_flops.py's multiply-add count; a training image costs 3x its forward flops
 products), a sampled image (2 * steps - 1) forward passes (Heun, EDM Alg. 2).
 """
 
+import resource
 import time
 from collections.abc import Callable
 
@@ -100,8 +101,12 @@ def _timed(fn: Callable[[], None], device: torch.device, steps: int, clock: str)
     return first, sorted(times)[len(times) // 2]
 
 
-def _peak_memory_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
+def _peak_memory_gb(device: torch.device) -> float:
+    """CUDA: peak allocated tensor memory. CPU: the process's peak resident memory (Linux ru_maxrss in KiB), so
+    a comparison needs one process per setting, as the bench scripts run."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _result(batch: int, seconds: float, flops_per_call: float, peak_tflops: float | None, **extra) -> dnnlib.EasyDict:
@@ -125,7 +130,8 @@ def time_training_steps(
     clock: str = 'wall',
 ) -> dnnlib.EasyDict:
     """EasyDict(img_s, ms (per step, median), ms_step (the same), tflops, mfu (None without a peak), params,
-    gflops_per_img (training), first_s (first step, compile included), peak_mem_gb (CUDA)) of `steps` Adam steps."""
+    gflops_per_img (training), first_s (first step, compile included), peak_mem_gb (CUDA tensors; CPU process
+    RSS)) of `steps` Adam steps."""
     device = torch.device(device)
     net, loss_fn, resolution = build_preset_net(preset, resolution, img_channels, label_dim, precision, device)
     flops = 3 * forward_flops_per_image(net, img_channels, resolution, label_dim) * batch
@@ -200,4 +206,4 @@ def describe(r: dnnlib.EasyDict) -> str:
     line = f'{r.img_s:.2f} img/s, {r.ms:.1f} ms/call, {r.gflops_per_img:.2f} Gflop/img, {r.tflops:.3f} Tflop/s'
     line += f', MFU {r.mfu:.1%}' if r.mfu is not None else ', MFU n/a (give --peak-tflops)'
     line += f', first call {r.first_s:.1f} s'
-    return line + (f', peak {r.peak_mem_gb:.2f} GiB' if r.peak_mem_gb is not None else '')
+    return line + f', peak memory {r.peak_mem_gb:.2f} GiB'
