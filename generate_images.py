@@ -164,7 +164,7 @@ def main(**o: Any) -> None:
     except RuntimeError as e:
         raise click.ClickException(f'--device={o.device}: {e}') from None
     common = dict(seeds=seeds, max_batch_size=o.max_batch_size, device=device, verbose=True)
-    common.update(clip=o.clip, clip_scale=o.clip_scale)
+    common.update(clip=o.clip, clip_scale=o.clip_scale, precision=o.precision, compile=o.compile_net)
     try:
         prompts = read_prompts(o.prompt, o.prompts_file)
         if o.cascade is not None:
@@ -173,7 +173,7 @@ def main(**o: Any) -> None:
             w = single_value('guidance', o.guidance)
             jobs = [('', generate_cascade(cascades[o.cascade], prompts, guidance=w, aug_sigma=o.aug_sigma, **common))]
         else:
-            kw = dict(class_idx=o.class_idx, prompts=prompts, precision=o.precision, compile=o.compile_net, **common)
+            kw = dict(class_idx=o.class_idx, prompts=prompts, **common)
             sweep = sweep_settings({opt.name: o[opt.name] for opt in SAMPLER_OPTIONS})
             jobs = [
                 (label, generate_images(c.net, gnet=c.gnet, vae=c.vae, **kw, **c.sampler_kwargs)) for label, c in sweep

@@ -4,6 +4,7 @@ like fp32, float32 master weights, EMA and checkpoints."""
 import glob
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import training_config
@@ -116,3 +117,32 @@ def test_prepare_for_sampling_sets_every_precond_and_refuses_mixed_precision_for
     with pytest.raises(precision.PrecisionError, match='fp32 only'):
         precision.prepare_for_sampling(torch.nn.Linear(2, 2), 'fp16')
     precision.prepare_for_sampling(torch.nn.Linear(2, 2), 'fp32')
+
+
+def test_generate_images_precision_option_computes_in_bf16_close_to_fp32_and_rejects_unknown(tmp_path):
+    from click.testing import CliRunner
+
+    import generate_images
+    from training.encoders import StandardRGBEncoder
+    from training.snapshots import save_network_pickle
+
+    torch.manual_seed(0)
+    net = nets.Precond(8, 3, 3, use_fp16=False, model_channels=8, channel_mult=[1, 2], num_blocks=1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith('gain'):
+                p.fill_(0.5)
+    path = str(tmp_path / 'net.pkl')
+    save_network_pickle({'ema': net.eval(), 'encoder': StandardRGBEncoder()}, path)
+    images = {}
+    for p in ('fp32', 'bf16'):
+        args = [f'--net={path}', '--seeds=0-3', '--steps=4', f'--npz={tmp_path / p}.npz', f'--precision={p}']
+        result = CliRunner().invoke(generate_images.main, ['--device=cpu', *args])
+        assert result.exit_code == 0, result.output
+        images[p] = np.load(f'{tmp_path / p}.npz')['arr_0'].astype(int)
+    difference = np.abs(images['bf16'] - images['fp32'])
+    assert 0 < difference.max() and difference.mean() < 8  # bf16 rounding, not another image
+    result = CliRunner().invoke(
+        generate_images.main, ['--device=cpu', f'--net={path}', '--npz=x.npz', '--precision=fp8']
+    )
+    assert result.exit_code == 1 and '--precision=fp8' in result.output and 'Traceback' not in result.output

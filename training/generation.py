@@ -337,12 +337,15 @@ def generate_cascade(
     aug_sigma: float | None = None,
     clip: torch.nn.Module | str | None = None,
     clip_scale: float = 0.0,
+    precision: str | None = None,
+    compile: bool = False,
 ) -> Iterator[dnnlib.EasyDict]:
     """Run a text-to-image net and its super-resolution stages in order (Imagen's cascade), yielding per
     batch EasyDict(images, seeds, labels=None, captions) at the last stage's resolution.
 
     A stage is EasyDict(net, num_steps, guidance, aug_sigma) as in presets_generate.cascades; `guidance`
-    overrides the first stage's, `aug_sigma` the super-resolution stages'. Pixel-space stages only.
+    overrides the first stage's, `aug_sigma` the super-resolution stages'. Pixel-space stages only. `precision`
+    and `compile` apply to every stage (precision.prepare_for_sampling).
     CLIP guidance applies to the stages whose images the guide reads. Each image's stages draw from one
     generator in order, so an image still depends on its seed alone.
     """
@@ -355,6 +358,7 @@ def generate_cascade(
         if network_kind(net) != want or (k and net.lowres != nets[k - 1].img_resolution):
             role = f'a {nets[k - 1].img_resolution}->N super-resolution stage' if k else 'a text-to-image base net'
             raise GenerationError(f'Cascade stage {k + 1} ({stages[k].net}) must be {role}.')
+        prepare_for_sampling(net, precision, compile)
     clip = load_clip(clip, clip_scale, nets, prompts, device, verbose)
     encoder = loaded[-1][1] or StandardRGBEncoder()
     encoder.init(device)
