@@ -21,8 +21,7 @@ _CHUNK_BYTES = 64 << 20
 
 class ImageSink:
     """Collects uint8 HWC images of `seeds` (in that order) for an .npz at `npz` and/or a PNG grid at `grid`.
-    Construct it and call finish() on every rank at the same point (both wait for all ranks); add() each of this
-    rank's images in between."""
+    add() each of this rank's images, then call finish() on every rank (it waits for all ranks)."""
 
     def __init__(self, seeds: list[int], grid: str | None, npz: str | None) -> None:
         self.grid, self.npz = grid, npz
@@ -30,18 +29,16 @@ class ImageSink:
         target = npz or grid
         self.path = None if target is None else f'{target}.rows'  # beside the output: the same filesystem
         self.fd, self.shape = None, None
-        if self.path is not None:
-            if dist.get_rank() == 0:
-                os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
-                open(self.path, 'wb').close()  # empty, also after an interrupted run
-            dist.barrier()
 
     def add(self, seed: int, image: np.ndarray) -> None:
         """Write one image [H, W, C] uint8 into its row of the rows file (no header: raw rows in seed order)."""
         if self.path is None:
             return
         if self.fd is None:
-            self.fd, self.shape = os.open(self.path, os.O_RDWR), image.shape
+            # Every rank creates or opens it, never truncating: every row gets written, and what an interrupted
+            # run left beyond the rows is never read. It appears with the first image, so errors before leave none.
+            os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+            self.fd, self.shape = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), image.shape
         if image.shape != self.shape or image.dtype != np.uint8:
             raise ValueError(f'Image of seed {seed} is {image.dtype} {image.shape}; expected uint8 {self.shape}.')
         os.pwrite(self.fd, np.ascontiguousarray(image).tobytes(), self.rows[seed] * image.nbytes)
