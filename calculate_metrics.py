@@ -8,17 +8,14 @@ name it with --detectors or the EDM2X_DETECTORS environment variable:
 """
 
 import json
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import click
-import numpy as np
 import torch
 
 from torch_utils import distributed as dist
-from training.dataset import DatasetError, ImageFolderDataset
-from training.detectors import DETECTORS_ENV, METRICS, DetectorError
+from training.dataset import DatasetError
+from training.detectors import DETECTORS_ENV, DetectorError
 from training.generation import GenerationError, generate_images, load_network
 from training.metrics import (
     MetricsError,
@@ -30,15 +27,23 @@ from training.metrics import (
     require_metrics,
     save_stats,
 )
-from training.network_loading import resolve_network_path
+from training.metrics_io import dataset_batches, default_ref, log_results, open_images, results_tracker
+from training.precision import PrecisionError
 from training.sampler_options import SAMPLER_OPTIONS, SWEEP_NAMES, read_prompts, sweep_settings
-from training.shard_files import is_shard_spec
 from training.shards import ShardDataset
-from training.snapshots import TRUST_HELP, NetworkPickleError, parse_snapshot_name, trust_pickles
-from training.tracking import LOGGERS, Tracker, TrackingError
+from training.snapshots import TRUST_HELP, NetworkPickleError, trust_pickles
+from training.tracking import LOGGERS, TrackingError
 
-_REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
-_USER_ERRORS = (MetricsError, DetectorError, DatasetError, GenerationError, NetworkPickleError, TrackingError, OSError)
+_USER_ERRORS = (
+    MetricsError,
+    DetectorError,
+    DatasetError,
+    GenerationError,
+    NetworkPickleError,
+    PrecisionError,
+    TrackingError,
+    OSError,
+)
 
 
 def _one_line(err: Exception) -> str:
@@ -46,37 +51,6 @@ def _one_line(err: Exception) -> str:
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else type(err).__name__
     return last.split(': ', 1)[1] if last.startswith('training.') and ': ' in last else last
-
-
-def _open_images(
-    path: str, num: int | None = None, seed: int = 0, allow_shards: bool = False
-) -> ImageFolderDataset | ShardDataset:
-    """The RGB images of a folder or ZIP; with `num`, exactly `num` of them, subsampled by `seed`. Tar shards
-    (with `allow_shards`) stream one pass, each rank and data worker reading its own share."""
-    if allow_shards and is_shard_spec(path):
-        dataset = ShardDataset(path, shuffle=0, loop=False)
-    else:
-        dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
-    if num is not None and len(dataset) < num:
-        raise MetricsError(f'{path} holds {len(dataset)} images, fewer than --num={num}; add images or lower --num.')
-    image, _label = dataset[0]
-    if image.dtype != np.uint8:
-        raise MetricsError(f'{path} holds {image.dtype} arrays (latents?), not PNG images; metrics need pixels.')
-    if dataset.num_channels != 3:
-        raise MetricsError(
-            f'{path} holds images with {dataset.num_channels} channel(s); the detectors need RGB '
-            f'(3 channels); convert them with dataset_tool.py.'
-        )
-    return dataset
-
-
-def _dataset_batches(dataset: ImageFolderDataset, batch: int, workers: int) -> Iterator[torch.Tensor]:
-    """This rank's share of the dataset (every world-size-th image), as uint8 NCHW batches."""
-    if not isinstance(dataset, torch.utils.data.IterableDataset):
-        dataset = torch.utils.data.Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
-    for images, *_labels in loader:
-        yield images
 
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -205,13 +179,13 @@ def ref(
     """
     dist.init()
     metric_list, torch_device = _check_metrics(metrics), _device(device)
-    dataset = _run(_open_images, data, allow_shards=True)
+    dataset = _run(open_images, data, allow_shards=True)
     streaming = isinstance(dataset, ShardDataset)
     size = f'the images of {len(dataset.shards)} shards' if streaming else f'{len(dataset)} images'
     dist.print0(f'Embedding {size} of {data} for {",".join(metric_list)} ...')
     stats = _run(
         calculate_stats_for_iterable,
-        _dataset_batches(dataset, batch, workers),
+        dataset_batches(dataset, batch, workers),
         metric_list,
         detector_source=detectors,
         device=torch_device,
@@ -278,24 +252,17 @@ def calc(
     dist.init()
     metric_list, torch_device = _check_metrics(metrics), _device(device)
     ref_stats = _load_ref(ref_path, metric_list)
-    dataset = _run(_open_images, images, num, seed)
+    dataset = _run(open_images, images, num, seed)
     dist.print0(f'Embedding {len(dataset)} images of {images} for {",".join(metric_list)} ...')
     stats = _run(
         calculate_stats_for_iterable,
-        _dataset_batches(dataset, batch, workers),
+        dataset_batches(dataset, batch, workers),
         metric_list,
         detector_source=detectors,
         device=torch_device,
         num_images=len(dataset),
     )
     _report(stats, ref_stats, ref_path, metric_list)
-
-
-def _default_ref(preset: str | None) -> str | None:
-    for dataset in ('img512', 'img64'):
-        if preset is not None and preset.startswith(f'edm2-{dataset}-'):
-            return _REF_URL.format(dataset)
-    return None
 
 
 @cli.command()
@@ -336,6 +303,8 @@ def _default_ref(preset: str | None) -> str | None:
     default=None,
     help='Prompts of a text-to-image net, one per line (cycled over seeds).',
 )
+@click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), default=None, help='[default: as pickled]')
+@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the networks (pays for many images).')
 @_common_options
 @click.option(
     '--logger',
@@ -360,6 +329,8 @@ def gen(
     device: str | None,
     loggers: tuple,
     run_dir: str | None,
+    precision: str | None,
+    compile_net: bool,
     **opts: Any,
 ) -> None:
     """Metrics of images generated on the fly (nothing is written). Comma lists of --guidance,
@@ -369,20 +340,21 @@ def gen(
     python calculate_metrics.py gen --net=run/network-snapshot-0008388-0.100.pkl --ref=refs/img64.pkl --num=10000
     python calculate_metrics.py gen --preset=edm2-img512-s-guid-fid --guidance=1.4,2 --guidance-interval=0.3,5
     """
-    dist.init()
+    dist.init(cpu=device == 'cpu')
     metric_list, torch_device = _check_metrics(metrics), _device(device)
-    ref_path = ref_path or _default_ref(opts['preset'])
+    ref_path = ref_path or default_ref(opts['preset'])
     if ref_path is None:
         raise click.ClickException('No reference statistics: give --ref=PKL (make one with calculate_metrics.py ref).')
     ref_stats = _load_ref(ref_path, metric_list)
     settings = _run(sweep_settings, opts)
     prompts = _run(read_prompts, (), prompts_file) if prompts_file is not None else None
     c = settings[0][1]  # The net, its guide and decoder are the same in every combination.
-    tracker = _run(_results_tracker, c.net, run_dir, loggers if dist.is_main() else ())
+    tracker = _run(results_tracker, c.net, run_dir, loggers if dist.is_main() else ())
     rows = []
-    net, encoder = _run(load_network, c.net, torch_device, verbose=True, vae=c.vae)
-    guided = any(setting.sampler_kwargs.guidance != 1 for _label, setting in settings)
-    gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and guided else None
+    with dist.rank0_first():  # one download into the cache, not one per rank
+        net, encoder = _run(load_network, c.net, torch_device, verbose=True, vae=c.vae)
+        guided = any(setting.sampler_kwargs.guidance != 1 for _label, setting in settings)
+        gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and guided else None
     for label, setting in settings:
         dist.print0(
             f'Generating and embedding {num} images (seeds {seed}-{seed + num - 1}) for {",".join(metric_list)} '
@@ -399,6 +371,8 @@ def gen(
                 max_batch_size=batch,
                 device=torch_device,
                 prompts=prompts,
+                precision=precision,
+                compile=compile_net,
                 **setting.sampler_kwargs,
             )
         )
@@ -419,31 +393,7 @@ def gen(
             print('\n'.join(f'{metric} {value:g}' for metric, value in results.items()))
         else:
             print(json.dumps(rows[-1]), flush=True)
-    _log_results(tracker, c.net, rows)
-
-
-def _results_tracker(net: str | None, run_dir: str | None, loggers: tuple) -> Tracker:
-    """The tracker of the run the results belong to: --run-dir, else the folder --net names or lies in."""
-    if run_dir is None and loggers:
-        if net is None or '://' in net or not os.path.exists(net):
-            raise MetricsError('--logger needs --run-dir: the training run whose tracking gets the results.')
-        run_dir = net if os.path.isdir(net) else os.path.dirname(net) or '.'
-    if loggers and not os.path.isdir(run_dir):
-        raise MetricsError(f'--run-dir={run_dir} is not a folder; name the training run to log to.')
-    return Tracker(run_dir or '.', loggers)
-
-
-def _log_results(tracker: Tracker, net: str, rows: list[dict]) -> None:
-    """Each setting's metrics, at the training time of the evaluated snapshot (0 when its name tells none);
-    with one setting also as scalars, so that evaluating every snapshot draws a curve."""
-    if not tracker.names:
-        return
-    try:
-        nimg = parse_snapshot_name(resolve_network_path(net))[1] * 1000
-    except (ValueError, NetworkPickleError):
-        nimg = 0
-    scalars = {f'Metrics/{m}': rows[0][m] for m in METRICS if m in rows[0]} if len(rows) == 1 else None
-    tracker.results('Metrics', [dict(net=net, **row) for row in rows], nimg, scalars)
+    log_results(tracker, c.net, rows)
 
 
 if __name__ == '__main__':

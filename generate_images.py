@@ -14,7 +14,8 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training.generation import GenerationError, generate_cascade, generate_images
-from training.image_grid import save_image_grid
+from training.image_sink import ImageSink
+from training.precision import PrecisionError
 from training.presets_generate import cascades
 from training.sampler_options import (
     SAMPLER_OPTIONS,
@@ -52,6 +53,7 @@ OUTPUT_OPTIONS = [
     Option('--grid', 'grid', str, None, 'PNG', 'Also write all images as one PNG grid.'),
     Option('--npz', 'npz', str, None, 'NPZ', 'Also write all images to one .npz (uint8 NHWC under arr_0).'),
     Option('--device', 'device', str, None, 'DEVICE', 'Torch device, e.g. cpu or cuda:1  [default: cuda if any]'),
+    Option('--precision', 'precision', str, None, 'fp32|fp16|bf16', 'Compute precision  [default: as pickled]'),
     Option('--prompts', 'prompts_file', str, None, 'FILE', 'Text file of prompts, one per line.'),
     Option('--cascade', 'cascade', str, None, 'NAME', 'Run a named cascade (base + super-resolution stages).'),
     Option('--aug-sigma', 'aug_sigma', float, None, 'FLOAT', 'Low-res noise augmentation  [default: cascade]', min=0),
@@ -96,34 +98,24 @@ def _gather_to_rank0(items: dict[int, Any]) -> dict[int, Any]:
 
 
 def _write(batches, seeds: list[int], outdir: str | None, subdirs: bool, grid: str | None, npz: str | None) -> None:
-    """PNGs as they come; captions, the grid and the .npz on rank 0 once every rank is done."""
-    collected, captions = {}, {}
+    """PNGs as they come, the grid and .npz through a file on disk (ImageSink); captions once every rank is done."""
+    sink, captions = ImageSink(seeds, grid, npz), {}
     for batch in batches:
         for i, (seed, image) in enumerate(zip(batch.seeds, batch.images.permute(0, 2, 3, 1).cpu().numpy())):
             if outdir is not None:
                 _save_png(image, _image_path(outdir, seed, subdirs))
-            if grid is not None or npz is not None:
-                collected[seed] = image
+            sink.add(seed, image)
             if batch.captions is not None:
                 captions[seed] = batch.captions[i]
-    collected, captions = _gather_to_rank0(collected), _gather_to_rank0(captions)
-    if dist.get_rank() != 0:
-        return
-    if captions:
+    sink.finish()
+    captions = _gather_to_rank0(captions)
+    if dist.get_rank() == 0 and captions:
         _save_captions(captions, seeds, outdir, subdirs, grid)
-    if collected:
-        images = np.stack([collected[seed] for seed in seeds])
-        if grid is not None:
-            os.makedirs(os.path.dirname(grid) or '.', exist_ok=True)
-            save_image_grid(images.transpose(0, 3, 1, 2), grid)
-        if npz is not None:
-            os.makedirs(os.path.dirname(npz) or '.', exist_ok=True)
-            with dnnlib.util.atomic_write(npz) as f:
-                np.savez(f, arr_0=images)
 
 
 @click.command()
 @click_options(SAMPLER_OPTIONS + OUTPUT_OPTIONS)
+@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the networks (pays for many images).')
 @click.option('--subdirs', is_flag=True, help='Put images in subfolders of 1000 seeds ({seed//1000*1000:06d}/).')
 @click.option('--prompt', metavar='TEXT', type=str, multiple=True, help='Caption for text nets; repeat for several.')
 @click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help=TRUST_HELP)
@@ -160,8 +152,8 @@ def main(**o: Any) -> None:
     python generate_images.py --net=runs/demo-tiny --clip=runs/demo-clip --clip-scale=100 \\
         --prompt="a red circle on a blue background, at the center" --grid=out/clip.png --device=cpu
     """
-    dist.init()
     o = dnnlib.EasyDict(o)
+    dist.init(cpu=o.device == 'cpu')
     if o.outdir is None and o.grid is None and o.npz is None:
         raise click.ClickException('Nothing to write: give --outdir, --grid or --npz.')
     try:
@@ -173,7 +165,7 @@ def main(**o: Any) -> None:
     except ValueError as e:
         raise click.ClickException(f'--device={o.device}: {e}') from None
     common = dict(seeds=seeds, max_batch_size=o.max_batch_size, device=device, verbose=True)
-    common.update(clip=o.clip, clip_scale=o.clip_scale)
+    common.update(clip=o.clip, clip_scale=o.clip_scale, precision=o.precision, compile=o.compile_net)
     try:
         prompts = read_prompts(o.prompt, o.prompts_file)
         if o.cascade is not None:
@@ -191,7 +183,7 @@ def main(**o: Any) -> None:
             dist.print0(f'Generating {len(seeds)} images on {dist.get_world_size()} rank(s) ... {label}')
             paths = sweep_path(o.outdir, label, folder=True), sweep_path(o.grid, label), sweep_path(o.npz, label)
             _write(batches, seeds, paths[0], o.subdirs, *paths[1:])
-    except (GenerationError, NetworkPickleError, OSError) as e:
+    except (GenerationError, NetworkPickleError, PrecisionError, OSError) as e:
         raise click.ClickException(str(e)) from None
     dist.print0('Done.')
 

@@ -171,16 +171,18 @@ def one_line_message(e: Exception) -> str:
     help='Text presets: a Hugging Face tokenizer (local folder) instead of the byte tokenizer.',
 )
 @click.option(
-    '--fp16', metavar='BOOL', type=bool, default=True, show_default=True, help='Mixed precision (float16) on CUDA.'
+    '--fp16', metavar='BOOL', type=bool, default=None, help="EDM2's option: True is --precision=fp16, False fp32."
 )
+@click.option('--bf16', metavar='BOOL', type=bool, default=None, help='True is --precision=bf16.')
 @click.option(
-    '--bf16',
-    metavar='BOOL',
-    type=bool,
-    default=False,
-    show_default=True,
-    help='bfloat16 compute, also on CPU (fast only with bf16 instructions).',
+    '--precision',
+    type=click.Choice(['fp32', 'fp16', 'bf16']),
+    default=None,
+    help='Compute precision; weights, EMA and loss stay fp32 [default: fp16 on CUDA, bf16 on bf16 CPUs, else fp32].',
 )
+@click.option('--tf32', is_flag=True, help='Allow TF32 matmuls and convolutions in fp32 on Ampere+ GPUs.')
+@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (pays in long runs).')
+@click.option('--checkpointing', is_flag=True, help='Activation checkpointing: recompute blocks in backward.')
 @click.option(
     '--ls',
     metavar='FLOAT',

@@ -1,7 +1,9 @@
-"""Training throughput of a preset's network on this device: images/s, and achieved TFLOP/s on CUDA.
+"""Training throughput of a preset's network: images/s, achieved Tflop/s (3x forward flops per image) and MFU.
 
-python bench/train_speed.py --preset=demo --batch=64
-python bench/train_speed.py --preset=edm2-img512-xs --batch=32 --resolution=64 --channels-in=4 --label-dim=1000
+python bench/train_speed.py --preset=demo --batch=64 --precision=bf16
+python bench/train_speed.py --preset=edm2-img512-s --batch=64 --resolution=64 --channels-in=4 --label-dim=1000 \\
+    --precision=bf16 --compile                        # MFU from the built-in H100/H200/A100 peaks on CUDA
+python bench/train_speed.py --preset=demo --threads=1 --clock=process --peak-tflops=1.5   # on a shared CPU
 """
 
 import os
@@ -12,66 +14,38 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.presets_train import TRAIN_PRESETS  # noqa: E402
-from training.throughput import ThroughputError, time_training_steps  # noqa: E402
+from training.throughput import ThroughputError, describe, time_training_steps  # noqa: E402
 
 
 @click.command()
+@click.option('--preset', metavar='STR', type=click.Choice(list(TRAIN_PRESETS)), default='demo', show_default=True)
+@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images/step.')
+@click.option('--resolution', metavar='INT', type=int, default=None, help='Input size [default: preset data, else 64].')
 @click.option(
-    '--preset',
-    metavar='STR',
-    type=click.Choice(list(TRAIN_PRESETS)),
-    default='demo',
-    show_default=True,
-    help='Training preset whose network to time.',
-)
-@click.option(
-    '--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images per step.'
-)
-@click.option(
-    '--resolution', metavar='INT', type=int, default=None, help='Input resolution [default: preset data, else 64].'
-)
-@click.option(
-    '--channels-in',
-    'img_channels',
-    metavar='INT',
-    type=int,
-    default=3,
-    show_default=True,
-    help='Input channels (4 for SD latents).',
+    '--channels-in', 'img_channels', metavar='INT', type=int, default=3, show_default=True, help='4: latents.'
 )
 @click.option('--label-dim', metavar='INT', type=int, default=10, show_default=True, help='Number of classes.')
+@click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), default='fp32', show_default=True)
+@click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True, help='Timed steps.')
+@click.option('--device', metavar='STR', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
+@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (first step compiles).')
+@click.option('--checkpointing', is_flag=True, help='Activation checkpointing of the U-Net blocks.')
+@click.option('--peak-tflops', metavar='FLOAT', type=float, default=None, help='Device peak for MFU [default: table].')
+@click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=None, help='torch CPU threads.')
 @click.option(
-    '--precision',
-    type=click.Choice(['fp32', 'fp16', 'bf16']),
-    default='fp32',
-    show_default=True,
-    help='Compute precision.',
+    '--clock', type=click.Choice(['wall', 'process']), default='wall', show_default=True, help='process: CPU time.'
 )
-@click.option(
-    '--steps',
-    metavar='INT',
-    type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
-    help='Timed steps (after 2 warm-up steps).',
-)
-@click.option(
-    '--device',
-    metavar='STR',
-    type=str,
-    default='cuda' if torch.cuda.is_available() else 'cpu',
-    show_default=True,
-    help='Torch device.',
-)
-def main(preset, batch, resolution, img_channels, label_dim, precision, steps, device):
-    """Time optimiser steps of a preset's network on random data."""
+def main(preset, threads, compile_net, **kw):
+    """Time Adam steps of a preset's network and EDM2 loss on random data (median step after two warm-ups)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        r = time_training_steps(preset, batch, resolution, img_channels, label_dim, precision, steps, device)
+        r = time_training_steps(preset, compile=compile_net, **kw)
     except ThroughputError as e:
         raise click.ClickException(str(e)) from None
-    line = f'{preset} {precision} on {device}: {r.params / 1e6:.2f}M params, batch {batch}, '
-    line += f'{r.ms_step:.1f} ms/step, {r.img_s:.1f} img/s'
-    print(line + (f', {r.tflops:.1f} TFLOP/s achieved' if r.tflops is not None else ''))
+    opts = kw['precision'] + ' compile' * compile_net + ' checkpointing' * kw['checkpointing']
+    head = f'train {preset} {opts} on {kw["device"]} ({torch.get_num_threads()} threads), batch {kw["batch"]}'
+    print(f'{head}, {r.params / 1e6:.2f}M params: {describe(r)}')
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ def test_times_the_network_train_edm2_builds_for_the_preset(one_thread):
         r = time_training_steps(preset, batch=2, label_dim=5, steps=1)
         built = count_flops.build_train_preset_net(preset, label_dim=5)
         assert r.params == sum(p.numel() for p in built.parameters())
-        assert r.img_s == pytest.approx(2 / (r.ms_step / 1e3)) and r.tflops is None
+        assert r.img_s == pytest.approx(2 / (r.ms_step / 1e3)) and r.mfu is None
 
 
 def test_presets_it_cannot_time_are_one_clear_error():

@@ -20,7 +20,7 @@ from conftest import assert_one_line_error
 import calculate_metrics
 import reconstruct_phema
 import train_edm2
-from training import tracking
+from training import metrics_io, tracking
 from training.snapshots import save_network_pickle, snapshot_name
 from training.tracking import Tracker, TrackingError
 
@@ -169,8 +169,8 @@ def test_phema_logs_its_stds_and_fit_errors_to_the_run(tmp_path):
 def test_metrics_results_of_a_snapshot_land_at_its_training_time(tmp_path):
     net = tmp_path / snapshot_name('network-snapshot', 5, 0.1)
     net.write_bytes(b'')
-    tracker = calculate_metrics._results_tracker(str(net), None, ('tensorboard',))
-    calculate_metrics._log_results(tracker, str(net), [dict(setting='', guidance=1.0, fid=12.5)])
+    tracker = metrics_io.results_tracker(str(net), None, ('tensorboard',))
+    metrics_io.log_results(tracker, str(net), [dict(setting='', guidance=1.0, fid=12.5)])
     acc = read_events(str(tmp_path))
     assert scalar_steps(acc, 'Metrics/fid') == {5000: 12.5}
     assert 'Metrics/guidance' not in acc.Tags()['scalars']
@@ -178,7 +178,7 @@ def test_metrics_results_of_a_snapshot_land_at_its_training_time(tmp_path):
 
 def test_metrics_logger_without_a_run_folder_is_one_line(tmp_path):
     with pytest.raises(calculate_metrics.MetricsError, match='--logger needs --run-dir'):
-        calculate_metrics._results_tracker('https://example.com/net.pkl', None, ('none',))
+        metrics_io.results_tracker('https://example.com/net.pkl', None, ('none',))
 
 
 @pytest.mark.skipif(tracking.importlib.util.find_spec('matplotlib') is None, reason='matplotlib is not installed')

@@ -2,8 +2,9 @@
 process group, so the same code runs in both."""
 
 import atexit
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -12,8 +13,9 @@ from . import training_stats
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
-def init() -> None:
-    """Join the process group described by torchrun's environment, or stay a single process without one."""
+def init(cpu: bool = False) -> None:
+    """Join the process group described by torchrun's environment, or stay a single process without one.
+    The group talks NCCL between GPUs; gloo where there are none or `cpu` asks for the CPU (--device=cpu)."""
     if _initialized():
         return
     present = [name for name in _TORCHRUN_VARS if name in os.environ]
@@ -24,9 +26,10 @@ def init() -> None:
                 f'Found {", ".join(present)} but not {", ".join(missing)} in the environment; '
                 f'launch with torchrun or set all of {", ".join(_TORCHRUN_VARS)}.'
             )
-        if torch.cuda.is_available():
+        on_gpu = torch.cuda.is_available() and not cpu
+        if on_gpu:
             torch.cuda.set_device(get_local_rank())
-        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        backend = 'nccl' if on_gpu else 'gloo'
         # Workers restarted by torchrun --max-restarts may find the killed workers' addresses still in the
         # store and wait for them; keys of their own attempt avoid that. The restart count names the attempt
         # only when one torchrun agent counts for all (one node): a node joining later would count from 0.
@@ -67,8 +70,21 @@ def get_local_rank() -> int:
 
 
 def device() -> torch.device:
-    """The device this process computes on: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
-    return torch.device('cuda', get_local_rank()) if torch.cuda.is_available() else torch.device('cpu')
+    """The device this process computes on: cuda:LOCAL_RANK when CUDA is available (and the group is not gloo's,
+    as init(cpu=True) makes it), else the CPU."""
+    if not torch.cuda.is_available() or (_initialized() and torch.distributed.get_backend() == 'gloo'):
+        return torch.device('cpu')
+    return torch.device('cuda', get_local_rank())
+
+
+@contextlib.contextmanager
+def rank0_first() -> Iterator[None]:
+    """Rank 0 runs the block (a download into the shared cache) before the other ranks, which then find it done."""
+    if get_rank() != 0:
+        barrier()
+    yield
+    if get_rank() == 0:
+        barrier()
 
 
 def device_from_name(name: str | None) -> torch.device:

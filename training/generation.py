@@ -22,6 +22,7 @@ from torch_utils import distributed as dist
 from training.clip_guidance import check_clip_guide, clip_correction, load_clip_guide
 from training.encoders import StandardRGBEncoder
 from training.network_loading import load_network, resolve_network_path
+from training.precision import prepare_for_sampling
 from training.sampling import StackedRandomGenerator, edm_sampler
 from training.vp_diffusion import VPDiffusion, VPDiffusionError
 from training.vp_samplers import ddim_sampler, ddpm_sampler, guided_model, is_discrete, vp_model
@@ -271,6 +272,8 @@ def generate_images(
     clip: torch.nn.Module | str | None = None,
     clip_scale: float = 0.0,
     vae: str | None = None,
+    precision: str | None = None,
+    compile: bool = False,
     **sampler_kwargs: Any,
 ) -> Iterator[dnnlib.EasyDict]:
     """Sample this rank's share of `seeds`, yielding per batch EasyDict(images, seeds, labels, captions).
@@ -280,11 +283,13 @@ def generate_images(
     loaded nor evaluated when guidance is 1. `sampler_kwargs` go to sample() (guidance, num_steps, ...).
     Text-to-image nets take `prompts` (image i gets prompts[i % len(prompts)], yielded as `captions`).
     `clip` (a CLIP guide or its pickle) with `clip_scale` != 0 steers any net towards the prompts.
-    `vae` replaces the VAE of a loaded latent net's encoder (load_network).
+    `vae` replaces the VAE of a loaded latent net's encoder (load_network). `precision` ('fp32', 'fp16',
+    'bf16'; None: as pickled) and `compile` apply to `net` and `gnet` in place (precision.prepare_for_sampling).
     """
     device = _as_device(device)
     if isinstance(net, str):
-        net, pickled_encoder = load_network(net, device, verbose, vae=vae)
+        with dist.rank0_first():  # one download into the cache, not one per rank
+            net, pickled_encoder = load_network(net, device, verbose, vae=vae)
         encoder = encoder or pickled_encoder
     encoder = encoder or StandardRGBEncoder()
     kind = check_samplable(net, False, sampler_kwargs.get('guidance', 1), gnet)
@@ -293,7 +298,8 @@ def generate_images(
     if sampler_kwargs.get('guidance', 1) == 1:
         gnet = None
     elif isinstance(gnet, str):
-        gnet = load_network(gnet, device, verbose)[0]
+        with dist.rank0_first():
+            gnet = load_network(gnet, device, verbose)[0]
     if gnet is not None and (_shape(gnet) != _shape(net) or gnet.label_dim not in (0, net.label_dim)):
         raise GenerationError(
             f'The guiding network makes {_shape(gnet)} images with {gnet.label_dim} classes, but the '
@@ -304,6 +310,9 @@ def generate_images(
         raise GenerationError(f'Class {class_idx} was requested, but the network {labels_range}.')
     if kind == 'text' and not prompts:
         raise GenerationError('The network is text-to-image: give --prompt="..." or --prompts=FILE.')
+    for denoiser in (net, gnet):
+        if denoiser is not None:
+            prepare_for_sampling(denoiser, precision, compile)
     clip = load_clip(clip, clip_scale, [net], prompts, device, verbose)
     encoder.init(device)
     with_captions = kind in ('text', 'sr') or clip is not None
@@ -327,6 +336,8 @@ def generate_cascade(
     aug_sigma: float | None = None,
     clip: torch.nn.Module | str | None = None,
     clip_scale: float = 0.0,
+    precision: str | None = None,
+    compile: bool = False,
     **sampler_kwargs: Any,
 ) -> Iterator[dnnlib.EasyDict]:
     """Run a text-to-image net and its super-resolution stages in order (Imagen's cascade), yielding per
@@ -335,18 +346,20 @@ def generate_cascade(
     A stage is EasyDict(net, num_steps, guidance, aug_sigma) as in presets_generate.cascades; `guidance`
     overrides the first stage's, `aug_sigma` the super-resolution stages'. `sampler_kwargs` are EDM sampler
     settings for every stage (solver, schedule, guidance_interval, ...; num_steps replaces each stage's own).
-    Pixel-space stages only.
+    Pixel-space stages only. `precision` and `compile` apply to every stage (precision.prepare_for_sampling).
     CLIP guidance applies to the stages whose images the guide reads. Each image's stages draw from one
     generator in order, so an image still depends on its seed alone.
     """
     device = _as_device(device)
-    loaded = [load_network(stage.net, device, verbose) for stage in stages]
+    with dist.rank0_first():
+        loaded = [load_network(stage.net, device, verbose) for stage in stages]
     nets = [net for net, _encoder in loaded]
     for k, net in enumerate(nets):
         want = 'sr' if k else 'text'
         if network_kind(net) != want or (k and net.lowres != nets[k - 1].img_resolution):
             role = f'a {nets[k - 1].img_resolution}->N super-resolution stage' if k else 'a text-to-image base net'
             raise GenerationError(f'Cascade stage {k + 1} ({stages[k].net}) must be {role}.')
+        prepare_for_sampling(net, precision, compile)
     stage_kwargs = [{'num_steps': stage.num_steps, **sampler_kwargs} for stage in stages]
     clip = load_clip(clip, clip_scale, nets, prompts, device, verbose)
     encoder = loaded[-1][1] or StandardRGBEncoder()

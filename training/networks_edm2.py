@@ -10,10 +10,12 @@ relative to). `build_encoder` / `run_encoder` are the encoder half alone, `edm_c
 preconditioning alone.
 """
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 
 import dnnlib
 from torch_utils import persistence
@@ -25,22 +27,24 @@ SIGMA_DATA = 0.5  # EDM's σ_data, the std of the training data (EDM Table 1).
 
 
 # x / (ε + ‖x‖/sqrt(N)) per slice, the norm over `dim` (default: all but the first axis) of N elements.
-# vector_norm's gradient at a zero slice is 0 (zero text features at padding), where sqrt(mean(x²))'s is NaN.
+# The norm is sqrt(Σx²) in float32: 7-12x faster on CPU than vector_norm over a middle axis (pixel norm,
+# attention heads). Clamping Σx² keeps the gradient at an all-zero slice (zero text features at padding)
+# at 0 where sqrt's would be NaN, and moves no norm that matters next to ε.
 def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
     dims = list(range(1, x.ndim)) if dim is None else dim
-    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    norm = x.to(torch.float32).square().sum(dim=dims, keepdim=True).clamp_min(1e-30).sqrt()
     rms = norm * math.sqrt(norm.numel() / x.numel())
     return x / (eps + rms).to(x.dtype)
 
 
 # MP-SiLU, EDM2 Eq. 81: 0.596 = sqrt(E[silu(z)²]) for z ~ N(0, 1).
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(x) / 0.596
+    return torch.nn.functional.silu(x).div_(0.596)  # in place: silu's backward reads its input only
 
 
 # MP-sum, EDM2 Eq. 88: a blend with weight t on b that keeps unit variance.
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
-    return torch.lerp(a, b, t) / math.hypot(1 - t, t)
+    return torch.lerp(a, b, t).div_(math.hypot(1 - t, t))  # in place: lerp's backward keeps no tensors
 
 
 # MP-cat, EDM2 Eq. 103: concatenation whose parts share the energy as (1-t)² : t².
@@ -83,6 +87,8 @@ class MPFourier(torch.nn.Module):
 # MP convolution (kernel [kh, kw]) or linear layer (kernel []), EDM2 Eq. 47 and 66: the weight is
 # used as normalize(w)·gain/sqrt(fan_in). Forced weight normalisation (EDM2 §2.2): in training the
 # stored weight itself is first replaced by normalize(w), so its norm cannot grow.
+# In eval mode without autograd the used weight is kept and reused until the stored weight or gain
+# changes (their tensor version counters: load_state_dict, optimiser steps), train() or a move.
 @persistence.persistent_class
 class MPConv(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel: list[int]):
@@ -94,14 +100,70 @@ class MPConv(torch.nn.Module):
     def _force_unit_rows(self, w32: torch.Tensor) -> None:
         self.weight.copy_(normalize(w32))
 
-    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
+    def _used_weight(self, dtype: torch.dtype, gain: float | torch.Tensor) -> torch.Tensor:
         w32 = self.weight.to(torch.float32)  # fp16-stored weights are normalised in float32
-        if self.training:
+        if self.training and not getattr(self, 'forcing_off', False):
             self._force_unit_rows(w32)
-        w = (normalize(w32) * gain / math.sqrt(w32[0].numel())).to(x.dtype)
+        return (normalize(w32) * gain / math.sqrt(w32[0].numel())).to(dtype)
+
+    def _cache_key(self, dtype: torch.dtype, gain: float | torch.Tensor) -> tuple | None:
+        """What the used weight depends on, or None where it must be recomputed (training, autograd, tracing)."""
+        tensors = [self.weight] + ([gain] if torch.is_tensor(gain) else [])
+        if self.training or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        if torch.is_tensor(gain) and not isinstance(gain, torch.nn.Parameter):
+            return None  # a computed gain: no identity to key on
+        gain_key = (gain.data_ptr(), gain._version) if torch.is_tensor(gain) else gain
+        return (self.weight.data_ptr(), self.weight._version, self.weight.device, dtype, gain_key)
+
+    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
+        key = self._cache_key(x.dtype, gain)
+        cache = getattr(self, '_eval_cache', None)
+        if key is None:
+            w = self._used_weight(x.dtype, gain)
+        elif cache is not None and cache[0] == key:
+            w = cache[1]
+        else:
+            w = self._used_weight(x.dtype, gain)
+            self._eval_cache = (key, w)
         if w.ndim == 2:
             return x @ w.t()
         return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+
+    def train(self, mode: bool = True) -> 'MPConv':
+        self._eval_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> 'MPConv':
+        self._eval_cache = None  # .to(), .half(), .cuda() may give the weight new storage
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop('_eval_cache', None)  # pickles and deep copies hold the weight only
+        return state
+
+
+@contextlib.contextmanager
+def _forcing_off(convs: list[MPConv]) -> Iterator[None]:
+    """Forced weight normalisation paused for `convs` (a checkpointed block's recomputation)."""
+    for conv in convs:
+        conv.forcing_off = True
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv.forcing_off
+
+
+def set_checkpointing(net: torch.nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing of every U-Net block in `net` on or off; returns the number of blocks."""
+    blocks = [m for m in net.modules() if hasattr(m, '_unforced_recompute')]  # also Blocks of unpickled nets
+    for block in blocks:
+        block.checkpointing = enabled
+    return len(blocks)
 
 
 # ----------------------------------------------------------------------------
@@ -156,6 +218,18 @@ class Block(torch.nn.Module):
         return self.conv_res1(h)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.training and getattr(self, 'checkpointing', False) and torch.is_grad_enabled():
+            # Activation checkpointing: keep the block's inputs only and run it again in backward, without
+            # forcing the weights a second time (already done; again would shrink them by 1 + ε).
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, emb, use_reentrant=False, context_fn=self._unforced_recompute
+            )
+        return self._forward(x, emb)
+
+    def _unforced_recompute(self) -> tuple:
+        return contextlib.nullcontext(), _forcing_off([m for m in self.modules() if isinstance(m, MPConv)])
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = resample(x, self.resample_filter, self.resample_mode)
         encoder = self.flavor == 'enc'
         if encoder:
@@ -171,7 +245,8 @@ class Block(torch.nn.Module):
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
-        q, k, v = (t.mT for t in normalize(qkv, dim=2).unbind(3))  # each [n, heads, pixels, head channels]
+        # Each [n, heads, pixels, head channels], contiguous: CPU attention over 16x16 pixels runs 3x faster.
+        q, k, v = (t.mT.contiguous() for t in normalize(qkv, dim=2).unbind(3))
         return torch.nn.functional.scaled_dot_product_attention(q, k, v).mT.reshape(n, c, h, w)
 
 
@@ -317,12 +392,14 @@ class UNet(torch.nn.Module):
 
         inputs = [x] if cond is None else [x, cond.to(x.dtype)]
         x = torch.cat([*inputs, torch.ones_like(x[:, :1])], dim=1)
+        if x.device.type == 'cpu':
+            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's layout: demo training 1.15x faster
         skips = run_encoder(self.enc, x, emb, lambda name, h: self.after_block('enc', name, h, **kwargs))
         x = skips[-1]
         for name, block in self.dec.items():
             x = mp_cat(x, skips.pop(), t=self.concat_balance) if '_block' in name else x
             x = self.after_block('dec', name, block(x, emb), **kwargs)
-        return self.out_conv(x, gain=self.out_gain)
+        return self.out_conv(x, gain=self.out_gain).contiguous()
 
 
 # ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from training import dataset as dataset_mod
 from training.backbones import TEXT_BACKBONES, BackboneError, preset_kwargs
 from training.dataset_io import write_synthetic_dataset
 from training.networks_text import TEXT_LENGTH
+from training.precision import PrecisionError, resolve_precision, use_fp16_of
 from training.presets_train import TRAIN_PRESETS
 from training.shard_files import is_shard_spec
 
@@ -165,8 +166,11 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         prefetch_factor=2 if p.workers else None,
         persistent_workers=p.workers > 0,
     )
-    precision = 'bf16' if p.bf16 else bool(p.fp16)
-    c.network_kwargs, c.loss_kwargs = backbone_kwargs(p, ds.resolution, precision)
+    try:
+        precision = resolve_precision(p.get('precision'), p.get('fp16'), p.get('bf16'), dist.device())
+    except PrecisionError as e:
+        raise RunConfigError(str(e)) from e
+    c.network_kwargs, c.loss_kwargs = backbone_kwargs(p, ds.resolution, use_fp16_of(precision))
     c.network_kwargs.update(text_kwargs, **fitted_text_length(p, ds))
     if c.loss_kwargs.class_name == 'training.loss.EDM2Loss':
         c.loss_kwargs.update({key: p[key] for key in ('P_mean', 'P_std') if key in p})  # Else the loss's defaults.
@@ -198,6 +202,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         continue_on_snapshot_error=bool(p.get('continue_on_snapshot_error')),
         max_bad_samples=p.get('max_bad_samples', 10),
     )
+    c.update({key: True for key in ('tf32', 'compile_net', 'checkpointing') if p.get(key)})  # Omitted when off.
     return c
 
 

@@ -23,6 +23,8 @@ from training.faults import TrainingError
 # Options files written before training/loss.py existed name `training.training_loop.EDM2Loss` and
 # `training.training_loop.learning_rate_schedule`; these names keep them loadable.
 from training.loss import EDM2Loss, learning_rate_schedule  # noqa: F401
+from training.networks_edm2 import set_checkpointing
+from training.precision import compile_module, set_tf32
 from training.run_outputs import Status, closing_line, save_snapshots
 from training.shard_position import DataPosition
 from training.tracking import Tracker
@@ -94,7 +96,9 @@ def _encoded(
             position.update(info[0])
         if bad is not None:
             bad.update(info[-1])
-        yield encoder.encode_latents(images.to(device)), labels.to(device) if torch.is_tensor(labels) else labels
+        images = images.to(device, non_blocking=True)  # from pinned memory on CUDA: overlaps the copy
+        labels = labels.to(device, non_blocking=True) if torch.is_tensor(labels) else labels
+        yield encoder.encode_latents(images), labels
 
 
 def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
@@ -104,6 +108,9 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(t)
     return bool(t.item())
+
+
+_STOP_CHECK_STEPS = 8  # Steps between stop agreements of several ranks (each one a host-device sync).
 
 
 # ----------------------------------------------------------------------------
@@ -189,6 +196,9 @@ def training_loop(
     keep_checkpoints: int | None = None,
     continue_on_snapshot_error: bool = False,
     max_bad_samples: int = 10,
+    tf32: bool = False,
+    compile_net: bool = False,
+    checkpointing: bool = False,
     device: torch.device | None = None,
     tracker: Tracker | None = None,
 ) -> bool:
@@ -196,6 +206,7 @@ def training_loop(
     device = device or dist.device()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.backends.cudnn.benchmark = cudnn_benchmark
+    set_tf32(tf32)
     torch.manual_seed(seed * world + rank)
     np.random.seed((seed * world + rank) % (1 << 31))
     per_rank, batch_gpu = _split_batch(batch_size, batch_gpu, world)
@@ -216,6 +227,9 @@ def training_loop(
     loss_fn = construct(**loss_kwargs)
     optimizer = construct(params=net.parameters(), **optimizer_kwargs)
     ema = construct(net=net, **ema_kwargs)
+    if checkpointing and not set_checkpointing(net):
+        raise TrainingError('--checkpointing applies to U-Net networks; this network has no U-Net blocks.')
+    compile_module(net, compile_net)  # After the EMA's copies, which stay plain modules.
     ddp = net
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
@@ -254,7 +268,8 @@ def training_loop(
         first_nimg = cur_nimg
         while True:
             done = cur_nimg >= end_nimg
-            stopping = not done and _all_ranks_agree(stop['stop'], device)
+            agree_now = world == 1 or due(status_nimg, done) or (cur_nimg // batch_size) % _STOP_CHECK_STEPS == 0
+            stopping = not done and agree_now and _all_ranks_agree(stop['stop'], device)
             resumed_here = cur_nimg == first_nimg  # This state was just loaded (or is the start): not saved again.
             if due(status_nimg, done) and (cur_nimg == 0 or not resumed_here):
                 if position is not None:
