@@ -17,6 +17,17 @@ def cache_env(tmp_path, monkeypatch) -> dict:
     return dict(os.environ, DNNLIB_CACHE_DIR=cache, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
 
 
+@pytest.fixture(scope='module')
+def module_cache(tmp_path_factory) -> str:
+    """A dataset/download cache shared by the tests of one module: the demo's shapes data is made once."""
+    return str(tmp_path_factory.mktemp('cache'))
+
+
+@pytest.fixture
+def module_cache_env(module_cache, monkeypatch, one_thread) -> None:
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', module_cache)
+
+
 @pytest.fixture(scope='session')
 def vae_dir(tmp_path_factory) -> str:
     """A tiny random AutoencoderKL (downsampling factor 2, 4 latent channels) saved with save_pretrained."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import assert_one_line_error
-from test_train_edm2 import ROOT, TINY, _final_state
+from test_train_edm2 import ROOT, TINY, _final_state, signal_after_first_checkpoint
 
 import train_edm2
 from training import checkpoint as ckpt
@@ -77,22 +77,8 @@ def test_sigusr1_checkpoints_at_the_next_step_and_exits_with_the_requeue_code(tm
     # SLURM's --signal reaches every process of the step; the data worker must outlive it.
     outdir = str(tmp_path / 'run')
     args = [*SMALL, '--workers=1', '--duration=1Mi', '--snapshot=1Mi', '--requeue-exit-code=42']
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'train_edm2.py'), f'--outdir={outdir}', *args],
-        env=cache_env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not glob.glob(os.path.join(outdir, 'training-state-*.pt')) and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 42, err[-2000:]
+    code, out, err = signal_after_first_checkpoint(outdir, args, signal.SIGUSR1, cache_env)
+    assert code == 42, err[-2000:]
     assert 'Stop requested (SIGUSR1): state saved at kimg' in out
     state = _final_state(outdir)
     assert 16 < state['cur_nimg'] < 1 << 20 and state['cur_nimg'] % 4 == 0

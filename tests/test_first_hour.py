@@ -26,21 +26,11 @@ FAST = ['--preset=demo-tiny', '--workers=0', '--seed=1', '--status=16', '--snaps
 
 
 @pytest.fixture(scope='module')
-def shared_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('cache'))  # The demo's shapes dataset is made once for the module.
-
-
-@pytest.fixture
-def cache_env(shared_cache, monkeypatch, one_thread):
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', shared_cache)
-
-
-@pytest.fixture(scope='module')
-def finished_run(tmp_path_factory, shared_cache):
+def finished_run(tmp_path_factory, module_cache):
     """A 32-image demo-tiny run (two steps) and what its command printed."""
     run = str(tmp_path_factory.mktemp('finished') / 'run')
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('DNNLIB_CACHE_DIR', shared_cache)
+        mp.setenv('DNNLIB_CACHE_DIR', module_cache)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         result = CliRunner().invoke(train_edm2.main, [f'--outdir={run}', '--duration=32', *FAST])
@@ -88,7 +78,7 @@ def test_closing_line_names_the_final_grid_and_the_sampling_command(finished_run
     assert PIL.Image.open(grid).size == (512, 512)  # 4x4 samples of 16 px, each pixel shown 8x8
 
 
-def test_rerun_of_a_finished_run_says_it_is_complete(finished_run, cache_env):
+def test_rerun_of_a_finished_run_says_it_is_complete(finished_run, module_cache_env):
     run, _output = finished_run
     before = _folder_state(run)
     result = _train(f'--outdir={run}', '--duration=32', *FAST)
@@ -98,7 +88,7 @@ def test_rerun_of_a_finished_run_says_it_is_complete(finished_run, cache_env):
     assert {k: v for k, v in after.items() if k != 'log.txt'} == {k: v for k, v in before.items() if k != 'log.txt'}
 
 
-def test_other_settings_on_an_existing_run_are_refused_before_anything_is_touched(finished_run, cache_env):
+def test_other_settings_on_an_existing_run_are_refused_before_anything_is_touched(finished_run, module_cache_env):
     run, _output = finished_run
     before = _folder_state(run)
     result = _train(f'--outdir={run}', '--duration=32', '--channels=32', *FAST)
@@ -106,7 +96,7 @@ def test_other_settings_on_an_existing_run_are_refused_before_anything_is_touche
     assert 'Traceback' not in result.output and _folder_state(run) == before
 
 
-def test_resume_may_change_the_duration_and_output_intervals(tmp_path, finished_run, cache_env):
+def test_resume_may_change_the_duration_and_output_intervals(tmp_path, finished_run, module_cache_env):
     run = str(tmp_path / 'run')
     assert _train(f'--outdir={run}', '--duration=16', *FAST).exit_code == 0
     changed = ['--duration=32', '--workers=1', '--status=32', '--snapshot=32', '--checkpoint=32']
@@ -118,7 +108,7 @@ def test_resume_may_change_the_duration_and_output_intervals(tmp_path, finished_
     assert json.load(open(os.path.join(run, 'training_options.json')))['total_nimg'] == 32
 
 
-def test_dry_run_needs_no_outdir(cache_env):
+def test_dry_run_needs_no_outdir(module_cache_env):
     result = _train('--preset=demo-tiny', '--dry-run')
     assert result.exit_code == 0, result.output
     assert '"batch_size": 16' in result.output and 'Dry run' in result.output
@@ -134,7 +124,7 @@ def test_dry_run_needs_no_outdir(cache_env):
     ],
     ids=['non-square', 'mixed-sizes', 'corrupt-image'],
 )
-def test_failed_start_leaves_no_run_folder(tmp_path, cache_env, sizes, corrupt, message):
+def test_failed_start_leaves_no_run_folder(tmp_path, module_cache_env, sizes, corrupt, message):
     """More bad files than --max-bad-samples allows (0 here) stop the start before the folder is made."""
     data = _write_pngs(tmp_path / 'data', sizes, corrupt)
     run = tmp_path / 'runs' / 'new'
@@ -143,7 +133,7 @@ def test_failed_start_leaves_no_run_folder(tmp_path, cache_env, sizes, corrupt, 
     assert not os.path.exists(tmp_path / 'runs')
 
 
-def test_bad_files_within_max_bad_samples_are_named_at_start_and_training_goes_on(tmp_path, cache_env):
+def test_bad_files_within_max_bad_samples_are_named_at_start_and_training_goes_on(tmp_path, module_cache_env):
     data = _write_pngs(tmp_path / 'data', [(16, 16)] * 4 + [(12, 12)], corrupt=1)
     result = _train(f'--outdir={tmp_path / "run"}', f'--data={data}', '--cond=False', '--max-bad-samples=2', *FAST)
     assert result.exit_code == 0, result.output
@@ -151,7 +141,7 @@ def test_bad_files_within_max_bad_samples_are_named_at_start_and_training_goes_o
     assert len(warnings) == 2 and 'img1.png: unreadable image' in warnings[0] and 'img4.png' in warnings[1]
 
 
-def test_non_square_latents_are_refused_before_the_folder_is_made(tmp_path, cache_env):
+def test_non_square_latents_are_refused_before_the_folder_is_made(tmp_path, module_cache_env):
     data = tmp_path / 'latents'
     data.mkdir()
     for i in range(2):
@@ -160,7 +150,7 @@ def test_non_square_latents_are_refused_before_the_folder_is_made(tmp_path, cach
     assert not os.path.exists(tmp_path / 'run')
 
 
-def test_outdir_that_is_a_file_is_one_line(tmp_path, cache_env):
+def test_outdir_that_is_a_file_is_one_line(tmp_path, module_cache_env):
     target = tmp_path / 'notes.txt'
     target.write_text('mine')
     assert_one_line_error(_train(f'--outdir={target}', *FAST), 'is a file, not a folder')

@@ -48,16 +48,6 @@ def scalar_steps(acc, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-@pytest.fixture(scope='module')
-def shared_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('cache'))  # The demo's shapes dataset is made once for the module.
-
-
-@pytest.fixture
-def cache_env(shared_cache, monkeypatch, one_thread):
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', shared_cache)
-
-
 @needs_tensorboard
 def test_tensorboard_events_hold_the_scalars_grid_and_options(tmp_path):
     grid = np.random.default_rng(0).integers(0, 256, [12, 20, 3], dtype=np.uint8)
@@ -110,7 +100,7 @@ def test_wandb_offline_run_folder_holds_the_scalars_and_a_resume_keeps_the_run_i
         assert glob.glob(os.path.join(folder, 'files', 'media', 'images', 'samples_*.png'))
 
 
-def test_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, cache_env):
+def test_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, module_cache_env):
     real = tracking.importlib.util.find_spec
     monkeypatch.setattr(tracking.importlib.util, 'find_spec', lambda name: None if name == 'wandb' else real(name))
     with pytest.raises(TrackingError, match=r"pip install -e '\.\[tracking\]'"):
@@ -122,7 +112,7 @@ def test_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, cac
 
 
 @needs_tensorboard
-def test_training_logs_every_status_scalar_and_grid_and_a_resume_continues_the_axis(tmp_path, cache_env):
+def test_training_logs_every_status_scalar_and_grid_and_a_resume_continues_the_axis(tmp_path, module_cache_env):
     run = str(tmp_path / 'run')
     for duration in (64, 96):
         args = [f'--outdir={run}', f'--duration={duration}', '--logger=tensorboard', *FAST]

@@ -222,13 +222,12 @@ def test_label_missing_from_dataset_json_is_one_clear_error(tmp_path, cache_env)
     assert error.startswith('Error: ') and 'img1.png' in error
 
 
-def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(tmp_path, cache_env):
-    # Schedulers and Ctrl-C signal every process of the job, data workers included.
-    outdir = str(tmp_path / 'run')
-    args = ['--preset=demo-tiny', '--workers=1', '--duration=1Mi', '--checkpoint=512', '--snapshot=1Mi']
+def signal_after_first_checkpoint(outdir: str, args: list[str], sig: int, env: dict) -> tuple[int, str, str]:
+    """Run train_edm2.py in its own process group, send `sig` to the whole group (data workers too, as
+    schedulers and Ctrl-C do) once the first checkpoint exists: (exit status, stdout, stderr)."""
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, 'train_edm2.py'), f'--outdir={outdir}', *args],
-        env=cache_env,
+        env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -237,11 +236,18 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(tmp_path, ca
     )
     deadline = time.time() + 300
     while not glob.glob(os.path.join(outdir, 'training-state-*.pt')) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1)
-    os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == train_edm2.REQUEUE_EXIT_CODE, err[-2000:]
+    return proc.returncode, out, err
+
+
+def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(tmp_path, cache_env):
+    outdir = str(tmp_path / 'run')
+    args = ['--preset=demo-tiny', '--workers=1', '--duration=1Mi', '--checkpoint=512', '--snapshot=1Mi']
+    code, out, err = signal_after_first_checkpoint(outdir, args, signal.SIGTERM, cache_env)
+    assert code == train_edm2.REQUEUE_EXIT_CODE, err[-2000:]
     assert 'state saved at kimg' in out
     state = _final_state(outdir)
     assert 512 < state['cur_nimg'] < 1 << 20 and state['cur_nimg'] % 16 == 0
