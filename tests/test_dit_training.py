@@ -122,6 +122,7 @@ def test_dit_recipe_presets_resolve_to_adamw_at_a_constant_rate_and_a_learned_va
         8,
     )
     assert c.batch_size == 256 and c.ema_kwargs.class_name == 'training.phema.PowerFunctionEMA'
+    assert c.ema_kwargs.betas == [0.9999] and c.ema_kwargs.stds == [0.050, 0.100]  # DiT's EMA beside EDM2's
     lrs = [dnnlib.util.call_func_by_name(cur_nimg=n, batch_size=256, **c.lr_kwargs) for n in (0, 256, 10**9)]
     assert lrs == [1e-4] * 3
 

@@ -151,3 +151,30 @@ def test_posthoc_coefficients_select_matching_snapshot():
     in_ofs, in_std = [0, 5, 10, 10, 20], [0.05, 0.05, 0.05, 0.10, 0.05]
     coefs = phema.solve_posthoc_coefficients(in_ofs, in_std, [10, 10], [0.10, 0.05])
     np.testing.assert_allclose(coefs, [[0, 0], [0, 0], [0, 1], [1, 0], [0, 0]], atol=1e-8)
+
+
+@torch.no_grad()
+def test_classic_ema_beside_power_function_emas_follows_its_recurrence():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ema = phema.PowerFunctionEMA(net, stds=[0.1], betas=[0.9, 0.5])
+    expected = {beta: [p.clone() for p in net.parameters()] for beta in (0.9, 0.5)}
+    for step in range(1, 6):
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+        ema.update(cur_nimg=8 * step, batch_size=8)
+        for beta, tensors in expected.items():
+            for e, p in zip(tensors, net.parameters()):
+                e.mul_(beta).add_((1 - beta) * p)  # ema <- beta ema + (1 - beta) net
+    assert len(ema.get()) == 1 and [b for _, b in ema.classic()] == [0.9, 0.5]
+    for (module, beta), tensors in zip(ema.classic(), expected.values()):
+        for got, want in zip(module.parameters(), tensors):
+            torch.testing.assert_close(got, want)
+    state = ema.state_dict()
+    other = phema.PowerFunctionEMA(torch.nn.Linear(3, 2), stds=[0.1], betas=[0.9, 0.5])
+    other.load_state_dict(state)
+    assert torch.equal(other.classic()[1][0].weight, ema.classic()[1][0].weight)
+    with pytest.raises(ValueError, match='decays'):
+        phema.PowerFunctionEMA(torch.nn.Linear(3, 2), stds=[0.1]).load_state_dict(state)
+    old = dict(stds=[0.1], emas=state['emas'][:1])  # written before classic EMAs existed
+    phema.PowerFunctionEMA(torch.nn.Linear(3, 2), stds=[0.1]).load_state_dict(old)

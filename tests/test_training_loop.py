@@ -136,3 +136,21 @@ def test_loop_calls_the_loss_hooks_with_the_per_rank_split(tmp_path, monkeypatch
         'network-snapshot-0000000-0.100.pkl',
         'stats.jsonl',
     ]  # The loss declined the grid.
+
+
+def test_classic_ema_snapshots_are_written_beside_and_apart_from_the_power_function_ones(tmp_path, monkeypatch):
+    from training.network_loading import resolve_network_path
+    from training.phema_reconstruct import list_snapshots
+    from training.snapshots import load_network_pickle
+
+    c, run_dir = _tiny_config(tmp_path, monkeypatch, 'training.loss.EDM2Loss', total_nimg=32, snapshot_nimg=32)
+    c.update(status_nimg=32, checkpoint_nimg=None)
+    c.ema_kwargs.betas = [0.99]
+    training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
+    classic = os.path.join(run_dir, 'network-snapshot-0000000-ema0.99.pkl')
+    assert load_network_pickle(classic)['ema'].img_resolution == 16
+    assert 'ema0.99' not in resolve_network_path(run_dir)
+    assert sorted(map(os.path.basename, list_snapshots(run_dir))) == [
+        'network-snapshot-0000000-0.050.pkl',
+        'network-snapshot-0000000-0.100.pkl',
+    ]

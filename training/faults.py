@@ -108,7 +108,7 @@ def disk_plan(
     """A one-line summary of the space the rest of the run writes (snapshot size x count, checkpoints at the
     chosen retention), and a warning line when run_dir's file system has less free space. The
     sizes are the tensors' bytes; Adam's two moments are assumed for the optimiser of a fresh run."""
-    stds = len(ema.get())
+    stds = len(ema.get()) + len(ema.classic())
     snapshot = _tensor_bytes(net.state_dict(), 4 if snapshot_fp32 else 2) * stds
     checkpoint = _tensor_bytes(net.state_dict()) * 3 + _tensor_bytes(ema.state_dict())
     num_snapshots = _count(cur_nimg, end_nimg, snapshot_nimg)

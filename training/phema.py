@@ -69,12 +69,19 @@ def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std) -> np.ndarray:
 
 
 class PowerFunctionEMA:
-    """Tracks one power-function EMA of `net` per std (EDM2 §3.1); time is the number of images seen."""
+    """Tracks one power-function EMA of `net` per std (EDM2 §3.1); time is the number of images seen.
 
-    def __init__(self, net: torch.nn.Module, stds: list[float] = [0.050, 0.100]) -> None:
+    `betas`: classic EMAs with a constant decay per optimiser step tracked beside them (DiT's 0.9999,
+    Peebles & Xie 2023): ema ← β·ema + (1 − β)·net after every step. `get()` returns the power-function
+    EMAs only (post-hoc reconstruction and the sample grids use them); `classic()` the others."""
+
+    def __init__(self, net: torch.nn.Module, stds: list[float] = [0.050, 0.100], betas: list[float] = []) -> None:
         self.net = net
         self.stds = list(stds)
-        self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _std in self.stds]
+        self.betas = list(betas)
+        if any(not 0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f'EMA decays must lie in [0, 1), got {self.betas}')
+        self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in self.stds + self.betas]
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -87,8 +94,8 @@ class PowerFunctionEMA:
     @torch.no_grad()
     def update(self, cur_nimg: int, batch_size: int) -> None:
         """Fold in the net after a step that brought the images seen to `cur_nimg`."""
-        for std, ema in zip(self.stds, self.emas):
-            beta = power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size)
+        decays = [power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size) for std in self.stds]
+        for beta, ema in zip(decays + self.betas, self.emas):
             for p_ema, p_net in zip(ema.parameters(), self.net.parameters()):
                 p_ema.lerp_(p_net.detach().to(p_ema.dtype), 1 - beta)
             for b_ema, b_net in zip(ema.buffers(), self.net.buffers()):
@@ -97,11 +104,17 @@ class PowerFunctionEMA:
     def get(self) -> list[tuple[torch.nn.Module, float]]:
         return list(zip(self.emas, self.stds))
 
+    def classic(self) -> list[tuple[torch.nn.Module, float]]:
+        return list(zip(self.emas[len(self.stds) :], self.betas))
+
     def state_dict(self) -> dict:
-        return dict(stds=list(self.stds), emas=[ema.state_dict() for ema in self.emas])
+        return dict(stds=list(self.stds), betas=list(self.betas), emas=[ema.state_dict() for ema in self.emas])
 
     def load_state_dict(self, state: dict) -> None:
+        """Checkpoints written before classic EMAs existed hold none (`betas` missing: [])."""
         if [round(s, 6) for s in state['stds']] != [round(s, 6) for s in self.stds]:
             raise ValueError(f'EMA state tracks stds {state["stds"]}, but this run tracks {self.stds}')
+        if [round(b, 9) for b in state.get('betas', [])] != [round(b, 9) for b in self.betas]:
+            raise ValueError(f'EMA state tracks decays {state.get("betas", [])}, but this run tracks {self.betas}')
         for ema, ema_state in zip(self.emas, state['emas']):
             ema.load_state_dict(ema_state)

@@ -48,6 +48,7 @@ _DIT = dict(
     rampup=0,
     dropout=0.0,
     optimizer_kwargs=EasyDict(class_name='torch.optim.AdamW', betas=(0.9, 0.999), eps=1e-8, weight_decay=0),
+    ema_kwargs=EasyDict(betas=[0.9999]),  # DiT's EMA, beside the power-function EMAs of every run
 )
 
 TRAIN_PRESETS: dict[str, EasyDict] = {

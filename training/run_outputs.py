@@ -19,7 +19,7 @@ from training import faults
 from training.faults import TrainingError
 from training.generation import sample
 from training.image_grid import GRID_MIN_SIZE, save_image_grid
-from training.snapshots import save_network, snapshot_name
+from training.snapshots import classic_snapshot_name, save_network, snapshot_name
 from training.tracking import Tracker
 
 
@@ -97,12 +97,14 @@ def save_snapshots(
     device: torch.device,
     snapshot_format: str = 'pkl',
 ) -> np.ndarray | None:
-    """A network snapshot (pickle, .safetensors or both: `snapshot_format`) per tracked EMA length, and a
-    fixed-seed sample grid of the first, so that the grids of one run are comparable; the loss chooses the grid's
-    conditioning (or no grid). Returns the grid as saved (HWC, enlarged to be seen), or None. A failed write
+    """A network snapshot (pickle, .safetensors or both: `snapshot_format`) per tracked EMA (power-function EMA
+    lengths, then classic decays), and a fixed-seed sample grid of the first, so that the grids of one run are
+    comparable; the loss chooses the grid's conditioning (or no grid). Returns the grid as saved (HWC, enlarged to be seen), or None. A failed write
     raises faults.WriteError naming the file; the files written before it stay."""
     kimg = cur_nimg // 1000
-    for ema_net, std in ema.get():
+    names = [(net, snapshot_name('network-snapshot', kimg, std)) for net, std in ema.get()]
+    names += [(net, classic_snapshot_name('network-snapshot', kimg, beta)) for net, beta in ema.classic()]
+    for ema_net, name in names:
         frozen = loss_fn.export(copy.deepcopy(ema_net)).cpu().eval().requires_grad_(False)
         data = dict(
             ema=frozen if fp32 else frozen.to(torch.float16),
@@ -110,7 +112,7 @@ def save_snapshots(
             dataset_kwargs=dataset_kwargs,
             loss_fn=loss_fn,
         )
-        path = os.path.join(run_dir, snapshot_name('network-snapshot', kimg, std))
+        path = os.path.join(run_dir, name)
         with faults.writing(path):
             save_network(data, path, snapshot_format)
     grid_net = loss_fn.export(ema.get()[0][0]).eval()

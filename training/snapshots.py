@@ -35,6 +35,12 @@ def snapshot_name(prefix: str, kimg: int, std: float, ext: str = 'pkl') -> str:
     return f'{prefix}-{int(kimg):07d}-{std:.3f}.{ext}'
 
 
+def classic_snapshot_name(prefix: str, kimg: int, beta: float, ext: str = 'pkl') -> str:
+    """A classic EMA's snapshot, e.g. network-snapshot-0000128-ema0.9999.pkl: named apart from the
+    power-function EMAs, so that post-hoc reconstruction and run-folder resolution never take it for one."""
+    return f'{prefix}-{int(kimg):07d}-ema{beta:g}.{ext}'
+
+
 def parse_snapshot_name(path: str) -> tuple[str, int, float]:
     """Split '.../{prefix}-{kimg:07d}-{std:.3f}.pkl' (or .safetensors) into (prefix, kimg, std)."""
     m = _SNAPSHOT_RE.match(os.path.basename(path))
