@@ -234,8 +234,16 @@ class _TwoEMAs:
     def get(self):
         return [(self.net, 0.05), (self.net, 0.1)]
 
+    def classic(self):
+        return []
+
     def state_dict(self):
         return dict(emas=[self.net.state_dict()] * 2)
+
+
+class _TwoEMAsAndAClassicOne(_TwoEMAs):
+    def classic(self):
+        return [(self.net, 0.9999)]
 
 
 def _files_written(start: int, end: int, interval: int) -> int:
@@ -253,6 +261,8 @@ def test_disk_plan_counts_files_and_warns_when_space_is_short(tmp_path, monkeypa
     lines = faults.disk_plan(str(tmp_path), net, _TwoEMAs(net), snapshot_fp32=True, **dict(plan, keep_checkpoints=1))
     assert 'snapshots 6 x 8.08 kB, checkpoints 1 x 20.2 kB: 68.7 kB to come' in lines[0]
     assert lines[1].startswith(f'Warning: {tmp_path} has 10 kB free')
+    lines = faults.disk_plan(str(tmp_path), net, _TwoEMAsAndAClassicOne(net), snapshot_fp32=False, **plan)
+    assert 'snapshots 6 x 6.06 kB' in lines[0]  # DiT's classic EMA is a third snapshot per write
 
 
 @pytest.mark.parametrize('start, end, interval', [(0, 4096, 16), (1000, 10500, 2000), (0, 999, 512), (5, 7, 3000)])
