@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from training.text import PAD_TOKEN, START_TOKEN, ByteTokenizer, MPTextEncoder, make_tokenizer
+from training.text import PAD_TOKEN, START_TOKEN, ByteTokenizer, MPTextEncoder, WordTokenizer, make_tokenizer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -80,3 +80,18 @@ def test_hugging_face_tokenizer_without_transformers_says_what_to_install(monkey
     monkeypatch.setitem(sys.modules, 'transformers', None)  # import transformers now raises ImportError
     with pytest.raises(ImportError, match='needs the transformers package: pip install transformers'):
         make_tokenizer(16, str(tmp_path))
+
+
+def test_word_tokenizer_gives_each_word_one_stable_id_whatever_its_case_or_neighbours():
+    import hashlib
+
+    tokenizer = WordTokenizer(text_length=6, buckets=1000)
+    a, b = tokenizer(['A red Circle, at the top', 'the circle'])
+    assert a[0] == START_TOKEN and a[1:].tolist() == [tokenizer.word_id(w) for w in ['a', 'red', 'circle', ',', 'at']]
+    assert b.tolist() == [START_TOKEN, tokenizer.word_id('the'), a[3], PAD_TOKEN, PAD_TOKEN, PAD_TOKEN]
+    expected = 2 + int.from_bytes(hashlib.blake2b(b'red', digest_size=8).digest(), 'little') % 1000
+    assert tokenizer.word_id('red') == expected  # the same id in every process (no salted hash)
+    assert tokenizer.vocab_size == 1002
+    assert isinstance(make_tokenizer(6, None, 'words'), WordTokenizer)
+    with pytest.raises(ValueError, match='bytes, words'):
+        make_tokenizer(6, None, 'letters')

@@ -13,6 +13,7 @@ import generate_images
 import train_edm2
 from training import generation, network_loading, shapes
 from training.dataset_io import write_synthetic_dataset
+from training.presets_train import TRAIN_PRESETS
 from training.text import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -171,18 +172,22 @@ def test_a_frozen_pretrained_text_encoder_trains_and_samples_from_the_command_li
     assert (runs / 'out' / 'minilm' / 'captions.txt').read_text().splitlines()[1] == '000001.png\t1\ta red circle'
 
 
-def test_a_text_net_context_grows_to_hold_the_longest_caption_of_its_data(tmp_path):
-    """Byte-tokenized demo captions run to 62 tokens; with the preset's 48 the position words were cut off."""
+def test_a_text_net_context_grows_to_hold_the_longest_caption_of_its_data(tmp_path, monkeypatch):
+    """Byte-tokenized demo captions run to 62 tokens; with the default 48 the position words were cut off."""
     write_synthetic_dataset(str(tmp_path / 'data'), resolution=8, num_images=64, seed=0)
+    preset = TRAIN_PRESETS['demo-text']
+    monkeypatch.setitem(preset, 'network_kwargs', dict(preset.network_kwargs, text_tokens='bytes'))
     c = training_config('demo-text', str(tmp_path / 'data'))
     longest = max(1 + len(shapes.make_image(0, i, 8)[2].encode()) for i in range(64))
     assert c.network_kwargs.text_length >= longest and c.network_kwargs.text_length % 16 == 0
     tokenizer = ByteTokenizer(c.network_kwargs.text_length)
     caption = max((shapes.make_image(0, i, 8)[2] for i in range(64)), key=len)
     assert tokenizer([caption])[0, longest - 1] == caption.encode()[-1] + 2  # the last byte survives
-    short = tmp_path / 'short'
-    write_synthetic_dataset(str(short), resolution=8, num_images=4, seed=0)
-    meta = json.loads((short / 'dataset.json').read_text())
-    meta['captions'] = [[name, 'a dot'] for name, _ in meta['captions']]
-    (short / 'dataset.json').write_text(json.dumps(meta))
-    assert 'text_length' not in training_config('demo-text', str(short)).network_kwargs  # the preset's 48 holds
+    long_words = tmp_path / 'long'
+    write_synthetic_dataset(str(long_words), resolution=8, num_images=4, seed=0)
+    meta = json.loads((long_words / 'dataset.json').read_text())
+    meta['captions'] = [[name, ' '.join(['dot'] * 50)] for name, _ in meta['captions']]
+    (long_words / 'dataset.json').write_text(json.dumps(meta))
+    monkeypatch.setitem(preset, 'network_kwargs', dict(preset.network_kwargs, text_tokens='words'))
+    assert training_config('demo-text', str(long_words)).network_kwargs.text_length == 64  # 51 words
+    assert 'text_length' not in training_config('demo-text', str(tmp_path / 'data')).network_kwargs  # 13 words fit

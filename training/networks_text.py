@@ -146,6 +146,7 @@ class TextPrecond(Precond):
         logvar_channels: int = 128,
         text_length: int = TEXT_LENGTH,
         tokenizer_path: str | None = None,
+        text_tokens: str = 'bytes',
         text_channels: int = 128,
         text_layers: int = 2,
         text_encoder_path: str | None = None,
@@ -166,6 +167,7 @@ class TextPrecond(Precond):
             logvar_channels=logvar_channels,
             text_length=text_length,
             tokenizer_path=tokenizer_path,
+            text_tokens=text_tokens,
             text_channels=text_channels,
             text_layers=text_layers,
             text_encoder_path=text_encoder_path,
@@ -179,6 +181,7 @@ class TextPrecond(Precond):
         self,
         text_length: int,
         tokenizer_path: str | None,
+        text_tokens: str,
         text_channels: int,
         text_layers: int,
         text_encoder_path: str | None,
@@ -189,7 +192,7 @@ class TextPrecond(Precond):
     ) -> torch.nn.Module:
         """Registers the tokenizer and text encoder (before the U-Net), then builds the TextUNet (or the
         `backbone` class, e.g. training.networks_dit_text.TextMPDiT, with the same keyword arguments)."""
-        self.tokenizer = make_tokenizer(text_length, tokenizer_path or text_encoder_path)
+        self.tokenizer = make_tokenizer(text_length, tokenizer_path or text_encoder_path, text_tokens)
         if text_encoder_path:  # A frozen pretrained encoder: its width sets text_channels.
             self.text_encoder = FrozenTextEncoder(text_encoder_path, text_length)
             text_channels = self.text_encoder.channels

@@ -183,7 +183,7 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         checkpoint=32 << 10,
         synthetic=EasyDict(resolution=16, num_images=10000),
         sample_steps=24,
-        **_text(text_channels=64, text_layers=1, channels_per_head=32),
+        **_text(text_channels=64, text_layers=1, channels_per_head=32, text_tokens='words'),
     ),
     # demo-text with demo-dit's transformer in place of the U-Net (TextMPDiT: cross-attention after every block).
     'demo-text-dit': EasyDict(
@@ -205,7 +205,7 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         checkpoint=32 << 10,
         synthetic=EasyDict(resolution=16, num_images=10000),
         sample_steps=24,
-        **_text(text_channels=64, text_layers=1, channels_per_head=64),
+        **_text(text_channels=64, text_layers=1, channels_per_head=64, text_tokens='words'),
     ),
     # demo-sr denoises the detail over the bicubic image: std 0.06, 0.125 with the training degradations.
     'demo-sr': EasyDict(

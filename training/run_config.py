@@ -16,6 +16,7 @@ from training.networks_text import TEXT_LENGTH
 from training.precision import PrecisionError, resolve_precision, use_fp16_of
 from training.presets_train import TRAIN_PRESETS
 from training.shard_files import is_shard_spec
+from training.text import WordTokenizer
 
 
 class RunConfigError(Exception):
@@ -112,15 +113,20 @@ def dataset_kwargs(p: dnnlib.EasyDict, data: str) -> dnnlib.EasyDict:
 
 
 def fitted_text_length(p: dnnlib.EasyDict, dataset: Any) -> dict:
-    """A byte-tokenizer text net's context, grown to hold the data's longest caption (start token plus UTF-8
-    bytes, rounded up to 16) so that no caption loses its end (a caption's last words, e.g. where the object
-    is, would otherwise never reach the net). Hugging Face tokenizers and tar shards keep the preset's."""
+    """A built-in tokenizer's context (`text_tokens` bytes or words), grown to hold the data's longest caption
+    (start token included, rounded up to 16) so that no caption loses its end (a caption's last words, e.g.
+    where the object is, would otherwise never reach the net). Hugging Face tokenizers and tar shards keep the
+    preset's."""
     row = p.get('network_kwargs', {})
     text_net = row.get('class_name', '').endswith('.TextPrecond') and row.get('text_channels', 1)
     if not text_net or p.get('tokenizer') or p.get('text_encoder') or not hasattr(dataset, 'caption_texts'):
         return {}
     length = row.get('text_length', TEXT_LENGTH)
-    longest = 1 + max((len(caption.encode('utf-8')) for caption in dataset.caption_texts()), default=0)
+    if row.get('text_tokens', 'bytes') == 'words':
+        count = lambda caption: len(WordTokenizer().words(caption))  # noqa: E731
+    else:
+        count = lambda caption: len(caption.encode('utf-8'))  # noqa: E731
+    longest = 1 + max((count(caption) for caption in dataset.caption_texts()), default=0)
     if longest <= length:
         return {}
     fitted = -(-longest // 16) * 16
