@@ -153,8 +153,7 @@ def write_synthetic_dataset(
     `hold_out`: caption fragments, e.g. 'red circle' or 'on a blue background, at the top'; scenes whose
     caption contains any of them are skipped, so those combinations are absent from the data (a test of
     compositional generalisation; prompt_sets.dataset_scenes). Without it, item i is scene i of `seed`."""
-    captions = [scene.caption for scene in prompt_sets.all_scenes()]
-    if hold_out and all(any(fragment in caption for fragment in hold_out) for caption in captions):
+    if hold_out and all(prompt_sets.held_out(scene.caption, hold_out) for scene in prompt_sets.all_scenes()):
         raise DatasetFileError(f'Holding out {", ".join(map(repr, hold_out))} leaves no caption to write.')
     with DatasetWriter(dest) as writer:
         scenes = prompt_sets.dataset_scenes(seed, num_images, hold_out)

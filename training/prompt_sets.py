@@ -31,13 +31,18 @@ def combination(scene: Scene) -> tuple[str, str, str, str]:
     return tuple(getattr(scene, name) for name in ATTRIBUTES)
 
 
+def held_out(caption: str, fragments: Sequence[str]) -> bool:
+    """Whether a caption contains one of the `hold_out` fragments."""
+    return any(fragment in caption for fragment in fragments)
+
+
 def dataset_scenes(seed: int, num: int, hold_out: Sequence[str] = ()) -> Iterator[Scene]:
     """The scenes of a dataset's items in order: scene i of `seed`, skipping those whose caption contains a
     `hold_out` fragment (write_synthetic_dataset refuses fragments that leave nothing)."""
     index = 0
     for _ in range(num):
         scene = sample_scene(seed, index)
-        while any(fragment in scene.caption for fragment in hold_out):
+        while held_out(scene.caption, hold_out):
             index += 1
             scene = sample_scene(seed, index)
         index += 1
@@ -46,7 +51,7 @@ def dataset_scenes(seed: int, num: int, hold_out: Sequence[str] = ()) -> Iterato
 
 def scenes_containing(fragments: Sequence[str]) -> list[Scene]:
     """Every combination whose caption contains one of `fragments`: what `hold_out` removes from the data."""
-    return [scene for scene in all_scenes() if any(fragment in scene.caption for fragment in fragments)]
+    return [scene for scene in all_scenes() if held_out(scene.caption, fragments)]
 
 
 def _seen(dataset_seed: int, dataset_size: int, hold_out: Sequence[str]) -> set[tuple[str, str, str, str]]:

@@ -16,7 +16,7 @@ from training.networks_text import TEXT_LENGTH
 from training.precision import PrecisionError, resolve_precision, use_fp16_of
 from training.presets_train import TRAIN_PRESETS
 from training.shard_files import is_shard_spec
-from training.text import WordTokenizer
+from training.text import make_tokenizer
 
 
 class RunConfigError(Exception):
@@ -122,11 +122,8 @@ def fitted_text_length(p: dnnlib.EasyDict, dataset: Any) -> dict:
     if not text_net or p.get('tokenizer') or p.get('text_encoder') or not hasattr(dataset, 'caption_texts'):
         return {}
     length = row.get('text_length', TEXT_LENGTH)
-    if row.get('text_tokens', 'bytes') == 'words':
-        count = lambda caption: len(WordTokenizer().words(caption))  # noqa: E731
-    else:
-        count = lambda caption: len(caption.encode('utf-8'))  # noqa: E731
-    longest = 1 + max((count(caption) for caption in dataset.caption_texts()), default=0)
+    tokenizer = make_tokenizer(length, None, row.get('text_tokens', 'bytes'))
+    longest = max((tokenizer.num_tokens(caption) for caption in dataset.caption_texts()), default=1)
     if longest <= length:
         return {}
     fitted = -(-longest // 16) * 16

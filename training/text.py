@@ -32,23 +32,36 @@ TOKENS = ('bytes', 'words')  # The built-in tokenizers.
 # Tokenizers: list of captions -> LongTensor [N, text_length].
 
 
-class ByteTokenizer:
+class _BuiltinTokenizer:
+    """Captions -> [N, text_length] ids: the start token, then `ids(caption)`, cut at text_length, padded."""
+
+    def ids(self, caption: str) -> list[int]:
+        raise NotImplementedError
+
+    def num_tokens(self, caption: str) -> int:
+        """Tokens a caption takes uncut, the start token included."""
+        return 1 + len(self.ids(caption))
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        tokens = torch.full([len(captions), self.text_length], PAD_TOKEN, dtype=torch.int64)
+        for i, caption in enumerate(captions):
+            ids = ([START_TOKEN] + self.ids(caption))[: self.text_length]
+            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return tokens
+
+
+class ByteTokenizer(_BuiltinTokenizer):
     """UTF-8 bytes shifted past the two special ids; any Unicode text is representable."""
 
     def __init__(self, text_length: int = 48):
         self.text_length = text_length
         self.vocab_size = 256 + 2
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        tokens = torch.full([len(captions), self.text_length], PAD_TOKEN, dtype=torch.int64)
-        for i, caption in enumerate(captions):
-            ids = [START_TOKEN] + [b + 2 for b in caption.encode('utf-8')]
-            ids = ids[: self.text_length]
-            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        return tokens
+    def ids(self, caption: str) -> list[int]:
+        return [b + 2 for b in caption.encode('utf-8')]
 
 
-class WordTokenizer:
+class WordTokenizer(_BuiltinTokenizer):
     """Words (runs of letters and digits, lower-cased) and punctuation marks, each hashed into one of `buckets`
     ids: a word-level vocabulary with no file to ship (the hashing trick, Weinberger et al. 2009). A jointly
     trained encoder learns words far more readily from these than from bytes (docs/text_adherence.md). The
@@ -67,12 +80,11 @@ class WordTokenizer:
             2 + int.from_bytes(hashlib.blake2b(word.encode('utf-8'), digest_size=8).digest(), 'little') % self.buckets
         )
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        tokens = torch.full([len(captions), self.text_length], PAD_TOKEN, dtype=torch.int64)
-        for i, caption in enumerate(captions):
-            ids = ([START_TOKEN] + [self.word_id(w) for w in self.words(caption)])[: self.text_length]
-            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        return tokens
+    def ids(self, caption: str) -> list[int]:
+        return [self.word_id(word) for word in self.words(caption)]
+
+    def num_tokens(self, caption: str) -> int:
+        return 1 + len(self.words(caption))  # Without hashing: counting a million captions stays quick.
 
 
 class HFTokenizer:
