@@ -368,7 +368,7 @@ def test_every_published_preset_names_a_published_pickle() -> None:
 
     name_re = r'https://nvlabs-fi-cdn\.nvidia\.com/edm2/posthoc-reconstructions/edm2-img(512|64)-(xs|s|m|l|xl|xxl)(-uncond)?-\d{7}-0\.\d{3}\.pkl'
     published = [name for name in presets if name.startswith('edm2-')]
-    assert len(published) == 36
+    assert len(published) == 37
     for name in published:
         p = presets[name]
         assert re.fullmatch(name_re, p.net) and (p.gnet is None) == (p.guidance == 1)

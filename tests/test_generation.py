@@ -131,6 +131,10 @@ def test_presets_give_sampler_defaults_that_options_override():
     assert 'respacing' not in c.sampler_kwargs  # Options not given leave sample()'s defaults.
     with pytest.raises(GenerationError, match="Unknown sampler 'euler'"):
         resolve_sampler_options(None, 'net.pkl', None, None, sampler='euler')
+    c = resolve_sampler_options('edm2-img512-xxl-guid-interval-fid', None, None, None, guidance_interval=None)
+    assert (c.sampler_kwargs.guidance, c.sampler_kwargs.guidance_interval) == (2.0, (0.28, 2.90))
+    c = resolve_sampler_options('edm2-img512-xxl-guid-interval-fid', None, None, None, guidance_interval='0.5,5')
+    assert c.sampler_kwargs.guidance_interval == (0.5, 5.0)
 
 
 @pytest.mark.parametrize('sampler', ['ddpm', 'ddim'])

@@ -80,6 +80,11 @@ presets: dict[str, EasyDict] = {
     'edm2-img512-xxl-guid-dino': _preset(
         _pkl('img512-xxl-0939524-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 1.70
     ),  # FD 33.09
+    # The same CFG nets with guidance limited to noise levels σ in (0.28, 2.90] (Kynkäänniemi et al. 2024,
+    # arXiv 2404.07724, as published: EDM2-XXL FID 1.81 -> 1.40 at 32 Heun steps); the guide runs at 14 of 63 evaluations.
+    'edm2-img512-xxl-guid-interval-fid': _preset(
+        _pkl('img512-xxl-0939524-0.015'), _pkl('img512-xs-uncond-2147483-0.015'), 2.00, guidance_interval=(0.28, 2.90)
+    ),  # FID 1.40
     # Autoguidance by a smaller, less-trained net (Karras et al. 2024).
     'edm2-img512-s-autog-fid': _preset(
         _pkl('img512-s-2147483-0.070'), _pkl('img512-xs-0134217-0.125'), 2.10
