@@ -116,6 +116,15 @@ def one_line_message(e: Exception) -> str:
 @click.option(
     '--dropout', metavar='FLOAT', type=click.FloatRange(0, 1), default=None, help='Dropout probability in blocks.'
 )
+@click.option(
+    '--label-dropout',
+    'label_dropout',
+    metavar='FLOAT',
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help='Share of training images given the null label, so the net guides itself (--guidance without --gnet) '
+    '[default: preset, else 0 for --formulation=edm and 0.1 for ddpm].',
+)
 @click.option('--P_mean', 'P_mean', metavar='FLOAT', type=float, default=None, help='Mean of ln(sigma) in training.')
 @click.option(
     '--P_std',

@@ -21,6 +21,7 @@ from training import backbones
 from training.generation import generate_images
 from training.networks_dit import DiT, MPDiT
 from training.networks_edm2 import Precond
+from training.run_config import RunConfigError
 from training.training_loop import training_loop
 from training.vp_diffusion import VPDiffusion, VPLoss
 
@@ -68,6 +69,22 @@ def test_every_arch_and_formulation_trains_and_its_snapshot_samples_with_the_edm
     batches = list(generate_images(net, data['encoder'], seeds=[0, 1, 2], num_steps=4, device='cpu'))
     images = torch.cat([b.images for b in batches])
     assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8 and images.float().std() > 0
+
+
+@pytest.mark.parametrize('formulation', backbones.FORMULATIONS)
+@pytest.mark.parametrize('arch', ['unet', 'mp-dit'])
+def test_label_dropout_option_reaches_the_net_that_drops_labels(tmp_path, monkeypatch, arch, formulation):
+    default = _config(tmp_path, monkeypatch, arch, formulation).network_kwargs.get('label_dropout', 0)
+    assert default == (0.1 if formulation == 'ddpm' else 0)
+    net = dnnlib.util.construct_class_by_name(
+        **_config(tmp_path, monkeypatch, arch, formulation, label_dropout=0.3).network_kwargs,
+        img_resolution=16,
+        img_channels=3,
+        label_dim=5,
+    )
+    assert net.label_dropout == 0.3
+    with pytest.raises(RunConfigError, match='--label-dropout applies to class-conditional'):
+        _config(tmp_path, monkeypatch, arch, formulation, label_dropout=0.3, cond=False)
 
 
 def test_posthoc_ema_of_ddpm_snapshots_is_a_vp_denoiser_in_the_span_of_the_snapshots(tmp_path, monkeypatch, one_thread):

@@ -71,6 +71,17 @@ def test_text_net_guidance_uses_the_empty_caption_as_the_unconditional_net():
     assert network_kind(net) == 'text'
 
 
+def test_class_net_trained_with_label_dropout_guides_itself_by_the_null_label():
+    net, w, sigma = ToyDenoiser(label_dim=3), 2.5, 2.0
+    with pytest.raises(GenerationError, match='not trained with label dropout'):
+        sample(net, [0, 1], class_idx=[1, 2], guidance=w, num_steps=1, sigma_max=sigma)
+    net.label_dropout = 0.1
+    out = sample(net, [0, 1], class_idx=[1, 2], guidance=w, num_steps=1, sigma_max=sigma).latents
+    x = torch.stack([torch.randn([2, 4, 4], generator=torch.Generator().manual_seed(s)) for s in (0, 1)]) * sigma
+    d, d_u = net(x, sigma, torch.eye(3)[[1, 2]]), net(x, sigma, torch.zeros([2, 3]))
+    torch.testing.assert_close(out, d_u + w * (d - d_u))
+
+
 def test_sr_stage_gets_its_lowres_input_augmented_with_each_seeds_next_draw():
     net, lowres, aug = ToyDenoiser(text=True, lowres=2), torch.randn([2, 2, 2, 2]), 0.3
     sample(net, [4, 7], lowres=lowres, aug_sigma=aug, num_steps=1)

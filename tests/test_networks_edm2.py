@@ -507,6 +507,24 @@ def test_dropout_acts_only_in_training():
     torch.testing.assert_close(no_dropout.train()(x, emb), block(x, emb))
 
 
+def test_label_dropout_gives_the_null_label_to_that_fraction_of_training_images_only():
+    torch.manual_seed(0)
+    net, n, p = tiny_precond(label_dropout=0.25), 800, 0.25
+    x, labels = torch.randn(1, 3, 16, 16).expand(n, -1, -1, -1), torch.eye(10)[[3] * n]
+    net.train()
+    net(x[:1], 1.0, labels[:1])  # The first training call normalises the stored weights; later ones leave them.
+    with torch.no_grad():
+        out = net(x, 1.0, labels)
+        kept, null = net.eval()(x[:1], 1.0, labels[:1]), net(x[:1], 1.0, torch.zeros(1, 10))
+    is_null = (out - null).flatten(1).abs().amax(1) < 1e-5
+    is_kept = (out - kept).flatten(1).abs().amax(1) < 1e-5
+    assert bool((is_null ^ is_kept).all())  # Every image saw either its label or the null label.
+    assert abs(is_null.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    torch.testing.assert_close(net(x[:4], 1.0, labels[:4]), kept.expand(4, -1, -1, -1))  # Eval: no dropout.
+    with pytest.raises(ValueError, match='label_dropout'):
+        tiny_precond(label_dropout=1.0)
+
+
 # ----------------------------------------------------------------------------
 # Precision.
 

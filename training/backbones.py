@@ -127,10 +127,13 @@ def build_kwargs(
     unet_kwargs: dict,
     transformer_kwargs: dict,
     use_fp16: bool | str = True,
+    label_dropout: float | None = None,
 ) -> tuple[dnnlib.EasyDict, dnnlib.EasyDict]:
     """(network_kwargs, loss_kwargs) of training_loop for an architecture and formulation. unet_kwargs are
     the U-Net's options (model_channels, dropout, ...); transformer_kwargs DiT's and MP-DiT's (patch_size,
-    hidden_size, depth, num_heads; MP-DiT also dropout). resolution is checked against the patch size."""
+    hidden_size, depth, num_heads; MP-DiT also dropout). resolution is checked against the patch size.
+    label_dropout: the share of class labels replaced by the null label in training (None: 0 for edm, DiT's
+    0.1 for a ddpm backbone; DiT under ddpm keeps its own class_dropout_prob)."""
     if arch not in ARCHS:
         raise BackboneError(f'Unknown architecture {arch!r}; choose one of {", ".join(ARCHS)}.')
     if formulation not in FORMULATIONS:
@@ -148,6 +151,8 @@ def build_kwargs(
         net = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', use_fp16=use_fp16, **kwargs)
         if arch != 'unet':
             net.backbone = 'training.backbones.DiTBackbone' if arch == 'dit' else _BACKBONES[arch]
+        if label_dropout:
+            net.label_dropout = label_dropout
         return net, dnnlib.EasyDict(class_name='training.loss.EDM2Loss')
     loss = dnnlib.EasyDict(class_name='training.vp_diffusion.VPLoss', schedule='linear', num_timesteps=1000)
     if arch == 'dit':
@@ -155,14 +160,14 @@ def build_kwargs(
             loss, variance='learned_range'
         )
     net = dnnlib.EasyDict(class_name='training.backbones.VPBackbone', backbone=_BACKBONES[arch], **kwargs)
-    net.label_dropout = 0.1  # DiT's class dropout rate: the null label guides (sample() with guidance, no gnet).
+    net.label_dropout = 0.1 if label_dropout is None else label_dropout  # DiT's rate: the null label guides.
     return net, dnnlib.EasyDict(loss, variance='fixed_small')
 
 
 def preset_kwargs(p: dict, resolution: int, use_fp16: bool | str = True) -> tuple[dnnlib.EasyDict, dnnlib.EasyDict]:
     """build_kwargs for a train_edm2 preset row (with its command-line overrides): `arch` and `formulation`
     (default unet, edm); the U-Net's channels, dropout, channel_mult, num_blocks, attn_resolutions; a
-    transformer's width `channels`, `patch` (2), `depth` (12) and `heads` (width / 64)."""
+    transformer's width `channels`, `patch` (2), `depth` (12) and `heads` (width / 64); `label_dropout`."""
     unet = dict(model_channels=p['channels'], dropout=p.get('dropout', 0.0))
     unet.update({key: p[key] for key in ('channel_mult', 'num_blocks', 'attn_resolutions') if key in p})
     transformer = dict(
@@ -172,4 +177,12 @@ def preset_kwargs(p: dict, resolution: int, use_fp16: bool | str = True) -> tupl
         num_heads=p.get('heads', max(p['channels'] // 64, 1)),
         dropout=p.get('dropout', 0.0),
     )
-    return build_kwargs(p.get('arch', 'unet'), p.get('formulation', 'edm'), resolution, unet, transformer, use_fp16)
+    return build_kwargs(
+        p.get('arch', 'unet'),
+        p.get('formulation', 'edm'),
+        resolution,
+        unet,
+        transformer,
+        use_fp16,
+        p.get('label_dropout'),
+    )

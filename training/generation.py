@@ -78,6 +78,12 @@ def network_kind(net: torch.nn.Module) -> str:
     return 'edm2'
 
 
+def guides_itself(net: torch.nn.Module) -> bool:
+    """Whether a class net guides itself by the all-zero null label: DiT-style discrete nets, and EDM nets
+    trained with label dropout."""
+    return bool(net.label_dim) and (is_discrete(net) or getattr(net, 'label_dropout', 0) > 0)
+
+
 def check_samplable(net: torch.nn.Module, has_lowres: bool, guidance: float, gnet: Any) -> str:
     """The network's kind, or a GenerationError when sample() cannot run it with these inputs."""
     kind = network_kind(net)
@@ -88,8 +94,10 @@ def check_samplable(net: torch.nn.Module, has_lowres: bool, guidance: float, gne
             f'The network is a {net.lowres}->{net.img_resolution} super-resolution stage; '
             f'run it after a base net with --cascade.'
         )
-    if guidance != 1 and gnet is None and kind == 'edm2' and not (is_discrete(net) and net.label_dim):
-        raise GenerationError(f'Guidance {guidance} needs a guiding network (--gnet).')
+    if guidance != 1 and gnet is None and kind == 'edm2' and not guides_itself(net):
+        raise GenerationError(
+            f'Guidance {guidance} needs a guiding network (--gnet): this net was not trained with label dropout.'
+        )
     return kind
 
 
@@ -123,7 +131,7 @@ def sample(
     captions: text nets' prompts, one per image (None: the empty caption).
     lowres, aug_sigma: a super-resolution stage's low-res input and its noise augmentation.
     gnet, guidance: D = D_g + w·(D − D_g); a text net without gnet is guided by the empty caption, a
-        discrete-time class net (DiT) by the null label.
+        class net trained with label dropout (DiT, `Precond(label_dropout=...)`) by the null label.
     clip, clip_scale: CLIP guidance towards `captions`, for nets whose images the guide reads (EDM sampler).
     sampler: 'edm' (EDM's Heun, Karras et al. 2022 Alg. 2), 'ddpm' (ancestral, Ho et al. 2020 Alg. 2) or 'ddim'
         (Song et al. 2021, noise `eta`), for every net; see _sample_vp for the DDPM view of an EDM net.
@@ -171,7 +179,7 @@ def sample(
             uncond = (_with_conditioning(gnet, captions, **inputs), None)
         elif guidance != 1:  # Classifier-free guidance: the same net given the empty caption.
             uncond = (_with_conditioning(net, [''] * n, **inputs), None)
-    elif guidance != 1:  # A guiding net, or a discrete-time class net's null label (an all-zero one-hot row).
+    elif guidance != 1:  # A guiding net, or the class net's own null label (an all-zero one-hot row).
         uncond = (gnet, labels) if gnet is not None else (net, torch.zeros_like(labels))
 
     if sampler != 'edm':

@@ -428,7 +428,11 @@ class Precond(torch.nn.Module):
     float32. `backbone`: the class name of F if not the U-Net (e.g. 'training.networks_dit.MPDiT'), built
     with img_resolution, img_channels, label_dim and the remaining keyword arguments; F keeps the name
     `unet` in the state dict. Hooks: `make_unet` builds F; `conditioning` turns the extra inputs of
-    `forward` into F's inputs and a base the denoiser works relative to."""
+    `forward` into F's inputs and a base the denoiser works relative to. `label_dropout`: in training, each
+    image's one-hot label becomes the all-zero null label with this probability (Ho & Salimans 2022), so the
+    same net guides itself by the null label at sampling time (classifier-free guidance without a second net)."""
+
+    label_dropout = 0.0  # Class default for subclasses unpickled from before the option existed.
 
     def __init__(
         self,
@@ -439,10 +443,13 @@ class Precond(torch.nn.Module):
         sigma_data: float = SIGMA_DATA,
         logvar_channels: int = 128,
         backbone: str | None = None,
+        label_dropout: float = 0.0,
         **unet_kwargs,
     ):
         super().__init__()
-        self.backbone = backbone
+        if not 0 <= label_dropout < 1:
+            raise ValueError(f'label_dropout must be in [0, 1), not {label_dropout}')
+        self.backbone, self.label_dropout = backbone, label_dropout
         if use_fp16 not in (True, False, 'fp16', 'bf16'):
             raise ValueError(f"use_fp16 must be True, False, 'fp16' or 'bf16', not {use_fp16!r}")
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
@@ -475,6 +482,8 @@ class Precond(torch.nn.Module):
         if self.label_dim:
             labels = torch.zeros([len(x), self.label_dim], device=x.device) if class_labels is None else class_labels
             labels = labels.float().reshape(-1, self.label_dim)
+            if self.training and self.label_dropout > 0:
+                labels = labels * (torch.rand([len(x), 1], device=x.device) >= self.label_dropout)
         return 0, dict(class_labels=labels, **unet_kwargs)
 
     def forward(

@@ -80,6 +80,8 @@ def backbone_kwargs(p: dnnlib.EasyDict, resolution: int, precision: bool | str) 
             raise RunConfigError('--arch and --formulation do not apply to this preset; it builds its own network.')
         if (arch, formulation) != ('mp-dit', 'edm'):
             raise RunConfigError('Text-to-image presets train --arch=unet or --arch=mp-dit with --formulation=edm.')
+    if p.get('label_dropout') and (row or not p.get('cond', True)):
+        raise RunConfigError('--label-dropout applies to class-conditional training (--cond=True) of class presets.')
     try:
         network, loss = preset_kwargs(p, resolution, use_fp16=precision)
     except BackboneError as e:
@@ -233,6 +235,7 @@ _FLAGS = {
     'dataset_kwargs.use_labels': '--cond',
     'network_kwargs.model_channels': '--channels',
     'network_kwargs.dropout': '--dropout',
+    'network_kwargs.label_dropout': '--label-dropout',
     'network_kwargs.use_fp16': '--fp16/--bf16',
     'loss_kwargs.P_mean': '--P_mean',
     'loss_kwargs.P_std': '--P_std',
