@@ -23,9 +23,10 @@ from training.snapshots import save_network_pickle
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_precond(seed: int, label_dim: int = 3, img_resolution: int = 8) -> Precond:
+def tiny_precond(seed: int, label_dim: int = 3, img_resolution: int = 8, **kwargs) -> Precond:
     torch.manual_seed(seed)
     net = Precond(
+        **kwargs,
         img_resolution=img_resolution,
         img_channels=3,
         label_dim=label_dim,
@@ -353,8 +354,9 @@ def test_subdirs_class_and_npz_layout(pickles, tmp_path) -> None:
 def test_demo_preset_uses_the_newest_snapshot_in_runs_demo(pickles, tmp_path, monkeypatch) -> None:
     run_dir = tmp_path / 'runs' / 'demo'
     run_dir.mkdir(parents=True)
+    newest = run_dir / 'network-snapshot-0000200-0.050.pkl'  # The demo guides itself by its null label.
+    save_network_pickle({'ema': tiny_precond(0, label_dropout=0.1), 'encoder': StandardRGBEncoder()}, str(newest))
     os.symlink(pickles['res16'], run_dir / 'network-snapshot-0000100-0.100.pkl')
-    os.symlink(pickles['net'], run_dir / 'network-snapshot-0000200-0.050.pkl')
     os.symlink(pickles['res16'], run_dir / 'network-snapshot-0000200-0.010.pkl')
     (run_dir / 'samples-0000200.png').write_bytes(b'')
     monkeypatch.chdir(tmp_path)
