@@ -17,6 +17,7 @@ import torch
 import dnnlib
 from torch_utils import persistence
 from training.networks_dit import DiT
+from training.networks_edm2 import drop_labels
 from training.vp_diffusion import beta_schedule
 
 ARCHS = ('unet', 'dit', 'mp-dit')
@@ -114,9 +115,8 @@ class VPBackbone(torch.nn.Module):
         if self.label_dim:
             labels = torch.zeros([len(x), self.label_dim], device=x.device) if class_labels is None else class_labels
             labels = labels.to(torch.float32).reshape(-1, self.label_dim)
-            if self.training and self.label_dropout > 0:
-                keep = torch.rand([len(x), 1], device=x.device) >= self.label_dropout
-                labels = labels * keep
+            if self.training:
+                labels = drop_labels(labels, self.label_dropout)
         return self.net(x, self.noise_labels(t).expand(len(x)), labels).to(torch.float32)
 
 

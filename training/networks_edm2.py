@@ -406,6 +406,14 @@ class UNet(torch.nn.Module):
 # Preconditioning and learned uncertainty (EDM Table 1, EDM2 Eq. 21).
 
 
+def drop_labels(labels: torch.Tensor, p: float) -> torch.Tensor:
+    """One-hot labels [N, label_dim] with each row replaced by the all-zero null label with probability p
+    (label dropout for classifier-free guidance, Ho & Salimans 2022)."""
+    if p <= 0:
+        return labels
+    return labels * (torch.rand([len(labels), 1], device=labels.device) >= p)
+
+
 def per_sample_sigma(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """σ as a float32 tensor [N, 1, 1, 1] for the batch x, from a scalar, [N] or [N, 1, 1, 1]."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -482,8 +490,8 @@ class Precond(torch.nn.Module):
         if self.label_dim:
             labels = torch.zeros([len(x), self.label_dim], device=x.device) if class_labels is None else class_labels
             labels = labels.float().reshape(-1, self.label_dim)
-            if self.training and self.label_dropout > 0:
-                labels = labels * (torch.rand([len(x), 1], device=x.device) >= self.label_dropout)
+            if self.training:
+                labels = drop_labels(labels, self.label_dropout)
         return 0, dict(class_labels=labels, **unet_kwargs)
 
     def forward(
