@@ -6,6 +6,7 @@ classes are requested in turn (`--per-class` seeds each); an unconditional net i
 of any class. Runs on the CPU.
 
     python bench/demo_quality.py --net=runs/demo                      # 8 samples per class, 24 steps
+    python bench/demo_quality.py --net=runs/demo --guidance=2 --S_churn=10 --steps=32   # as --preset=demo samples
     python bench/demo_quality.py --net=runs/demo-dit --per-class=16 --grid=out/demo-dit-quality.png
 """
 
@@ -40,10 +41,14 @@ def reader_accuracy(resolution: int, num: int = 200) -> float:
               help='Samples per class (an unconditional net: this times the number of classes).')  # fmt: skip
 @click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=24, show_default=True,
               help='Sampling steps (EDM Heun).')  # fmt: skip
+@click.option('--S_churn', 'S_churn', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help='Churn (stochasticity strength) of the EDM sampler; the demo generation preset uses 10.')  # fmt: skip
 @click.option('--gnet', metavar='PKL|DIR', type=str, default=None, help='Guiding net (with --guidance).')
 @click.option('--guidance', metavar='FLOAT', type=float, default=1.0, show_default=True, help='Guidance strength.')
 @click.option('--grid', metavar='PNG', type=str, default=None, help='Save the samples, one class per row.')
-def main(net: str, per_class: int, steps: int, gnet: str | None, guidance: float, grid: str | None) -> None:
+def main(
+    net: str, per_class: int, steps: int, S_churn: float, gnet: str | None, guidance: float, grid: str | None
+) -> None:
     """Score a demo net's samples: one clean shape of the requested class per image."""
     device = torch.device('cpu')
     model, encoder = load_network(net, device, verbose=True)
@@ -61,6 +66,7 @@ def main(net: str, per_class: int, steps: int, gnet: str | None, guidance: float
             gnet=guide,
             guidance=guidance,
             num_steps=steps,
+            S_churn=S_churn,
         )
         images = encoder.decode(out.latents).permute(0, 2, 3, 1).cpu().numpy()
     found = [classify(image) for image in images]

@@ -146,6 +146,13 @@ def test_presets_give_sampler_defaults_that_options_override():
     assert (c.sampler_kwargs.guidance, c.sampler_kwargs.guidance_interval) == (2.0, (0.28, 2.90))
     c = resolve_sampler_options('edm2-img512-xxl-guid-interval-fid', None, None, None, guidance_interval='0.5,5')
     assert c.sampler_kwargs.guidance_interval == (0.5, 5.0)
+    # The demo preset's churn: its default, overridden by --S_churn, dropped (not an error) with another solver.
+    assert resolve_sampler_options('demo', None, None, None, S_churn=None).sampler_kwargs.S_churn == 10
+    assert resolve_sampler_options('demo', None, None, None, S_churn=0.0).sampler_kwargs.S_churn == 0
+    c = resolve_sampler_options('demo', None, None, None, S_churn=None, solver='dpm++2m')
+    assert 'S_churn' not in c.sampler_kwargs and c.sampler_kwargs.solver == 'dpm++2m'
+    with pytest.raises(GenerationError, match='heun solver only'):
+        resolve_sampler_options('demo', None, None, None, S_churn=5.0, solver='dpm++2m')
 
 
 @pytest.mark.parametrize('sampler', ['ddpm', 'ddim'])

@@ -66,7 +66,7 @@ SAMPLER_OPTIONS: list[Option] = [
         min_open=True,
     ),
     Option('--rho', 'rho', float, 7.0, 'FLOAT', 'Time step exponent.', min=0, min_open=True),
-    Option('--S_churn', 'S_churn', float, 0.0, 'FLOAT', 'Stochasticity strength.', min=0),
+    Option('--S_churn', 'S_churn', float, None, 'FLOAT', 'Stochasticity strength  [default: preset, else 0]', min=0),
     Option('--S_min', 'S_min', float, 0.0, 'FLOAT', 'Lowest noise level with churn.', min=0),
     Option('--S_max', 'S_max', float, float('inf'), 'FLOAT', 'Highest noise level with churn.', min=0),
     Option('--S_noise', 'S_noise', float, 1.0, 'FLOAT', 'Churn noise inflation.'),
@@ -127,7 +127,10 @@ def resolve_sampler_options(
         p = presets[preset]
         net, gnet, vae = net or p.net, gnet or p.gnet, vae or p.get('vae')
         guidance = p.guidance if guidance is None else guidance
-        sampler_kwargs = {**p.get('sampler_kwargs', {}), **sampler_kwargs}
+        defaults = dict(p.get('sampler_kwargs', {}))
+        if sampler_kwargs.get('solver', defaults.get('solver', 'heun')) != 'heun':
+            defaults.pop('S_churn', None)  # A preset's churn belongs to its Heun solver; another solver runs without.
+        sampler_kwargs = {**defaults, **sampler_kwargs}
     if net is None:
         raise GenerationError('No network given: use --net=PKL or --preset=NAME.')
     if sampler_kwargs.get('sampler', 'edm') not in SAMPLERS:
