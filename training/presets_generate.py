@@ -118,7 +118,7 @@ presets: dict[str, EasyDict] = {
     # The project's own CPU demos (`python train_edm2.py --outdir=runs/demo --preset=demo`, likewise
     # demo-tiny): the newest snapshot in the run folder.
     # demo: guided by its own null label (label dropout), with churn: one clean shape of the requested class in
-    # 39 of 40 samples instead of 31 of 40 without (bench/demo_quality.py, docs/benchmarks.md).
+    # 179 of 200 samples of the quickstart run, 171 of 200 without churn (bench/demo_quality.py, docs/benchmarks.md).
     'demo': _preset('runs/demo', guidance=2.0, S_churn=10),
     'demo-tiny': _preset('runs/demo-tiny'),
     'demo-text': _preset('runs/demo-text', guidance=2.0),  # text-to-image: guided by ''

@@ -105,8 +105,8 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
     # α_ref for so few steps: at 20Ki images the demo's loss was -0.47 / -0.74 / -0.88 with 0.01 / 0.02 / 0.03.
     # The demo's noise levels sit higher than EDM2's (P_mean 0.4, not -0.8), where the number, place and size of
     # the object are decided, and it drops 10 % of labels to guide itself: one clean shape of the requested class
-    # in 15 of 40 samples at guidance 2 instead of 7 of 40 at 72Ki images, 31 of 40 at 144Ki, and 39 of 40 with
-    # the churn of the `demo` generation preset (docs/benchmarks.md).
+    # in 15 of 40 samples at guidance 2 instead of 7 of 40 at 72Ki images, and at 144Ki (11 min 10 s on 2 cores,
+    # bf16) in 179 of 200 with the churn of the `demo` generation preset (docs/benchmarks.md).
     'demo': EasyDict(
         duration=144 << 10,
         batch=64,
