@@ -79,6 +79,15 @@ def test_sample_makes_the_images_generate_images_makes(demo, tmp_path):
     assert np.array_equal(np.asarray(pil), got[0])
 
 
+def test_a_presets_churn_is_dropped_when_sample_picks_another_solver(demo, monkeypatch):
+    monkeypatch.chdir(demo)  # The demo preset's net is runs/demo; its sampler settings hold S_churn=10.
+    net = edm2x.load('demo', device='cpu')
+    got = net.sample(seeds=[3, 1], labels=2, guidance=1, solver='dpm++2m', num_steps=4)
+    assert np.array_equal(got, net.sample(seeds=[3, 1], labels=2, guidance=1, solver='dpm++2m', num_steps=4, S_churn=0))
+    with pytest.raises(ValueError, match='heun solver only'):
+        net.sample(seeds=[3], labels=2, guidance=1, solver='dpm++2m', num_steps=4, S_churn=5)
+
+
 def test_reconstruct_gives_the_weights_reconstruct_phema_writes(demo, tmp_path):
     ema = edm2x.reconstruct(os.path.join(demo, 'runs', 'demo'), std=0.08)
     args = [f'--indir={demo}/runs/demo', f'--outdir={tmp_path}', '--outstd=0.08']

@@ -110,6 +110,15 @@ def check_solver_options(k: dict[str, Any]) -> None:
         raise GenerationError(f'{" and ".join(edm_only)} {verb} to --sampler=edm only, not to --sampler={sampler}.')
 
 
+def override_sampler_settings(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Sampler settings `given` over a preset's `defaults`. A preset's churn belongs to its Heun solver: with another
+    solver given, it runs without (churn given explicitly stays, and check_solver_options refuses it)."""
+    defaults = dict(defaults)
+    if given.get('solver', defaults.get('solver', 'heun')) != 'heun':
+        defaults.pop('S_churn', None)
+    return {**defaults, **given}
+
+
 def resolve_sampler_options(
     preset: str | None,
     net: str | None,
@@ -127,10 +136,7 @@ def resolve_sampler_options(
         p = presets[preset]
         net, gnet, vae = net or p.net, gnet or p.gnet, vae or p.get('vae')
         guidance = p.guidance if guidance is None else guidance
-        defaults = dict(p.get('sampler_kwargs', {}))
-        if sampler_kwargs.get('solver', defaults.get('solver', 'heun')) != 'heun':
-            defaults.pop('S_churn', None)  # A preset's churn belongs to its Heun solver; another solver runs without.
-        sampler_kwargs = {**defaults, **sampler_kwargs}
+        sampler_kwargs = override_sampler_settings(p.get('sampler_kwargs', {}), sampler_kwargs)
     if net is None:
         raise GenerationError('No network given: use --net=PKL or --preset=NAME.')
     if sampler_kwargs.get('sampler', 'edm') not in SAMPLERS:
