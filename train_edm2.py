@@ -321,6 +321,7 @@ def main(
         dist.print0(json.dumps(c, indent=2))
         try:
             stopped_early = training_loop(run_dir=outdir, tracker=tracker, **c)
+            dist.finish()
         finally:
             tracker.close()
             if logger is not None:
