@@ -180,6 +180,13 @@ def test_write_error_keeps_earlier_files_and_stops_with_one_line(
     assert round(stats[-1]['Progress/kimg'] * 1000) == 32  # Stopped there; did not train on to 64.
 
 
+def test_write_error_of_a_safetensors_snapshot_names_that_file(tmp_path, cache_env, one_thread, disk_full_at):
+    disk_full_at('network-snapshot', 1)
+    result = _cli(tmp_path, '--duration=64', '--snapshot-format=safetensors')
+    assert_one_line_error(result, str(tmp_path / 'network-snapshot-0000000-0.050.safetensors'), 'No space left')
+    assert _no_temp_files(tmp_path)
+
+
 _FULL_DISK_RUN = """
 import errno, os
 real_fsync = os.fsync

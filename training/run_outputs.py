@@ -99,8 +99,9 @@ def save_snapshots(
 ) -> np.ndarray | None:
     """A network snapshot (pickle, .safetensors or both: `snapshot_format`) per tracked EMA (power-function EMA
     lengths, then classic decays), and a fixed-seed sample grid of the first, so that the grids of one run are
-    comparable; the loss chooses the grid's conditioning (or no grid). Returns the grid as saved (HWC, enlarged to be seen), or None. A failed write
-    raises faults.WriteError naming the file; the files written before it stay."""
+    comparable; the loss chooses the grid's conditioning (or no grid). Returns the grid as saved (HWC, enlarged
+    to be seen), or None. A failed write raises faults.WriteError naming the file; the files written before it
+    stay."""
     kimg = cur_nimg // 1000
     names = [(net, snapshot_name('network-snapshot', kimg, std)) for net, std in ema.get()]
     names += [(net, classic_snapshot_name('network-snapshot', kimg, beta)) for net, beta in ema.classic()]
@@ -112,9 +113,11 @@ def save_snapshots(
             dataset_kwargs=dataset_kwargs,
             loss_fn=loss_fn,
         )
-        path = os.path.join(run_dir, name)
-        with faults.writing(path):
-            save_network(data, path, snapshot_format)
+        stem = os.path.join(run_dir, os.path.splitext(name)[0])
+        for kind in ('pkl', 'safetensors'):
+            if snapshot_format in (kind, 'both'):
+                with faults.writing(f'{stem}.{kind}'):
+                    save_network(data, f'{stem}.{kind}', kind)
     grid_net = loss_fn.export(ema.get()[0][0]).eval()
     grid = 4
     cond = loss_fn.grid_conditioning(grid_net, dataset, encoder, grid * grid, device)
