@@ -21,7 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import shapes  # noqa: E402
 from training.generation import load_network, network_kind, sample  # noqa: E402
 from training.image_grid import save_image_grid  # noqa: E402
+from training.presets_generate import presets  # noqa: E402
 from training.shape_attributes import classify  # noqa: E402
+
+_PRESET_CHURN = ', '.join(
+    f"{name} {p.sampler_kwargs.S_churn:g}" for name, p in presets.items() if p.sampler_kwargs.get('S_churn')
+)
 
 
 def reader_accuracy(resolution: int, num: int = 200) -> float:
@@ -42,7 +47,8 @@ def reader_accuracy(resolution: int, num: int = 200) -> float:
 @click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=24, show_default=True,
               help='Sampling steps (EDM Heun).')  # fmt: skip
 @click.option('--S_churn', 'S_churn', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help='Churn (stochasticity strength) of the EDM sampler; the demo generation preset uses 10.')  # fmt: skip
+              help='Churn (stochasticity strength) of the EDM sampler; generation presets use '
+                   f'{_PRESET_CHURN} (generate_images.py --preset).')  # fmt: skip
 @click.option('--gnet', metavar='PKL|DIR', type=str, default=None, help='Guiding net (with --guidance).')
 @click.option('--guidance', metavar='FLOAT', type=float, default=1.0, show_default=True, help='Guidance strength.')
 @click.option('--grid', metavar='PNG', type=str, default=None, help='Save the samples, one class per row.')
