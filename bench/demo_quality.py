@@ -25,7 +25,7 @@ from training.presets_generate import presets  # noqa: E402
 from training.shape_attributes import classify  # noqa: E402
 
 _PRESET_CHURN = ', '.join(
-    f"{name} {p.sampler_kwargs.S_churn:g}" for name, p in presets.items() if p.sampler_kwargs.get('S_churn')
+    f'{name} {p.sampler_kwargs.S_churn:g}' for name, p in presets.items() if p.sampler_kwargs.get('S_churn')
 )
 
 
