@@ -194,6 +194,7 @@ def ref(
     if dist.is_main():
         _run(save_stats, stats, dest)
         print(f'Saved {dest}')
+    dist.finish()
 
 
 def _load_ref(ref_path: str, metric_list: list[str]) -> Stats | None:
@@ -263,6 +264,7 @@ def calc(
         num_images=len(dataset),
     )
     _report(stats, ref_stats, ref_path, metric_list)
+    dist.finish()
 
 
 @cli.command()
@@ -394,6 +396,7 @@ def gen(
         else:
             print(json.dumps(rows[-1]), flush=True)
     log_results(tracker, c.net, rows)
+    dist.finish()
 
 
 if __name__ == '__main__':

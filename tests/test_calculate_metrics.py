@@ -278,8 +278,16 @@ def _ref_worker(rank: int, world: int, port: int, args: list[str]) -> None:
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
+    leave_group, world_sizes = calculate_metrics.dist.finish, []
+
+    def finish() -> None:
+        world_sizes.append(torch.distributed.get_world_size())
+        leave_group()
+
+    calculate_metrics.dist.finish = finish
     calculate_metrics.cli.main(args=args, standalone_mode=False)
-    assert torch.distributed.get_world_size() == world  # the command really ran sharded
+    assert world_sizes == [world]  # the command really ran sharded, and left the group at its end
+    assert not torch.distributed.is_initialized()
 
 
 def test_two_gloo_ranks_give_the_single_process_statistics(files, ref_pkl, tmp_path):
