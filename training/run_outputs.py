@@ -19,7 +19,7 @@ from training import faults
 from training.faults import TrainingError
 from training.generation import sample
 from training.image_grid import GRID_MIN_SIZE, save_image_grid
-from training.snapshots import classic_snapshot_name, save_network, snapshot_name
+from training.snapshots import classic_snapshot_name, save_snapshot_file, snapshot_files, snapshot_name
 from training.tracking import Tracker
 
 
@@ -113,11 +113,9 @@ def save_snapshots(
             dataset_kwargs=dataset_kwargs,
             loss_fn=loss_fn,
         )
-        stem = os.path.join(run_dir, os.path.splitext(name)[0])
-        for kind in ('pkl', 'safetensors'):
-            if snapshot_format in (kind, 'both'):
-                with faults.writing(f'{stem}.{kind}'):
-                    save_network(data, f'{stem}.{kind}', kind)
+        for path in snapshot_files(os.path.join(run_dir, name), snapshot_format):
+            with faults.writing(path):
+                save_snapshot_file(data, path)
     grid_net = loss_fn.export(ema.get()[0][0]).eval()
     grid = 4
     cond = loss_fn.grid_conditioning(grid_net, dataset, encoder, grid * grid, device)

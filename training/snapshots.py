@@ -55,19 +55,30 @@ def save_network_pickle(data: dict, path: str) -> None:
         pickle.dump(data, f)
 
 
-def save_network(data: dict, path: str, snapshot_format: str = 'pkl') -> None:
-    """Write a snapshot dict as NAME.pkl, NAME.safetensors or both (`snapshot_format` 'pkl', 'safetensors' or 'both';
-    `path` is NAME with either extension)."""
+def snapshot_files(path: str, snapshot_format: str) -> list[str]:
+    """The files `snapshot_format` ('pkl', 'safetensors' or 'both') writes for `path`, NAME with either extension."""
     if snapshot_format not in SNAPSHOT_FORMATS:
         raise NetworkPickleError(f'Unknown snapshot format {snapshot_format!r}; choose one of {SNAPSHOT_FORMATS}.')
     name = os.path.splitext(path)[0]
-    if snapshot_format in ('pkl', 'both'):
-        save_network_pickle(data, f'{name}.pkl')
-    if snapshot_format in ('safetensors', 'both'):
-        try:
-            save_safetensors(data, f'{name}.safetensors')
-        except SafetensorsError as e:
-            raise NetworkPickleError(f'{name}.safetensors: {e}') from None
+    return [f'{name}.{kind}' for kind in ('pkl', 'safetensors') if snapshot_format in (kind, 'both')]
+
+
+def save_snapshot_file(data: dict, path: str) -> None:
+    """Write a snapshot dict as the one file `path`: a pickle, or .safetensors by its extension."""
+    if not path.endswith('.safetensors'):
+        save_network_pickle(data, path)
+        return
+    try:
+        save_safetensors(data, path)
+    except SafetensorsError as e:
+        raise NetworkPickleError(f'{path}: {e}') from None
+
+
+def save_network(data: dict, path: str, snapshot_format: str = 'pkl') -> None:
+    """Write a snapshot dict as NAME.pkl, NAME.safetensors or both (`snapshot_format` 'pkl', 'safetensors' or 'both';
+    `path` is NAME with either extension)."""
+    for file in snapshot_files(path, snapshot_format):
+        save_snapshot_file(data, file)
 
 
 def load_network_pickle(path_or_url: str) -> dict:
