@@ -149,7 +149,7 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
     # MP-DiT under EDM2's preconditioning and loss on the 16x16 shapes: 64 tokens of 2x2 patches, width 128,
     # 4 blocks. Width 64 with 80Ki images (or α_ref 0.02 with 48Ki) drew backgrounds and blobs, no shapes. The
     # demo's noise levels and label dropout, and 320Ki images (the 15 minutes on 2 cores): one clean shape of the
-    # requested class in 8 of 40 samples (guidance 3, churn; docs/benchmarks.md): still blobs.
+    # requested class in 40 of 200 samples (guidance 3, churn; docs/benchmarks.md): still blobs.
     'demo-dit': EasyDict(
         arch='mp-dit',
         formulation='edm',
