@@ -104,6 +104,14 @@ def one_line_message(e: Exception) -> str:
 @click.option(
     '--patch', metavar='INT', type=click.IntRange(min=1), default=None, help='Transformer patch size [default: 2].'
 )
+@click.option(
+    '--conv-mlp',
+    'conv_mlp',
+    metavar='BOOL',
+    type=bool,
+    default=None,
+    help='MP-DiT: depthwise 3x3 convolution over the token grid inside each MLP [default: preset, else off].',
+)
 @click.option('--duration', metavar='NIMG', type=NIMG, default=None, help='Training duration in images, e.g. 2048Mi.')
 @click.option('--batch', metavar='NIMG', type=NIMG, default=None, help='Global batch size in images.')
 @click.option(

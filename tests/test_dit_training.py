@@ -87,6 +87,24 @@ def test_label_dropout_option_reaches_the_net_that_drops_labels(tmp_path, monkey
         _config(tmp_path, monkeypatch, arch, formulation, label_dropout=0.3, cond=False)
 
 
+@pytest.mark.parametrize('formulation', backbones.FORMULATIONS)
+def test_conv_mlp_option_builds_token_convolutions_into_mp_dit_and_is_refused_elsewhere(
+    tmp_path, monkeypatch, formulation
+):
+    for conv_mlp in (False, True):
+        net = dnnlib.util.construct_class_by_name(
+            **_config(tmp_path, monkeypatch, 'mp-dit', formulation, conv_mlp=conv_mlp).network_kwargs,
+            img_resolution=16,
+            img_channels=3,
+            label_dim=5,
+        )
+        convs = [m for m in net.modules() if type(m).__name__ == 'MPTokenConv']
+        assert len(convs) == (2 if conv_mlp else 0)  # one per block
+    for arch in ('unet', 'dit'):
+        with pytest.raises(RunConfigError, match='--conv-mlp applies to --arch=mp-dit'):
+            _config(tmp_path, monkeypatch, arch, formulation, conv_mlp=True)
+
+
 def test_posthoc_ema_of_ddpm_snapshots_is_a_vp_denoiser_in_the_span_of_the_snapshots(tmp_path, monkeypatch, one_thread):
     c = _config(tmp_path, monkeypatch, 'dit', 'ddpm')
     c.update(total_nimg=2048, snapshot_nimg=1024, checkpoint_nimg=None, status_nimg=None, snapshot_fp32=True)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from training.dit_checkpoints import DiTCheckpointError, infer_dit_kwargs, load_dit_checkpoint
-from training.networks_dit import DIT_CONFIGS, DiT, MPDiT, sincos_pos_embed
+from training.networks_dit import DIT_CONFIGS, DiT, MPDiT, MPTokenConv, sincos_pos_embed
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -314,9 +314,19 @@ def tiny_mp_dit(**kwargs) -> MPDiT:
 
 
 @torch.no_grad()
-def test_mp_dit_keeps_unit_magnitudes_at_init():
+@pytest.mark.parametrize('conv_mlp', [False, True])
+def test_mp_dit_keeps_unit_magnitudes_at_init(conv_mlp):
     torch.manual_seed(0)
-    net = MPDiT(img_resolution=16, img_channels=4, label_dim=10, patch_size=4, hidden_size=128, depth=4, num_heads=4)
+    net = MPDiT(
+        img_resolution=16,
+        img_channels=4,
+        label_dim=10,
+        patch_size=4,
+        hidden_size=128,
+        depth=4,
+        num_heads=4,
+        conv_mlp=conv_mlp,
+    )
     net.eval()
     rms = lambda v: v.square().mean().sqrt().item()
     seen = []
@@ -375,3 +385,44 @@ def test_mp_dit_pickles_reads_missing_labels_as_zeros_and_checks_its_geometry():
     assert torch.equal(net(x, noise_labels, None), net(x, noise_labels, torch.zeros(2, 3)))
     with pytest.raises(ValueError, match='patch size 3 does not divide the input size 8'):
         tiny_mp_dit(patch_size=3)
+
+
+@torch.no_grad()
+def test_token_conv_equals_a_loop_over_each_tokens_3x3_grid_neighbours_and_keeps_unit_magnitude():
+    torch.manual_seed(0)
+    conv, grid, channels = MPTokenConv(6).eval(), 5, 6
+    x = torch.randn(2, grid * grid, channels, dtype=torch.float64)
+    w = conv.weight.double()  # each channel's taps a unit vector: w / (RMS(w) + 1e-4) / sqrt(9)
+    taps = w / (w.flatten(1).norm(dim=1) + 3e-4)[:, None, None, None]
+    expected = torch.zeros_like(x)
+    for row in range(grid):
+        for col in range(grid):
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    if 0 <= row + dr < grid and 0 <= col + dc < grid:
+                        source = x[:, (row + dr) * grid + col + dc]
+                        expected[:, row * grid + col] += taps[:, 0, dr + 1, dc + 1] * source
+    assert torch.allclose(conv(x), expected, rtol=1e-6, atol=1e-6)  # weights normalised in float32
+    white = torch.randn(64, 32 * 32, channels)  # away from the zero padding at the border: unit RMS kept
+    inner = conv(white).reshape(64, 32, 32, channels)[:, 1:-1, 1:-1]
+    assert inner.square().mean().sqrt().item() == pytest.approx(1, abs=0.02)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('depth', [1, 2])
+def test_conv_mlp_lets_a_patch_reach_exactly_its_grid_neighbours_per_block(depth):
+    # With the attention branch weighted 0 only the MLPs act: a change of one input patch reaches that
+    # patch alone without conv_mlp, and with it the patches within `depth` steps on the grid (rows, columns).
+    grid, patch = 6, 2
+    for conv_mlp in (False, True):
+        net = tiny_mp_dit(img_resolution=grid * patch, depth=depth, attn_balance=0, conv_mlp=conv_mlp).eval()
+        net.out_gain.fill_(1)
+        x, noise_labels, labels = torch.randn(1, 2, grid * patch, grid * patch), torch.randn(1), torch.eye(3)[:1]
+        moved = x.clone()
+        moved[:, :, 2 * patch, 3 * patch] += 1  # patch (2, 3)
+        change = (net(moved, noise_labels, labels) - net(x, noise_labels, labels)).abs()
+        changed = change.amax(dim=(0, 1)).reshape(grid, patch, grid, patch).amax(dim=(1, 3)) > 1e-6
+        reach = depth if conv_mlp else 0
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
+        expected = ((rows - 2).abs() <= reach) & ((cols - 3).abs() <= reach)
+        assert torch.equal(changed, expected)

@@ -131,13 +131,15 @@ def build_kwargs(
 ) -> tuple[dnnlib.EasyDict, dnnlib.EasyDict]:
     """(network_kwargs, loss_kwargs) of training_loop for an architecture and formulation. unet_kwargs are
     the U-Net's options (model_channels, dropout, ...); transformer_kwargs DiT's and MP-DiT's (patch_size,
-    hidden_size, depth, num_heads; MP-DiT also dropout). resolution is checked against the patch size.
+    hidden_size, depth, num_heads; MP-DiT also dropout and conv_mlp). resolution is checked against the patch size.
     label_dropout: the share of class labels replaced by the null label in training (None: 0 for edm, DiT's
     0.1 for a ddpm backbone; DiT under ddpm keeps its own class_dropout_prob)."""
     if arch not in ARCHS:
         raise BackboneError(f'Unknown architecture {arch!r}; choose one of {", ".join(ARCHS)}.')
     if formulation not in FORMULATIONS:
         raise BackboneError(f'Unknown formulation {formulation!r}; choose one of {", ".join(FORMULATIONS)}.')
+    if transformer_kwargs.get('conv_mlp') and arch != 'mp-dit':
+        raise BackboneError('--conv-mlp applies to --arch=mp-dit, the magnitude-preserving transformer.')
     kwargs = dnnlib.EasyDict(unet_kwargs if arch == 'unet' else transformer_kwargs)
     if arch != 'unet':
         patch, hidden, heads = kwargs.get('patch_size', 2), kwargs.get('hidden_size', 384), kwargs.get('num_heads', 6)
@@ -167,7 +169,8 @@ def build_kwargs(
 def preset_kwargs(p: dict, resolution: int, use_fp16: bool | str = True) -> tuple[dnnlib.EasyDict, dnnlib.EasyDict]:
     """build_kwargs for a train_edm2 preset row (with its command-line overrides): `arch` and `formulation`
     (default unet, edm); the U-Net's channels, dropout, channel_mult, num_blocks, attn_resolutions; a
-    transformer's width `channels`, `patch` (2), `depth` (12) and `heads` (width / 64); `label_dropout`."""
+    transformer's width `channels`, `patch` (2), `depth` (12) and `heads` (width / 64); MP-DiT's `conv_mlp`;
+    `label_dropout`."""
     unet = dict(model_channels=p['channels'], dropout=p.get('dropout', 0.0))
     unet.update({key: p[key] for key in ('channel_mult', 'num_blocks', 'attn_resolutions') if key in p})
     transformer = dict(
@@ -177,6 +180,8 @@ def preset_kwargs(p: dict, resolution: int, use_fp16: bool | str = True) -> tupl
         num_heads=p.get('heads', max(p['channels'] // 64, 1)),
         dropout=p.get('dropout', 0.0),
     )
+    if p.get('conv_mlp'):
+        transformer.update(conv_mlp=True)
     return build_kwargs(
         p.get('arch', 'unet'),
         p.get('formulation', 'edm'),

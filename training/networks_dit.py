@@ -185,6 +185,22 @@ class DiT(torch.nn.Module):
 # Magnitude-preserving DiT: EDM2's layers (Karras et al. 2024, Sec. 3) on DiT's token pipeline.
 
 
+# Depthwise 3x3 convolution over the square token grid (the convolutional MLP of PVTv2, Wang et al. 2022, and
+# SegFormer's Mix-FFN): each hidden channel mixes with its 8 neighbouring tokens, the locality attention
+# lacks. Magnitude preserving as every MPConv: each channel's 9 taps form a unit vector.
+@persistence.persistent_class
+class MPTokenConv(MPConv):
+    def __init__(self, channels: int):
+        super().__init__(1, channels, kernel=[3, 3])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        grid = math.isqrt(t)
+        x = x.transpose(1, 2).reshape(n, d, grid, grid)
+        x = torch.nn.functional.conv2d(x, self.used_weight(x.dtype), padding=1, groups=d)
+        return x.reshape(n, d, t).transpose(1, 2)
+
+
 # Pre-norm transformer block whose per-sample modulation takes EDM2's form: multiply by 1 + Linear(emb)
 # with a learned gain that starts at 0, so every block starts with unit modulation, no path zeroed
 # (adaLN-Zero's gates would zero it), and residuals join by MP-sum (Eq. 88).
@@ -199,6 +215,7 @@ class MPDiTBlock(torch.nn.Module):
         attn_balance: float = 0.3,
         mlp_balance: float = 0.3,
         dropout: float = 0.0,
+        conv_mlp: bool = False,
     ):
         super().__init__()
         self.num_heads, self.dropout = num_heads, dropout
@@ -210,6 +227,7 @@ class MPDiTBlock(torch.nn.Module):
         self.attn_proj = MPConv(hidden_size, hidden_size, kernel=[])
         self.mlp_fc1 = MPConv(hidden_size, int(hidden_size * mlp_ratio), kernel=[])
         self.mlp_fc2 = MPConv(int(hidden_size * mlp_ratio), hidden_size, kernel=[])
+        self.mlp_conv = MPTokenConv(int(hidden_size * mlp_ratio)) if conv_mlp else None
 
     # Cosine attention of EDM2's U-Net: q, k and v normalised per head before the softmax.
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +241,8 @@ class MPDiTBlock(torch.nn.Module):
         c = self.attn_emb(emb, gain=self.attn_emb_gain) + 1
         x = mp_sum(x, self.attention(x * c[:, None]), t=self.attn_balance)
         c = self.mlp_emb(emb, gain=self.mlp_emb_gain) + 1
-        y = mp_silu(self.mlp_fc1(x * c[:, None]))
+        y = self.mlp_fc1(x * c[:, None])
+        y = mp_silu(y if self.mlp_conv is None else self.mlp_conv(y))
         y = self.mlp_fc2(torch.nn.functional.dropout(y, p=self.dropout, training=self.training))
         return mp_sum(x, y, t=self.mlp_balance)
 
@@ -247,6 +266,7 @@ class MPDiT(torch.nn.Module):
         label_balance: float = 0.5,
         pos_balance: float = 0.5,
         dropout: float = 0.0,
+        conv_mlp: bool = False,
     ):
         super().__init__()
         _check_geometry(img_resolution, patch_size, hidden_size, num_heads)
@@ -260,7 +280,7 @@ class MPDiT(torch.nn.Module):
         self.patch_embed = MPConv((img_channels + 1) * patch_size**2, hidden_size, kernel=[])
         self.register_buffer('pos_embed', sincos_pos_embed(hidden_size, self.grid_size) * math.sqrt(2))
         self.blocks = torch.nn.ModuleList(
-            MPDiTBlock(hidden_size, hidden_size, num_heads, mlp_ratio, attn_balance, mlp_balance, dropout)
+            MPDiTBlock(hidden_size, hidden_size, num_heads, mlp_ratio, attn_balance, mlp_balance, dropout, conv_mlp)
             for _ in range(depth)
         )
         self.out_emb = MPConv(hidden_size, hidden_size, kernel=[])

@@ -118,16 +118,20 @@ class MPConv(torch.nn.Module):
         gain_key = (gain.data_ptr(), gain._version) if torch.is_tensor(gain) else gain
         return (self.weight.data_ptr(), self.weight._version, self.weight.device, dtype, gain_key)
 
-    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
-        key = self._cache_key(x.dtype, gain)
+    def used_weight(self, dtype: torch.dtype, gain: float | torch.Tensor = 1) -> torch.Tensor:
+        """normalize(w)·gain/sqrt(fan_in) in `dtype`, from the eval-mode cache where it is valid."""
+        key = self._cache_key(dtype, gain)
         cache = getattr(self, '_eval_cache', None)
         if key is None:
-            w = self._used_weight(x.dtype, gain)
-        elif cache is not None and cache[0] == key:
-            w = cache[1]
-        else:
-            w = self._used_weight(x.dtype, gain)
-            self._eval_cache = (key, w)
+            return self._used_weight(dtype, gain)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        w = self._used_weight(dtype, gain)
+        self._eval_cache = (key, w)
+        return w
+
+    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
+        w = self.used_weight(x.dtype, gain)
         if w.ndim == 2:
             return x @ w.t()
         return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
