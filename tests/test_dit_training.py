@@ -225,6 +225,37 @@ def test_ddpm_adapter_drops_labels_to_the_null_label_in_training_only(one_thread
     assert kwargs.label_dropout == 0.1
 
 
+@pytest.mark.parametrize('arch, formulation', [('dit', 'edm'), ('dit', 'ddpm'), ('mp-dit', 'ddpm'), ('unet', 'ddpm')])
+def test_bf16_option_computes_every_backbone_in_bf16_close_to_fp32(arch, formulation, one_thread):
+    from training.precision import prepare_for_sampling
+
+    unet = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    transformer = dict(patch_size=2, hidden_size=32, depth=1, num_heads=2)
+    kwargs, _ = backbones.build_kwargs(arch, formulation, 8, unet, transformer, use_fp16='bf16')
+    torch.manual_seed(0)
+    net = dnnlib.util.construct_class_by_name(img_resolution=8, img_channels=3, label_dim=4, **kwargs).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # away from the zero initialisations that silence DiT's and the U-Net's output
+            p.normal_(0, 0.3)
+    products = [
+        m for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or 'MPConv' in str(type(m))
+    ]
+    dtypes = set()
+    for m in products:
+        m.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    x, labels = torch.randn(2, 3, 8, 8), torch.eye(4)[[1, 3]]
+    noise = torch.tensor([1.5, 0.3]) if formulation == 'edm' else torch.tensor([700, 100])
+    with torch.no_grad():
+        half = net(x, noise, labels)
+        assert torch.bfloat16 in dtypes and half.dtype == torch.float32  # MP embeddings stay fp32, as in EDM2
+        prepare_for_sampling(net, 'fp32')
+        dtypes.clear()
+        full = net(x, noise, labels)
+    assert dtypes == {torch.float32}
+    error = (half - full).norm() / full.norm()
+    assert 0 < error < 0.05, error  # bf16 rounding, and not the float32 result
+
+
 def test_dit_under_edm_gets_timestep_1000_c_noise_and_precond_keeps_the_unet_name():
     torch.manual_seed(0)
     dit_kwargs = dict(patch_size=4, hidden_size=16, depth=1, num_heads=2)

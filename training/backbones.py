@@ -11,13 +11,15 @@ magnitude-preserving layers). Formulations:
   through `VPBackbone`, predicting ε with a fixed variance.
 """
 
+import contextlib
+
 import numpy as np
 import torch
 
 import dnnlib
 from torch_utils import persistence
 from training.networks_dit import DiT
-from training.networks_edm2 import drop_labels
+from training.networks_edm2 import check_use_fp16, compute_dtype, drop_labels
 from training.vp_diffusion import beta_schedule
 
 ARCHS = ('unet', 'dit', 'mp-dit')
@@ -35,10 +37,21 @@ class BackboneError(ValueError):
     """An architecture, formulation or transformer geometry that cannot be built."""
 
 
+def autocast_to(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for DiT's plain layers: under bfloat16/float16 autocast their matrix products, convolutions
+    and attention compute in `dtype` from float32 master weights, normalisations and sums stay float32 (DiT has
+    no magnitude-preserving layers that take their dtype from the input). Nothing for float32, nor on the meta
+    device (flop counting), which has no autocast."""
+    if dtype == torch.float32 or device.type == 'meta':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @persistence.persistent_class
 class DiTBackbone(torch.nn.Module):
     """DiT as EDM's F(x; c_noise, class_labels): timestep t = 1000·c_noise, one-hot labels (None or an
-    all-zero row: DiT's null label), no learned variance (EDM2's loss learns its own uncertainty)."""
+    all-zero row: DiT's null label), no learned variance (EDM2's loss learns its own uncertainty). Computes in
+    the dtype of x, which Precond's use_fp16 sets (autocast_to)."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, **dit_kwargs) -> None:
         super().__init__()
@@ -50,18 +63,33 @@ class DiTBackbone(torch.nn.Module):
     def forward(
         self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.dit(x, noise_labels.to(torch.float32) * DIT_TIMESTEP_SCALE, class_labels).to(x.dtype)
+        with autocast_to(x.dtype, x.device):
+            return self.dit(x, noise_labels.to(torch.float32) * DIT_TIMESTEP_SCALE, class_labels).to(x.dtype)
 
 
 @persistence.persistent_class
 class VPDiT(DiT):
     """DiT for the DDPM formulation, built from the data's geometry: ε and the variance value v (learned
-    sigma), as DiT is trained; parameter names are DiT's."""
+    sigma), as DiT is trained; parameter names are DiT's. `use_fp16` as Precond's: 'bf16' computes in bfloat16,
+    True or 'fp16' in float16 on CUDA (autocast_to, float32 output), False in the dtype of the weights."""
 
-    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, **dit_kwargs) -> None:
+    use_fp16 = False  # Class default for nets unpickled from before the option existed.
+
+    def __init__(
+        self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool | str = False, **dit_kwargs
+    ) -> None:
+        check_use_fp16(use_fp16)
         dit_kwargs.setdefault('learn_sigma', True)
         super().__init__(input_size=img_resolution, in_channels=img_channels, num_classes=label_dim, **dit_kwargs)
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.use_fp16 = use_fp16
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        dtype = compute_dtype(self.use_fp16, x.device)
+        if dtype == torch.float32:
+            return super().forward(x, t, y)
+        with autocast_to(dtype, x.device):
+            return super().forward(x, t, y).to(torch.float32)
 
 
 # ln σ_t of a β schedule at a (fractional) original timestep t, interpolated linearly between steps; the
@@ -79,10 +107,13 @@ def schedule_log_sigma(t: torch.Tensor, schedule: str = 'linear', num_timesteps:
 class VPBackbone(torch.nn.Module):
     """An EDM-signature backbone F(x; c_noise, class_labels) as a DDPM net(x_t, t, labels) predicting ε:
     F gets x_t as it is (unit variance under a VP process, so c_in = 1) and c_noise = ln(σ_t)/4, EDM's
-    noise label (EDM Table 1) of the timestep's σ_t = √((1 − ᾱ_t)/ᾱ_t). Computes in float32.
+    noise label (EDM Table 1) of the timestep's σ_t = √((1 − ᾱ_t)/ᾱ_t). F computes in the dtype that `use_fp16`
+    gives, as under Precond (EDM2's layers take it from their input); the output is float32.
 
     `label_dropout`: in training, each image's one-hot label becomes the all-zero null label with this
     probability (DiT's class dropout, Ho & Salimans 2022), so that the null label guides at sampling time."""
+
+    use_fp16 = False  # Class default for nets unpickled from before the option existed.
 
     def __init__(
         self,
@@ -93,11 +124,14 @@ class VPBackbone(torch.nn.Module):
         schedule: str = 'linear',
         num_timesteps: int = 1000,
         label_dropout: float = 0.0,
+        use_fp16: bool | str = False,
         **backbone_kwargs,
     ) -> None:
         super().__init__()
+        check_use_fp16(use_fp16)
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.schedule, self.num_timesteps, self.label_dropout = schedule, num_timesteps, label_dropout
+        self.use_fp16 = use_fp16
         self.net = dnnlib.util.construct_class_by_name(
             class_name=backbone,
             img_resolution=img_resolution,
@@ -117,7 +151,8 @@ class VPBackbone(torch.nn.Module):
             labels = labels.to(torch.float32).reshape(-1, self.label_dim)
             if self.training:
                 labels = drop_labels(labels, self.label_dropout)
-        return self.net(x, self.noise_labels(t).expand(len(x)), labels).to(torch.float32)
+        x_in = x.to(compute_dtype(self.use_fp16, x.device))
+        return self.net(x_in, self.noise_labels(t).expand(len(x)), labels).to(torch.float32)
 
 
 def build_kwargs(
@@ -158,10 +193,12 @@ def build_kwargs(
         return net, dnnlib.EasyDict(class_name='training.loss.EDM2Loss')
     loss = dnnlib.EasyDict(class_name='training.vp_diffusion.VPLoss', schedule='linear', num_timesteps=1000)
     if arch == 'dit':
-        return dnnlib.EasyDict(class_name='training.backbones.VPDiT', **kwargs), dnnlib.EasyDict(
+        return dnnlib.EasyDict(class_name='training.backbones.VPDiT', use_fp16=use_fp16, **kwargs), dnnlib.EasyDict(
             loss, variance='learned_range'
         )
-    net = dnnlib.EasyDict(class_name='training.backbones.VPBackbone', backbone=_BACKBONES[arch], **kwargs)
+    net = dnnlib.EasyDict(
+        class_name='training.backbones.VPBackbone', backbone=_BACKBONES[arch], use_fp16=use_fp16, **kwargs
+    )
     net.label_dropout = 0.1 if label_dropout is None else label_dropout  # DiT's rate: the null label guides.
     return net, dnnlib.EasyDict(loss, variance='fixed_small')
 

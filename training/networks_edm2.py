@@ -432,6 +432,21 @@ def edm_coefficients(
     return sigma_data**2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.log().flatten() / 4
 
 
+def check_use_fp16(use_fp16: bool | str) -> None:
+    if use_fp16 not in (True, False, 'fp16', 'bf16'):
+        raise ValueError(f"use_fp16 must be True, False, 'fp16' or 'bf16', not {use_fp16!r}")
+
+
+def compute_dtype(use_fp16: bool | str, device: torch.device) -> torch.dtype:
+    """The dtype a network with option `use_fp16` computes in on `device`: True or 'fp16' float16 on CUDA (EDM2's
+    mode; float32 elsewhere), 'bf16' bfloat16 anywhere, False float32."""
+    if use_fp16 == 'bf16':
+        return torch.bfloat16
+    if use_fp16 in (True, 'fp16') and device.type == 'cuda':
+        return torch.float16
+    return torch.float32
+
+
 @persistence.persistent_class
 class Precond(torch.nn.Module):
     """D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise), plus u(σ) = MP-linear(MP-Fourier(c_noise)) for the loss.
@@ -462,8 +477,7 @@ class Precond(torch.nn.Module):
         if not 0 <= label_dropout < 1:
             raise ValueError(f'label_dropout must be in [0, 1), not {label_dropout}')
         self.backbone, self.label_dropout = backbone, label_dropout
-        if use_fp16 not in (True, False, 'fp16', 'bf16'):
-            raise ValueError(f"use_fp16 must be True, False, 'fp16' or 'bf16', not {use_fp16!r}")
+        check_use_fp16(use_fp16)
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16, self.sigma_data = use_fp16, sigma_data
         self.unet = self.make_unet(
@@ -479,11 +493,7 @@ class Precond(torch.nn.Module):
         return UNet(**unet_kwargs)
 
     def _compute_dtype(self, device: torch.device, force_fp32: bool) -> torch.dtype:
-        if not force_fp32 and self.use_fp16 == 'bf16':
-            return torch.bfloat16
-        if not force_fp32 and self.use_fp16 in (True, 'fp16') and device.type == 'cuda':
-            return torch.float16
-        return torch.float32
+        return torch.float32 if force_fp32 else compute_dtype(self.use_fp16, device)
 
     def conditioning(
         self, x: torch.Tensor, class_labels: torch.Tensor | None, dtype: torch.dtype, **unet_kwargs

@@ -20,7 +20,8 @@ TINY = ['--preset=demo-tiny', '--workers=1', '--duration=2Ki', '--status=512', '
 
 
 def run(args: list[str], tmp_path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT, DNNLIB_CACHE_DIR=str(tmp_path / 'cache'))
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))  # keep a --target install's path
+    env = dict(os.environ, PYTHONPATH=path, DNNLIB_CACHE_DIR=str(tmp_path / 'cache'))
     result = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     return result
