@@ -171,6 +171,28 @@ def test_every_sampler_gives_the_same_pngs_for_any_batch_size(dits, tmp_path, ne
     assert len({image.tobytes() for image in b1.values()}) == 8
 
 
+def test_precision_option_runs_a_released_dit_in_bf16_close_to_fp32():
+    from training.dit_release import dit_network
+    from training.precision import prepare_for_sampling
+
+    net = dit_network(tiny_dit())
+    dtypes = set()
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    x, sigma, labels = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 0.5]), torch.eye(5)[[0, 3]]
+    out = {}
+    for precision in ('fp32', 'bf16'):
+        prepare_for_sampling(net, precision)
+        dtypes.clear()
+        with torch.no_grad():
+            out[precision] = net(x, sigma, labels)
+        assert dtypes == {torch.float32 if precision == 'fp32' else torch.bfloat16}
+    assert out['bf16'].dtype == torch.float32
+    error = (out['bf16'] - out['fp32']).norm() / out['fp32'].norm()
+    assert 0 < error < 0.02, error  # bf16 rounding, and not the float32 result
+
+
 def test_diffusers_folder_gives_the_images_of_the_same_weights_as_a_state_dict(dits):
     kwargs = dict(seeds=[0, 1], device='cpu', num_steps=2, sampler='ddim', guidance=1.5)
     (folder,) = generate(dits['folder'], **kwargs)

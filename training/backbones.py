@@ -11,14 +11,12 @@ magnitude-preserving layers). Formulations:
   through `VPBackbone`, predicting ε with a fixed variance.
 """
 
-import contextlib
-
 import numpy as np
 import torch
 
 import dnnlib
 from torch_utils import persistence
-from training.networks_dit import DiT
+from training.networks_dit import DiT, autocast_to
 from training.networks_edm2 import check_use_fp16, compute_dtype, drop_labels
 from training.vp_diffusion import beta_schedule
 
@@ -35,16 +33,6 @@ DIT_TIMESTEP_SCALE = 1000.0
 
 class BackboneError(ValueError):
     """An architecture, formulation or transformer geometry that cannot be built."""
-
-
-def autocast_to(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision for DiT's plain layers: under bfloat16/float16 autocast their matrix products, convolutions
-    and attention compute in `dtype` from float32 master weights, normalisations and sums stay float32 (DiT has
-    no magnitude-preserving layers that take their dtype from the input). Nothing for float32, nor on the meta
-    device (flop counting), which has no autocast."""
-    if dtype == torch.float32 or device.type == 'meta':
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @persistence.persistent_class
@@ -70,10 +58,8 @@ class DiTBackbone(torch.nn.Module):
 @persistence.persistent_class
 class VPDiT(DiT):
     """DiT for the DDPM formulation, built from the data's geometry: ε and the variance value v (learned
-    sigma), as DiT is trained; parameter names are DiT's. `use_fp16` as Precond's: 'bf16' computes in bfloat16,
-    True or 'fp16' in float16 on CUDA (autocast_to, float32 output), False in the dtype of the weights."""
-
-    use_fp16 = False  # Class default for nets unpickled from before the option existed.
+    sigma), as DiT is trained; parameter names are DiT's. `use_fp16` is DiT's compute precision, here a
+    constructor option as for Precond."""
 
     def __init__(
         self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool | str = False, **dit_kwargs
@@ -83,13 +69,6 @@ class VPDiT(DiT):
         super().__init__(input_size=img_resolution, in_channels=img_channels, num_classes=label_dim, **dit_kwargs)
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16 = use_fp16
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        dtype = compute_dtype(self.use_fp16, x.device)
-        if dtype == torch.float32:
-            return super().forward(x, t, y)
-        with autocast_to(dtype, x.device):
-            return super().forward(x, t, y).to(torch.float32)
 
 
 # ln σ_t of a β schedule at a (fractional) original timestep t, interpolated linearly between steps; the

@@ -12,6 +12,7 @@ place of adaLN-Zero's gates. Its signature, forward(x, noise_labels, class_label
 U-Net, so EDM preconditioning (c_in, c_noise = ln(sigma)/4, c_skip, c_out) can wrap it unchanged.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from torch.nn.functional import gelu, layer_norm, scaled_dot_product_attention
 
 from torch_utils import persistence
-from training.networks_edm2 import MPConv, MPFourier, mp_silu, mp_sum, normalize
+from training.networks_edm2 import MPConv, MPFourier, compute_dtype, mp_silu, mp_sum, normalize
 
 # Model sizes of DiT's Table 1 (depth, hidden size, heads) for every patch size of Table 4.
 DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -35,6 +36,16 @@ def _check_geometry(input_size: int, patch_size: int, hidden_size: int, num_head
         raise ValueError(f'DiT patch size {patch_size} does not divide the input size {input_size}.')
     if hidden_size % num_heads != 0 or hidden_size % 4 != 0:
         raise ValueError(f'DiT hidden size {hidden_size} must be a multiple of 4 and of num_heads={num_heads}.')
+
+
+def autocast_to(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for DiT's plain layers: under bfloat16/float16 autocast their matrix products, convolutions
+    and attention compute in `dtype` from float32 master weights, normalisations and sums stay float32 (DiT has
+    no magnitude-preserving layers that take their dtype from the input). Nothing for float32, nor on the meta
+    device (flop counting), which has no autocast."""
+    if dtype == torch.float32 or device.type == 'meta':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 # 2-D sine-cosine position embedding of MAE (He et al. 2022), as DiT uses it: channels [0, D/2) encode
@@ -109,6 +120,11 @@ class DiTBlock(torch.nn.Module):
 
 @persistence.persistent_class
 class DiT(torch.nn.Module):
+    # Compute precision as Precond's use_fp16: 'bf16' runs under bfloat16 autocast, True or 'fp16' under float16
+    # autocast on CUDA (float32 output either way), False in the dtype of the weights. Not a constructor
+    # option, so that released checkpoints build unchanged; --precision (prepare_for_sampling) sets it.
+    use_fp16 = False
+
     def __init__(
         self,
         input_size: int = 32,
@@ -168,7 +184,15 @@ class DiT(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Prediction [N, out_channels, H, W] for latents x, timesteps t (0..999, scalar or [N]) and labels y
-        (None: null labels), computed in the dtype of the weights (float16 snapshots run as float16)."""
+        (None: null labels), computed in the dtype of the weights (float16 snapshots run as float16) unless
+        `use_fp16` asks for mixed precision."""
+        dtype = compute_dtype(self.use_fp16, x.device)
+        if dtype == torch.float32:
+            return self._predict(x, t, y)
+        with autocast_to(dtype, x.device):
+            return self._predict(x, t, y).to(torch.float32)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         y = torch.full([x.shape[0]], self.num_classes, device=x.device) if y is None else y
         x = x.to(self.x_embedder.proj.weight.dtype)
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed

@@ -88,7 +88,8 @@ def compile_module(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 
 def prepare_for_sampling(net: torch.nn.Module, precision: str | None = None, compile: bool = False) -> None:
     """Set a loaded denoiser's compute precision (None: as pickled) and compile it, in place. The precision is
-    `use_fp16` of every Precond inside (a guided or wrapped net included); a net without one runs fp32 only."""
+    `use_fp16` of every module that has one (Precond, DiT and the DDPM nets, guided or wrapped nets included); a
+    net without one runs fp32 only."""
     if precision is not None:
         if precision not in PRECISIONS:
             raise PrecisionError(f'--precision={precision}: choose one of {", ".join(PRECISIONS)}.')
