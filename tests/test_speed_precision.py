@@ -28,17 +28,28 @@ from training.training_loop import training_loop
     ],
 )
 def test_precision_options_and_edm2_aliases_resolve(args, expected, monkeypatch):
-    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: False)
+    monkeypatch.setattr(precision, 'cpu_has_amx_bf16', lambda: False)
     want = 'fp32' if expected == 'auto' else expected
     assert precision.resolve_precision(**args, device='cpu') == want
 
 
-def test_auto_precision_is_bf16_on_bf16_cpus_fp16_on_cuda_else_fp32(monkeypatch):
-    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: True)
+def test_auto_precision_is_bf16_on_amx_cpus_fp16_on_cuda_else_fp32(monkeypatch):
+    monkeypatch.setattr(precision, 'cpu_has_amx_bf16', lambda: True)
     assert precision.resolve_precision(None, device='cpu') == 'bf16'
     assert precision.resolve_precision(None, device='cuda:0') == 'fp16'
-    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: False)
+    monkeypatch.setattr(precision, 'cpu_has_amx_bf16', lambda: False)
     assert precision.resolve_precision(None, device='cpu') == 'fp32'
+
+
+@pytest.mark.parametrize(
+    'flags, amx',
+    [('fpu avx512f avx512_bf16 amx_bf16 amx_tile', True), ('fpu avx512f avx512_bf16', False), ('fpu', False)],
+)
+def test_amx_is_read_from_the_cpu_flags(tmp_path, flags, amx):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text(f'processor\t: 0\nflags\t\t: {flags}\n')
+    assert precision.cpu_has_amx_bf16(str(cpuinfo)) is amx
+    assert precision.cpu_has_amx_bf16(str(tmp_path / 'missing')) is False
 
 
 @pytest.mark.parametrize(
