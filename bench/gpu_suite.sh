@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, for a machine with one (or more) CUDA GPUs: training and sampling throughput
+# The GPU checks in one go, for a machine with one (or more) CUDA GPUs. speed: training and sampling throughput
 # (images/s, Tflop/s, MFU) of edm2-img512-xs and -s at their per-GPU batch of 64 latents 64x64x4, fp16 and bf16,
-# and of DiT-XL/2 at its per-GPU batch of 32 latents 32x32x4; then the tests/gpu suite; then --compile and the
-# memory/speed trade of --checkpointing. Every step has its own time limit and the fastest, most wanted figures
-# come first, so a machine lent for ten minutes returns what it reached. On one H200 the parts took about 3 min
-# (speed), 2 min (tests) and over 5 min (compile: training img512-s compiles for more than 3 min).
+# of DiT-XL/2 at its per-GPU batch of 32 latents 32x32x4, img512-s with --checkpointing and with channels-last
+# activations; tests: the tests/gpu suite; compile: img512-s with --compile. Every step has its own time limit
+# and the fastest, most wanted figures come first, so a machine lent for ten minutes returns what it reached.
+# On one H200 the parts took about 3 min (speed, before the channels-last rows), 2 min (tests) and over 5 min
+# (compile: training img512-s compiled for more than 3 min).
 #
 #   bash bench/gpu_suite.sh [LOGDIR [PART...]]  # PART: speed, tests, compile [default: all three, in that order]
 #   PYTHON=python bash bench/gpu_suite.sh       # the interpreter to use [default: python3]
@@ -43,6 +44,12 @@ if [[ $parts == *" speed "* ]]; then
     step 45 $py bench/train_speed.py "${dit[@]}"
     step 45 $py bench/sample_speed.py "${dit[@]}"
     step 45 $py bench/train_speed.py --preset=edm2-img512-s --batch=64 --precision=bf16 --checkpointing "${latents[@]}"
+    for precision in bf16 fp16; do  # the activation layout tensor-core convolutions prefer, against NCHW above
+        step 45 $py bench/train_speed.py --preset=edm2-img512-s --batch=64 --precision=$precision --channels-last=True \
+            "${latents[@]}"
+        step 45 $py bench/sample_speed.py --preset=edm2-img512-s --batch=64 --precision=$precision --channels-last=True \
+            "${latents[@]}"
+    done
 fi
 if [[ $parts == *" tests "* ]]; then
     step 240 $py -m pytest -q -p no:cacheprovider tests/gpu

@@ -32,6 +32,13 @@ from training.throughput import ThroughputError, describe, time_sampling  # noqa
 @click.option('--device', metavar='STR', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (first call compiles).')
 @click.option('--peak-tflops', metavar='FLOAT', type=float, default=None, help='Device peak for MFU [default: table].')
+@click.option(
+    '--channels-last',
+    metavar='BOOL',
+    type=bool,
+    default=None,
+    help='U-Net activations channels-last (True) or NCHW (False) [default: channels-last on CPU only].',
+)
 @click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=None, help='torch CPU threads.')
 @click.option(
     '--clock', type=click.Choice(['wall', 'process']), default='wall', show_default=True, help='process: CPU time.'
@@ -45,6 +52,7 @@ def main(preset, threads, compile_net, **kw):
     except ThroughputError as e:
         raise click.ClickException(str(e)) from None
     opts = kw['precision'] + ' compile' * compile_net
+    opts += {None: '', True: ' channels-last', False: ' nchw'}[kw['channels_last']]
     head = f'sample {preset} {opts} on {kw["device"]} ({torch.get_num_threads()} threads), batch {kw["batch"]}'
     print(f'{head}, {kw["sampler_steps"]} Heun steps: {r.evals_s:.1f} evals/s, {describe(r)}')
 

@@ -31,6 +31,13 @@ from training.throughput import ThroughputError, describe, time_training_steps  
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (first step compiles).')
 @click.option('--checkpointing', is_flag=True, help='Activation checkpointing of the U-Net blocks.')
 @click.option('--peak-tflops', metavar='FLOAT', type=float, default=None, help='Device peak for MFU [default: table].')
+@click.option(
+    '--channels-last',
+    metavar='BOOL',
+    type=bool,
+    default=None,
+    help='U-Net activations channels-last (True) or NCHW (False) [default: channels-last on CPU only].',
+)
 @click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=None, help='torch CPU threads.')
 @click.option(
     '--clock', type=click.Choice(['wall', 'process']), default='wall', show_default=True, help='process: CPU time.'
@@ -44,6 +51,7 @@ def main(preset, threads, compile_net, **kw):
     except ThroughputError as e:
         raise click.ClickException(str(e)) from None
     opts = kw['precision'] + ' compile' * compile_net + ' checkpointing' * kw['checkpointing']
+    opts += {None: '', True: ' channels-last', False: ' nchw'}[kw['channels_last']]
     head = f'train {preset} {opts} on {kw["device"]} ({torch.get_num_threads()} threads), batch {kw["batch"]}'
     print(f'{head}, {r.params / 1e6:.2f}M params: {describe(r)}')
 

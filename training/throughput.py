@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
 from training.backbones import preset_kwargs
-from training.networks_edm2 import set_checkpointing
+from training.networks_edm2 import set_channels_last, set_checkpointing
 from training.precision import compile_module, use_fp16_of
 from training.presets_train import TRAIN_PRESETS
 
@@ -60,6 +60,12 @@ def build_preset_net(
     if loss_kwargs.class_name == 'training.loss.EDM2Loss':
         loss_kwargs.update({k: p[k] for k in ('P_mean', 'P_std') if k in p})
     return net.train().to(device), dnnlib.util.construct_class_by_name(**loss_kwargs), resolution
+
+
+def set_layout(net: torch.nn.Module, preset: str, channels_last: bool | None) -> None:
+    """The U-Net activation layout to time (None: the network's default, channels-last on CPU only)."""
+    if channels_last is not None and not set_channels_last(net, channels_last):
+        raise ThroughputError(f'{preset}: --channels-last applies to U-Net networks only.')
 
 
 def forward_flops_per_image(net: torch.nn.Module, img_channels: int, resolution: int, label_dim: int) -> float:
@@ -128,15 +134,18 @@ def time_training_steps(
     checkpointing: bool = False,
     peak_tflops: float | None = None,
     clock: str = 'wall',
+    channels_last: bool | None = None,
 ) -> dnnlib.EasyDict:
     """EasyDict(img_s, ms (per step, median), ms_step (the same), tflops, mfu (None without a peak), params,
     gflops_per_img (training), first_s (first step, compile included), peak_mem_gb (CUDA tensors; CPU process
-    RSS)) of `steps` Adam steps."""
+    RSS)) of `steps` Adam steps. cuDNN autotuning is on, as train_edm2.py's --bench default has it."""
     device = torch.device(device)
     net, loss_fn, resolution = build_preset_net(preset, resolution, img_channels, label_dim, precision, device)
     flops = 3 * forward_flops_per_image(net, img_channels, resolution, label_dim) * batch
     if checkpointing and not set_checkpointing(net):
         raise ThroughputError(f'{preset}: --checkpointing applies to U-Net networks only.')
+    set_layout(net, preset, channels_last)
+    torch.backends.cudnn.benchmark = True
     compile_module(net, compile)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
     images = torch.randn([batch, img_channels, resolution, resolution], device=device)
@@ -170,6 +179,7 @@ def time_sampling(
     compile: bool = False,
     peak_tflops: float | None = None,
     clock: str = 'wall',
+    channels_last: bool | None = None,
 ) -> dnnlib.EasyDict:
     """EasyDict(img_s (images per second with the `sampler_steps`-step Heun sampler), evals_s (denoiser
     evaluations of one image per second), ms (per batch evaluation, median), tflops, mfu, gflops_per_img
@@ -177,6 +187,7 @@ def time_sampling(
     device = torch.device(device)
     net, _, resolution = build_preset_net(preset, resolution, img_channels, label_dim, precision, device)
     flops = forward_flops_per_image(net, img_channels, resolution, label_dim) * batch
+    set_layout(net, preset, channels_last)
     net.eval().requires_grad_(False)
     compile_module(net, compile)
     x = torch.randn([batch, img_channels, resolution, resolution], device=device)
