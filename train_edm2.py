@@ -195,7 +195,7 @@ def one_line_message(e: Exception) -> str:
     '--precision',
     type=click.Choice(['fp32', 'fp16', 'bf16']),
     default=None,
-    help='Compute precision; weights, EMA and loss stay fp32 [default: fp16 on CUDA, bf16 on AMX-BF16 CPUs, else fp32].',
+    help='Compute precision; weights, EMA and loss stay fp32 [default: fp16 on CUDA, bf16 on bf16 CPUs, else fp32].',
 )
 @click.option('--tf32', is_flag=True, help='Allow TF32 matmuls and convolutions in fp32 on Ampere+ GPUs.')
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (pays in long runs).')

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import training_config
 
+import dnnlib
 from training import networks_edm2 as nets
 from training import precision
 from training.loss import EDM2Loss
@@ -28,28 +29,28 @@ from training.training_loop import training_loop
     ],
 )
 def test_precision_options_and_edm2_aliases_resolve(args, expected, monkeypatch):
-    monkeypatch.setattr(precision, 'cpu_has_amx_bf16', lambda: False)
+    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: False)
     want = 'fp32' if expected == 'auto' else expected
     assert precision.resolve_precision(**args, device='cpu') == want
 
 
-def test_auto_precision_is_bf16_on_amx_cpus_fp16_on_cuda_else_fp32(monkeypatch):
-    monkeypatch.setattr(precision, 'cpu_has_amx_bf16', lambda: True)
+def test_auto_precision_is_bf16_on_bf16_cpus_fp16_on_cuda_else_fp32(monkeypatch):
+    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: True)
     assert precision.resolve_precision(None, device='cpu') == 'bf16'
     assert precision.resolve_precision(None, device='cuda:0') == 'fp16'
-    monkeypatch.setattr(precision, 'cpu_has_amx_bf16', lambda: False)
+    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: False)
     assert precision.resolve_precision(None, device='cpu') == 'fp32'
 
 
 @pytest.mark.parametrize(
-    'flags, amx',
-    [('fpu avx512f avx512_bf16 amx_bf16 amx_tile', True), ('fpu avx512f avx512_bf16', False), ('fpu', False)],
+    'flags, bf16',
+    [('fpu avx512f avx512_bf16 amx_bf16 amx_tile', True), ('fpu avx512f avx512_bf16', True), ('fpu avx512f', False)],
 )
-def test_amx_is_read_from_the_cpu_flags(tmp_path, flags, amx):
+def test_bf16_instructions_are_read_from_the_cpu_flags(tmp_path, flags, bf16):
     cpuinfo = tmp_path / 'cpuinfo'
     cpuinfo.write_text(f'processor\t: 0\nflags\t\t: {flags}\n')
-    assert precision.cpu_has_amx_bf16(str(cpuinfo)) is amx
-    assert precision.cpu_has_amx_bf16(str(tmp_path / 'missing')) is False
+    assert precision.cpu_has_bf16(str(cpuinfo)) is bf16
+    assert precision.cpu_has_bf16(str(tmp_path / 'missing')) is False
 
 
 @pytest.mark.parametrize(
@@ -157,3 +158,26 @@ def test_generate_images_precision_option_computes_in_bf16_close_to_fp32_and_rej
     result = CliRunner().invoke(generate_images.main, bad)
     assert result.exit_code == 1 and '--precision=fp8' in result.output and 'Traceback' not in result.output
     assert sorted(os.listdir(tmp_path)) == ['bf16.npz', 'fp32.npz', 'net.pkl']  # no rows file left by the error
+
+
+@pytest.mark.parametrize('arch', ['unet', 'mp-dit', 'dit'])
+def test_bf16_on_cpu_computes_attention_in_float32_and_returns_to_bf16(arch, monkeypatch):
+    from training import backbones
+
+    seen = []
+
+    def recording_attention(q, k, v):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled('cpu')))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setattr(nets, 'scaled_dot_product_attention', recording_attention)
+    unet = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[8], channels_per_head=8)
+    transformer = dict(patch_size=2, hidden_size=32, depth=1, num_heads=2)
+    kwargs, _ = backbones.build_kwargs(arch, 'edm', 8, unet, transformer, use_fp16='bf16')
+    torch.manual_seed(0)
+    net = dnnlib.util.construct_class_by_name(img_resolution=8, img_channels=3, label_dim=4, **kwargs).train()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    out = net(x, torch.tensor([1.5, 0.3]), torch.eye(4)[[1, 3]])
+    out.square().sum().backward()
+    assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

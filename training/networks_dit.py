@@ -17,10 +17,19 @@ import math
 
 import numpy as np
 import torch
-from torch.nn.functional import gelu, layer_norm, scaled_dot_product_attention
+from torch.nn.functional import gelu, layer_norm
 
 from torch_utils import persistence
-from training.networks_edm2 import MPConv, MPFourier, compute_dtype, mp_silu, mp_sum, normalize
+from training.networks_edm2 import (
+    MPConv,
+    MPFourier,
+    attention,
+    attention_dtype,
+    compute_dtype,
+    mp_silu,
+    mp_sum,
+    normalize,
+)
 
 # Model sizes of DiT's Table 1 (depth, hidden size, heads) for every patch size of Table 4.
 DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -109,7 +118,7 @@ class DiTBlock(torch.nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         q, k, v = self.attn.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.attn.proj(scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+        return self.attn.proj(attention(q, k, v).transpose(1, 2).reshape(n, t, d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -256,9 +265,9 @@ class MPDiTBlock(torch.nn.Module):
     # Cosine attention of EDM2's U-Net: q, k and v normalised per head before the softmax.
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
-        qkv = normalize(self.attn_qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads), dim=4)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        return self.attn_proj(scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+        qkv = self.attn_qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).to(attention_dtype(x))
+        q, k, v = normalize(qkv, dim=4).permute(2, 0, 3, 1, 4)
+        return self.attn_proj(attention(q, k, v).transpose(1, 2).reshape(n, t, d).to(x.dtype))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = normalize(x, dim=2)  # "pixel norm" of the residual stream, per token

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.utils.checkpoint
+from torch.nn.functional import scaled_dot_product_attention
 
 import dnnlib
 from torch_utils import persistence
@@ -35,6 +36,21 @@ def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = 
     norm = x.to(torch.float32).square().sum(dim=dims, keepdim=True).clamp_min(1e-30).sqrt()
     rms = norm * math.sqrt(norm.numel() / x.numel())
     return x / (eps + rms).to(x.dtype)
+
+
+# Mixed precision on CPU leaves attention in float32: torch's CPU attention backward ran 1.6-3.7x slower in
+# bfloat16 than in float32, and bf16 per-head normalisation 2x slower (docs/benchmarks.md). attention_dtype gives
+# the dtype to form q, k, v in; attention computes in the dtype of q, k, v with autocast off on CPU.
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.device.type == 'cpu' else x.dtype
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(c)) v of [n, heads, tokens, c] tensors; on CPU in float32 (result in q's dtype)."""
+    if q.device.type != 'cpu' or q.dtype == torch.float32:
+        return scaled_dot_product_attention(q, k, v)
+    with torch.autocast('cpu', enabled=False):
+        return scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
 
 
 # MP-SiLU, EDM2 Eq. 81: 0.596 = sqrt(E[silu(z)²]) for z ~ N(0, 1).
@@ -257,10 +273,10 @@ class Block(torch.nn.Module):
     # head (EDM2 Fig. 21). The qkv conv's output channels are laid out as (head, channel, q/k/v).
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
+        qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w).to(attention_dtype(x))
         # Each [n, heads, pixels, head channels], contiguous: CPU attention over 16x16 pixels runs 3x faster.
         q, k, v = (t.mT.contiguous() for t in normalize(qkv, dim=2).unbind(3))
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v).mT.reshape(n, c, h, w)
+        return attention(q, k, v).mT.reshape(n, c, h, w).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------

@@ -18,27 +18,25 @@ class PrecisionError(ValueError):
     """Contradicting or unknown precision options; the message is one sentence for the user."""
 
 
-def cpu_has_amx_bf16(cpuinfo: str = '/proc/cpuinfo') -> bool:
-    """Whether this CPU has AMX-BF16 tile instructions, where oneDNN runs bf16 convolutions 2-3x faster than fp32
-    and bf16 training pays (docs/benchmarks.md). AVX512-BF16 alone does not: on an AMD EPYC with it, bf16
-    convolutions ran 1.4-1.75x faster, but bf16 elementwise work with broadcasts and the attention backward ran
-    2-4x slower, for 1.0-1.05x the fp32 training rate. Linux only; elsewhere False."""
+def cpu_has_bf16(cpuinfo: str = '/proc/cpuinfo') -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), where bf16 training pays: on a
+    Xeon with AMX 1.3-2x the fp32 rate, on an AMD EPYC with AVX512-BF16 alone 1.1-2x (docs/benchmarks.md).
+    Linux only; elsewhere False."""
     try:
         with open(cpuinfo) as f:
             flags = set(f.read().split())
     except OSError:
         return False
-    return 'amx_bf16' in flags
+    return bool(flags & {'avx512_bf16', 'amx_bf16'})
 
 
 def auto_precision(device: torch.device | str) -> str:
     """The default where none is given: fp16 on CUDA (EDM2's mode; bf16 is there for the asking), bf16 on a CPU
-    with AMX-BF16 (measured 1.4x the fp32 training rate of the demo net and 2x of an img64-xs-shaped net, with
-    the same loss curve: docs/benchmarks.md), else fp32."""
+    with bf16 instructions (cpu_has_bf16; the same loss curve as fp32: docs/benchmarks.md), else fp32."""
     device = torch.device(device)
     if device.type == 'cuda':
         return 'fp16'
-    if device.type == 'cpu' and cpu_has_amx_bf16():
+    if device.type == 'cpu' and cpu_has_bf16():
         return 'bf16'
     return 'fp32'
 
