@@ -186,6 +186,7 @@ def main(**o: Any) -> None:
     except (GenerationError, NetworkPickleError, PrecisionError, OSError) as e:
         raise click.ClickException(str(e)) from None
     dist.print0('Done.')
+    dist.finish()
 
 
 if __name__ == '__main__':

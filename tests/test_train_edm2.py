@@ -124,6 +124,7 @@ from torch_utils import distributed as dist
 from training.training_loop import training_loop
 dist.init()
 training_loop(run_dir=sys.argv[2], device=torch.device('cpu'), **json.load(open(sys.argv[1])))
+dist.finish()  # as train_edm2.py: leave the group while Python still runs (gloo's exit race otherwise)
 """
 
 
