@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.presets_train import TRAIN_PRESETS  # noqa: E402
-from training.throughput import ThroughputError, describe, time_sampling  # noqa: E402
+from training.throughput import ThroughputError, describe, settings_label, time_sampling  # noqa: E402
 
 
 @click.command()
@@ -51,9 +51,9 @@ def main(preset, threads, compile_net, **kw):
         r = time_sampling(preset, compile=compile_net, **kw)
     except ThroughputError as e:
         raise click.ClickException(str(e)) from None
-    opts = kw['precision'] + ' compile' * compile_net
-    opts += {None: '', True: ' channels-last', False: ' nchw'}[kw['channels_last']]
-    head = f'sample {preset} {opts} on {kw["device"]} ({torch.get_num_threads()} threads), batch {kw["batch"]}'
+    head = settings_label(
+        'sample', preset, kw['precision'], kw['device'], kw['batch'], compile_net, channels_last=kw['channels_last']
+    )
     print(f'{head}, {kw["sampler_steps"]} Heun steps: {r.evals_s:.1f} evals/s, {describe(r)}')
 
 

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.presets_train import TRAIN_PRESETS  # noqa: E402
-from training.throughput import ThroughputError, describe, time_training_steps  # noqa: E402
+from training.throughput import ThroughputError, describe, settings_label, time_training_steps  # noqa: E402
 
 
 @click.command()
@@ -50,9 +50,8 @@ def main(preset, threads, compile_net, **kw):
         r = time_training_steps(preset, compile=compile_net, **kw)
     except ThroughputError as e:
         raise click.ClickException(str(e)) from None
-    opts = kw['precision'] + ' compile' * compile_net + ' checkpointing' * kw['checkpointing']
-    opts += {None: '', True: ' channels-last', False: ' nchw'}[kw['channels_last']]
-    head = f'train {preset} {opts} on {kw["device"]} ({torch.get_num_threads()} threads), batch {kw["batch"]}'
+    layout = dict(checkpointing=kw['checkpointing'], channels_last=kw['channels_last'])
+    head = settings_label('train', preset, kw['precision'], kw['device'], kw['batch'], compile_net, **layout)
     print(f'{head}, {r.params / 1e6:.2f}M params: {describe(r)}')
 
 

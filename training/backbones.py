@@ -123,15 +123,14 @@ class VPBackbone(torch.nn.Module):
         return schedule_log_sigma(t.reshape(-1), self.schedule, self.num_timesteps).to(torch.float32) / 4
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.to(torch.float32)
+        x = x.to(compute_dtype(self.use_fp16, x.device))
         labels = None
         if self.label_dim:
             labels = torch.zeros([len(x), self.label_dim], device=x.device) if class_labels is None else class_labels
             labels = labels.to(torch.float32).reshape(-1, self.label_dim)
             if self.training:
                 labels = drop_labels(labels, self.label_dropout)
-        x_in = x.to(compute_dtype(self.use_fp16, x.device))
-        return self.net(x_in, self.noise_labels(t).expand(len(x)), labels).to(torch.float32)
+        return self.net(x, self.noise_labels(t).expand(len(x)), labels).to(torch.float32)
 
 
 def build_kwargs(

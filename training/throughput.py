@@ -212,6 +212,22 @@ def time_sampling(
     return result
 
 
+def settings_label(
+    kind: str,
+    preset: str,
+    precision: str,
+    device: str,
+    batch: int,
+    compile: bool = False,
+    checkpointing: bool = False,
+    channels_last: bool | None = None,
+) -> str:
+    """The head of a bench line, e.g. 'train demo bf16 compile nchw on cpu (2 threads), batch 64'."""
+    opts = precision + ' compile' * compile + ' checkpointing' * checkpointing
+    opts += {None: '', True: ' channels-last', False: ' nchw'}[channels_last]
+    return f'{kind} {preset} {opts} on {device} ({torch.get_num_threads()} threads), batch {batch}'
+
+
 def describe(r: dnnlib.EasyDict) -> str:
     """One line of a timing's figures, as the bench scripts print them."""
     line = f'{r.img_s:.2f} img/s, {r.ms:.1f} ms/call, {r.gflops_per_img:.2f} Gflop/img, {r.tflops:.3f} Tflop/s'
