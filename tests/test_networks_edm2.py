@@ -147,6 +147,39 @@ def test_resample_up_repeats_pixels_and_down_inverts_it():
     assert nets.resample(x, mode='keep') is x
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('mode', ['down', 'up'])
+def test_box_resample_by_pooling_equals_the_depthwise_convolution(dtype, channels_last, mode):
+    # The 2x2 box runs as average pooling / nearest upsampling; the general path is the (transposed) depthwise
+    # convolution by the filter. Same values and gradients, up to the order of the 4-term sums.
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16, 16).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    fast, conv = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, y_conv = nets.resample(fast, [1, 1], mode), nets.resample_by_conv(conv, [1, 1], mode)
+    grad = torch.randn_like(y_conv)
+    (y_fast * grad).sum().backward()
+    (y_conv * grad).sum().backward()
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 and mode == 'up' else {}
+    torch.testing.assert_close(y_fast, y_conv, **tol)
+    torch.testing.assert_close(fast.grad, conv.grad)
+    assert y_fast.shape == y_conv.shape and y_fast.dtype == dtype
+
+
+def test_resample_with_a_longer_filter_keeps_a_constant_image_inside():
+    x = torch.full([1, 2, 8, 8], 3.0)
+    down = nets.resample(x, [1, 3, 3, 1], 'down')
+    assert down.shape == (1, 2, 4, 4)
+    torch.testing.assert_close(down[..., 1:-1, 1:-1], torch.full([1, 2, 2, 2], 3.0))
+    up = nets.resample(x, [1, 3, 3, 1], 'up')
+    assert up.shape == (1, 2, 16, 16)
+    torch.testing.assert_close(up[..., 2:-2, 2:-2], torch.full([1, 2, 12, 12], 3.0))
+    with pytest.raises(ValueError, match='resample mode'):
+        nets.resample(x, [1, 1], 'sideways')
+
+
 def test_resample_down_halves_rms_of_white_noise_and_encoder_pixel_norm_restores_it():
     torch.manual_seed(0)
     x = torch.randn(256, 32, 8, 8)

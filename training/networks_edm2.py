@@ -72,18 +72,30 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
 
 # Separable 2x resampling by the filter f (EDM2 Fig. 21: a 2x2 box): 'down' averages, 'up' spreads
 # each pixel over the filter's footprint (a transposed conv with 4x gain), 'keep' is the identity.
+# The box filter, which every preset uses, runs as 2x2 average pooling and nearest-neighbour upsampling:
+# the same values (up exactly, down up to the order of the 4-term sum), and on CPU in bf16 the depthwise
+# convolutions ran 7-18 ms per call against 0.2-2 ms for these (docs/benchmarks.md).
 def resample(x: torch.Tensor, f: list[float] = [1, 1], mode: str = 'keep') -> torch.Tensor:
+    if mode not in ('keep', 'down', 'up'):
+        raise ValueError(f"resample mode must be 'keep', 'down' or 'up', not {mode!r}")
     if mode == 'keep':
         return x
+    if len(f) == 2 and f[0] == f[1] != 0:
+        if mode == 'down':
+            return torch.nn.functional.avg_pool2d(x, 2)
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode='nearest')
+    return resample_by_conv(x, f, mode)
+
+
+def resample_by_conv(x: torch.Tensor, f: list[float], mode: str) -> torch.Tensor:
+    """resample() of any separable filter as a depthwise (transposed) convolution."""
     taps = torch.as_tensor(f, dtype=torch.float32)
     taps = taps / taps.sum()
     kernel = torch.outer(taps, taps).to(x.device, x.dtype).expand(x.shape[1], 1, len(f), len(f))
     trim = (len(f) - 1) // 2  # Pads 'down' and crops 'up' so that the output is exactly 2x smaller or larger.
     if mode == 'down':
         return torch.nn.functional.conv2d(x, kernel, stride=2, padding=trim, groups=x.shape[1])
-    if mode == 'up':
-        return torch.nn.functional.conv_transpose2d(x, kernel * 4, stride=2, padding=trim, groups=x.shape[1])
-    raise ValueError(f"resample mode must be 'keep', 'down' or 'up', not {mode!r}")
+    return torch.nn.functional.conv_transpose2d(x, kernel * 4, stride=2, padding=trim, groups=x.shape[1])
 
 
 # MP-Fourier features, EDM2 Eq. 75: sqrt(2)·cos(2π(f·x + φ)), f ~ N(0, bandwidth²), φ ~ U[0, 1);
