@@ -67,6 +67,20 @@ def test_normalize_matches_closed_form_per_row_and_per_pixel():
     assert torch.allclose(nets.normalize(x, dim=1).pow(2).mean(dim=1), torch.ones(5, 3, 4), atol=1e-3)
 
 
+def test_normalize_of_bf16_on_cpu_divides_in_float32_and_rounds_once():
+    # The fast CPU path: the float32 result rounded to bf16 once (dividing by a bf16-rounded norm differs).
+    torch.manual_seed(0)
+    x = (torch.randn(4, 16, 8, 8) * 3).bfloat16().to(memory_format=torch.channels_last).requires_grad_()
+    y = nets.normalize(x, dim=1)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, nets.normalize(x.float(), dim=1).bfloat16())
+    x32 = x.detach().float().requires_grad_()
+    grad = torch.randn(4, 16, 8, 8)
+    (y.float() * grad).sum().backward()
+    (nets.normalize(x32, dim=1) * grad).sum().backward()
+    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=2e-2, atol=2e-2)
+
+
 def test_normalize_gradient_is_finite_at_an_all_zero_slice():
     # Zero slices occur (text features at padding tokens); their gradient must not poison the batch with NaN.
     x = torch.randn(3, 8)
