@@ -166,9 +166,9 @@ def test_bf16_on_cpu_computes_attention_in_float32_and_returns_to_bf16(arch, mon
 
     seen = []
 
-    def recording_attention(q, k, v):
+    def recording_attention(q, k, v, attn_mask=None):
         seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled('cpu')))
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
     monkeypatch.setattr(nets, 'scaled_dot_product_attention', recording_attention)
     unet = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[8], channels_per_head=8)
@@ -181,3 +181,33 @@ def test_bf16_on_cpu_computes_attention_in_float32_and_returns_to_bf16(arch, mon
     out.square().sum().backward()
     assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_bf16_text_net_on_cpu_attends_in_float32_with_the_caption_mask(monkeypatch):
+    # Self-attention of the text encoder and the U-Net's cross-attention to the caption: fp32 on CPU under bf16,
+    # the padding mask passed on; the prediction stays bf16-close to the fp32 net's.
+    from training.networks_text import TextPrecond
+
+    seen = []
+
+    def recording_attention(q, k, v, attn_mask=None):
+        seen.append((q.dtype, k.dtype, v.dtype, attn_mask is not None))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    monkeypatch.setattr(nets, 'scaled_dot_product_attention', recording_attention)
+    options = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
+    options.update(text_length=16, text_channels=16, text_layers=1)
+    torch.manual_seed(0)
+    net = TextPrecond(img_resolution=8, img_channels=3, use_fp16='bf16', **options).train()
+    with torch.no_grad():
+        for p in net.parameters():  # open the zero-initialised gains so that the text matters
+            if p.ndim == 0:
+                p.fill_(1)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    out = net(x, torch.tensor([1.5, 0.3]), ['a red circle', 'a blue square on the left'])
+    out.square().sum().backward()
+    assert {s[:3] for s in seen} == {(torch.float32,) * 3} and any(s[3] for s in seen)
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    net.use_fp16 = False
+    reference = net(x, torch.tensor([1.5, 0.3]), ['a red circle', 'a blue square on the left'])
+    torch.testing.assert_close(out, reference, rtol=0.05, atol=0.05)

@@ -50,12 +50,13 @@ def attention_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == 'cpu' else x.dtype
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(c)) v of [n, heads, tokens, c] tensors; on CPU in float32 (result in q's dtype)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(c)) v of [n, heads, tokens, c] tensors, keys where the boolean `mask` (broadcast to
+    [n, heads, queries, keys]) is True; on CPU in float32 (result in q's dtype)."""
     if q.device.type != 'cpu' or q.dtype == torch.float32:
-        return scaled_dot_product_attention(q, k, v)
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with torch.autocast('cpu', enabled=False):
-        return scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
 
 
 # MP-SiLU, EDM2 Eq. 81: 0.596 = sqrt(E[silu(z)²]) for z ~ N(0, 1).

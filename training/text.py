@@ -22,7 +22,7 @@ import torch
 
 from torch_utils import persistence
 from training.hf_text import load_text_model, load_tokenizer
-from training.networks_edm2 import MPConv, mp_silu, mp_sum, normalize
+from training.networks_edm2 import MPConv, attention, attention_dtype, mp_silu, mp_sum, normalize
 
 PAD_TOKEN = 0
 START_TOKEN = 1
@@ -125,16 +125,18 @@ def make_tokenizer(
 # MP transformer layers over token sequences [N, L, C].
 
 
-# Multi-head attention with q, k, v pixel-normalised per head (as EDM2's self-attention, Fig. 21).
+# Multi-head attention with q, k, v pixel-normalised per head (as EDM2's self-attention, Fig. 21); on CPU
+# formed and attended in float32 as the U-Net's (networks_edm2.attention_dtype), the result in q's dtype.
 def mp_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, key_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     def heads(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x.reshape(x.shape[0], x.shape[1], num_heads, -1), dim=3).transpose(1, 2)
+        x = x.reshape(x.shape[0], x.shape[1], num_heads, -1).to(attention_dtype(q))
+        return normalize(x, dim=3).transpose(1, 2)
 
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    y = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
-    return y.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+    y = attention(heads(q), heads(k), heads(v), mask)
+    return y.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1).to(q.dtype)
 
 
 @persistence.persistent_class
