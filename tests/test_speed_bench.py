@@ -10,8 +10,9 @@ TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolution
 
 
 def layer_by_layer_flops(net: nets.Precond, x: torch.Tensor, labels: torch.Tensor) -> float:
-    """2 flops per multiply-add of every MP layer (from its output size and fan-in), of attention's two products
-    (pixels² · channels each) and of the 2x2 resampling filters, summed over one forward pass by hooks."""
+    """2 flops per multiply-add of every MP layer (from its output size and fan-in) and of attention's two products
+    (pixels² · channels each), summed over one forward pass by hooks. The 2x2 resampling (average pooling and
+    pixel copies) is elementwise work and not counted, like the rest of it."""
     total = []
 
     def conv_hook(module, args, out):
@@ -21,12 +22,7 @@ def layer_by_layer_flops(net: nets.Precond, x: torch.Tensor, labels: torch.Tenso
         n, c, h, w = out.shape
         total.append(2 * 2 * n * (h * w) ** 2 * c)
 
-    def resample_hook(module, args):
-        total.append(2 * args[0].numel() * {'down': 1, 'up': 4, 'keep': 0}[module.resample_mode])
-
     for m in net.modules():
-        if isinstance(m, nets.Block):
-            m.register_forward_pre_hook(resample_hook)
         if isinstance(m, nets.MPConv):
             m.register_forward_hook(conv_hook)
         if isinstance(m, nets.Block) and m.num_heads:
