@@ -1,12 +1,14 @@
 """Tests for torch_utils.distributed and training_stats: single process, and a real 2-process gloo run."""
 
 import contextlib
+import gc
 import io
 import json
 import math
 import os
 import socket
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -49,6 +51,36 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init()
+    gc.disable()  # as when the collector has not run by the end of a run
+
+    def train() -> weakref.ref:
+        net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        net(torch.randn(2, 4)).sum().backward()
+        return weakref.ref(net)
+
+    ddp = train()
+    alive_before = ddp() is not None
+    distributed.finish()
+    result = dict(alive_before=alive_before, alive_after=ddp() is not None, group=torch.distributed.is_initialized())
+    with open(os.path.join(out_dir, 'ddp.json'), 'w') as f:
+        json.dump(result, f)
+
+
+def test_finish_frees_a_finished_ddp_module_and_its_group_before_exit(tmp_path):
+    # The gloo exit race: a DDP module that survives until interpreter teardown takes the group's threads and
+    # their tensors with it there, where they cannot take the GIL (SIGABRT). finish() must free it first.
+    start_method = 'fork' if sys.platform == 'linux' else 'spawn'
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=1, start_method=start_method
+    )
+    result = json.loads((tmp_path / 'ddp.json').read_text())
+    assert result == dict(alive_before=True, alive_after=False, group=False)
 
 
 def _free_port() -> int:

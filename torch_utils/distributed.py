@@ -3,6 +3,7 @@ process group, so the same code runs in both."""
 
 import atexit
 import contextlib
+import gc
 import os
 from typing import Any, Iterator
 
@@ -48,8 +49,11 @@ def finish() -> None:
     a finished collective after the caller has moved on; when that release frees tensors that Python made
     (all_gather_object's) and the interpreter is already exiting, the thread cannot take the GIL and the
     process aborts ('terminate called without an active exception', about 1 torchrun run in 15 on 2 CPUs).
-    Gloo's barrier first waits for every earlier collective, so their tensors go while Python still runs."""
+    Gloo's barrier first waits for every earlier collective, so their tensors go while Python still runs. A
+    DDP module outlives the function that made it in a reference cycle, its reducer holding the group and its
+    last buckets: collecting the cycles first lets the group, its threads and those tensors go here too."""
     if _initialized():
+        gc.collect()
         barrier()
         torch.distributed.destroy_process_group()
 
