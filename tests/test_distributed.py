@@ -75,9 +75,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 def test_finish_frees_a_finished_ddp_module_and_its_group_before_exit(tmp_path):
     # The gloo exit race: a DDP module that survives until interpreter teardown takes the group's threads and
     # their tensors with it there, where they cannot take the GIL (SIGABRT). finish() must free it first.
-    start_method = 'fork' if sys.platform == 'linux' else 'spawn'
+    # A fresh interpreter as under torchrun: a forked one inherits what earlier tests imported and set up.
     torch.multiprocessing.start_processes(
-        _ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=1, start_method=start_method
+        _ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=1, start_method='spawn'
     )
     result = json.loads((tmp_path / 'ddp.json').read_text())
     assert result == dict(alive_before=True, alive_after=False, group=False)
