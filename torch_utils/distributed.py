@@ -49,18 +49,19 @@ def finish() -> None:
     a finished collective after the caller has moved on; when that release frees tensors that Python made
     (all_gather_object's) and the interpreter is already exiting, the thread cannot take the GIL and the
     process aborts ('terminate called without an active exception', about 1 torchrun run in 15 on 2 CPUs).
-    Gloo's barrier first waits for every earlier collective, so their tensors go while Python still runs. A
-    DDP module outlives the function that made it in a reference cycle, its reducer holding the group and its
-    last buckets: collecting the cycles first lets the group, its threads and those tensors go here too."""
+    Gloo's barrier first waits for every earlier collective, so their tensors go while Python still runs."""
     if _initialized():
-        gc.collect()
         barrier()
-        torch.distributed.destroy_process_group()
+        _shutdown()
 
 
 def _shutdown() -> None:
-    """Leave the process group at exit where finish() was not reached (a rank stopped by an error)."""
+    """Leave the process group: from finish(), or at exit where finish() was not reached (a rank stopped by an
+    error). A DDP module outlives the function that made it in a reference cycle, its reducer holding the group
+    and its last buckets; collecting the cycles first lets the group, its threads and those tensors go here,
+    while Python still runs, not at interpreter teardown."""
     if _initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
