@@ -160,17 +160,23 @@ def test_generate_images_precision_option_computes_in_bf16_close_to_fp32_and_rej
     assert sorted(os.listdir(tmp_path)) == ['bf16.npz', 'fp32.npz', 'net.pkl']  # no rows file left by the error
 
 
-@pytest.mark.parametrize('arch', ['unet', 'mp-dit', 'dit'])
-def test_bf16_on_cpu_computes_attention_in_float32_and_returns_to_bf16(arch, monkeypatch):
-    from training import backbones
-
+@pytest.fixture
+def attention_calls(monkeypatch) -> list[tuple]:
+    """(q, k, v dtypes, CPU autocast on, a mask given) of every attention call the test makes."""
     seen = []
 
     def recording_attention(q, k, v, attn_mask=None):
-        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled('cpu')))
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled('cpu'), attn_mask is not None))
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
     monkeypatch.setattr(nets, 'scaled_dot_product_attention', recording_attention)
+    return seen
+
+
+@pytest.mark.parametrize('arch', ['unet', 'mp-dit', 'dit'])
+def test_bf16_on_cpu_computes_attention_in_float32_and_returns_to_bf16(arch, attention_calls):
+    from training import backbones
+
     unet = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[8], channels_per_head=8)
     transformer = dict(patch_size=2, hidden_size=32, depth=1, num_heads=2)
     kwargs, _ = backbones.build_kwargs(arch, 'edm', 8, unet, transformer, use_fp16='bf16')
@@ -179,22 +185,15 @@ def test_bf16_on_cpu_computes_attention_in_float32_and_returns_to_bf16(arch, mon
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     out = net(x, torch.tensor([1.5, 0.3]), torch.eye(4)[[1, 3]])
     out.square().sum().backward()
-    assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+    assert attention_calls and set(attention_calls) == {(torch.float32, torch.float32, torch.float32, False, False)}
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_bf16_text_net_on_cpu_attends_in_float32_with_the_caption_mask(monkeypatch):
+def test_bf16_text_net_on_cpu_attends_in_float32_with_the_caption_mask(attention_calls):
     # Self-attention of the text encoder and the U-Net's cross-attention to the caption: fp32 on CPU under bf16,
     # the padding mask passed on; the prediction stays bf16-close to the fp32 net's.
     from training.networks_text import TextPrecond
 
-    seen = []
-
-    def recording_attention(q, k, v, attn_mask=None):
-        seen.append((q.dtype, k.dtype, v.dtype, attn_mask is not None))
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-
-    monkeypatch.setattr(nets, 'scaled_dot_product_attention', recording_attention)
     options = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
     options.update(text_length=16, text_channels=16, text_layers=1)
     torch.manual_seed(0)
@@ -206,7 +205,7 @@ def test_bf16_text_net_on_cpu_attends_in_float32_with_the_caption_mask(monkeypat
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     out = net(x, torch.tensor([1.5, 0.3]), ['a red circle', 'a blue square on the left'])
     out.square().sum().backward()
-    assert {s[:3] for s in seen} == {(torch.float32,) * 3} and any(s[3] for s in seen)
+    assert {c[:3] for c in attention_calls} == {(torch.float32,) * 3} and any(c[4] for c in attention_calls)
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     net.use_fp16 = False
     reference = net(x, torch.tensor([1.5, 0.3]), ['a red circle', 'a blue square on the left'])
