@@ -39,6 +39,15 @@ from training.throughput import ThroughputError, describe, settings_label, time_
     default=None,
     help='U-Net activations channels-last (True) or NCHW (False) [default: channels-last on CPU only].',
 )
+@click.option(
+    '--keep-freed-memory',
+    'keep_freed',
+    metavar='BOOL',
+    type=bool,
+    default=True,
+    show_default=True,
+    help='CPU: keep freed host memory for reuse, as training and generation do (False: glibc malloc defaults).',
+)
 @click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=None, help='torch CPU threads.')
 @click.option(
     '--clock', type=click.Choice(['wall', 'process']), default='wall', show_default=True, help='process: CPU time.'
@@ -51,9 +60,8 @@ def main(preset, threads, compile_net, **kw):
         r = time_sampling(preset, compile=compile_net, **kw)
     except ThroughputError as e:
         raise click.ClickException(str(e)) from None
-    head = settings_label(
-        'sample', preset, kw['precision'], kw['device'], kw['batch'], compile_net, channels_last=kw['channels_last']
-    )
+    layout = dict(channels_last=kw['channels_last'], keep_freed=kw['keep_freed'])
+    head = settings_label('sample', preset, kw['precision'], kw['device'], kw['batch'], compile_net, **layout)
     print(f'{head}, {kw["sampler_steps"]} Heun steps: {r.evals_s:.1f} evals/s, {describe(r)}')
 
 

@@ -19,6 +19,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils.host_memory import keep_freed_memory
 from training.clip_guidance import check_clip_guide, clip_correction, load_clip_guide
 from training.encoders import StandardRGBEncoder
 from training.network_loading import load_network, resolve_network_path
@@ -264,7 +265,11 @@ def rank_batches(
 
 
 def _as_device(device: torch.device | str | None) -> torch.device:
-    return torch.device(device) if device is not None else dist.device()
+    """The device to sample on (default: this rank's); on the CPU, freed host memory is kept for the next batch."""
+    device = torch.device(device) if device is not None else dist.device()
+    if device.type == 'cpu':
+        keep_freed_memory()
+    return device
 
 
 def generate_images(

@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
+from torch_utils.host_memory import keep_freed_memory
 from training.backbones import preset_kwargs
 from training.networks_edm2 import set_channels_last, set_checkpointing
 from training.precision import compile_module, use_fp16_of
@@ -107,6 +108,14 @@ def _timed(fn: Callable[[], None], device: torch.device, steps: int, clock: str)
     return first, sorted(times)[len(times) // 2]
 
 
+def _host_memory(device: torch.device, keep_freed: bool) -> torch.device:
+    """`device`, after keeping freed host memory for reuse if asked and on the CPU (a process-wide setting that
+    cannot be undone: time the other setting in another process, as the bench scripts run)."""
+    if keep_freed and device.type == 'cpu':
+        keep_freed_memory()
+    return device
+
+
 def _peak_memory_gb(device: torch.device) -> float:
     """CUDA: peak allocated tensor memory. CPU: the process's peak resident memory (Linux ru_maxrss in KiB), so
     a comparison needs one process per setting, as the bench scripts run."""
@@ -135,11 +144,13 @@ def time_training_steps(
     peak_tflops: float | None = None,
     clock: str = 'wall',
     channels_last: bool | None = None,
+    keep_freed: bool = True,
 ) -> dnnlib.EasyDict:
     """EasyDict(img_s, ms (per step, median), ms_step (the same), tflops, mfu (None without a peak), params,
     gflops_per_img (training), first_s (first step, compile included), peak_mem_gb (CUDA tensors; CPU process
-    RSS)) of `steps` Adam steps. cuDNN autotuning is on, as train_edm2.py's --bench default has it."""
-    device = torch.device(device)
+    RSS)) of `steps` Adam steps. cuDNN autotuning is on, as train_edm2.py's --bench default has it. On the CPU,
+    `keep_freed` keeps freed host memory for the next step as training does (torch_utils/host_memory.py)."""
+    device = _host_memory(torch.device(device), keep_freed)
     net, loss_fn, resolution = build_preset_net(preset, resolution, img_channels, label_dim, precision, device)
     flops = 3 * forward_flops_per_image(net, img_channels, resolution, label_dim) * batch
     if checkpointing and not set_checkpointing(net):
@@ -180,11 +191,13 @@ def time_sampling(
     peak_tflops: float | None = None,
     clock: str = 'wall',
     channels_last: bool | None = None,
+    keep_freed: bool = True,
 ) -> dnnlib.EasyDict:
     """EasyDict(img_s (images per second with the `sampler_steps`-step Heun sampler), evals_s (denoiser
     evaluations of one image per second), ms (per batch evaluation, median), tflops, mfu, gflops_per_img
-    (per sampled image), first_s, peak_mem_gb) of `steps` evaluations of the eval-mode denoiser without autograd."""
-    device = torch.device(device)
+    (per sampled image), first_s, peak_mem_gb) of `steps` evaluations of the eval-mode denoiser without autograd;
+    `keep_freed` as in time_training_steps."""
+    device = _host_memory(torch.device(device), keep_freed)
     net, _, resolution = build_preset_net(preset, resolution, img_channels, label_dim, precision, device)
     flops = forward_flops_per_image(net, img_channels, resolution, label_dim) * batch
     set_layout(net, preset, channels_last)
@@ -221,9 +234,11 @@ def settings_label(
     compile: bool = False,
     checkpointing: bool = False,
     channels_last: bool | None = None,
+    keep_freed: bool = True,
 ) -> str:
     """The head of a bench line, e.g. 'train demo bf16 compile nchw on cpu (2 threads), batch 64'."""
     opts = precision + ' compile' * compile + ' checkpointing' * checkpointing
+    opts += ' malloc-defaults' * (not keep_freed and torch.device(device).type == 'cpu')
     opts += {None: '', True: ' channels-last', False: ' nchw'}[channels_last]
     return f'{kind} {preset} {opts} on {device} ({torch.get_num_threads()} threads), batch {batch}'
 

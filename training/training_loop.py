@@ -15,6 +15,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
+from torch_utils.host_memory import keep_freed_memory
 from training import checkpoint as ckpt
 from training import faults
 from training.bad_samples import BadSampleLog, SkipBadSamples
@@ -204,6 +205,8 @@ def training_loop(
 ) -> bool:
     """Train to total_nimg (or stop_at_nimg); True when a stop signal ended it early, its state saved."""
     device = device or dist.device()
+    if device.type == 'cpu':
+        keep_freed_memory()  # no page faults for the activations of every step (torch_utils/host_memory.py)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.backends.cudnn.benchmark = cudnn_benchmark
     set_tf32(tf32)
