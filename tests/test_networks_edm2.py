@@ -182,6 +182,24 @@ def test_box_resample_by_pooling_equals_the_depthwise_convolution(dtype, channel
     assert y_fast.shape == y_conv.shape and y_fast.dtype == dtype
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_clip_has_the_values_and_gradients_of_tensor_clip_at_and_beside_the_limits(dtype):
+    # clip's backward is hardtanh's (an open interval) with bounds one step of the dtype outside ±limit; x.clip's
+    # gradient also passes at exactly ±limit. Checked there, one step either side, and on random values.
+    torch.manual_seed(0)
+    limits, inf = torch.tensor([-256.0, 256.0], dtype=dtype), torch.tensor(math.inf, dtype=dtype)
+    edges = torch.cat([limits, torch.nextafter(limits, inf), torch.nextafter(limits, -inf)])
+    x = torch.cat([edges, (torch.randn(1000) * 300).to(dtype)])
+    fast, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = (torch.rand(len(x)) + 0.5).to(dtype)
+    y_fast, y_plain = nets.clip(fast, 256), plain.clip(-256, 256)
+    y_fast.backward(grad)
+    y_plain.backward(grad)
+    assert torch.equal(y_fast, y_plain) and torch.equal(nets.clip(x, 256), y_plain)
+    assert torch.equal(fast.grad, plain.grad)
+    assert fast.grad[:2].tolist() == grad[:2].tolist() and (fast.grad[6:] == 0).sum() > 100
+
+
 def test_resample_with_a_longer_filter_keeps_a_constant_image_inside():
     x = torch.full([1, 2, 8, 8], 3.0)
     down = nets.resample(x, [1, 3, 3, 1], 'down')
