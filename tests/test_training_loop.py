@@ -16,7 +16,7 @@ from training.training_loop import TrainingError, training_loop
 
 @pytest.fixture(autouse=True)
 def private_training_stats(monkeypatch):
-    """Each test's runs report into fresh accumulators: a NaN once reported stays in the process-wide sums."""
+    """Each test's runs report into fresh accumulators, whatever other tests left in the process-wide sums."""
     monkeypatch.setattr(training_stats, '_pending', {})
     monkeypatch.setattr(training_stats, '_cumulative', {})
 
@@ -56,6 +56,19 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
         training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
     stats = _stats(run_dir)
     assert len(stats) == 2 and np.isnan(stats[1]['Loss/loss'])  # The diverged interval is logged, then the run stops.
+
+
+def test_a_run_after_a_diverged_one_in_the_same_process_trains(tmp_path, monkeypatch):
+    # As from a notebook or training.api: the first run's NaN loss must not stay in the process's statistics.
+    settings = dict(total_nimg=64, status_nimg=32, snapshot_nimg=None, checkpoint_nimg=None)
+    c, run_dir = _tiny_config(tmp_path, monkeypatch, 'test_training_loop.NaNLoss', **settings)
+    with pytest.raises(TrainingError, match='diverged'):
+        training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
+    c.loss_kwargs.class_name = 'training.loss.EDM2Loss'
+    second = str(tmp_path / 'second')
+    os.makedirs(second)
+    training_loop(run_dir=second, device=torch.device('cpu'), **c)
+    assert all(np.isfinite(s['Loss/loss']) for s in _stats(second)[1:])
 
 
 class NaNGradientLoss(EDM2Loss):

@@ -26,6 +26,14 @@ def init_multiprocessing(rank: int, sync_device: Any) -> None:
     _sync_device = torch.device(sync_device) if sync_device is not None else None
 
 
+def reset() -> None:
+    """Forget every moment reported or collected so far, for a new run in the same process: a NaN reported by
+    an earlier (diverged) run would otherwise stay in the cumulative sums and every later interval's mean.
+    Collectors made before the reset are void; make new ones."""
+    _pending.clear()
+    _cumulative.clear()
+
+
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 

@@ -205,6 +205,7 @@ def training_loop(
 ) -> bool:
     """Train to total_nimg (or stop_at_nimg); True when a stop signal ended it early, its state saved."""
     device = device or dist.device()
+    training_stats.reset()  # a run in the same process as a diverged one starts without its NaN sums
     if device.type == 'cpu':
         keep_freed_memory()  # no page faults for the activations of every step (torch_utils/host_memory.py)
     rank, world = dist.get_rank(), dist.get_world_size()
