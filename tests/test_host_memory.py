@@ -2,7 +2,6 @@
 for it."""
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -10,9 +9,10 @@ import pytest
 import torch
 from conftest import ROOT, training_config
 
+from torch_utils import host_memory
 from training import generation, training_loop
 
-glibc = pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc-specific')
+glibc = pytest.mark.skipif(not host_memory._glibc(), reason='mallopt is glibc-specific')
 
 # A fresh interpreter allocates and frees 1-24 MiB tensors (600 MiB in all, in the way a CPU step allocates and
 # frees its activations) five times and prints the page faults of the last three rounds and the pages touched.

@@ -10,7 +10,7 @@ between steps.
 """
 
 import ctypes
-import platform
+import os
 import threading
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
@@ -22,12 +22,19 @@ _lock = threading.Lock()
 _kept = False
 
 
+def _glibc() -> bool:
+    try:
+        return (os.confstr('CS_GNU_LIBC_VERSION') or '').startswith('glibc')
+    except (ValueError, OSError):  # not a glibc system
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Set glibc malloc's mmap threshold to 32 MiB and its trim threshold to 1 GiB for this process (and the
     processes it forks later). True where done or already done; False where the C library is not glibc."""
     global _kept
     with _lock:
-        if not _kept and platform.libc_ver()[0] == 'glibc':
+        if not _kept and _glibc():
             mallopt = ctypes.CDLL(None).mallopt
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
