@@ -147,14 +147,14 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         sample_steps=8,
     ),
     # MP-DiT under EDM2's preconditioning and loss on the 16x16 shapes: 64 tokens of 2x2 patches, width 128,
-    # 4 blocks, 320Ki images (the 15 minutes on 2 cores). Without the depthwise convolution in its MLPs it drew
-    # blobs of the right colours (one clean shape of the requested class in 40 of 200 samples); with it, higher
-    # noise levels (P_mean 0.8) and the learning rate held 4x longer: 181 of 200 (guidance 2, churn 20; the
-    # quickstart run, 13 min 29 s; docs/benchmarks.md).
+    # 4 blocks, 384Ki images (11 min 39 s on 2 cores of an AMD EPYC). Without the depthwise convolution in its MLPs
+    # it drew blobs of the right colours (one clean shape of the requested class in 40 of 200 samples); with it,
+    # higher noise levels (P_mean 0.8) and the learning rate held 4x longer: 181 of 200 at 320Ki on a Xeon, 172
+    # at 320Ki and 182 at 384Ki on the EPYC (guidance 2, churn 20; docs/benchmarks.md).
     'demo-dit': EasyDict(
         arch='mp-dit',
         formulation='edm',
-        duration=320 << 10,
+        duration=384 << 10,
         batch=64,
         channels=128,
         depth=4,
