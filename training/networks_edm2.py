@@ -77,9 +77,10 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
 
 
 # Activation clipping to [-limit, limit] (EDM2 Fig. 21: 256 after every block), x.clip's values and gradients:
-# the gradient passes where -limit <= x <= limit (and, unlike x.clip's, at a NaN x). Its backward is one hardtanh_backward pass with bounds one step
-# of x's dtype outside ±limit (hardtanh's own interval is open), where x.clip's ran four (ge, le, and, where):
-# forward and backward at [64, 64, 32, 32] on CPU 12.7 -> 5.4 ms in fp32, 10.8 -> 2.5 ms in bf16.
+# the gradient passes where -limit <= x <= limit (and, unlike x.clip's, at a NaN x). Its backward is one
+# hardtanh_backward pass with bounds one step of x's dtype outside ±limit (hardtanh's own interval is open),
+# where x.clip's ran four (ge, le, and, where): forward and backward at [64, 64, 32, 32] on CPU 12.7 -> 5.4 ms
+# in fp32, 10.8 -> 2.5 ms in bf16.
 def clip(x: torch.Tensor, limit: float) -> torch.Tensor:
     return _Clip.apply(x, limit) if torch.is_grad_enabled() and x.requires_grad else x.clamp(-limit, limit)
 
