@@ -51,11 +51,20 @@ def test_kept_memory_is_reused_without_page_faults_where_malloc_defaults_fault_i
     assert default > pages / 10, (default, pages)  # what the setting saves: here every page of every round
 
 
+def test_other_devices_leave_malloc_alone(monkeypatch):
+    monkeypatch.setattr(host_memory, '_kept', False)
+    monkeypatch.setattr(host_memory, '_glibc', lambda: pytest.fail('a CUDA device must not reach mallopt'))
+    assert (
+        host_memory.keep_freed_memory('cuda') is False
+        and host_memory.keep_freed_memory(torch.device('cuda:1')) is False
+    )
+
+
 @pytest.fixture
 def recorded_calls(monkeypatch) -> list:
     calls = []
     for module in (training_loop, generation):
-        monkeypatch.setattr(module, 'keep_freed_memory', lambda: calls.append(1) or True)
+        monkeypatch.setattr(module, 'keep_freed_memory', lambda device: calls.append(torch.device(device)) or True)
     return calls
 
 
@@ -64,7 +73,7 @@ def test_cpu_training_keeps_freed_memory(tmp_path, monkeypatch, recorded_calls):
     c = training_config('demo-tiny')
     c.update(total_nimg=16, batch_size=16, status_nimg=16, snapshot_nimg=None, checkpoint_nimg=None)
     training_loop.training_loop(run_dir=str(tmp_path), device=torch.device('cpu'), **c)
-    assert recorded_calls
+    assert recorded_calls == [torch.device('cpu')]
 
 
 class Shrink(torch.nn.Module):
@@ -82,4 +91,4 @@ class Shrink(torch.nn.Module):
 
 def test_cpu_generation_keeps_freed_memory(recorded_calls):
     batches = list(generation.generate_images(Shrink(), seeds=[0, 1], device='cpu', num_steps=2))
-    assert sum(len(b.images) for b in batches) == 2 and recorded_calls
+    assert sum(len(b.images) for b in batches) == 2 and recorded_calls == [torch.device('cpu')]

@@ -13,6 +13,8 @@ import ctypes
 import os
 import threading
 
+import torch
+
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest mmap threshold on 64-bit systems
@@ -29,10 +31,13 @@ def _glibc() -> bool:
         return False
 
 
-def keep_freed_memory() -> bool:
-    """Set glibc malloc's mmap threshold to 32 MiB and its trim threshold to 1 GiB for this process (and the
-    processes it forks later). True where done or already done; False where the C library is not glibc."""
+def keep_freed_memory(device: torch.device | str = 'cpu') -> bool:
+    """For work on `device`, if it is the CPU: set glibc malloc's mmap threshold to 32 MiB and its trim threshold
+    to 1 GiB for this process (and the processes it forks later). True where done or already done; False for
+    another device or where the C library is not glibc."""
     global _kept
+    if torch.device(device).type != 'cpu':
+        return False
     with _lock:
         if not _kept and _glibc():
             mallopt = ctypes.CDLL(None).mallopt

@@ -267,8 +267,7 @@ def rank_batches(
 def _as_device(device: torch.device | str | None) -> torch.device:
     """The device to sample on (default: this rank's); on the CPU, freed host memory is kept for the next batch."""
     device = torch.device(device) if device is not None else dist.device()
-    if device.type == 'cpu':
-        keep_freed_memory()
+    keep_freed_memory(device)
     return device
 
 

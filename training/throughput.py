@@ -108,14 +108,6 @@ def _timed(fn: Callable[[], None], device: torch.device, steps: int, clock: str)
     return first, sorted(times)[len(times) // 2]
 
 
-def _host_memory(device: torch.device, keep_freed: bool) -> torch.device:
-    """`device`, after keeping freed host memory for reuse if asked and on the CPU (a process-wide setting that
-    cannot be undone: time the other setting in another process, as the bench scripts run)."""
-    if keep_freed and device.type == 'cpu':
-        keep_freed_memory()
-    return device
-
-
 def _peak_memory_gb(device: torch.device) -> float:
     """CUDA: peak allocated tensor memory. CPU: the process's peak resident memory (Linux ru_maxrss in KiB), so
     a comparison needs one process per setting, as the bench scripts run."""
@@ -150,7 +142,9 @@ def time_training_steps(
     gflops_per_img (training), first_s (first step, compile included), peak_mem_gb (CUDA tensors; CPU process
     RSS)) of `steps` Adam steps. cuDNN autotuning is on, as train_edm2.py's --bench default has it. On the CPU,
     `keep_freed` keeps freed host memory for the next step as training does (torch_utils/host_memory.py)."""
-    device = _host_memory(torch.device(device), keep_freed)
+    device = torch.device(device)
+    if keep_freed:
+        keep_freed_memory(device)  # process-wide, cannot be undone: time the other setting in another process
     net, loss_fn, resolution = build_preset_net(preset, resolution, img_channels, label_dim, precision, device)
     flops = 3 * forward_flops_per_image(net, img_channels, resolution, label_dim) * batch
     if checkpointing and not set_checkpointing(net):
@@ -197,7 +191,9 @@ def time_sampling(
     evaluations of one image per second), ms (per batch evaluation, median), tflops, mfu, gflops_per_img
     (per sampled image), first_s, peak_mem_gb) of `steps` evaluations of the eval-mode denoiser without autograd;
     `keep_freed` as in time_training_steps."""
-    device = _host_memory(torch.device(device), keep_freed)
+    device = torch.device(device)
+    if keep_freed:
+        keep_freed_memory(device)
     net, _, resolution = build_preset_net(preset, resolution, img_channels, label_dim, precision, device)
     flops = forward_flops_per_image(net, img_channels, resolution, label_dim) * batch
     set_layout(net, preset, channels_last)

@@ -206,8 +206,7 @@ def training_loop(
     """Train to total_nimg (or stop_at_nimg); True when a stop signal ended it early, its state saved."""
     device = device or dist.device()
     training_stats.reset()  # a run in the same process as a diverged one starts without its NaN sums
-    if device.type == 'cpu':
-        keep_freed_memory()  # no page faults for the activations of every step (torch_utils/host_memory.py)
+    keep_freed_memory(device)  # on CPU: no page faults for every step's activations (torch_utils/host_memory.py)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.backends.cudnn.benchmark = cudnn_benchmark
     set_tf32(tf32)
