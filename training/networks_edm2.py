@@ -313,9 +313,11 @@ class Block(torch.nn.Module):
     # head (EDM2 Fig. 21). The qkv conv's output channels are laid out as (head, channel, q/k/v).
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w).to(attention_dtype(x))
-        # Each [n, heads, pixels, head channels], contiguous: CPU attention over 16x16 pixels runs 3x faster.
-        q, k, v = (t.mT.contiguous() for t in normalize(qkv, dim=2).unbind(3))
+        qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
+        # One copy to [n, heads, q/k/v, pixels, head channels]: the norm then runs over the innermost axis, and
+        # q, k, v have contiguous rows (CPU attention over 16x16 pixels runs 3x faster than on strided ones).
+        qkv = qkv.permute(0, 1, 3, 4, 2).to(attention_dtype(x), memory_format=torch.contiguous_format)
+        q, k, v = normalize(qkv, dim=-1).unbind(2)
         return attention(q, k, v).mT.reshape(n, c, h, w).to(x.dtype)
 
 
