@@ -99,7 +99,10 @@ def main(net, cascade, outdir, num, steps, guidance, clip, clip_scales, seen, ho
         net = outdir
     weights = parse_list(guidance)
     data = dict(dataset_size=dataset_size, hold_out=hold_out)
-    sets = {'held-out captions': held_out_scenes(num, **data)}
+    try:
+        sets = {'held-out captions': held_out_scenes(num, **data)}
+    except ValueError as e:  # --num beyond the captions the data leaves out
+        raise click.ClickException(str(e)) from None
     if seen:
         sets['captions in the training data'] = seen_scenes(num, **data)
     if hold_out:
