@@ -105,10 +105,11 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
     # α_ref for so few steps: at 20Ki images the demo's loss was -0.47 / -0.74 / -0.88 with 0.01 / 0.02 / 0.03.
     # The demo's noise levels sit higher than EDM2's (P_mean 0.4, not -0.8), where the number, place and size of
     # the object are decided, and it drops 10 % of labels to guide itself: one clean shape of the requested class
-    # in 15 of 40 samples at guidance 2 instead of 7 of 40 at 72Ki images, and at 144Ki (11 min 10 s on 2 cores,
-    # bf16) in 179 of 200 with the churn of the `demo` generation preset (docs/benchmarks.md).
+    # in 15 of 40 samples at guidance 2 instead of 7 of 40 at 72Ki images, at 144Ki in 179-183 of 200 with the
+    # churn of the `demo` generation preset, and at 192Ki (8 min 41 s on 2 cores, bf16) in 192 of 200
+    # (docs/benchmarks.md).
     'demo': EasyDict(
-        duration=144 << 10,
+        duration=192 << 10,
         batch=64,
         channels=16,
         lr=0.0300,
@@ -175,9 +176,10 @@ TRAIN_PRESETS: dict[str, EasyDict] = {
         sample_steps=24,
     ),
     # Text-to-image demo cascade on the built-in captioned shapes: base 16x16, then 16->32 (no text needed).
-    # 192Ki images: at 128Ki the shape word was followed by 85 % of samples (guidance 3), at 192Ki by 94 %.
+    # 288Ki images: at 128Ki the shape word was followed by 85 % of samples (guidance 3), at 192Ki by 92-94 %, at
+    # 288Ki by 96 % (and at guidance 1 by 81 % against 69-73 %; docs/text_adherence.md).
     'demo-text': EasyDict(
-        duration=192 << 10,
+        duration=288 << 10,
         batch=64,
         channels=16,
         lr=0.0300,
