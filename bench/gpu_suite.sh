@@ -5,7 +5,7 @@
 # activations; tests: the tests/gpu suite; compile: img512-s with --compile. Every step has its own time limit
 # and the fastest, most wanted figures come first, so a machine lent for ten minutes returns what it reached.
 # On one H200 the parts took about 3 min (speed, before the channels-last rows), 2 min (tests) and over 5 min
-# (compile: training img512-s compiled for more than 3 min).
+# (compile: training img512-s compiled for more than 3 min). With ten minutes of machine, run `compile` alone.
 #
 #   bash bench/gpu_suite.sh [LOGDIR [PART...]]  # PART: speed, tests, compile [default: all three, in that order]
 #   PYTHON=python bash bench/gpu_suite.sh       # the interpreter to use [default: python3]
@@ -54,8 +54,8 @@ fi
 if [[ $parts == *" tests "* ]]; then
     step 240 $py -m pytest -q -p no:cacheprovider tests/gpu
 fi
-if [[ $parts == *" compile "* ]]; then
-    step 100 $py bench/sample_speed.py --preset=edm2-img512-s --batch=64 --precision=bf16 --compile "${latents[@]}"
+if [[ $parts == *" compile "* ]]; then  # training first: its figure is the one still missing
     step 420 $py bench/train_speed.py --preset=edm2-img512-s --batch=64 --precision=bf16 --compile "${latents[@]}"
+    step 100 $py bench/sample_speed.py --preset=edm2-img512-s --batch=64 --precision=bf16 --compile "${latents[@]}"
 fi
 echo "Results in $log"
