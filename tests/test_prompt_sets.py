@@ -1,8 +1,9 @@
 """Tests for training/prompt_sets.py: held-out captions really are absent from the built-in data."""
 
-import os
 import subprocess
 import sys
+
+from conftest import ROOT
 
 from training.dataset import ImageFolderDataset
 from training.dataset_io import write_synthetic_dataset
@@ -39,8 +40,7 @@ def test_scenes_containing_are_exactly_what_a_hold_out_dataset_lacks(tmp_path):
 
 
 def test_prompt_adherence_asking_for_more_held_out_prompts_than_exist_is_one_clear_line():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = [sys.executable, 'bench/prompt_adherence.py', '--net=no-such-run', '--num=100000']
-    result = subprocess.run(args, cwd=root, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert 'captions are absent from the 10000-image data; ask for fewer' in result.stderr
