@@ -238,12 +238,14 @@ def _vae(model_url: str, batch: int, device: str | None) -> tuple:
     """(the Stable Diffusion VAE, the torch device it runs on: `device`, else cuda if available)."""
     import torch
 
+    from torch_utils.host_memory import keep_freed_memory
     from training.encoders import StabilityVAEEncoder
 
     try:
         torch_device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         if torch_device.type == 'cuda' and not torch.cuda.is_available():
             raise click.ClickException(f'--device={device}: CUDA is not available here; use --device=cpu')
+        keep_freed_memory(torch_device)  # CPU: the VAE encodes ~25 % faster (docs/benchmarks.md)
         encoder = StabilityVAEEncoder(vae_name=model_url, batch_size=batch)
         encoder.init(torch_device)
     except (RuntimeError, OSError) as e:

@@ -293,7 +293,7 @@ def main(
     Examples:
 
     \b
-    # Demo on CPU with the built-in shapes data (12-13 minutes on 2 idle cores), curves in TensorBoard
+    # Demo on CPU with the built-in shapes data (9-12 minutes on 2 idle cores), curves in TensorBoard
     python train_edm2.py --outdir=runs/demo --preset=demo --logger=tensorboard
 
     \b

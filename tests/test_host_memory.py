@@ -1,5 +1,5 @@
-"""Tests of torch_utils/host_memory.py: freed host memory is kept for reuse, and CPU training and generation ask
-for it."""
+"""Tests of torch_utils/host_memory.py: freed host memory is kept for reuse, and CPU training, generation, metrics
+and VAE encoding ask for it."""
 
 import os
 import subprocess
@@ -7,10 +7,12 @@ import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import ROOT, training_config
 
+import dataset_tool
 from torch_utils import host_memory
-from training import generation, training_loop
+from training import dataset_io, generation, metrics, training_loop
 
 glibc = pytest.mark.skipif(not host_memory._glibc(), reason='mallopt is glibc-specific')
 
@@ -63,8 +65,9 @@ def test_other_devices_leave_malloc_alone(monkeypatch):
 @pytest.fixture
 def recorded_calls(monkeypatch) -> list:
     calls = []
-    for module in (training_loop, generation):
-        monkeypatch.setattr(module, 'keep_freed_memory', lambda device: calls.append(torch.device(device)) or True)
+    record = lambda device: calls.append(torch.device(device)) or True  # noqa: E731
+    for module in (training_loop, generation, metrics, host_memory):  # dataset_tool imports it when it runs
+        monkeypatch.setattr(module, 'keep_freed_memory', record)
     return calls
 
 
@@ -92,3 +95,29 @@ class Shrink(torch.nn.Module):
 def test_cpu_generation_keeps_freed_memory(recorded_calls):
     batches = list(generation.generate_images(Shrink(), seeds=[0, 1], device='cpu', num_steps=2))
     assert sum(len(b.images) for b in batches) == 2 and recorded_calls == [torch.device('cpu')]
+
+
+class ChannelMeans(torch.nn.Module):
+    """A stand-in detector: each image's mean per channel as its features."""
+
+    feature_dim = 3
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().mean(dim=(2, 3))
+
+
+def test_cpu_metrics_keep_freed_memory(recorded_calls):
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).reshape(2, 3, 4, 4)
+    stats = metrics.calculate_stats_for_iterable(
+        [images], metrics=['fid'], detectors={'fid': ChannelMeans()}, device='cpu', verbose=False
+    )
+    assert stats['fid']['mu'].shape == (3,) and recorded_calls == [torch.device('cpu')]
+
+
+def test_cpu_vae_encoding_keeps_freed_memory(tmp_path, vae_dir, recorded_calls):
+    source = str(tmp_path / 'pixels.zip')
+    dataset_io.write_synthetic_dataset(source, resolution=8, num_images=2, seed=0, progress=False)
+    args = ['encode', f'--model-url={vae_dir}', f'--source={source}', f'--dest={tmp_path / "latents.zip"}']
+    result = CliRunner().invoke(dataset_tool.cli, [*args, '--device=cpu'])
+    assert result.exit_code == 0, result.output
+    assert recorded_calls == [torch.device('cpu')]
