@@ -34,6 +34,16 @@ MODULE_SRC = textwrap.dedent("""
         def forward(self, x):
             return self.inner(x) * self.scale
 
+    @persistence.persistent_class
+    class Wrapper(torch.nn.Module):
+        def __init__(self, net, options):
+            super().__init__()
+            self.net = net
+            self.options = options
+
+        def forward(self, x):
+            return self.net(x)
+
     OFFSET = 1.0
 """)
 
@@ -119,6 +129,23 @@ def test_init_args_are_copies(temp_module):
     net = module.Outer(2, scale=[1.0])
     net.init_kwargs['scale'].append(5.0)
     assert net.init_kwargs == {'scale': [1.0]}
+
+
+def test_a_wrapped_module_is_recorded_as_itself_and_pickled_once(temp_module):
+    module, forget = temp_module
+    options = {'steps': [1]}
+    wrapper = module.Wrapper(module.Inner(64), options=options)
+    options['steps'].append(2)
+    assert wrapper._init_args[0] is wrapper.net and wrapper.init_kwargs == {'options': {'steps': [1]}}
+    weight_bytes = 64 * 64 * 4
+    assert len(pickle.dumps(wrapper)) - len(pickle.dumps(wrapper.net)) < weight_bytes / 2  # one set of weights
+    data = pickle.dumps(wrapper)
+    forget()
+    loaded = pickle.loads(data)
+    assert loaded._init_args[0] is loaded.net and type(loaded.net).__name__ == 'Inner'
+    rebuilt = type(loaded)(*loaded.init_args, **loaded.init_kwargs)
+    x = torch.randn(3, 64)
+    assert torch.equal(rebuilt(x), wrapper(x)) and rebuilt.net is not loaded.net
 
 
 def test_import_hook_can_patch_source(temp_module, monkeypatch):

@@ -1,4 +1,6 @@
+import copy
 import math
+import pickle
 from fractions import Fraction
 
 import numpy as np
@@ -7,6 +9,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 
+from training.backbones import VPDiT
 from training.vp_diffusion import (
     VPDenoiser,
     VPDiffusion,
@@ -346,3 +349,11 @@ def test_vp_denoiser_of_the_exact_toy_net_is_the_exact_edm_denoiser(prediction):
     sigma = torch.tensor([0.1, 1.0, 3.0, 10.0, 60.0])
     expected = mu + s**2 / (s**2 + sigma**2).reshape(-1, 1, 1, 1) * (x - mu)
     torch.testing.assert_close(den(x, sigma.reshape(-1, 1, 1, 1)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_exported_denoiser_holds_one_copy_of_the_net():
+    net = VPDiT(img_resolution=8, img_channels=4, label_dim=10, patch_size=2, hidden_size=192, depth=2, num_heads=3)
+    den = VPLoss().export(copy.deepcopy(net)).to(torch.float16)  # as a snapshot stores it
+    weight_bytes = 2 * sum(p.numel() for p in net.parameters())  # 3.2 MB; sources and schedule add ~0.2 MB
+    assert den.init_args[0].x_embedder.proj.weight.dtype == torch.float16
+    assert weight_bytes < len(pickle.dumps(den)) < 1.2 * weight_bytes

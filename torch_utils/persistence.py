@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 import dnnlib
 
 _version = 6  # Format version written into every meta dict.
@@ -26,7 +28,9 @@ _src_to_module_dict: dict[str, types.ModuleType] = {}
 
 def persistent_class(orig_class: type) -> type:
     """Class decorator: instances pickle together with the source of the defining module, and keep
-    deep copies of their constructor arguments in `init_args` / `init_kwargs`."""
+    deep copies of their constructor arguments in `init_args` / `init_kwargs`. A torch module passed as an
+    argument (a wrapped network) is recorded as itself, not copied: it is a part of the object, and a copy would
+    hold a second, stale set of its weights in memory and in every pickle."""
     if not isinstance(orig_class, type):
         raise TypeError(f'persistent_class expects a class, got {type(orig_class).__name__}')
     if orig_class in _decorators:
@@ -40,7 +44,8 @@ def persistent_class(orig_class: type) -> type:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             # Copy first, so that a constructor that mutates its arguments cannot alter the record.
-            init_args, init_kwargs = copy.deepcopy(args), copy.deepcopy(kwargs)
+            parts = {id(a): a for a in (*args, *kwargs.values()) if isinstance(a, torch.nn.Module)}
+            init_args, init_kwargs = copy.deepcopy(args, dict(parts)), copy.deepcopy(kwargs, dict(parts))
             super().__init__(*args, **kwargs)
             self._init_args = init_args
             self._init_kwargs = init_kwargs
