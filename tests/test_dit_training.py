@@ -87,6 +87,34 @@ def test_label_dropout_option_reaches_the_net_that_drops_labels(tmp_path, monkey
         _config(tmp_path, monkeypatch, arch, formulation, label_dropout=0.3, cond=False)
 
 
+def _null_label_share(net, n: int = 2000) -> float:
+    """Share of training-mode calls in which DiT's label table sees the null label (index label_dim), for n
+    images of real classes: every label dropout the net applies, Precond's or DiT's own."""
+    seen = []
+    table = next(m for m in net.modules() if isinstance(m, DiT)).y_embedder.embedding_table
+    handle = table.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    x, labels = torch.randn(n, 3, 16, 16), torch.eye(5)[torch.arange(n) % 5]
+    try:
+        with torch.no_grad():
+            net.train()(x, torch.full([n], 2.0 if isinstance(net, Precond) else 500), labels)
+    finally:
+        handle.remove()
+    return (seen[0] == 5).float().mean().item()
+
+
+@pytest.mark.parametrize('formulation', backbones.FORMULATIONS)
+def test_label_dropout_option_is_the_share_of_null_labels_dit_sees_in_training(
+    tmp_path, monkeypatch, one_thread, formulation
+):
+    for label_dropout, expected in ((None, 0.1 if formulation == 'ddpm' else 0.0), (0.0, 0.0), (0.4, 0.4)):
+        torch.manual_seed(0)
+        opts = {} if label_dropout is None else dict(label_dropout=label_dropout)
+        kwargs = _config(tmp_path, monkeypatch, 'dit', formulation, **opts).network_kwargs
+        net = dnnlib.util.construct_class_by_name(**kwargs, img_resolution=16, img_channels=3, label_dim=5)
+        share = _null_label_share(net)
+        assert abs(share - expected) < 0.04, (label_dropout, share)  # Binomial(2000, p): within 3.6 sigma.
+
+
 @pytest.mark.parametrize('formulation', backbones.FORMULATIONS)
 def test_conv_mlp_option_builds_token_convolutions_into_mp_dit_and_is_refused_elsewhere(
     tmp_path, monkeypatch, formulation

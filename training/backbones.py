@@ -39,13 +39,19 @@ class BackboneError(ValueError):
 class DiTBackbone(torch.nn.Module):
     """DiT as EDM's F(x; c_noise, class_labels): timestep t = 1000·c_noise, one-hot labels (None or an
     all-zero row: DiT's null label), no learned variance (EDM2's loss learns its own uncertainty). Computes in
-    the dtype of x, which Precond's use_fp16 sets (autocast_to)."""
+    the dtype of x, which Precond's use_fp16 sets (autocast_to). DiT's own class dropout is off: under EDM,
+    Precond's label_dropout is the one that replaces labels by the null label."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, **dit_kwargs) -> None:
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.dit = DiT(
-            input_size=img_resolution, in_channels=img_channels, num_classes=label_dim, learn_sigma=False, **dit_kwargs
+            input_size=img_resolution,
+            in_channels=img_channels,
+            num_classes=label_dim,
+            learn_sigma=False,
+            class_dropout_prob=0,
+            **dit_kwargs,
         )
 
     def forward(
@@ -146,7 +152,7 @@ def build_kwargs(
     the U-Net's options (model_channels, dropout, ...); transformer_kwargs DiT's and MP-DiT's (patch_size,
     hidden_size, depth, num_heads; MP-DiT also dropout and conv_mlp). resolution is checked against the patch size.
     label_dropout: the share of class labels replaced by the null label in training (None: 0 for edm, DiT's
-    0.1 for a ddpm backbone; DiT under ddpm keeps its own class_dropout_prob)."""
+    0.1 for ddpm); under ddpm, DiT takes it as its own class_dropout_prob."""
     if arch not in ARCHS:
         raise BackboneError(f'Unknown architecture {arch!r}; choose one of {", ".join(ARCHS)}.')
     if formulation not in FORMULATIONS:
@@ -171,9 +177,10 @@ def build_kwargs(
         return net, dnnlib.EasyDict(class_name='training.loss.EDM2Loss')
     loss = dnnlib.EasyDict(class_name='training.vp_diffusion.VPLoss', schedule='linear', num_timesteps=1000)
     if arch == 'dit':
-        return dnnlib.EasyDict(class_name='training.backbones.VPDiT', use_fp16=use_fp16, **kwargs), dnnlib.EasyDict(
-            loss, variance='learned_range'
-        )
+        net = dnnlib.EasyDict(class_name='training.backbones.VPDiT', use_fp16=use_fp16, **kwargs)
+        if label_dropout is not None:
+            net.class_dropout_prob = label_dropout  # Else DiT's default, 0.1.
+        return net, dnnlib.EasyDict(loss, variance='learned_range')
     net = dnnlib.EasyDict(
         class_name='training.backbones.VPBackbone', backbone=_BACKBONES[arch], use_fp16=use_fp16, **kwargs
     )
