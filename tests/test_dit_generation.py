@@ -17,11 +17,13 @@ from test_generate_images import tiny_precond
 
 import calculate_metrics
 import generate_images
+from training.checkpoint import rng_state, save_checkpoint
 from training.dit_checkpoints import dit_state_dict_from_diffusers, load_dit_checkpoint
 from training.dit_release import diffusion_from_scheduler_config, load_dit_network
 from training.encoders import DiTVAEEncoder, StandardRGBEncoder
 from training.generation import generate_images as generate
 from training.generation import load_network, sample
+from training.loss import EDM2Loss
 from training.networks_dit import DiT
 from training.snapshots import save_network_pickle
 
@@ -79,6 +81,8 @@ def dits(tmp_path_factory, vae_dir) -> dict[str, str]:
     state = dit_state_dict_from_diffusers(ref.state_dict(), input_size=8)
     torch.save(load_dit_checkpoint(state).state_dict(), paths['same-as-folder'])
     torch.save({'encoder.weight': torch.zeros(3)}, paths['bad'])
+    paths['state'] = str(root / 'training-state-0000128.pt')  # what training_loop saves, small
+    save_checkpoint(paths['state'], dict(net={}, optimizer={}, ema={}, cur_nimg=0, loss_fn=EDM2Loss(), rng=rng_state()))
     paths['pixel-net'] = str(root / 'pixel-net.pkl')
     save_network_pickle({'ema': tiny_precond(0), 'encoder': StandardRGBEncoder()}, paths['pixel-net'])
     paths['vae'] = vae_dir
@@ -230,6 +234,7 @@ def test_calculate_metrics_gen_runs_on_a_dit_checkpoint(dits, tmp_path, monkeypa
         (['--net={pt}', '--sampler=heun'], ["'heun'", 'edm, ddpm, ddim']),
         (['--net={pixel-net}', '--sampler=ddim', '--vp-schedule=quadratic'], ["'quadratic'", 'cosine']),
         (['--net={bad}'], ['bad.pt', 'neither an edm2x network pickle nor a DiT checkpoint']),
+        (['--net={state}'], ['training-state-0000128.pt is an edm2x training state', 'network-snapshot-*.pkl']),
         (['--net={pixel-net}', '--vae={vae}'], ['--vae', 'makes pixels']),
         (['--net={pt}', '--vae=stabilityai/no-such-vae'], ['stabilityai/no-such-vae', '--cache-dir']),
         (['--net=http://127.0.0.1:9/DiT-XL-2-256x256.pt'], ['DiT-XL-2-256x256.pt', 'place the file by hand at']),

@@ -1,5 +1,7 @@
 """Tests for training/networks_dit.py and dit_checkpoints.py: DiT's checkpoint layout and equations, sizes, Gflops, MP-DiT."""
 
+import argparse
+import datetime
 import math
 import pickle
 
@@ -134,6 +136,37 @@ def test_loader_reads_files_and_training_checkpoints(tmp_path, learn_sigma):
     assert all(torch.equal(net.state_dict()[key], value) for key, value in sd.items())
     assert net.learn_sigma == learn_sigma and net.out_channels == (6 if learn_sigma else 3)
     assert net.blocks[0].num_heads == 1  # not one of DiT's sizes: 64 channels per head, at least one
+
+
+def dits_training_checkpoint(path, model: dict, ema: dict, **extra) -> None:
+    """What DiT's train.py saves: both weight sets, AdamW's state after a step, and its argparse options."""
+    net = DiT(**{**infer_dit_kwargs(model), 'num_heads': 1})
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0)
+    net(torch.randn(2, 3, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([0, 4])).square().mean().backward()
+    opt.step()
+    args = argparse.Namespace(model='DiT-XL/2', image_size=256, num_classes=1000, epochs=1400, vae='ema', ckpt=None)
+    torch.save({'model': model, 'ema': ema, 'opt': opt.state_dict(), 'args': args, **extra}, path)
+
+
+def test_dits_own_training_checkpoints_load_their_ema_weights_and_foreign_objects_are_one_sentence(
+    tmp_path, monkeypatch
+):
+    config = {k: v for k, v in TINY.items() if k != 'num_heads'}
+    model, ema = (random_state_dict(seed, dtype=torch.float32, **config) for seed in (0, 1))
+    path = str(tmp_path / '0400000.pt')
+    dits_training_checkpoint(path, model, ema)
+    net = load_dit_checkpoint(path)
+    assert all(torch.equal(net.state_dict()[key], value) for key, value in ema.items())
+    other = str(tmp_path / 'other.pt')
+    dits_training_checkpoint(other, model, ema, when=datetime.date(2023, 1, 1))
+    with pytest.raises(DiTCheckpointError, match=r'other.pt: it holds a datetime.date, .*only tensors') as info:
+        load_dit_checkpoint(other)
+    assert '\n' not in str(info.value)
+    monkeypatch.delattr(torch.serialization, 'safe_globals')  # torch < 2.4 has neither
+    monkeypatch.delattr(torch.serialization, 'add_safe_globals')
+    with pytest.raises(DiTCheckpointError, match=r'0400000.pt: torch .*argparse.Namespace.*torch>=2.4') as info:
+        load_dit_checkpoint(path)
+    assert '\n' not in str(info.value)
 
 
 @pytest.mark.parametrize('input_size', [32, 64])
@@ -292,8 +325,13 @@ def test_patch_size_that_does_not_divide_the_input_is_one_clear_error():
 
 
 def test_unrelated_or_broken_state_dicts_are_one_clear_error(tmp_path):
-    with pytest.raises(DiTCheckpointError, match='Cannot read DiT checkpoint .*missing.pt'):
+    with pytest.raises(DiTCheckpointError, match='Cannot read DiT checkpoint .*missing.pt: No such file'):
         load_dit_checkpoint(str(tmp_path / 'missing.pt'))
+    torn = tmp_path / 'torn.pt'
+    torch.save(random_state_dict(**{k: v for k, v in TINY.items() if k != 'num_heads'}), torn)
+    torn.write_bytes(torn.read_bytes()[:1000])
+    with pytest.raises(DiTCheckpointError, match='torn.pt: it is not a file torch.save wrote, or a damaged one'):
+        load_dit_checkpoint(str(torn))
     with pytest.raises(DiTCheckpointError, match='Not a DiT checkpoint'):
         load_dit_checkpoint({'unet.weight': torch.zeros(3)})
     sd = random_state_dict(dtype=torch.float32, **{k: v for k, v in TINY.items() if k != 'num_heads'})

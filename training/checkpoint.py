@@ -3,7 +3,9 @@ over torn files (and never deletes them), retention of the newest N, and exact R
 
 import glob
 import os
+import pickletools
 import re
+import zipfile
 from typing import Any, Callable
 
 import numpy as np
@@ -84,6 +86,19 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(state, dict) or any(key not in state for key in _STATE_KEYS):
         raise CheckpointError(f'{path} is not a training state (expected the keys {", ".join(_STATE_KEYS)})')
     return state
+
+
+def is_training_state(path: str) -> bool:
+    """Whether `path` is a torch.save archive whose pickle names every key of a training state; read without
+    unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith('/data.pkl')), None)
+            data = archive.read(name) if name else b''
+        strings = {arg for _op, arg, _pos in pickletools.genops(data) if isinstance(arg, str)}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+    return all(key in strings for key in _STATE_KEYS)
 
 
 def _newest_valid(run_dir: str, say: Callable[[str], None]) -> tuple[str, dict] | None:

@@ -2,12 +2,14 @@
 `DiT-XL-2-512x512.pt` (Peebles & Xie 2023), training checkpoints holding an 'ema' entry, and diffusers'
 `DiTTransformer2DModel` layout; `load_dit_checkpoint` infers the geometry and builds the matching DiT."""
 
+import argparse
 import math
 import pickle
 import re
 
 import torch
 
+from training.checkpoint import is_training_state
 from training.networks_dit import DIT_CONFIGS, DiT, sincos_pos_embed
 
 
@@ -90,6 +92,48 @@ def dit_state_dict_from_diffusers(state: dict, input_size: int) -> dict:
     return converted
 
 
+def _load_tensors(path: str) -> object:
+    """torch.load of tensors and plain containers only, and of argparse.Namespace, in which DiT's train.py saves its
+    options beside the weights (allowed per call where torch has safe_globals, else once for the process)."""
+    serialization = torch.serialization
+    if hasattr(serialization, 'safe_globals'):
+        with serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    if hasattr(serialization, 'add_safe_globals'):
+        serialization.add_safe_globals([argparse.Namespace])
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _read_error(path: str, error: Exception) -> str:
+    """One sentence on why torch.load could not read the file at `path` as tensors."""
+    text = ' '.join(str(error).split())
+    if isinstance(error, OSError):
+        return f'Cannot read DiT checkpoint {path}: {error.strerror or text}.'
+    if isinstance(error, RuntimeError):  # torch's zip reader: a torn, truncated or non-torch file
+        return (
+            f'Cannot read DiT checkpoint {path}: it is not a file torch.save wrote, or a damaged one; '
+            'copy or download it again.'
+        )
+    if is_training_state(path):
+        return (
+            f'{path} is an edm2x training state (for resuming a run), not a network: give --net a '
+            'network-snapshot-*.pkl of its run, or make one with reconstruct_phema.py.'
+        )
+    found = re.search(r'(?:GLOBAL|Unsupported class) ([\w.]+)', text)
+    if found and found.group(1) == 'argparse.Namespace':
+        return (
+            f'Cannot read DiT checkpoint {path}: torch {torch.__version__} cannot load the training options '
+            "(argparse.Namespace) in it safely; use torch>=2.4, or save its 'ema' entry alone with torch.save."
+        )
+    if found:
+        return (
+            f'Cannot read DiT checkpoint {path}: it holds a {found.group(1)}, which is not unpickled for safety; '
+            'a DiT checkpoint holds only tensors (a state dict saved with torch.save).'
+        )
+    detail = re.search(r'WeightsUnpickler error: (.+?)(?: Check the documentation|$)', text)
+    return f'Cannot read DiT checkpoint {path}: {(detail.group(1) if detail else text).rstrip(".")}.'
+
+
 def load_dit_checkpoint(source: str | dict, input_size: int | None = None, **overrides) -> DiT:
     """DiT from a released checkpoint (a path or a state dict; DiT's training checkpoints, dicts with
     'ema' and 'model', give their 'ema' weights), configured from its weight shapes. The number of
@@ -98,9 +142,9 @@ def load_dit_checkpoint(source: str | dict, input_size: int | None = None, **ove
     state = source
     if isinstance(source, str):
         try:
-            state = torch.load(source, map_location='cpu', weights_only=True)
+            state = _load_tensors(source)
         except (OSError, RuntimeError, pickle.UnpicklingError) as error:
-            raise DiTCheckpointError(f'Cannot read DiT checkpoint {source}: {error}'.splitlines()[0]) from None
+            raise DiTCheckpointError(_read_error(source, error)) from None
     if isinstance(state, dict) and 'pos_embed' not in state:
         state = state.get('ema', state.get('model', state))
     if not isinstance(state, dict):

@@ -101,7 +101,7 @@ def load_dit_network(path: str) -> tuple[VPDenoiser, DiTVAEEncoder]:
     except DiTCheckpointError as e:
         if str(e).startswith('Not a DiT checkpoint'):
             raise NetworkPickleError(f'{path} is neither an edm2x network pickle nor a DiT checkpoint: {e}') from None
-        raise NetworkPickleError(f'{path}: {e}') from None
+        raise NetworkPickleError(str(e) if path in str(e) else f'{path}: {e}') from None
     except VPDiffusionError as e:
         raise NetworkPickleError(f'{path}: {e}.') from None
     return net, DiTVAEEncoder(vae) if vae else DiTVAEEncoder()
