@@ -163,7 +163,7 @@ def test_every_sampler_gives_the_same_pngs_for_any_batch_size(dits, tmp_path, ne
         if net == 'dit'
         else [f'--net={dits["pixel-net"]}']
     )
-    args += ['--seeds=0-7', '--steps=3', f'--sampler={sampler}', '--eta=0.5']
+    args += ['--seeds=0-7', '--steps=3', f'--sampler={sampler}', *(['--eta=0.5'] if sampler == 'ddim' else [])]
     for batch in (1, 7):
         run_cli(*args, f'--batch={batch}', f'--outdir={tmp_path / str(batch)}')
     b1, b7 = read_pngs(tmp_path / '1'), read_pngs(tmp_path / '7')
@@ -233,6 +233,8 @@ def test_calculate_metrics_gen_runs_on_a_dit_checkpoint(dits, tmp_path, monkeypa
         (['--net={pt}', '--sampler=ddim', '--respacing=10,abc'], ["'10,abc'", 'positive step counts']),
         (['--net={pt}', '--sampler=heun'], ["'heun'", 'edm, ddpm, ddim']),
         (['--net={pixel-net}', '--sampler=ddim', '--vp-schedule=quadratic'], ["'quadratic'", 'cosine']),
+        (['--net={pt}', '--sampler=ddim', '--vp-schedule=cosine'], ['--vp-schedule applies to EDM nets only']),
+        (['--net={pt}', '--sampler=ddpm', '--S_churn=5', '--eta=0.5'], ['--S_churn applies to --sampler=edm only']),
         (['--net={bad}'], ['bad.pt', 'neither an edm2x network pickle nor a DiT checkpoint']),
         (['--net={state}'], ['training-state-0000128.pt is an edm2x training state', 'network-snapshot-*.pkl']),
         (['--net={pixel-net}', '--vae={vae}'], ['--vae', 'makes pixels']),

@@ -404,6 +404,7 @@ def test_every_published_preset_names_a_published_pickle() -> None:
         (['--net={net}', '--solver=euler', '--S_churn=5'], 'heun solver only'),
         (['--net={net}', '--guidance-interval=5,1'], 'needs 0 <= LO <= HI'),
         (['--net={net}', '--sampler=ddim', '--solver=dpm++2m'], '--solver applies to --sampler=edm only'),
+        (['--net={net}', '--respacing=10'], '--respacing applies to --sampler=ddpm and ddim only'),
         (['--net={net}', '--guidance-interval=0.3'], 'LO,HI'),
         (['--net={net}', '--gnet={uncond}', '--guidance=1.5,x'], 'comma list'),
         (['--cascade=demo-text', '--guidance=1.5,2'], 'one value'),

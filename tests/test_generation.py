@@ -4,7 +4,9 @@ samplers for every net, presets' sampler defaults, and loading a run folder's ne
 import pytest
 import torch
 
-from training.generation import GenerationError, network_kind, resolve_network_path, sample
+from training.dit_release import dit_network
+from training.generation import GenerationError, network_kind, resolve_network_path, sample, unread_settings
+from training.networks_dit import DiT
 from training.sampler_options import resolve_sampler_options
 from training.sampling import edm_sampler
 from training.vp_diffusion import VPDiffusion
@@ -153,6 +155,76 @@ def test_presets_give_sampler_defaults_that_options_override():
     assert 'S_churn' not in c.sampler_kwargs and c.sampler_kwargs.solver == 'dpm++2m'
     with pytest.raises(GenerationError, match='heun solver only'):
         resolve_sampler_options('demo', None, None, None, S_churn=5.0, solver='dpm++2m')
+
+
+# A value other than sample()'s default for every sampler setting of generate_images.py.
+_OTHER_VALUES = dict(
+    num_steps=5,
+    sigma_min=0.05,
+    sigma_max=20.0,
+    rho=3.0,
+    S_churn=5.0,
+    S_min=0.5,
+    S_max=10.0,
+    S_noise=1.2,
+    solver='euler',
+    schedule='logsnr-uniform',
+    guidance_interval=(0.5, 5.0),
+    respacing='3',
+    eta=0.7,
+    vp_schedule='cosine',
+)
+
+
+def _discrete_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    dit = DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=16, depth=1, num_heads=1, num_classes=3)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(std=0.1)
+    return dit_network(dit.eval())
+
+
+@pytest.mark.parametrize(
+    'base',
+    [{}, dict(S_churn=5.0), dict(schedule='logsnr-uniform'), dict(sampler='ddpm'), dict(sampler='ddim')]
+    + [dict(sampler='ddim', respacing='3')],
+)
+@pytest.mark.parametrize('discrete', [False, True])
+def test_a_sampler_setting_changes_the_images_exactly_when_it_is_not_among_the_unread_ones(base, discrete):
+    net = _discrete_net() if discrete else ToyDenoiser(label_dim=3)
+    net.label_dropout = 0.1  # Guided by its own null label, so that the guidance interval matters.
+    settings = dict(guidance=2.0, num_steps=4, **base)
+    reference = sample(net, [3, 4], class_idx=1, **settings).latents
+    for name, value in _OTHER_VALUES.items():
+        if name in base or (name == 'solver' and 'S_churn' in base):  # churn needs heun
+            continue
+        changed = sample(net, [3, 4], class_idx=1, **{**settings, name: value}).latents
+        unread = unread_settings({**settings, name: value}, discrete)
+        assert torch.equal(changed, reference) == (name in unread), (name, unread.get(name))
+
+
+def test_options_given_that_the_sampler_would_not_read_are_refused_and_a_presets_are_not():
+    for sampler_kwargs, message in [
+        (dict(sampler='ddpm', S_churn=5.0, rho=3.0, eta=0.5), '--S_churn and --rho apply to --sampler=edm only, not'),
+        (dict(sampler='ddim', sigma_max=40.0), '--sigma_max applies to --sampler=edm only, not to --sampler=ddim'),
+        (dict(sampler='ddpm', eta=0.5), '--eta applies to --sampler=ddim only, not to --sampler=ddpm.'),
+        (dict(respacing='10'), '--respacing applies to --sampler=ddpm and ddim only, not to --sampler=edm.'),
+        (dict(schedule='logsnr-uniform', rho=3.0), '--rho applies to --schedule=karras only'),
+        (dict(S_noise=1.1), '--S_noise applies with churn only (--S_churn > 0).'),
+        (dict(sampler='ddim', respacing='ddim5', num_steps=8), '--steps applies without --respacing only'),
+    ]:
+        with pytest.raises(GenerationError) as info:
+            resolve_sampler_options(None, 'net.pkl', None, None, **sampler_kwargs)
+        assert message in str(info.value)
+    for sampler_kwargs in [
+        dict(sampler='ddim', eta=0.5, rho=7.0, S_churn=0.0, num_steps=32, respacing='ddim5'),
+        dict(S_noise=1.1, S_churn=3.0, sampler='edm', eta=0.0),
+    ]:
+        resolve_sampler_options(None, 'net.pkl', None, None, **sampler_kwargs)
+    assert resolve_sampler_options('demo', None, None, None, sampler='ddim').sampler_kwargs.S_churn == 10  # unused
+    c = resolve_sampler_options('dit-xl2-256', None, None, None, sampler='ddim', respacing='ddim25')
+    assert (c.sampler_kwargs.num_steps, c.sampler_kwargs.respacing) == (250, 'ddim25')
 
 
 @pytest.mark.parametrize('sampler', ['ddpm', 'ddim'])

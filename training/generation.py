@@ -70,6 +70,45 @@ def _shape(net: torch.nn.Module) -> str:
 SAMPLERS = ('edm', 'ddpm', 'ddim')
 
 
+# The EDM sampler's settings (edm_sampler's), which DDPM and DDIM do not read.
+EDM_SAMPLER_SETTINGS = (
+    'sigma_min',
+    'sigma_max',
+    'rho',
+    'S_churn',
+    'S_min',
+    'S_max',
+    'S_noise',
+    'solver',
+    'schedule',
+    'guidance_interval',
+)
+
+
+def unread_settings(settings: dict[str, Any], discrete: bool = False) -> dict[str, str]:
+    """The sampler settings that sample() does not read under `settings`, each with the condition under which it
+    would, worded to follow 'applies': the other sampler's settings, ρ without Karras' schedule, churn's range and
+    noise without churn, the step count beside a respacing, and the β schedule of a `discrete` (DDPM) net."""
+    sampler = settings.get('sampler', 'edm')
+    if sampler == 'edm':
+        unread = dict.fromkeys(('respacing', 'vp_schedule'), 'to --sampler=ddpm and ddim only, not to --sampler=edm')
+        unread['eta'] = 'to --sampler=ddim only, not to --sampler=edm'
+        schedule = settings.get('schedule', 'karras')
+        if schedule != 'karras':
+            unread['rho'] = f'to --schedule=karras only, not to --schedule={schedule}'
+        if not settings.get('S_churn', 0) > 0:
+            unread.update(dict.fromkeys(('S_min', 'S_max', 'S_noise'), 'with churn only (--S_churn > 0)'))
+        return unread
+    unread = dict.fromkeys(EDM_SAMPLER_SETTINGS, f'to --sampler=edm only, not to --sampler={sampler}')
+    if sampler == 'ddpm':
+        unread['eta'] = 'to --sampler=ddim only, not to --sampler=ddpm'
+    if settings.get('respacing') is not None:
+        unread['num_steps'] = 'without --respacing only, which sets the ddpm/ddim steps itself'
+    if discrete:
+        unread['vp_schedule'] = 'to EDM nets only; a DDPM net samples on its own β schedule'
+    return unread
+
+
 def network_kind(net: torch.nn.Module) -> str:
     """'guide' (a CLIP guide, no denoiser), 'sr' (super-resolution stage), 'text' (text-to-image) or 'edm2'."""
     if hasattr(net, 'encode_image'):
@@ -305,6 +344,9 @@ def generate_images(
         encoder = encoder or pickled_encoder
     encoder = encoder or StandardRGBEncoder()
     kind = check_samplable(net, False, sampler_kwargs.get('guidance', 1), gnet)
+    unread = unread_settings(sampler_kwargs, is_discrete(net))
+    if sampler_kwargs.get('vp_schedule') is not None and 'vp_schedule' in unread:
+        raise GenerationError(f'--vp-schedule applies {unread["vp_schedule"]}.')
     if sampler_kwargs.get('sampler', 'edm') != 'edm':  # Bad respacing fails here, before the VAE loads.
         vp_process(net, **{k: v for k, v in sampler_kwargs.items() if k in ('respacing', 'vp_schedule', 'num_steps')})
     if sampler_kwargs.get('guidance', 1) == 1:

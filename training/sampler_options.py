@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import dnnlib
-from training.generation import SAMPLERS, GenerationError
+from training.generation import SAMPLERS, GenerationError, unread_settings
 from training.presets_generate import presets
 from training.solvers import ORDERS, SCHEDULES, check_solver
 
@@ -65,7 +65,7 @@ SAMPLER_OPTIONS: list[Option] = [
         min=0,
         min_open=True,
     ),
-    Option('--rho', 'rho', float, 7.0, 'FLOAT', 'Time step exponent.', min=0, min_open=True),
+    Option('--rho', 'rho', float, 7.0, 'FLOAT', 'Time step exponent of the karras schedule.', min=0, min_open=True),
     Option('--S_churn', 'S_churn', float, None, 'FLOAT', 'Stochasticity strength  [default: preset, else 0]', min=0),
     Option('--S_min', 'S_min', float, 0.0, 'FLOAT', 'Lowest noise level with churn.', min=0),
     Option('--S_max', 'S_max', float, float('inf'), 'FLOAT', 'Highest noise level with churn.', min=0),
@@ -84,13 +84,14 @@ SAMPLER_OPTIONS: list[Option] = [
     Option('--vae', 'vae', str, None, 'ID|DIR', "VAE decoder of a latent net  [default: preset, else the net's]"),
 ]
 
+# Each option's value when not given: its default, or for these the one sample() takes in place of None.
+_DEFAULTS = {**{o.name: o.default for o in SAMPLER_OPTIONS}, 'S_churn': 0.0, 'num_steps': 32}
 
-# Settings of the EDM sampler's ODE that DDPM and DDIM have no use for, with their defaults.
-EDM_ONLY = dict(solver='heun', schedule='karras', guidance_interval=None)
 
-
-def check_solver_options(k: dict[str, Any]) -> None:
-    """Parse --guidance-interval 'LO,HI' in place to (σ_lo, σ_hi); a GenerationError for settings that cannot run."""
+def check_solver_options(k: dict[str, Any], given: Iterable[str] | None = None) -> None:
+    """Parse --guidance-interval 'LO,HI' in place to (σ_lo, σ_hi); a GenerationError for settings that cannot run,
+    and for those `given` (the options set on the command line; default: all of k) at a value other than their
+    default that the sampler would not read (training.generation.unread_settings)."""
     text = k.get('guidance_interval')
     if isinstance(text, str):
         try:
@@ -103,11 +104,14 @@ def check_solver_options(k: dict[str, Any]) -> None:
         check_solver(k.get('solver', 'heun'), k.get('schedule', 'karras'), k.get('num_steps', 32), k.get('S_churn', 0))
     except ValueError as e:
         raise GenerationError(str(e)) from None
-    sampler = k.get('sampler', 'edm')
-    edm_only = [f'--{n.replace("_", "-")}' for n, d in EDM_ONLY.items() if k.get(n, d) != d]
-    if sampler != 'edm' and edm_only:
-        verb = 'applies' if len(edm_only) == 1 else 'apply'
-        raise GenerationError(f'{" and ".join(edm_only)} {verb} to --sampler=edm only, not to --sampler={sampler}.')
+    unread = unread_settings(k)
+    flags = {}  # condition -> the flags set that need it
+    for name in k if given is None else given:
+        if name in unread and k.get(name, _DEFAULTS.get(name)) != _DEFAULTS.get(name):
+            flags.setdefault(unread[name], []).append(next(o.flag for o in SAMPLER_OPTIONS if o.name == name))
+    if flags:
+        parts = [f'{" and ".join(f)} {"applies" if len(f) == 1 else "apply"} {why}' for why, f in flags.items()]
+        raise GenerationError(f'{"; ".join(parts)}.')
 
 
 def override_sampler_settings(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +134,7 @@ def resolve_sampler_options(
     """Expand a preset under the options given: EasyDict(net, gnet, vae, sampler_kwargs) for generate_images().
     Options left at None take the preset's value, else sample()'s default."""
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    given = [key for key, value in sampler_kwargs.items() if value != _DEFAULTS.get(key)]
     if preset is not None:
         if preset not in presets:
             raise GenerationError(f'Unknown preset {preset!r}; choose one of: {", ".join(presets)}.')
@@ -142,7 +147,7 @@ def resolve_sampler_options(
     if sampler_kwargs.get('sampler', 'edm') not in SAMPLERS:
         raise GenerationError(f'Unknown sampler {sampler_kwargs["sampler"]!r}; choose one of: {", ".join(SAMPLERS)}.')
     guidance = 1.0 if guidance is None else guidance
-    check_solver_options(sampler_kwargs)
+    check_solver_options(sampler_kwargs, given)
     return dnnlib.EasyDict(
         net=net, gnet=gnet, vae=vae, sampler_kwargs=dnnlib.EasyDict(guidance=guidance, **sampler_kwargs)
     )
