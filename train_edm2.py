@@ -102,7 +102,11 @@ def one_line_message(e: Exception) -> str:
     help='EDM2 preconditioning and loss in sigma, or DDPM timesteps, epsilon and hybrid loss [default: edm or preset].',
 )
 @click.option(
-    '--patch', metavar='INT', type=click.IntRange(min=1), default=None, help='Transformer patch size [default: 2].'
+    '--patch',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=None,
+    help='Transformer (dit, mp-dit) patch size [default: 2].',
 )
 @click.option(
     '--conv-mlp',
@@ -122,7 +126,11 @@ def one_line_message(e: Exception) -> str:
     help='U-Net model_channels, transformer width.',
 )
 @click.option(
-    '--dropout', metavar='FLOAT', type=click.FloatRange(0, 1), default=None, help='Dropout probability in blocks.'
+    '--dropout',
+    metavar='FLOAT',
+    type=click.FloatRange(0, 1),
+    default=None,
+    help='Dropout probability in blocks (unet, mp-dit).',
 )
 @click.option(
     '--label-dropout',
@@ -133,14 +141,21 @@ def one_line_message(e: Exception) -> str:
     help='Share of training images given the null label, so the net guides itself (--guidance without --gnet) '
     '[default: preset, else 0 for --formulation=edm and 0.1 for ddpm].',
 )
-@click.option('--P_mean', 'P_mean', metavar='FLOAT', type=float, default=None, help='Mean of ln(sigma) in training.')
+@click.option(
+    '--P_mean',
+    'P_mean',
+    metavar='FLOAT',
+    type=float,
+    default=None,
+    help='Mean of ln(sigma) in training (--formulation=edm).',
+)
 @click.option(
     '--P_std',
     'P_std',
     metavar='FLOAT',
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help='Std of ln(sigma) in training.',
+    help='Std of ln(sigma) in training (--formulation=edm).',
 )
 @click.option(
     '--lr',

@@ -40,7 +40,7 @@ def _run_dir(tmp_path, name='run'):
 def _config(tmp_path, monkeypatch, arch, formulation, **opts):
     """demo-tiny (16x16 shapes, 5 classes) with a 2-block transformer of width 16, 4x4 patches."""
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path.parent / 'cache'))
-    c = training_config('demo-tiny', arch=arch, formulation=formulation, patch=4, **opts)
+    c = training_config('demo-tiny', arch=arch, formulation=formulation, patch=None if arch == 'unet' else 4, **opts)
     if arch != 'unet':
         c.network_kwargs.depth = 2
     c.update(total_nimg=32, batch_size=16, status_nimg=16, snapshot_nimg=32, checkpoint_nimg=16)
@@ -113,6 +113,37 @@ def test_label_dropout_option_is_the_share_of_null_labels_dit_sees_in_training(
         net = dnnlib.util.construct_class_by_name(**kwargs, img_resolution=16, img_channels=3, label_dim=5)
         share = _null_label_share(net)
         assert abs(share - expected) < 0.04, (label_dropout, share)  # Binomial(2000, p): within 3.6 sigma.
+
+
+@pytest.mark.parametrize('formulation', backbones.FORMULATIONS)
+@pytest.mark.parametrize('arch', backbones.ARCHS)
+def test_options_given_reach_the_run_or_are_refused_where_the_backbone_has_no_use_for_them(
+    tmp_path, monkeypatch, arch, formulation
+):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    reached = {  # Where each option lands when the run uses it.
+        'P_mean': lambda c: c.loss_kwargs.get('P_mean'),
+        'P_std': lambda c: c.loss_kwargs.get('P_std'),
+        'dropout': lambda c: c.network_kwargs.get('dropout'),
+        'patch': lambda c: c.network_kwargs.get('patch_size'),
+    }
+    used = dict(P_mean=formulation == 'edm', P_std=formulation == 'edm', dropout=arch != 'dit', patch=arch != 'unet')
+    for option, value in dict(P_mean=-1.3, P_std=0.7, dropout=0.25, patch=8).items():
+        if used[option]:
+            assert (
+                reached[option](training_config('demo-tiny', arch=arch, formulation=formulation, **{option: value}))
+                == value
+            )
+            continue
+        with pytest.raises(RunConfigError, match=f'--{option} (does not )?appl'):
+            training_config('demo-tiny', arch=arch, formulation=formulation, **{option: value})
+    # A preset's own values are no error: demo-tiny carries P_mean, P_std and dropout (the dit-* presets dropout,
+    # test_dit_recipe_presets_resolve_to_adamw_at_a_constant_rate_and_a_learned_variance_dit).
+    training_config('demo-tiny', arch=arch, formulation=formulation)
+    args = ['--dry-run', '--preset=demo-tiny', f'--arch={arch}', f'--formulation={formulation}', '--workers=0']
+    if not all(used.values()):
+        bad = next(f'--{option}=0.5' if option != 'patch' else '--patch=2' for option in used if not used[option])
+        assert_one_line_error(CliRunner().invoke(train_edm2.main, [*args, bad]), bad.split('=')[0])
 
 
 @pytest.mark.parametrize('formulation', backbones.FORMULATIONS)

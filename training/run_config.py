@@ -69,6 +69,22 @@ def text_encoder_kwargs(p: dnnlib.EasyDict, network_class: str) -> dict:
     return kwargs
 
 
+def check_given_options(p: dnnlib.EasyDict, given: set[str]) -> None:
+    """RunConfigError for an option set on the command line (`given`) that the run's architecture and formulation
+    do not use; a preset's own values are not checked."""
+    arch, formulation = p.get('arch', 'unet'), p.get('formulation', 'edm')
+    sigma_options = [f'--{key}' for key in ('P_mean', 'P_std') if key in given]
+    if formulation == 'ddpm' and sigma_options:
+        verb = 'applies' if len(sigma_options) == 1 else 'apply'
+        raise RunConfigError(
+            f'{" and ".join(sigma_options)} {verb} to --formulation=edm only; ddpm draws its timesteps uniformly.'
+        )
+    if arch == 'dit' and 'dropout' in given:
+        raise RunConfigError('--dropout does not apply to --arch=dit, which has none (--label-dropout drops labels).')
+    if arch == 'unet' and 'patch' in given:
+        raise RunConfigError('--patch applies to the transformers (--arch=dit or mp-dit), not to --arch=unet.')
+
+
 def backbone_kwargs(p: dnnlib.EasyDict, resolution: int, precision: bool | str) -> tuple[dict, dict]:
     """Network and loss options of --arch and --formulation (EDM2's Precond and loss for unet/edm) under the
     preset's own network options. A text-to-image preset takes --arch=mp-dit: its MP-DiT is TextMPDiT."""
@@ -141,6 +157,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
     for key, value in opts.items():
         if value is not None:
             p[key] = value
+    check_given_options(p, {key for key, value in opts.items() if value is not None})
     missing = [k for k in ('duration', 'batch', 'channels', 'lr', 'decay') if k not in p]
     if missing:
         raise RunConfigError(
