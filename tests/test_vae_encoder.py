@@ -1,4 +1,5 @@
 import pickle
+import socket
 
 import numpy as np
 import pytest
@@ -96,3 +97,31 @@ def test_missing_vae_fails_with_one_sentence(tmp_path, monkeypatch):
         with pytest.raises(dnnlib.util.DownloadError) as info:
             load_vae(bad)
         assert '\n' not in str(info.value) and bad in str(info.value)
+
+
+def test_an_uncached_hub_vae_is_asked_of_the_hub_only_when_its_host_answers(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+    from huggingface_hub import constants
+
+    for name in ('HF_HUB_OFFLINE', 'HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    attempts = []  # local_files_only of each load: True reads the cache, False asks the hub
+
+    def from_pretrained(name, local_files_only, **kwargs):
+        attempts.append(local_files_only)
+        raise OSError(f'{name} is not there')
+
+    monkeypatch.setattr(AutoencoderKL, 'from_pretrained', from_pretrained)
+    with socket.socket() as host:  # a host that answers
+        host.bind(('127.0.0.1', 0))
+        host.listen()
+        monkeypatch.setattr(constants, 'ENDPOINT', f'http://127.0.0.1:{host.getsockname()[1]}')
+        with pytest.raises(dnnlib.util.DownloadError):
+            load_vae('stabilityai/sd-vae-ft-mse')
+        assert attempts == [True, False]
+    attempts.clear()  # closed now: nothing answers at that port, as offline
+    with pytest.raises(dnnlib.util.DownloadError) as info:
+        load_vae('stabilityai/sd-vae-ft-mse')
+    assert attempts == [True]
+    assert '\n' not in str(info.value) and 'huggingface-cli download stabilityai/sd-vae-ft-mse' in str(info.value)

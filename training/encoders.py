@@ -12,6 +12,9 @@ Example:
 """
 
 import os
+import socket
+import urllib.parse
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -64,10 +67,27 @@ def _truthy_env(name: str) -> bool:
     return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host (HF_ENDPOINT) takes a connection within about `timeout` seconds;
+    assumed behind a proxy, which decides. Without network huggingface_hub would retry for half a minute."""
+    if any(os.environ.get(name) for name in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')):
+        return True
+    from huggingface_hub import constants
+
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == 'https' else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_vae(vae_name: str, device: torch.device | str = 'cpu') -> torch.nn.Module:
     """diffusers' AutoencoderKL from a local folder (saved with `save_pretrained`) or a Hugging Face hub id,
-    cached under `dnnlib.make_cache_dir_path('diffusers')`; offline (no network or HF_HUB_OFFLINE=1) only
-    the cache is tried. Failure raises `dnnlib.util.DownloadError` with one sentence saying what to do."""
+    cached under `dnnlib.make_cache_dir_path('diffusers')`; offline (HF_HUB_OFFLINE=1, or the hub's host not
+    reachable) only the cache is tried. Failure raises `dnnlib.util.DownloadError` with one sentence saying
+    what to do."""
     from diffusers import AutoencoderKL  # Slow to import; only latent pipelines need it.
 
     cache_dir = dnnlib.make_cache_dir_path('diffusers')
@@ -77,20 +97,25 @@ def load_vae(vae_name: str, device: torch.device | str = 'cpu') -> torch.nn.Modu
             f'{vae_name}: no such folder; pass a folder saved with save_pretrained or a '
             f'hub id like stabilityai/sd-vae-ft-mse.'
         )
-    # The cache first (fast, and enough offline), then the hub unless HF_HUB_OFFLINE forbids it.
+    # The cache first (fast, and enough offline), then the hub unless HF_HUB_OFFLINE forbids it or it is unreachable.
     attempts = [True] if is_local or _truthy_env('HF_HUB_OFFLINE') else [True, False]
+    vae = error = None
     for local_files_only in attempts:
+        if not local_files_only and not hub_reachable():
+            break
         try:
-            vae = AutoencoderKL.from_pretrained(
-                vae_name,
-                cache_dir=None if is_local else cache_dir,
-                low_cpu_mem_usage=False,
-                local_files_only=local_files_only,
-            )
+            with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it no longer uses
+                warnings.filterwarnings('ignore', 'The `local_dir_use_symlinks` argument is deprecated')
+                vae = AutoencoderKL.from_pretrained(
+                    vae_name,
+                    cache_dir=None if is_local else cache_dir,
+                    low_cpu_mem_usage=False,
+                    local_files_only=local_files_only,
+                )
             break
         except (OSError, ValueError) as e:
             error = e
-    else:
+    if vae is None:
         if is_local:
             raise dnnlib.util.DownloadError(
                 f'{vae_name}: not a diffusers AutoencoderKL folder ({type(error).__name__}); '
