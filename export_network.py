@@ -5,11 +5,12 @@ import os
 import click
 
 from training.diffusers_export import DiffusersExportError, export_diffusers
+from training.dit_release import is_dit_checkpoint, load_dit_network
 from training.snapshots import (
     TRUST_HELP,
     NetworkPickleError,
+    is_snapshot_name,
     load_network_pickle,
-    parse_snapshot_name,
     save_network,
     trust_pickles,
 )
@@ -19,14 +20,14 @@ TRUST = click.option('--trust-pickles', is_flag=True, callback=trust_pickles, ex
 
 @click.group()
 def main() -> None:
-    """Convert edm2x or NVIDIA EDM2 network pickles. Examples:
+    """Convert edm2x or NVIDIA EDM2 network pickles, and DiT checkpoints. Examples:
 
     \b
-    # One pickle -> net.safetensors beside it
+    # One pickle -> net.safetensors beside it (likewise a DiT .pt -> .safetensors)
     python export_network.py safetensors --net=run/net.pkl
 
     \b
-    # Every snapshot of a run folder (post-hoc EMA outputs included)
+    # Every snapshot of a run folder (post-hoc and classic EMAs, e.g. DiT's ema0.9999, included)
     python export_network.py safetensors --net=runs/demo
 
     \b
@@ -36,34 +37,41 @@ def main() -> None:
 
 
 def _sources(net: str) -> list[str]:
-    if not os.path.isdir(net):
+    if not os.path.isdir(net) or is_dit_checkpoint(net):
         return [net]
-    found = []
-    for name in sorted(os.listdir(net)):
-        try:
-            parse_snapshot_name(name)
-        except ValueError:
-            continue
-        if name.endswith('.pkl'):
-            found.append(os.path.join(net, name))
+    found = [os.path.join(net, name) for name in sorted(os.listdir(net)) if is_snapshot_name(name)]
+    found = [path for path in found if path.endswith('.pkl')]
     if not found:
-        raise click.ClickException(f'{net} holds no snapshot pickles named PREFIX-KIMG-STD.pkl.')
+        raise click.ClickException(
+            f'{net} holds no snapshot pickles named PREFIX-KIMG-STD.pkl or PREFIX-KIMG-emaBETA.pkl.'
+        )
     return found
 
 
+def _load(source: str) -> dict:
+    """A snapshot dict: a pickle's, or a DiT checkpoint's (.pt, diffusers folder) as generate_images.py loads it."""
+    if is_dit_checkpoint(source):
+        net, encoder = load_dit_network(source)
+        return dict(ema=net, encoder=encoder)
+    return load_network_pickle(source)
+
+
 @main.command()
-@click.option('--net', metavar='PKL|DIR|URL', type=str, required=True, help='Network pickle, or a folder of snapshots.')
+@click.option(
+    '--net', metavar='PKL|PT|DIR|URL', type=str, required=True, help='Network pickle, DiT checkpoint or run folder.'
+)
 @click.option('--dest', metavar='PATH', type=str, default=None, help='Output file (one input)  [default: beside it]')
 @TRUST
 def safetensors(net: str, dest: str | None) -> None:
-    """Write NAME.safetensors for each NAME.pkl: weights and constructor configuration, loadable without code."""
+    """Write NAME.safetensors for each NAME.pkl (every snapshot of a run folder, classic EMAs included) or DiT
+    checkpoint: weights and constructor configuration, loadable without code."""
     sources = _sources(net)
     if dest is not None and len(sources) > 1:
         raise click.ClickException(f'--dest names one file, but {net} holds {len(sources)} snapshots.')
     for source in sources:
         target = dest or os.path.splitext(os.path.basename(source) if '://' in source else source)[0] + '.safetensors'
         try:
-            save_network(load_network_pickle(source), target, 'safetensors')
+            save_network(_load(source), target, 'safetensors')
         except NetworkPickleError as e:
             raise click.ClickException(str(e)) from None
         click.echo(f'Wrote {target}')

@@ -15,9 +15,12 @@ from conftest import assert_one_line_error
 import export_network
 import generate_images
 import train_edm2
-from training.encoders import StandardRGBEncoder
+from training.checkpoint import rng_state, save_checkpoint
+from training.encoders import DiTVAEEncoder, StandardRGBEncoder
+from training.network_loading import load_network
+from training.networks_dit import DiT
 from training.networks_edm2 import Precond
-from training.snapshots import PickleWarning, load_network_pickle, save_network_pickle
+from training.snapshots import PickleWarning, classic_snapshot_name, load_network_pickle, save_network_pickle
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,6 +71,45 @@ def test_export_refuses_dest_for_several_inputs_and_missing_files(run, tmp_path)
     assert_one_line_error(result, '--dest names one file', '2 snapshots')
     result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={tmp_path}/missing.pkl'])
     assert_one_line_error(result, 'not found', 'missing.pkl')
+
+
+def test_a_run_folders_classic_ema_snapshots_are_exported_too(tmp_path):
+    names = ['net-0000002-0.050.pkl', classic_snapshot_name('net', 2, 0.9999)]
+    for seed, name in enumerate(names):
+        save_network_pickle(dict(ema=_net(seed), encoder=StandardRGBEncoder()), str(tmp_path / name))
+    (tmp_path / 'log.txt').write_text('not a snapshot')
+    result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={tmp_path}'])
+    assert result.exit_code == 0, result.output
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith('.safetensors')) == [
+        'net-0000002-0.050.safetensors',
+        'net-0000002-ema0.9999.safetensors',
+    ]
+    for name in names:
+        exported = load_network_pickle(str(tmp_path / name).replace('.pkl', '.safetensors'))['ema'].state_dict()
+        original = load_network_pickle(str(tmp_path / name))['ema'].state_dict()
+        assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_a_dit_checkpoint_exports_to_the_denoiser_generation_loads_from_it(tmp_path):
+    torch.manual_seed(0)
+    dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=1, num_classes=5)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(std=0.1)
+    torch.save(dit.state_dict(), tmp_path / 'tiny-dit.pt')
+    result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={tmp_path / "tiny-dit.pt"}'])
+    assert result.exit_code == 0, result.output
+    nets = [load_network(str(tmp_path / f'tiny-dit.{ext}'), torch.device('cpu')) for ext in ('pt', 'safetensors')]
+    (net, encoder), (exported, exported_encoder) = nets
+    assert isinstance(exported_encoder, DiTVAEEncoder) and exported_encoder.vae_name == encoder.vae_name
+    x, labels = torch.randn(2, 4, 8, 8), torch.eye(5)[[1, 3]]
+    with torch.no_grad():
+        assert torch.equal(exported(x, 2.0, labels), net(x, 2.0, labels))
+    assert all(torch.equal(exported.net.state_dict()[key], value) for key, value in dit.state_dict().items())
+    state = str(tmp_path / 'training-state-0000002.pt')
+    save_checkpoint(state, dict(net={}, optimizer={}, ema={}, cur_nimg=0, loss_fn=None, rng=rng_state()))
+    result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={state}'])
+    assert_one_line_error(result, 'is an edm2x training state', 'network-snapshot-*.pkl')
 
 
 def test_training_writes_both_snapshot_formats_with_equal_weights(tmp_path, monkeypatch):

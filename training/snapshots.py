@@ -11,6 +11,7 @@ import dnnlib
 from training.safetensors_io import SafetensorsError, load_safetensors, save_safetensors
 
 _SNAPSHOT_RE = re.compile(r'^(?P<prefix>.+)-(?P<kimg>\d{7,})-(?P<std>\d+\.\d+)\.(pkl|safetensors)$')
+_CLASSIC_RE = re.compile(r'^.+-\d{7,}-ema[0-9.e+-]+\.(pkl|safetensors)$')  # classic_snapshot_name's
 SNAPSHOT_FORMATS = ('pkl', 'safetensors', 'both')
 TRUST_HELP = 'Load pickles without the notice that they run code (they still run it).'  # --trust-pickles
 
@@ -39,6 +40,11 @@ def classic_snapshot_name(prefix: str, kimg: int, beta: float, ext: str = 'pkl')
     """A classic EMA's snapshot, e.g. network-snapshot-0000128-ema0.9999.pkl: named apart from the
     power-function EMAs, so that post-hoc reconstruction and run-folder resolution never take it for one."""
     return f'{prefix}-{int(kimg):07d}-ema{beta:g}.{ext}'
+
+
+def is_snapshot_name(path: str) -> bool:
+    """Whether `path` is named as a snapshot: a power-function EMA's (snapshot_name) or a classic EMA's."""
+    return bool(_SNAPSHOT_RE.match(os.path.basename(path)) or _CLASSIC_RE.match(os.path.basename(path)))
 
 
 def parse_snapshot_name(path: str) -> tuple[str, int, float]:
