@@ -69,7 +69,8 @@ def safetensors(net: str, dest: str | None) -> None:
     if dest is not None and len(sources) > 1:
         raise click.ClickException(f'--dest names one file, but {net} holds {len(sources)} snapshots.')
     for source in sources:
-        target = dest or os.path.splitext(os.path.basename(source) if '://' in source else source)[0] + '.safetensors'
+        name = os.path.basename(source) if '://' in source else os.path.normpath(source)
+        target = dest or os.path.splitext(name)[0] + '.safetensors'
         try:
             save_network(_load(source), target, 'safetensors')
         except NetworkPickleError as e:

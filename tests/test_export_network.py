@@ -106,6 +106,13 @@ def test_a_dit_checkpoint_exports_to_the_denoiser_generation_loads_from_it(tmp_p
     with torch.no_grad():
         assert torch.equal(exported(x, 2.0, labels), net(x, 2.0, labels))
     assert all(torch.equal(exported.net.state_dict()[key], value) for key, value in dit.state_dict().items())
+    from diffusers import DiTTransformer2DModel
+
+    folder = tmp_path / 'tiny-dit-diffusers'  # the diffusers layout, named with a trailing slash
+    DiTTransformer2DModel(num_attention_heads=1, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=1,
+                          sample_size=8, patch_size=2, num_embeds_ada_norm=5).save_pretrained(folder / 'transformer')  # fmt: skip
+    result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={folder}{os.sep}'])
+    assert result.exit_code == 0 and (tmp_path / 'tiny-dit-diffusers.safetensors').is_file(), result.output
     state = str(tmp_path / 'training-state-0000002.pt')
     save_checkpoint(state, dict(net={}, optimizer={}, ema={}, cur_nimg=0, loss_fn=None, rng=rng_state()))
     result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={state}'])
