@@ -172,6 +172,8 @@ def test_two_processes_take_the_same_steps_as_one_at_the_same_global_batch(tmp_p
         (['--preset=demo-tiny', '--duration=12X'], 'Invalid value for'),
         (['--preset=demo-tiny', f'--text-encoder={ROOT}'], '--text-encoder applies to text-to-image'),
         (['--preset=demo-text', '--data=/x', '--tokenizer=/no/folder'], '--tokenizer: /no/folder is not a folder'),
+        (['--preset=demo-tiny', '--batch=0'], '--batch=0 leaves no image for each of 1 processes'),
+        (['--preset=demo-tiny', '--batch=16', '--batch-gpu=5'], 'must split evenly over 1 processes and --batch-gpu=5'),
     ],
 )
 def test_bad_input_ends_with_one_clear_line(tmp_path, cache_env, args, message):

@@ -167,3 +167,24 @@ def test_classic_ema_snapshots_are_written_beside_and_apart_from_the_power_funct
         'network-snapshot-0000000-0.050.pkl',
         'network-snapshot-0000000-0.100.pkl',
     ]
+
+
+def test_intervals_that_are_not_multiples_of_the_batch_fire_at_the_first_step_past_each_multiple(tmp_path, monkeypatch):
+    # Batch 16, intervals of 40 and 56 images: status due at 0, 48 (past 40), 80 and the end (96); checkpoints at 64
+    # (past 56) and the end. Testing nimg % interval == 0 instead gives status at 0, 80, 96 and one checkpoint.
+    c, run_dir = _tiny_config(
+        tmp_path,
+        monkeypatch,
+        'training.loss.EDM2Loss',
+        batch_size=16,
+        total_nimg=96,
+        status_nimg=40,
+        snapshot_nimg=None,
+        checkpoint_nimg=56,
+        keep_checkpoints=None,
+    )
+    saved = []
+    monkeypatch.setattr('training.checkpoint.save_training_state', lambda d, state, k: saved.append(state['cur_nimg']))
+    training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
+    assert [round(s['Progress/kimg'] * 1000) for s in _stats(run_dir)] == [0, 48, 80, 96]
+    assert saved == [64, 96]

@@ -12,11 +12,13 @@ from torch_utils import distributed as dist
 from training import dataset as dataset_mod
 from training.backbones import TEXT_BACKBONES, BackboneError, preset_kwargs
 from training.dataset_io import write_synthetic_dataset
+from training.faults import TrainingError
 from training.networks_text import TEXT_LENGTH
 from training.precision import PrecisionError, resolve_precision, use_fp16_of
 from training.presets_train import TRAIN_PRESETS
 from training.shard_files import is_shard_spec
 from training.text import make_tokenizer
+from training.training_loop import split_batch
 
 
 class RunConfigError(Exception):
@@ -163,6 +165,10 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         raise RunConfigError(
             f'Without --preset, give {", ".join("--" + k for k in missing)} (presets: {", ".join(TRAIN_PRESETS)}).'
         )
+    try:
+        split_batch(p.batch, p.get('batch_gpu') or None, dist.get_world_size())
+    except TrainingError as e:
+        raise RunConfigError(str(e)) from e
     text_kwargs = text_encoder_kwargs(p, p.get('network_kwargs', {}).get('class_name', ''))
     if data is None:
         if 'synthetic' not in p:

@@ -159,10 +159,14 @@ def _zero_nonfinite_grads(net: torch.nn.Module) -> None:
         torch.nan_to_num_(g, nan=0, posinf=0, neginf=0)
 
 
-def _split_batch(batch_size: int, batch_gpu: int | None, world: int) -> tuple[int, int]:
+def split_batch(batch_size: int, batch_gpu: int | None, world: int) -> tuple[int, int]:
     """(images per rank and step, images per forward pass); the rounds of accumulation are their ratio."""
     per_rank = batch_size // world
     batch_gpu = batch_gpu or per_rank
+    if per_rank < 1:
+        raise TrainingError(
+            f'--batch={batch_size} leaves no image for each of {world} processes; give at least {world}.'
+        )
     if batch_size % world or per_rank % batch_gpu:
         raise TrainingError(
             f'--batch={batch_size} must split evenly over {world} processes and --batch-gpu={batch_gpu}.'
@@ -212,7 +216,7 @@ def training_loop(
     set_tf32(tf32)
     torch.manual_seed(seed * world + rank)
     np.random.seed((seed * world + rank) % (1 << 31))
-    per_rank, batch_gpu = _split_batch(batch_size, batch_gpu, world)
+    per_rank, batch_gpu = split_batch(batch_size, batch_gpu, world)
     end_nimg = min(total_nimg, stop_at_nimg or total_nimg)
 
     construct = dnnlib.util.construct_class_by_name
@@ -256,7 +260,8 @@ def training_loop(
         dataset.set_position(position.restore(data_state))
 
     def due(interval: int | None, done: bool) -> bool:
-        return bool(interval) and (done or cur_nimg % interval == 0)
+        # At the first step on or past each multiple of the interval, which need not be one of the batch.
+        return bool(interval) and (done or cur_nimg // interval > (cur_nimg - batch_size) // interval)
 
     sampler = None
     if not streaming:
