@@ -20,6 +20,7 @@ import reconstruct_phema
 import train_edm2
 from training import detectors as detectors_mod
 from training.metrics import save_stats
+from training.run_outputs import closing_line
 from training.snapshots import save_network_pickle, snapshot_name
 
 FAST = ['--preset=demo-tiny', '--workers=0', '--seed=1', '--status=16', '--snapshot=32', '--checkpoint=16']
@@ -261,3 +262,10 @@ def test_progress_bar_in_a_log_file_is_drawn_once_not_per_update():
                 bar.update(1)
     assert log.getvalue().count('\r') <= 2  # the opening draw and the final one
     assert terminal_like.getvalue().count('\r') > 10  # what a log got before
+
+
+def test_closing_line_of_a_run_without_snapshots_offers_no_sampling_command(tmp_path):
+    (tmp_path / 'stats.jsonl').write_text('')
+    assert 'wrote no network snapshots' in closing_line(str(tmp_path))
+    (tmp_path / 'network-snapshot-0000001-0.100.pkl').write_bytes(b'')
+    assert f'python generate_images.py --net={tmp_path}' in closing_line(str(tmp_path))

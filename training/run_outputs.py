@@ -19,7 +19,13 @@ from training import faults
 from training.faults import TrainingError
 from training.generation import sample
 from training.image_grid import GRID_MIN_SIZE, save_image_grid
-from training.snapshots import classic_snapshot_name, save_snapshot_file, snapshot_files, snapshot_name
+from training.snapshots import (
+    classic_snapshot_name,
+    is_snapshot_name,
+    save_snapshot_file,
+    snapshot_files,
+    snapshot_name,
+)
 from training.tracking import Tracker
 
 
@@ -129,8 +135,11 @@ def save_snapshots(
 
 
 def closing_line(run_dir: str) -> str:
-    """Where the run's newest grid is and how to sample from the run."""
-    grids = sorted(name for name in os.listdir(run_dir) if name.startswith('samples-') and name.endswith('.png'))
+    """Where the run's newest grid is and how to sample from the run (or that it wrote no snapshot to sample)."""
+    names = os.listdir(run_dir)
+    grids = sorted(name for name in names if name.startswith('samples-') and name.endswith('.png'))
     grid = f'Final sample grid: {os.path.join(run_dir, grids[-1])}. ' if grids else ''
+    if not any(is_snapshot_name(name) for name in names):
+        return f'{grid}The run wrote no network snapshots (--snapshot=0): there is nothing to sample from.'
     out = os.path.join(run_dir, 'generated.png')
     return f'{grid}Sample from the run: python generate_images.py --net={run_dir} --seeds=0-15 --grid={out}'
