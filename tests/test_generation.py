@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from training.dit_release import dit_network
-from training.generation import GenerationError, network_kind, resolve_network_path, sample, unread_settings
+from training.generation import (
+    GenerationError,
+    generate_images,
+    network_kind,
+    resolve_network_path,
+    sample,
+    unread_settings,
+)
 from training.networks_dit import DiT
 from training.sampler_options import resolve_sampler_options
 from training.sampling import edm_sampler
@@ -106,6 +113,17 @@ def test_what_cannot_be_sampled_is_one_clear_error():
     guide.encode_image = lambda x, sigma: x
     with pytest.raises(GenerationError, match='CLIP guide'):
         sample(guide, [0])
+
+
+def test_prompts_for_a_net_without_text_and_a_guiding_net_of_another_kind_are_refused():
+    run = dict(seeds=[0], device='cpu', num_steps=1)
+    with pytest.raises(GenerationError, match='class-conditional or unconditional and reads no text'):
+        list(generate_images(ToyDenoiser(label_dim=3), prompts=['a red circle'], **run))
+    with pytest.raises(GenerationError, match='guiding network is text-to-image, but the network is class'):
+        list(generate_images(ToyDenoiser(label_dim=3), gnet=ToyDenoiser(text=True), guidance=2, **run))
+    net, gnet = ToyDenoiser(text=True), ToyDenoiser(text=True)
+    (batch,) = generate_images(net, gnet=gnet, prompts=['red'], guidance=2, **run)
+    assert batch.captions == ['red'] and net.calls and gnet.calls
 
 
 def test_run_folder_resolves_to_its_newest_snapshot(tmp_path):

@@ -109,6 +109,14 @@ def unread_settings(settings: dict[str, Any], discrete: bool = False) -> dict[st
     return unread
 
 
+KIND_NAMES = {
+    'guide': 'a CLIP guide',
+    'sr': 'a super-resolution stage',
+    'text': 'text-to-image',
+    'edm2': 'class-conditional or unconditional',
+}
+
+
 def network_kind(net: torch.nn.Module) -> str:
     """'guide' (a CLIP guide, no denoiser), 'sr' (super-resolution stage), 'text' (text-to-image) or 'edm2'."""
     if hasattr(net, 'encode_image'):
@@ -354,6 +362,11 @@ def generate_images(
     elif isinstance(gnet, str):
         with dist.rank0_first():
             gnet = load_network(gnet, device, verbose)[0]
+    if gnet is not None and network_kind(gnet) != kind:
+        raise GenerationError(
+            f'The guiding network is {KIND_NAMES[network_kind(gnet)]}, but the network is {KIND_NAMES[kind]}; '
+            f'guide it with a net of its kind.'
+        )
     if gnet is not None and (_shape(gnet) != _shape(net) or gnet.label_dim not in (0, net.label_dim)):
         raise GenerationError(
             f'The guiding network makes {_shape(gnet)} images with {gnet.label_dim} classes, but the '
@@ -364,6 +377,11 @@ def generate_images(
         raise GenerationError(f'Class {class_idx} was requested, but the network {labels_range}.')
     if kind == 'text' and not prompts:
         raise GenerationError('The network is text-to-image: give --prompt="..." or --prompts=FILE.')
+    if prompts and kind != 'text' and clip is None:
+        raise GenerationError(
+            f'The network is {KIND_NAMES[kind]} and reads no text: drop --prompt/--prompts, or steer it '
+            f'towards them with a CLIP guide (--clip).'
+        )
     for denoiser in (net, gnet):
         if denoiser is not None:
             prepare_for_sampling(denoiser, precision, compile)
