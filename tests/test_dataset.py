@@ -184,3 +184,22 @@ def test_corrupt_member_inside_zip_is_named(tmp_path):
     dataset = ImageFolderDataset(str(path))
     with pytest.raises(DatasetError, match=r'data\.zip:b\.png: unreadable image'):
         dataset.validate()
+
+
+def test_16bit_grayscale_keeps_its_high_byte_in_folder_datasets_and_the_tools(tmp_path):
+    values = np.random.default_rng(0).integers(0, 1 << 16, [5, 4]).astype(np.uint16)
+    expected = (values // 256).astype(np.uint8)
+    Image.fromarray(values).save(tmp_path / 'a.png')
+    Image.fromarray(expected).save(tmp_path / 'b.png')  # 8-bit grayscale: the same shape and pixels
+    assert Image.open(tmp_path / 'a.png').mode == 'I;16'
+    dataset = ImageFolderDataset(str(tmp_path))
+    assert dataset.image_shape == [1, 5, 4] and dataset.validate(decode=False) == dataset.validate() == []
+    assert np.array_equal(dataset[0][0][0], expected) and np.array_equal(dataset[1][0][0], expected)
+
+    big_endian, floats = io.BytesIO(), io.BytesIO()
+    Image.frombytes('I;16B', (4, 5), values.astype('>u2').tobytes()).save(big_endian, format='tiff')
+    Image.fromarray(values / 7.0).save(floats, format='tiff')
+    for data in ((tmp_path / 'a.png').read_bytes(), big_endian.getvalue()):
+        assert np.array_equal(dataset_tool.decode_image(data, 'x'), np.stack([expected] * 3, axis=-1))
+    with pytest.raises(dataset_tool.DatasetFileError, match=r'^c\.tif: unreadable image \(floating-point pixels'):
+        dataset_tool.decode_image(floats.getvalue(), 'c.tif')

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import dnnlib
+from training.dataset_io import GRAY_MODES, eight_bit
 
 IMAGE_EXTENSIONS = ('.png', '.npy')
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, KeyError)
@@ -153,7 +154,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 return image.astype(np.float32, copy=False)
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                image = np.array(img if img.mode in ('L', 'RGB', 'RGBA') else img.convert('RGB'))
+                pixels = eight_bit(img)
+                image = np.array(pixels if pixels.mode in ('L', 'RGB', 'RGBA') else pixels.convert('RGB'))
         except _DECODE_ERRORS as e:
             raise DatasetError(f'{self._describe(raw_idx)}: unreadable image ({e}); replace or remove it') from None
         if image.ndim == 2:
@@ -207,7 +209,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     )
                     return list(read_header(f)[0])
                 with Image.open(f) as img:
-                    return [{'L': 1, 'RGBA': 4}.get(img.mode, 3), img.height, img.width]
+                    channels = 1 if img.mode in GRAY_MODES else 4 if img.mode == 'RGBA' else 3
+                    return [channels, img.height, img.width]
         except _DECODE_ERRORS as e:
             raise DatasetError(f'{self._describe(raw_idx)}: unreadable image ({e}); replace or remove it') from None
 

@@ -173,12 +173,31 @@ class SourceImage(NamedTuple):
     caption: str
 
 
+GRAY_MODES = ('L', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')  # Pillow's one-channel modes eight_bit() makes 'L'
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PNG, TIFF) as 8-bit 'L' by its high byte, value >> 8, as Pillow itself reads
+    16-bit colour PNGs (Pillow's convert() would clip those values to 255 instead of scaling). Pillow's 32-bit
+    'I' mode counts as 16 bits when its values fit; float pixels have no range to scale from and raise
+    ValueError. Other images are returned as they are."""
+    if img.mode == 'F':
+        raise ValueError('floating-point pixels; save the image with 8 or 16 bits per channel')
+    if img.mode not in GRAY_MODES[1:]:
+        return img
+    values = np.asarray(img).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+        raise ValueError('integer pixels outside 0..65535; save the image with 8 or 16 bits per channel')
+    return Image.fromarray((values >> 8).astype(np.uint8), mode='L')
+
+
 def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Image file bytes -> uint8 HWC RGB; a corrupt file raises DatasetFileError naming `name`."""
+    """Image file bytes -> uint8 HWC RGB (16-bit images by eight_bit); a corrupt file raises DatasetFileError
+    naming `name`."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return np.array(img.convert('RGB'))
+            return np.array(eight_bit(img).convert('RGB'))
     except _DECODE_ERRORS as e:
         raise DatasetFileError(f'{name}: unreadable image ({e}); replace or remove it') from None
 
