@@ -29,9 +29,10 @@ def _jpg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_shards(folder, num_shards=4, per_shard=6, size=8, corrupt=(), sizes=None) -> list[dict]:
+def write_shards(folder, num_shards=4, per_shard=6, size=8, corrupt=(), sizes=None, cls=None) -> list[dict]:
     """Shards as img2dataset writes them (jpg, txt, json with original_width/height and pwatermark, cls);
-    the sample number is stored in pixel (0, 0) of the red channel. Returns every sample's metadata."""
+    the sample number is stored in pixel (0, 0) of the red channel; `cls` maps sample numbers to another cls
+    member (None: none). Returns every sample's metadata."""
     os.makedirs(folder, exist_ok=True)
     metas = []
     idx = 0
@@ -51,6 +52,10 @@ def write_shards(folder, num_shards=4, per_shard=6, size=8, corrupt=(), sizes=No
                     'json': json.dumps(meta).encode(),
                     'cls': str(idx % 3).encode(),
                 }
+                if (cls or {}).get(idx, sample['cls']) is None:
+                    del sample['cls']
+                else:
+                    sample['cls'] = (cls or {}).get(idx, sample['cls'])
                 writer.write(sample)
                 metas.append(dict(meta, idx=idx))
                 idx += 1
@@ -111,6 +116,30 @@ def test_labels_and_captions_come_from_cls_and_txt(tmp_path):
         assert label.tolist() == np.eye(3)[_ids([image])[0] % 3].tolist()
     captioned = ShardDataset(str(tmp_path), use_captions=True, shuffle=0, loop=False, rank=0, num_replicas=1)
     assert [caption for _, caption, _ in captioned] == [f'sample {i}' for i in range(5)]
+
+
+def test_a_sample_without_a_class_label_or_with_a_malformed_one_is_one_line_naming_it(tmp_path):
+    write_shards(tmp_path / 'missing', num_shards=2, per_shard=3, cls={4: None})
+    for label_dim in (None, 3):  # Read from every shard, or given (then checked as samples stream).
+        with pytest.raises(ShardError, match=r'000001\.tar:000000004: no cls member') as info:
+            ShardDataset(str(tmp_path / 'missing'), use_labels=True, label_dim=label_dim, rank=0, num_replicas=1)
+        assert '\n' not in str(info.value)
+    kept = ShardDataset(
+        str(tmp_path / 'missing'),
+        use_labels=True,
+        filters=['pwatermark<1'],
+        shuffle=0,
+        loop=False,
+        rank=0,
+        num_replicas=1,
+    )  # Sample 4 has pwatermark 1: filtered out, its missing label does not matter.
+    assert sorted((_ids([image])[0], label.tolist()) for image, label, _ in kept) == [
+        (i, np.eye(3)[i % 3].tolist()) for i in (0, 1, 2, 5)
+    ]
+    write_shards(tmp_path / 'word', num_shards=2, per_shard=3, cls={5: b'dog'})
+    with pytest.raises(ShardError, match=r"000001\.tar:000000005\.cls: 'dog' is not a class index") as info:
+        ShardDataset(str(tmp_path / 'word'), use_labels=True, rank=0, num_replicas=1)
+    assert '\n' not in str(info.value)
 
 
 def _consume(ds: ShardDataset, num_slots: int, num: int, position: DataPosition) -> list[tuple[int, int, int]]:

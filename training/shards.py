@@ -192,11 +192,37 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         return
 
     def _scan_label_dim(self) -> int:
-        """One more than the largest `cls` of all shards (pass label_dim= to skip this full read)."""
-        labels = [int(s['cls']) for path in self.shards for s in read_shard(path) if 'cls' in s]
+        """One more than the largest `cls` of all shards (pass label_dim= to skip this full read). Every sample
+        that passes the filters must have a valid `cls`, as every image of a labelled folder needs a label."""
+        labels, unlabelled = [], None
+        for path in self.shards:
+            for sample in read_shard(path):
+                if 'cls' in sample:
+                    labels.append(self._class_index(sample))
+                elif unlabelled is None and all(f(self._meta(sample)) for f in self.filters):
+                    unlabelled = sample
         if not labels:
             raise ShardError(f'{self._path}: no sample has a cls label; train without labels (--cond=False)')
+        if unlabelled is not None:
+            self._class_index(unlabelled)  # Raises the error naming it.
         return max(labels) + 1
+
+    @staticmethod
+    def _where(sample: dict) -> str:
+        return f'{sample.get("__url__", "shard")}:{sample["__key__"]}'
+
+    @classmethod
+    def _class_index(cls, sample: dict) -> int:
+        """The sample's `cls` member as a class index; a missing or malformed one raises ShardError naming it."""
+        if 'cls' not in sample:
+            raise ShardError(
+                f'{cls._where(sample)}: no cls member (class label); add one to every sample, '
+                f'or train without labels (--cond=False)'
+            )
+        text = sample['cls'].decode('utf-8', 'replace').strip()
+        if not re.fullmatch(r'\d+', text, re.ASCII):
+            raise ShardError(f'{cls._where(sample)}.cls: {text!r} is not a class index 0, 1, 2, ...; fix the shard')
+        return int(text)
 
     @staticmethod
     def _meta(sample: dict) -> dict:
@@ -214,10 +240,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self._use_captions:
             return self._caption(sample)
         onehot = np.zeros([self._label_dim], dtype=np.float32)
-        if self._use_labels and 'cls' in sample:
-            label = int(sample['cls'])
-            if not 0 <= label < self._label_dim:
-                raise ShardError(f'sample {sample["__key__"]}: cls {label} outside 0..{self._label_dim - 1}')
+        if self._use_labels:
+            label = self._class_index(sample)
+            if not label < self._label_dim:
+                raise ShardError(f'{self._where(sample)}.cls: {label} is outside 0..{self._label_dim - 1}')
             onehot[label] = 1
         return onehot
 
@@ -225,7 +251,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """The sample's image as CHW; None when it is smaller than the resolution (and not upscaled).
         A corrupt member raises DatasetFileError; a size differing from the first without --resolution raises
         ShardError."""
-        where = f'{sample.get("__url__", "shard")}:{sample["__key__"]}'
+        where = self._where(sample)
         if 'npy' in sample:
             try:
                 array = np.load(io.BytesIO(sample['npy']), allow_pickle=False)
