@@ -156,9 +156,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option(
-    '--data', metavar='PATH', type=str, required=True, help='Dataset folder or ZIP of PNG images, or tar shards.'
-)
+@click.option('--data', metavar='PATH', type=str, required=True, help='Dataset folder or ZIP of images, or tar shards.')
 @click.option('--dest', metavar='PKL|NPZ', type=str, required=True, help='Where to write the statistics.')
 @_common_options
 @click.option(
@@ -214,7 +212,7 @@ def _report(stats: Stats, ref_stats: Stats | None, ref_path: str, metric_list: l
 
 
 @cli.command()
-@click.option('--images', metavar='PATH', type=str, required=True, help='Folder or ZIP of PNG images to evaluate.')
+@click.option('--images', metavar='PATH', type=str, required=True, help='Folder or ZIP of images to evaluate.')
 @click.option('--ref', 'ref_path', metavar='PKL|NPZ|URL', type=str, required=True, help='Reference statistics.')
 @click.option(
     '--num',

@@ -12,6 +12,7 @@ from PIL import Image
 import dataset_tool
 from training import shapes
 from training.dataset import DatasetError, ImageFolderDataset
+from training.dataset_io import SOURCE_EXTENSIONS
 
 NUM, RES, SEED = 12, 8, 5
 
@@ -126,7 +127,7 @@ def test_missing_path_and_empty_folder(tmp_path):
         ImageFolderDataset(str(tmp_path / 'nothing-here'))
     empty = tmp_path / 'empty'
     empty.mkdir()
-    with pytest.raises(DatasetError, match='empty.*no PNG or NPY'):
+    with pytest.raises(DatasetError, match='empty.*no image or NPY'):
         ImageFolderDataset(str(empty))
 
 
@@ -203,3 +204,32 @@ def test_16bit_grayscale_keeps_its_high_byte_in_folder_datasets_and_the_tools(tm
         assert np.array_equal(dataset_tool.decode_image(data, 'x'), np.stack([expected] * 3, axis=-1))
     with pytest.raises(dataset_tool.DatasetFileError, match=r'^c\.tif: unreadable image \(floating-point pixels'):
         dataset_tool.decode_image(floats.getvalue(), 'c.tif')
+
+
+@pytest.mark.parametrize('kind', ['folder', 'zip'])
+def test_every_image_type_convert_reads_loads_from_folders_and_zips(tmp_path, kind):
+    rng = np.random.default_rng(1)
+    files = {}
+    for name in ('a.jpg', 'b.JPEG', 'c.webp', 'd.bmp', 'e.gif', 'f.tiff', 'g.tif', 'h.png'):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, [6, 5, 3]).astype(np.uint8)).save(
+            buffer, format=Image.registered_extensions()[os.path.splitext(name)[1].lower()]
+        )
+        files[name] = buffer.getvalue()
+    assert sorted(os.path.splitext(name)[1].lower() for name in files) == sorted(SOURCE_EXTENSIONS)
+    if kind == 'zip':
+        root = str(tmp_path / 'data.zip')
+        with zipfile.ZipFile(root, 'w') as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+    else:
+        root = write_folder(tmp_path, files)
+    dataset = ImageFolderDataset(root)
+    assert len(dataset) == len(files) and dataset.validate(decode=False) == []
+    for idx, data in enumerate(files.values()):
+        expected = np.array(Image.open(io.BytesIO(data)).convert('RGB')).transpose(2, 0, 1)
+        assert np.array_equal(dataset[idx][0], expected)
+    if kind == 'folder':
+        np.save(tmp_path / 'i.npy', np.zeros([3, 6, 5], np.float32))
+        with pytest.raises(DatasetError, match='mixes images and NPY files'):
+            ImageFolderDataset(root)

@@ -1,7 +1,7 @@
-"""Training data: a folder or an uncompressed ZIP of PNG or NPY files, as EDM2 lays datasets out.
+"""Training data: a folder or an uncompressed ZIP of image or NPY files, as EDM2 lays datasets out.
 
-PNG files hold pixels (uint8, HWC on disk, returned CHW); NPY files hold float32 CHW arrays (e.g. VAE
-latents). An optional `dataset.json` at the root maps relative paths to class labels and captions:
+Image files (PNG as dataset_tool.py writes them, or any type its convert reads: JPEG, WebP, ...) hold pixels
+(uint8, HWC on disk, returned CHW); NPY files hold float32 CHW arrays (e.g. VAE latents). An optional `dataset.json` at the root maps relative paths to class labels and captions:
 `{"labels": [["00000/img00000000.png", 3], ...], "captions": [["00000/img00000000.png", "a cat"], ...]}`.
 
 Example:
@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 import dnnlib
-from training.dataset_io import GRAY_MODES, eight_bit
+from training.dataset_io import GRAY_MODES, SOURCE_EXTENSIONS, eight_bit
 
-IMAGE_EXTENSIONS = ('.png', '.npy')
+IMAGE_EXTENSIONS = (*SOURCE_EXTENSIONS, '.npy')
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, KeyError)
 
 
@@ -74,9 +74,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f'{self._path}: no such folder or ZIP file; make a dataset with dataset_tool.py')
         self._image_fnames = sorted(f for f in all_fnames if f.lower().endswith(IMAGE_EXTENSIONS))
         if not self._image_fnames:
-            raise DatasetError(f'{self._path}: contains no PNG or NPY files; make a dataset with dataset_tool.py')
-        if len({os.path.splitext(f)[1].lower() for f in self._image_fnames}) > 1:
-            raise DatasetError(f'{self._path}: mixes PNG and NPY files; a dataset holds one kind')
+            raise DatasetError(
+                f'{self._path}: contains no image or NPY files ({", ".join(IMAGE_EXTENSIONS)}); '
+                f'make a dataset with dataset_tool.py'
+            )
+        if len({f.lower().endswith('.npy') for f in self._image_fnames}) > 1:
+            raise DatasetError(f'{self._path}: mixes images and NPY files; a dataset holds one kind')
 
         self._raw_shape = [len(self._image_fnames), *self._load_raw_image(0).shape]
         if resolution is not None and self._raw_shape[2:] != [resolution, resolution]:

@@ -33,7 +33,7 @@ def open_images(
         raise MetricsError(f'{path} holds {len(dataset)} images, fewer than --num={num}; add images or lower --num.')
     image, _label = dataset[0]
     if image.dtype != np.uint8:
-        raise MetricsError(f'{path} holds {image.dtype} arrays (latents?), not PNG images; metrics need pixels.')
+        raise MetricsError(f'{path} holds {image.dtype} arrays (latents?), not images; metrics need pixels.')
     if dataset.num_channels != 3:
         raise MetricsError(
             f'{path} holds images with {dataset.num_channels} channel(s); the detectors need RGB '
