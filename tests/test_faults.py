@@ -315,6 +315,13 @@ def test_bad_samples_met_in_training_are_skipped_counted_and_limited(tmp_path, c
     result = _cli(tmp_path / 'limited', *data, '--duration=32', '--max-bad-samples=1')
     assert_one_line_error(result, *bad, '--max-bad-samples=1')
     assert 'Warning: ' + bad[1] in result.output and (tmp_path / 'limited' / 'stats.jsonl').is_file()
+    stopped_at = _final_state(tmp_path / 'limited')['cur_nimg']
+    assert 0 < stopped_at < 32
+    # As the message says: a higher limit resumes the run from the state saved at the stop.
+    result = _cli(tmp_path / 'limited', *data, '--duration=32', '--max-bad-samples=5')
+    assert result.exit_code == 0, result.output
+    assert 'Resuming from ' + str(tmp_path / 'limited') in result.output
+    assert _final_state(tmp_path / 'limited')['cur_nimg'] == 32
 
 
 def test_temp_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):

@@ -234,8 +234,9 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
     return c
 
 
-# Options a re-run may change without changing what is trained: the schedule of outputs, the run's length
-# and how each process splits and loads its batch. Anything else differing from the saved options is refused,
+# Options a re-run may change without changing what is trained: the schedule of outputs, the run's length,
+# how each process splits and loads its batch, and how many bad samples it steps over (the stop at
+# --max-bad-samples says to raise it and re-run to resume). Anything else differing from the saved options is refused,
 # also a moved dataset (a new path may hold other images; after a move, edit the path in the saved options).
 RESUMABLE_KEYS = (
     'total_nimg',
@@ -245,6 +246,7 @@ RESUMABLE_KEYS = (
     'batch_gpu',
     'data_loader_kwargs',
     'cudnn_benchmark',
+    'max_bad_samples',
 )
 
 # Resolved option -> the command-line option that sets it, for messages.
