@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from training import dataset_io
+from training import dataset_io, shards
 from training.shard_files import ShardError, expand_shards
 from training.shard_position import DataPosition
 from training.shards import (
@@ -106,6 +106,16 @@ def test_corrupt_members_are_skipped_and_counted(tmp_path):
     items = list(ds)
     assert sorted(_ids(image for image, _, _ in items)) == [0, 2, 3, 4, 5, 7]
     assert items[-1][2][INFO_CORRUPT] == 2
+
+
+def test_a_wrongly_sized_sample_after_the_first_ones_is_skipped_and_counted_as_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, 'PREVIEW_SIZE', 2)  # The samples read at the start, where it stops the start.
+    write_shards(tmp_path, num_shards=1, per_shard=6, sizes=[(8, 8), (8, 8), (16, 8), (8, 8), (8, 16), (8, 8)])
+    ds = ShardDataset(str(tmp_path), shuffle=0, loop=False, rank=0, num_replicas=1)
+    items = list(ds)
+    assert _ids(image for image, _, _ in items) == [0, 1, 3, 5]
+    assert [int(info[INFO_CORRUPT]) for _, _, info in items] == [0, 0, 1, 2]
+    assert [image.shape for image, _, _ in items] == [(3, 8, 8)] * 4
 
 
 def test_labels_and_captions_come_from_cls_and_txt(tmp_path):

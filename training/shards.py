@@ -41,6 +41,11 @@ INFO_SLOT, INFO_PASS, INFO_EMITTED, INFO_READ, INFO_CORRUPT, INFO_SMALL = range(
 NUM_INFO_FIXED = 6
 
 
+class SampleShapeError(DatasetFileError):
+    """A sample shaped unlike the first: the stream skips and counts it as corrupt; among the samples read at
+    the start (PREVIEW_SIZE) it stops the start instead, as the data then holds images of mixed sizes."""
+
+
 # ---- metadata filters ----
 
 
@@ -165,6 +170,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         for sample in self._first_samples(PREVIEW_SIZE):
             try:
                 image = self._decode(sample)
+            except SampleShapeError as e:
+                raise ShardError(str(e)) from None
             except DatasetFileError:
                 continue  # Counted as corrupt when the stream reaches it.
             if image is not None:
@@ -249,8 +256,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _decode(self, sample: dict) -> np.ndarray | None:
         """The sample's image as CHW; None when it is smaller than the resolution (and not upscaled).
-        A corrupt member raises DatasetFileError; a size differing from the first without --resolution raises
-        ShardError."""
+        A corrupt member raises DatasetFileError; a shape differing from the first sample's SampleShapeError."""
         where = self._where(sample)
         if 'npy' in sample:
             try:
@@ -271,7 +277,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self._image_shape is None:
             self._image_shape = list(image.shape)
         elif list(image.shape) != self._image_shape:
-            raise ShardError(
+            raise SampleShapeError(
                 f"{where}: shape {list(image.shape)} differs from the first sample's {self._image_shape}; "
                 f'give --resolution to resize pixels on the fly'
             )
@@ -340,7 +346,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 continue
             try:
                 image = self._decode(sample)
-            except DatasetFileError:
+            except DatasetFileError:  # Also a wrongly sized sample (SampleShapeError).
                 counts[INFO_CORRUPT] += 1
                 continue
             if image is None:
