@@ -8,11 +8,12 @@ import os
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from click.testing import CliRunner
 from conftest import assert_one_line_error
 
 import dataset_tool
-from training import encoders
+from training import dataset_io, encoders
 from training.dataset import ImageFolderDataset
 from training.shard_files import read_shard
 from training.shard_writer import encode_shards
@@ -66,6 +67,18 @@ def test_shards_into_a_non_empty_folder_is_one_clear_line(tmp_path, shapes_zip):
     result = CliRunner().invoke(dataset_tool.cli, ['shards', f'--source={shapes_zip}', f'--dest={tmp_path / "x"}'])
     assert_one_line_error(result, 'not an empty folder')
     assert (tmp_path / 'x' / 'keep.txt').read_text() == 'mine'
+
+
+def test_a_malformed_json_member_is_one_line_naming_the_sample_and_leaves_no_partial_output(tmp_path, shapes_zip):
+    source = _shards(shapes_zip, tmp_path / 'source', per_shard=4)
+    with wds.TarWriter(str(source / '000003.tar')) as writer:  # After the 10 good samples of 000000..000002.tar
+        writer.write({'__key__': 'odd', 'png': dataset_io.encode_png(np.zeros([8, 8, 3], np.uint8)), 'json': b'{x'})
+    args = ['shards', f'--source={source}', f'--dest={tmp_path / "out"}', '--per-shard=2']
+    result = CliRunner().invoke(dataset_tool.cli, args)
+    assert_one_line_error(result, f'{source / "000003.tar"}:odd.json: malformed')
+    assert sorted(os.listdir(tmp_path)) == ['source']  # Neither out nor a temporary folder beside it.
+    os.remove(source / '000003.tar')
+    assert len(os.listdir(_shards(str(source), tmp_path / 'out', per_shard=2))) == 5  # The same --dest works.
 
 
 def test_encode_from_shards_matches_the_vae_and_resumes_per_shard(tmp_path, vae_dir, shapes_zip):

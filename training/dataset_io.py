@@ -45,6 +45,26 @@ def item_relpath(idx: int, ext: str = 'png') -> str:
     return f'{idx // 1000:05d}/img{idx:08d}.{ext}'
 
 
+@contextlib.contextmanager
+def new_folder(dest: str) -> Iterator[str]:
+    """A temporary folder beside `dest` to fill; it becomes `dest` when the block ends without an error and is
+    removed when it raises, so that `dest` only ever appears complete. `dest` must be new or an empty folder."""
+    if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
+        raise DatasetFileError(f'{dest}: already exists and is not an empty folder; choose a new --dest')
+    parent, name = os.path.split(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = os.path.join(parent, f'.{name}.{uuid.uuid4().hex}.tmp')
+    os.mkdir(tmp_dir)
+    try:
+        yield tmp_dir
+        if os.path.isdir(dest):
+            os.rmdir(dest)  # empty, checked on entry
+        os.replace(tmp_dir, dest)
+    finally:
+        if os.path.isdir(tmp_dir):
+            shutil.rmtree(tmp_dir)
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 HWC (or HW) image -> PNG bytes."""
     buffer = io.BytesIO()
@@ -79,12 +99,7 @@ class DatasetWriter:
             file = self._stack.enter_context(dnnlib.util.atomic_write(self.dest, 'wb'))
             self._zip = zipfile.ZipFile(file, mode='w', compression=zipfile.ZIP_STORED)
         else:
-            if os.path.exists(self.dest) and not (os.path.isdir(self.dest) and not os.listdir(self.dest)):
-                raise DatasetFileError(f'{self.dest}: already exists and is not an empty folder; choose a new --dest')
-            self._tmp_dir = os.path.join(
-                parent, f'.{os.path.basename(os.path.abspath(self.dest))}.{uuid.uuid4().hex}.tmp'
-            )
-            os.mkdir(self._tmp_dir)
+            self._tmp_dir = self._stack.enter_context(new_folder(self.dest))
         return self
 
     def add_file(self, relpath: str, data: bytes) -> None:
@@ -129,14 +144,11 @@ class DatasetWriter:
                 self.add_file('dataset.json', json.dumps(self.metadata(), ensure_ascii=False).encode('utf-8'))
             if self._zip is not None:
                 self._zip.close()
-            if self._tmp_dir is not None and exc_type is None:
-                if os.path.isdir(self.dest):
-                    os.rmdir(self.dest)  # empty, checked on entry
-                os.replace(self._tmp_dir, self.dest)
+        except BaseException as e:
+            exc_type, exc, tb = type(e), e, e.__traceback__
+            raise
         finally:
-            if self._tmp_dir is not None and os.path.isdir(self._tmp_dir):
-                shutil.rmtree(self._tmp_dir)
-            self._stack.__exit__(exc_type, exc, tb)
+            self._stack.__exit__(exc_type, exc, tb)  # Completes or removes the ZIP or folder.
         return False
 
 

@@ -2,6 +2,7 @@
 
 Every shard appears only once complete (written beside its name, then renamed), so a folder of shards
 is always a set of finished shards: an interrupted `encode` resumes by skipping the shards that exist.
+`shards` writes its whole folder beside `dest` and renames it at the end, so a failed run leaves nothing.
 A sample is `<key>.<ext>` (the source file's bytes, or `npy`), `<key>.txt` (caption, when there is one),
 `<key>.json` (metadata: key, original_width, original_height, label and source path where known) and
 `<key>.cls` (class index, when labelled).
@@ -18,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 import dnnlib
-from training.dataset_io import DatasetFileError, ImageSource, decode_image
+from training.dataset_io import DatasetFileError, ImageSource, decode_image, new_folder
 from training.shard_files import IMAGE_FIELDS, expand_shards, is_shard_spec, read_shard
 
 
@@ -73,7 +74,14 @@ def _shard_samples(spec: str, max_images: int | None) -> Iterator[dict[str, Any]
             if max_images is not None and count >= max_images:
                 return
             field = next((f for f in IMAGE_FIELDS if f in sample), None)
-            meta = json.loads(sample['json']) if 'json' in sample else {}
+            try:
+                meta = json.loads(sample['json']) if 'json' in sample else {}
+                if not isinstance(meta, dict):
+                    raise ValueError(f'a JSON {type(meta).__name__}, not an object')
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError too
+                raise DatasetFileError(
+                    f'{path}:{sample["__key__"]}.json: malformed ({e}); fix it or remove the sample'
+                ) from None
             if field is not None and 'original_width' not in meta:
                 where = f'{path}:{sample["__key__"]}.{field}'
                 meta['original_width'], meta['original_height'] = _image_size(sample[field], where)
@@ -85,20 +93,17 @@ def _shard_samples(spec: str, max_images: int | None) -> Iterator[dict[str, Any]
 def make_shards(
     source: str, dest: str, per_shard: int, max_images: int | None = None, progress: Callable[[int], Any] | None = None
 ) -> int:
-    """Folder, ZIP or shards -> `dest`/000000.tar, 000001.tar, ... of `per_shard` samples; returns the count."""
-    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-        raise DatasetFileError(f'{dest}: already exists and is not an empty folder; choose a new --dest')
-    os.makedirs(dest, exist_ok=True)
+    """Folder, ZIP or shards -> `dest`/000000.tar, 000001.tar, ... of `per_shard` samples; returns the count.
+    The shards are written into a folder beside `dest` that becomes `dest` once all are: an error leaves none."""
     samples = _shard_samples(source, max_images) if is_shard_spec(source) else _source_samples(source, max_images)
     total, idx = 0, 0
-    while True:
-        chunk = [s for _, s in zip(range(per_shard), samples)]
-        if not chunk:
-            return total
-        total += write_shard(os.path.join(dest, shard_name(idx)), chunk)
-        idx += 1
-        if progress is not None:
-            progress(len(chunk))
+    with new_folder(dest) as folder:
+        while chunk := [s for _, s in zip(range(per_shard), samples)]:
+            total += write_shard(os.path.join(folder, shard_name(idx)), chunk)
+            idx += 1
+            if progress is not None:
+                progress(len(chunk))
+    return total
 
 
 def _latent_samples(path: str, encode: Callable[[np.ndarray], np.ndarray], batch: int) -> Iterator[dict[str, Any]]:
