@@ -81,6 +81,16 @@ def test_a_malformed_json_member_is_one_line_naming_the_sample_and_leaves_no_par
     assert len(os.listdir(_shards(str(source), tmp_path / 'out', per_shard=2))) == 5  # The same --dest works.
 
 
+def test_encode_of_mixed_size_shards_names_a_way_that_exists_to_one_size(tmp_path):
+    os.mkdir(tmp_path / 'mixed')
+    with wds.TarWriter(str(tmp_path / 'mixed' / '000000.tar')) as writer:
+        for key, size in (('a', 8), ('b', 16)):
+            writer.write({'__key__': key, 'png': dataset_io.encode_png(np.zeros([size, size, 3], np.uint8))})
+    with pytest.raises(dataset_io.DatasetFileError, match=r'000000\.tar:b: .*convert --resolution, then shards'):
+        encode_shards(str(tmp_path / 'mixed'), str(tmp_path / 'out'), lambda pixels: pixels, batch=4)
+    assert 'resolution' in [param.name for param in dataset_tool.convert.params]
+
+
 def test_encode_from_shards_matches_the_vae_and_resumes_per_shard(tmp_path, vae_dir, shapes_zip):
     pixels = _shards(shapes_zip, tmp_path / 'pixels')
     dest = tmp_path / 'latents'

@@ -69,6 +69,7 @@ def test_a_stopped_run_resumes_mid_pass_where_an_uninterrupted_run_would_be(tmp_
         (['--data={dir}/{{000007..000009}}.tar'], 'matches no file'),
         (['--data={shards}', '--filter=label=>2'], 'cannot parse filter'),
         (['--data={zip}', '--filter=label<=2'], '--filter applies to tar shards only'),
+        (['--data={shards}', '--upscale', '--duration=16'], '--upscale applies with --resolution'),
         (['--data={dir}/bad.tar'], 'not a readable tar'),
     ],
 )

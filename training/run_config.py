@@ -121,6 +121,8 @@ def dataset_kwargs(p: dnnlib.EasyDict, data: str) -> dnnlib.EasyDict:
         return dnnlib.EasyDict(kwargs, **row_kwargs)  # A preset may name another class and its options.
     if 'class_name' in row_kwargs:
         raise RunConfigError(f'The preset reads its data with {row_kwargs["class_name"]}, not from shards.')
+    if p.get('upscale') and not p.get('resolution'):
+        raise RunConfigError('--upscale applies with --resolution (it enlarges shard images smaller than that).')
     kwargs.update(
         class_name='training.shards.ShardDataset',
         filters=list(p.get('filter') or []),

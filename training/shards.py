@@ -279,7 +279,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         elif list(image.shape) != self._image_shape:
             raise SampleShapeError(
                 f"{where}: shape {list(image.shape)} differs from the first sample's {self._image_shape}; "
-                f'give --resolution to resize pixels on the fly'
+                f'pixel shards of mixed sizes are resized as they stream by train_edm2.py --resolution'
             )
         return image
 
@@ -370,7 +370,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def resolution(self) -> int:
         _c, height, width = self._image_shape
         if height != width:
-            raise ShardError(f'{self._path}: images are {width}x{height}, not square; give --resolution')
+            raise ShardError(
+                f'{self._path}: images are {width}x{height}, not square; train_edm2.py --resolution resizes them'
+            )
         return height
 
     @property
