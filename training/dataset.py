@@ -1,7 +1,8 @@
 """Training data: a folder or an uncompressed ZIP of image or NPY files, as EDM2 lays datasets out.
 
 Image files (PNG as dataset_tool.py writes them, or any type its convert reads: JPEG, WebP, ...) hold pixels
-(uint8, HWC on disk, returned CHW); NPY files hold float32 CHW arrays (e.g. VAE latents). An optional `dataset.json` at the root maps relative paths to class labels and captions:
+(uint8, HWC on disk, returned CHW); NPY files hold float32 CHW arrays (e.g. VAE latents). An optional
+`dataset.json` at the root maps relative paths to class labels and captions:
 `{"labels": [["00000/img00000000.png", 3], ...], "captions": [["00000/img00000000.png", "a cat"], ...]}`.
 
 Example:
