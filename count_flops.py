@@ -6,7 +6,7 @@ XL 406, XXL 552 for 64x64x4 latents and 1000 classes): a multiply-add counts as 
 matrix products and attention (torch's FlopCounterMode counts it as two, so its total is halved); on top,
 every pointwise op counts one flop per output element and every reduction one per input element. The
 latter include the weight normalisation that MP layers redo on every call, which grows with the number of
-weights. Measured: XS 45.55 (-1.0%), S 102.09, M 181.14, L 282.70, XL 406.77, XXL 553.35 (all within 1%);
+weights. Measured: XS 45.68 (-0.7%), S 102.38, M 181.65, L 283.49, XL 407.90, XXL 554.88 (all within 1%);
 multiply-adds alone give XS 44.95 (-2.3%) and undercount every size by about 1%.
 
 The network runs once on the meta device (shapes only, no memory, no arithmetic), so even XXL counts in a
@@ -183,7 +183,7 @@ def main(pkl_or_preset: str) -> None:
     """Print the forward-pass Gflops per image of a network pickle, training preset or generation preset.
 
     \b
-    python count_flops.py edm2-img512-xs                 # training preset: 45.55 Gflops
+    python count_flops.py edm2-img512-xs                 # training preset: 45.68 Gflops
     python count_flops.py edm2-img512-s-autog-fid        # generation preset: net and guiding net
     python count_flops.py runs/demo/network-snapshot-0000384-0.100.pkl
     python count_flops.py DiT-XL/2                       # 118.74 Gflops; multiply-adds alone 118.62

@@ -192,6 +192,9 @@ def test_cli_errors_are_one_clear_line(run32, tmp_path):
         [f'--indir={run32}', out, '--outstd=0.1', '--outkimg=36']
     )
     assert not os.path.exists(tmp_path / 'out')
+    (tmp_path / 'file').write_text('kept')
+    assert 'is a file, not a folder' in run_cli([f'--indir={run32}', f'--outdir={tmp_path / "file"}', '--outstd=0.1'])
+    assert (tmp_path / 'file').read_text() == 'kept'
 
 
 def test_too_few_snapshots_is_refused(tmp_path):
