@@ -333,14 +333,17 @@ def main(
         # Every check before the run folder is touched, so a failed start leaves nothing behind.
         tracker = Tracker(outdir, loggers if dist.get_rank() == 0 else [], config=c)
         resuming = check_run_folder(outdir, c)
+        warnings = []
         if dist.get_rank() == 0:
             if not resuming:
-                check_dataset(c.dataset_kwargs, c.max_bad_samples)
+                warnings = check_dataset(c.dataset_kwargs, c.max_bad_samples)
             os.makedirs(outdir, exist_ok=True)
             with dnnlib.util.atomic_write(os.path.join(outdir, 'training_options.json'), 'wt') as f:
                 json.dump(c, f, indent=2)
         dist.barrier()
         logger = dnnlib.util.Logger(os.path.join(outdir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
+        for line in warnings:
+            dist.print0(line)
         dist.print0(json.dumps(c, indent=2))
         try:
             stopped_early = training_loop(run_dir=outdir, tracker=tracker, **c)

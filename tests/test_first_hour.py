@@ -140,6 +140,8 @@ def test_bad_files_within_max_bad_samples_are_named_at_start_and_training_goes_o
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith('Warning: ')]
     assert len(warnings) == 2 and 'img1.png: unreadable image' in warnings[0] and 'img4.png' in warnings[1]
+    logged = (tmp_path / 'run' / 'log.txt').read_text().splitlines()
+    assert [line for line in logged if line.startswith('Warning: ')] == warnings  # the run's record has them too
 
 
 def test_non_square_latents_are_refused_before_the_folder_is_made(tmp_path, module_cache_env):

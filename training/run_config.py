@@ -317,13 +317,14 @@ def check_run_folder(outdir: str, c: dict) -> bool:
     return True
 
 
-def check_dataset(dataset_kwargs: dict, max_bad_samples: int = 0) -> None:
+def check_dataset(dataset_kwargs: dict, max_bad_samples: int = 0) -> list[str]:
     """Every image of a folder or ZIP dataset has the same readable size, checked from the file headers
-    before a run starts (tar shards are checked as they stream). Up to `max_bad_samples` bad files are named
-    in a warning and skipped in training; more stop the start."""
+    before a run starts (tar shards are checked as they stream). Up to `max_bad_samples` bad files are skipped
+    in training and returned as warning lines naming them (to print once the run's log is open); more stop
+    the start."""
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     if not isinstance(dataset, dataset_mod.ImageFolderDataset):
-        return
+        return []
     problems = dataset.validate(decode=False, allow=len(dataset))
     if len(problems) > max_bad_samples:
         others = [problem.split(': ')[0] for problem in problems[1:6]]
@@ -331,5 +332,4 @@ def check_dataset(dataset_kwargs: dict, max_bad_samples: int = 0) -> None:
         raise RunConfigError(
             f'{problems[0]}{also} ({len(problems)} bad files, more than --max-bad-samples={max_bad_samples}).'
         )
-    for problem in problems:
-        dist.print0(f'Warning: {problem}; training skips it (--max-bad-samples={max_bad_samples}).')
+    return [f'Warning: {problem}; training skips it (--max-bad-samples={max_bad_samples}).' for problem in problems]
