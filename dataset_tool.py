@@ -155,6 +155,8 @@ def convert(
         raise click.ClickException(str(e)) from None
     captions = load_caption_mapping(captions_file) if captions_file is not None else None
     images = ImageSource(source, max_images=max_images, captions=captions)
+    if images.folder_label_note():
+        click.echo(f'Note: {images.folder_label_note()}.')
     first_shape, stretched = None, 0
     with DatasetWriter(dest) as writer:
         for idx, item in enumerate(dnnlib.util.progress_bar(images, desc='convert', unit='img')):

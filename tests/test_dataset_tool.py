@@ -77,6 +77,21 @@ def test_convert_folder_labels_from_subfolders_and_captions_from_sidecars(tmp_pa
     assert np.array_equal(dataset[3][0], noise(6, 6, 1).transpose(2, 0, 1))
 
 
+def test_convert_says_why_class_folders_gave_no_labels_when_an_image_lies_outside_them(tmp_path):
+    src = tmp_path / 'src'
+    for name in ('ant/a1.png', 'moth/m1.png', 'top.png'):
+        save(src / name, noise(4, 4))
+    result = run('convert', f'--source={src}', f'--dest={tmp_path / "out.zip"}')
+    assert result.exit_code == 0, result.output
+    assert 'Note: 1 of 3 images (top.png) lie outside the sub-folders' in result.output
+    assert not ImageFolderDataset(str(tmp_path / 'out.zip'), use_labels=True).has_labels
+    os.remove(src / 'top.png')
+    result = run('convert', f'--source={src}', f'--dest={tmp_path / "labelled.zip"}')
+    assert (
+        'Note' not in result.output and ImageFolderDataset(str(tmp_path / 'labelled.zip'), use_labels=True).has_labels
+    )
+
+
 @pytest.mark.parametrize('mapping', ['csv', 'json'])
 def test_convert_takes_captions_from_a_csv_or_json_mapping_over_sidecars(tmp_path, mapping):
     src = tmp_path / 'src'

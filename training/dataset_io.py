@@ -312,6 +312,17 @@ class ImageSource:
             return {relpath: classes.index(relpath.split('/')[0]) for relpath in self.relpaths}
         return None
 
+    def folder_label_note(self) -> str | None:
+        """Why images in class sub-folders got no labels: some images lie outside them (None when not so)."""
+        loose = [relpath for relpath in self.relpaths if '/' not in relpath]
+        if self.labels is not None or not loose or len(loose) == len(self.relpaths):
+            return None
+        return (
+            f'{len(loose)} of {len(self.relpaths)} images ({loose[0]}{", ..." if len(loose) > 1 else ""}) lie outside '
+            f'the sub-folders, so the folder names give no class labels; move them into class folders, or remove '
+            f'them, to label the data'
+        )
+
     def caption(self, relpath: str) -> str:
         if relpath in self.captions:
             return str(self.captions[relpath])
