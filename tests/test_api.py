@@ -15,6 +15,7 @@ import edm2x
 import generate_images
 import reconstruct_phema
 from training.encoders import StandardRGBEncoder
+from training.generation import GenerationError
 from training.metrics import calculate_metrics_from_stats, calculate_stats_for_iterable, load_stats, save_stats
 from training.networks_edm2 import Precond
 from training.snapshots import load_network_pickle, save_network_pickle, snapshot_name
@@ -84,8 +85,16 @@ def test_a_presets_churn_is_dropped_when_sample_picks_another_solver(demo, monke
     net = edm2x.load('demo', device='cpu')
     got = net.sample(seeds=[3, 1], labels=2, guidance=1, solver='dpm++2m', num_steps=4)
     assert np.array_equal(got, net.sample(seeds=[3, 1], labels=2, guidance=1, solver='dpm++2m', num_steps=4, S_churn=0))
-    with pytest.raises(ValueError, match='heun solver only'):
+    with pytest.raises(GenerationError, match='heun solver only'):
         net.sample(seeds=[3], labels=2, guidance=1, solver='dpm++2m', num_steps=4, S_churn=5)
+
+
+def test_sample_refuses_settings_its_sampler_would_not_read(demo):
+    net = edm2x.load(os.path.join(demo, 'runs', 'demo'), device='cpu')
+    with pytest.raises(GenerationError, match='--eta applies to --sampler=ddim only, not to --sampler=edm'):
+        net.sample(seeds=[3], labels=2, num_steps=4, eta=0.5)
+    with pytest.raises(GenerationError, match='--S_noise applies with churn only'):
+        net.sample(seeds=[3], labels=2, num_steps=4, S_noise=1.01)
 
 
 def test_reconstruct_gives_the_weights_reconstruct_phema_writes(demo, tmp_path):

@@ -22,7 +22,7 @@ from training.metrics import calculate_metrics_from_stats, calculate_stats_for_i
 from training.network_loading import load_network
 from training.phema_reconstruct import list_snapshots, reconstruct_phema
 from training.presets_generate import presets
-from training.sampler_options import override_sampler_settings, resolve_sampler_options
+from training.sampler_options import check_solver_options, override_sampler_settings, resolve_sampler_options
 from training.snapshots import parse_snapshot_name
 
 OUTPUTS = ('numpy', 'pil', 'torch')
@@ -66,9 +66,9 @@ class Network:
         if output not in OUTPUTS:
             raise GenerationError(f'Unknown output {output!r}; choose one of: {", ".join(OUTPUTS)}.')
         named = dict(guidance=guidance, solver=solver, num_steps=num_steps)
-        options = override_sampler_settings(
-            self.defaults, {**sampler_kwargs, **{k: v for k, v in named.items() if v is not None}}
-        )
+        given = {**sampler_kwargs, **{k: v for k, v in named.items() if v is not None}}
+        options = override_sampler_settings(self.defaults, given)
+        check_solver_options(options, given)  # As generate_images.py: refuses settings the sampler would not read.
         seeds = list(seeds)
         batches = generate_images(
             self.net,
