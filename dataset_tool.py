@@ -216,7 +216,7 @@ def _check_partial(partial: str, settings: dict, resume: bool) -> None:
     except (OSError, ValueError) as e:
         raise click.ClickException(f'{settings_path}: unreadable ({e}); delete {partial} and start over') from None
     for key, value in settings.items():
-        if previous.get(key) != value:
+        if key in previous and previous[key] != value:  # (Folders from before a setting was recorded lack it.)
             raise click.ClickException(
                 f'{partial}: was started with {key} {previous.get(key)!r}, not {value!r}; '
                 f'resume with the same --{key.replace("_", "-")} or delete it'
@@ -312,7 +312,8 @@ def encode(
         return
     images = ImageSource(source, max_images=max_images)
     partial = os.path.abspath(dest).rstrip(os.sep) + '.partial'
-    settings = {'model_url': model_url, 'source': os.path.abspath(source)}
+    # The batch too: the VAE's float rounding differs between batch sizes, so a resumed encode keeps its own.
+    settings = {'model_url': model_url, 'source': os.path.abspath(source), 'batch': batch}
     _check_partial(partial, settings, resume)
     if (
         not dest.lower().endswith('.zip')

@@ -83,6 +83,7 @@ def test_interrupted_encode_resumes_to_the_same_zip(tmp_path, vae_dir, pixels_zi
     assert_one_line_error(
         run(*args, f'--dest={dest}', '--resume', f'--model-url={tmp_path / "other"}'), partial, 'model_url'
     )
+    assert_one_line_error(run(*args, f'--dest={dest}', '--resume', '--batch=3'), partial, 'batch 2, not 3')
 
     calls.clear()
     interrupt_at.clear()
