@@ -188,3 +188,24 @@ def test_intervals_that_are_not_multiples_of_the_batch_fire_at_the_first_step_pa
     training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
     assert [round(s['Progress/kimg'] * 1000) for s in _stats(run_dir)] == [0, 48, 80, 96]
     assert saved == [64, 96]
+
+
+def test_status_time_counts_the_time_trained_before_a_resume(tmp_path, monkeypatch, capsys):
+    c, run_dir = _tiny_config(
+        tmp_path,
+        monkeypatch,
+        'training.loss.EDM2Loss',
+        total_nimg=32,
+        status_nimg=32,
+        snapshot_nimg=None,
+        checkpoint_nimg=32,
+    )
+    training_loop(run_dir=run_dir, device=torch.device('cpu'), **c)
+    (path,) = glob.glob(os.path.join(run_dir, 'training-state-*.pt'))
+    state = torch.load(path, map_location='cpu', weights_only=False)
+    assert 0 < state['elapsed_sec'] < 600
+    torch.save(dict(state, elapsed_sec=7200.0), path)  # as if the first process had trained for two hours
+    capsys.readouterr()
+    training_loop(run_dir=run_dir, device=torch.device('cpu'), **dict(c, total_nimg=64))
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith('kimg ')]
+    assert line.split()[1] == '0.1/0.1' and line.split()[3] == '2h'

@@ -30,19 +30,31 @@ from training.tracking import Tracker
 
 
 class Status:
-    """One status line per call: progress towards `end_nimg`, ETA, timing, memory, the loss's statistics;
-    appended to stats.jsonl and sent to the tracker."""
+    """One status line per call: progress towards `end_nimg`, the time trained (`elapsed_sec` of earlier
+    processes of the run included, as EDM2 counts it), ETA, timing, memory, the loss's statistics; appended to
+    stats.jsonl and sent to the tracker."""
 
     def __init__(
-        self, run_dir: str, cur_nimg: int, end_nimg: int, device: torch.device, tracker: Tracker | None = None
+        self,
+        run_dir: str,
+        cur_nimg: int,
+        end_nimg: int,
+        device: torch.device,
+        tracker: Tracker | None = None,
+        elapsed_sec: float = 0.0,
     ) -> None:
         self.path = os.path.join(run_dir, 'stats.jsonl')
         self.run_dir, self.device, self.end_nimg, self.tracker = run_dir, device, end_nimg, tracker
-        self.start = self.last = time.time()
+        self.last = time.time()
+        self.start = self.last - elapsed_sec
         self.last_nimg = cur_nimg
         self.collector = (
             training_stats.Collector()
         )  # Counts from now on, not what earlier runs in this process reported.
+
+    def elapsed_sec(self) -> float:
+        """Seconds the run has trained, earlier processes included."""
+        return time.time() - self.start
 
     def __call__(self, cur_nimg: int, loss_fn: Any, net: Any, encoder: Any, dataset_kwargs: dict) -> None:
         now = time.time()

@@ -118,14 +118,15 @@ _STOP_CHECK_STEPS = 8  # Steps between stop agreements of several ranks (each on
 # Resume.
 
 
-def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list | None, dict | None]:
+def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list | None, dict | None, float]:
     """Load the newest checkpoint of the run that loads, if any: (images seen, per-rank RNG states or None,
-    the data stream's position or None). Elastic restarts (torchrun --max-restarts) come through here too."""
+    the data stream's position or None, seconds trained before). Elastic restarts (torchrun --max-restarts)
+    come through here too."""
     if dist.get_rank() == 0 and faults.remove_stale_temp_files(run_dir):
         dist.print0(f'Removed the temporary files of writes a killed run left unfinished in {run_dir}')
     found = ckpt.load_newest_valid(run_dir)
     if found is None:
-        return 0, None, None
+        return 0, None, None, 0.0
     path, state = found
     dist.print0(f'Resuming from {path}')
     try:
@@ -144,7 +145,7 @@ def _resume(run_dir: str, net: Any, optimizer: Any, ema: Any) -> tuple[int, list
             'random streams restart, so the run is no longer bit-reproducible.'
         )
         rng = None
-    return state['cur_nimg'], rng, state.get('data')
+    return state['cur_nimg'], rng, state.get('data'), float(state.get('elapsed_sec', 0.0))  # (older states: 0)
 
 
 # ----------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def training_loop(
     ddp = net
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
-    cur_nimg, rng_states, data_state = _resume(run_dir, net, optimizer, ema)
+    cur_nimg, rng_states, data_state, elapsed_sec = _resume(run_dir, net, optimizer, ema)
     if cur_nimg >= total_nimg and cur_nimg > 0:
         dist.print0(f'{run_dir} is already complete at kimg {cur_nimg / 1e3:.1f}; raise --duration to train on.')
         dist.print0(closing_line(run_dir))
@@ -272,7 +273,7 @@ def training_loop(
             ckpt.set_rng_state(rng_states[rank])  # After the DataLoader, which draws its own base seed.
         bad = None if streaming else BadSampleLog(max_bad_samples, stop)
         batches = _encoded(loader, encoder, device, position, bad)
-        status = Status(run_dir, cur_nimg, end_nimg, device, tracker)
+        status = Status(run_dir, cur_nimg, end_nimg, device, tracker, elapsed_sec)
         first_nimg = cur_nimg
         while True:
             done = cur_nimg >= end_nimg
@@ -318,6 +319,7 @@ def training_loop(
                     optimizer=optimizer.state_dict(),
                     ema=ema.state_dict(),
                     cur_nimg=cur_nimg,
+                    elapsed_sec=status.elapsed_sec(),
                     loss_fn=loss_fn,
                     data=position.state() if position is not None else None,
                 )
