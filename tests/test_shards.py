@@ -100,12 +100,16 @@ def test_filters_keep_exactly_the_samples_that_satisfy_them(tmp_path):
     assert info[INFO_READ] == len(upto) and info[NUM_INFO_FIXED] == failed_first and info[NUM_INFO_FIXED + 1] == 1
 
 
-def test_corrupt_members_are_skipped_and_counted(tmp_path):
+def test_corrupt_members_are_skipped_counted_and_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(shards, 'NAMED_CORRUPT', 1)
     write_shards(tmp_path, num_shards=2, per_shard=4, corrupt={1, 6})
     ds = ShardDataset(str(tmp_path), shuffle=0, loop=False, rank=0, num_replicas=1)
     items = list(ds)
     assert sorted(_ids(image for image, _, _ in items)) == [0, 2, 3, 4, 5, 7]
     assert items[-1][2][INFO_CORRUPT] == 2
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith('Warning: ')]
+    assert any(f'{shard}.tar:00000000{idx}.jpg: unreadable image' in warning for shard, idx in [(0, 1), (1, 6)])
+    assert 'further ones of this stream are only counted' in warning and ' at 0x' not in warning
 
 
 def test_a_wrongly_sized_sample_after_the_first_ones_is_skipped_and_counted_as_corrupt(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import dnnlib
-from training.dataset_io import GRAY_MODES, SOURCE_EXTENSIONS, eight_bit
+from training.dataset_io import GRAY_MODES, SOURCE_EXTENSIONS, eight_bit, unreadable_image
 
 IMAGE_EXTENSIONS = (*SOURCE_EXTENSIONS, '.npy')
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, KeyError)
@@ -161,7 +161,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 pixels = eight_bit(img)
                 image = np.array(pixels if pixels.mode in ('L', 'RGB', 'RGBA') else pixels.convert('RGB'))
         except _DECODE_ERRORS as e:
-            raise DatasetError(f'{self._describe(raw_idx)}: unreadable image ({e}); replace or remove it') from None
+            raise DatasetError(unreadable_image(self._describe(raw_idx), e)) from None
         if image.ndim == 2:
             image = image[:, :, np.newaxis]
         return image.transpose(2, 0, 1)
@@ -216,7 +216,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     channels = 1 if img.mode in GRAY_MODES else 4 if img.mode == 'RGBA' else 3
                     return [channels, img.height, img.width]
         except _DECODE_ERRORS as e:
-            raise DatasetError(f'{self._describe(raw_idx)}: unreadable image ({e}); replace or remove it') from None
+            raise DatasetError(unreadable_image(self._describe(raw_idx), e)) from None
 
     def close(self) -> None:
         if self._zipfile is not None and self._zip_pid == os.getpid():

@@ -203,6 +203,12 @@ def eight_bit(img: Image.Image) -> Image.Image:
     return Image.fromarray((values >> 8).astype(np.uint8), mode='L')
 
 
+def unreadable_image(where: str, error: Exception) -> str:
+    """The message for an image that cannot be decoded, without the object reprs PIL puts in its errors."""
+    reason = re.sub(r' ?<[^<>]* at 0x[0-9a-fA-F]+>', '', str(error)).strip() or type(error).__name__
+    return f'{where}: unreadable image ({reason}); replace or remove it'
+
+
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Image file bytes -> uint8 HWC RGB (16-bit images by eight_bit); a corrupt file raises DatasetFileError
     naming `name`."""
@@ -211,7 +217,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
             img.load()
             return np.array(eight_bit(img).convert('RGB'))
     except _DECODE_ERRORS as e:
-        raise DatasetFileError(f'{name}: unreadable image ({e}); replace or remove it') from None
+        raise DatasetFileError(unreadable_image(name, e)) from None
 
 
 def load_caption_mapping(path: str) -> dict[str, str]:

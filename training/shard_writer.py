@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 import dnnlib
-from training.dataset_io import DatasetFileError, ImageSource, decode_image, new_folder
+from training.dataset_io import DatasetFileError, ImageSource, decode_image, new_folder, unreadable_image
 from training.shard_files import IMAGE_FIELDS, expand_shards, is_shard_spec, read_shard
 
 
@@ -44,7 +44,7 @@ def _image_size(data: bytes, where: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
             return img.size
     except (OSError, ValueError) as e:
-        raise DatasetFileError(f'{where}: unreadable image ({e}); replace or remove it') from None
+        raise DatasetFileError(unreadable_image(where, e)) from None
 
 
 def _source_samples(source: str, max_images: int | None) -> Iterator[dict[str, Any]]:

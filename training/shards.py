@@ -39,6 +39,7 @@ _FILTER_RE = re.compile(r'\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*([^<>=!\s].
 # Fixed columns of the per-sample record; one "dropped by filter i" column follows per filter.
 INFO_SLOT, INFO_PASS, INFO_EMITTED, INFO_READ, INFO_CORRUPT, INFO_SMALL = range(6)
 NUM_INFO_FIXED = 6
+NAMED_CORRUPT = 5  # Corrupt samples each stream (rank and data worker) names in a warning; the rest it counts.
 
 
 class SampleShapeError(DatasetFileError):
@@ -337,7 +338,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         counts[NUM_INFO_FIXED + failed] += counting[0]
 
         stream = _shuffled(kept(), self._shuffle, rng) if self._shuffle > 0 else kept()
-        emitted = 0
+        emitted = named = 0
         for sample in stream:
             emitted += 1
             flip = self._xflip and rng.random() < 0.5
@@ -346,8 +347,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 continue
             try:
                 image = self._decode(sample)
-            except DatasetFileError:  # Also a wrongly sized sample (SampleShapeError).
+            except DatasetFileError as e:  # Also a wrongly sized sample (SampleShapeError).
                 counts[INFO_CORRUPT] += 1
+                named += 1
+                if named <= NAMED_CORRUPT:
+                    more = '; further ones of this stream are only counted' if named == NAMED_CORRUPT else ''
+                    print(f'Warning: {e}; skipped, counted as Data/corrupt{more}.', flush=True)
                 continue
             if image is None:
                 counts[INFO_SMALL] += 1
