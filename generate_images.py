@@ -13,7 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.generation import GenerationError, generate_cascade, generate_images
+from training.generation import GenerationError, distinct_seeds, generate_cascade, generate_images
 from training.image_sink import ImageSink
 from training.precision import PrecisionError
 from training.presets_generate import cascades
@@ -157,8 +157,8 @@ def main(**o: Any) -> None:
     if o.outdir is None and o.grid is None and o.npz is None:
         raise click.ClickException('Nothing to write: give --outdir, --grid or --npz.')
     try:
-        seeds = dnnlib.util.parse_int_list(o.seeds)
-    except ValueError as e:
+        seeds = distinct_seeds(dnnlib.util.parse_int_list(o.seeds))
+    except (ValueError, GenerationError) as e:
         raise click.ClickException(f'--seeds={o.seeds}: {e}') from None
     try:
         device = dist.device_from_name(o.device)

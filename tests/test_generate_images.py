@@ -391,6 +391,7 @@ def test_every_published_preset_names_a_published_pickle() -> None:
         (['--net={ema-not-module}'], 'holds no network'),
         (['--net={garbage}'], 'not a readable network pickle'),
         (['--net={net}', '--seeds=5-2'], 'reversed range'),
+        (['--net={net}', '--seeds=0-3,2', '--npz={npz}'], 'seed 2 comes twice'),
         (['--net={net}', '--class=3'], 'classes 0 to 2'),
         (['--net={uncond}', '--class=0'], 'unconditional'),
         (['--net={net}', '--gnet={res16}', '--guidance=2'], '3x16x16'),
@@ -413,6 +414,7 @@ def test_every_published_preset_names_a_published_pickle() -> None:
 def test_bad_input_gives_one_error_line(pickles, tmp_path, args, message) -> None:
     (tmp_path / 'empty').mkdir()
     paths = dict(pickles, missing=str(tmp_path / 'missing.pkl'), emptydir=str(tmp_path / 'empty'))
+    paths['npz'] = str(tmp_path / 'out' / 'x.npz')
     args = [arg.format(**paths) for arg in args]
     result = CliRunner().invoke(generate_images.main, [*args, '--steps=2', f'--outdir={tmp_path / "out"}'])
     lines = [

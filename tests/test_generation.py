@@ -126,6 +126,13 @@ def test_prompts_for_a_net_without_text_and_a_guiding_net_of_another_kind_are_re
     assert batch.captions == ['red'] and net.calls and gnet.calls
 
 
+def test_a_repeated_seed_is_refused_before_anything_is_sampled():
+    net = ToyDenoiser(label_dim=3)
+    with pytest.raises(GenerationError, match='seed 0 comes twice'):
+        next(generate_images(net, seeds=[0, 1, 0], device='cpu', num_steps=1))
+    assert net.calls == []
+
+
 def test_run_folder_resolves_to_its_newest_snapshot(tmp_path):
     for name in (
         'network-snapshot-0000002-0.050.pkl',

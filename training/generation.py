@@ -291,6 +291,20 @@ def _device_of(net: torch.nn.Module) -> torch.device:
 # Per-seed batches split over torchrun ranks.
 
 
+def distinct_seeds(seeds: Iterable[int]) -> list[int]:
+    """The seeds as a list; GenerationError when one comes twice, since each seed names one image (its file, its
+    row of an .npz, its caption)."""
+    seeds, seen = list(seeds), set()
+    for seed in seeds:
+        if seed in seen:
+            raise GenerationError(
+                f'seed {seed} comes twice, but each seed names one image ({seed:06d}.png, one row of --npz); give '
+                f'each seed once (to compare prompts at one seed, run once per prompt).'
+            )
+        seen.add(seed)
+    return seeds
+
+
 def rank_batches(
     seeds: Iterable[int], prompts: list[str] | None, max_batch_size: int, verbose: bool = False
 ) -> Iterator[tuple[list[int], list[str] | None]]:
@@ -345,6 +359,7 @@ def generate_images(
     `vae` replaces the VAE of a loaded latent net's encoder (load_network). `precision` ('fp32', 'fp16',
     'bf16'; None: as pickled) and `compile` apply to `net` and `gnet` in place (precision.prepare_for_sampling).
     """
+    seeds = distinct_seeds(seeds)
     device = _as_device(device)
     if isinstance(net, str):
         with dist.rank0_first():  # one download into the cache, not one per rank
@@ -422,6 +437,7 @@ def generate_cascade(
     CLIP guidance applies to the stages whose images the guide reads. Each image's stages draw from one
     generator in order, so an image still depends on its seed alone.
     """
+    seeds = distinct_seeds(seeds)
     device = _as_device(device)
     with dist.rank0_first():
         loaded = [load_network(stage.net, device, verbose) for stage in stages]
