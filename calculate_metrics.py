@@ -145,6 +145,10 @@ def cli() -> None:
     torchrun --standalone --nproc_per_node=8 calculate_metrics.py gen --preset=edm2-img512-s-autog-fid
 
     \b
+    # With --num under torchrun, '--' keeps torchrun from taking it for its --numa-binding
+    torchrun --standalone --nproc_per_node=8 -- calculate_metrics.py gen --preset=edm2-img512-s-autog-fid --num=10000
+
+    \b
     # Offline: detector weights placed by hand in ~/detectors
     EDM2X_DETECTORS=~/detectors python calculate_metrics.py calc --images=out --ref=refs/img512.pkl
 
