@@ -271,3 +271,19 @@ def test_closing_line_of_a_run_without_snapshots_offers_no_sampling_command(tmp_
     assert 'wrote no network snapshots' in closing_line(str(tmp_path))
     (tmp_path / 'network-snapshot-0000001-0.100.pkl').write_bytes(b'')
     assert f'python generate_images.py --net={tmp_path}' in closing_line(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    'network, hint',
+    [
+        (dict(class_name='training.networks_edm2.Precond'), '--grid={grid}'),
+        (dict(class_name='training.networks_text.TextPrecond'), '--grid={grid} --prompt="..."'),
+        (dict(class_name='training.networks_text.TextPrecond', lowres=16), '--cascade=NAME --prompt="..."'),
+        (dict(class_name='training.clip_guide.CLIPGuide'), '--net=DENOISER --clip={run} --clip-scale=100'),
+    ],
+)
+def test_closing_line_fits_the_kind_of_network(tmp_path, network, hint):
+    (tmp_path / 'network-snapshot-0000001-0.100.pkl').write_bytes(b'')
+    (tmp_path / 'training_options.json').write_text(json.dumps(dict(network_kwargs=network)))
+    line = closing_line(str(tmp_path))
+    assert hint.format(run=tmp_path, grid=tmp_path / 'generated.png') in line

@@ -154,4 +154,27 @@ def closing_line(run_dir: str) -> str:
     if not any(is_snapshot_name(name) for name in names):
         return f'{grid}The run wrote no network snapshots (--snapshot=0): there is nothing to sample from.'
     out = os.path.join(run_dir, 'generated.png')
-    return f'{grid}Sample from the run: python generate_images.py --net={run_dir} --seeds=0-15 --grid={out}'
+    command = f'python generate_images.py --net={run_dir} --seeds=0-15 --grid={out}'
+    network = _saved_options(run_dir).get('network_kwargs', {})
+    if network.get('class_name', '').endswith('CLIPGuide'):
+        return (
+            f'{grid}Steer a denoiser with this CLIP guide: python generate_images.py --net=DENOISER --clip={run_dir} '
+            f'--clip-scale=100 --prompt="..." --seeds=0-15 --grid={out}'
+        )
+    if network.get('lowres'):
+        return (
+            f'{grid}This super-resolution stage runs after its base net: add it to a cascade in '
+            f'training/presets_generate.py and run python generate_images.py --cascade=NAME --prompt="..."'
+        )
+    if network.get('class_name', '').startswith('training.networks_text.'):
+        return f'{grid}Sample from the run: {command} --prompt="..."'
+    return f'{grid}Sample from the run: {command}'
+
+
+def _saved_options(run_dir: str) -> dict:
+    """The run's training_options.json, or {} where it is missing or unreadable."""
+    try:
+        with open(os.path.join(run_dir, 'training_options.json'), encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
