@@ -59,7 +59,12 @@ OUTPUT_OPTIONS = [
     Option('--aug-sigma', 'aug_sigma', float, None, 'FLOAT', 'Low-res noise augmentation  [default: cascade]', min=0),
     Option('--clip', 'clip', str, None, 'PKL|DIR', 'Noise-aware CLIP guide (pickle or run folder) for the prompts.'),
     Option(
-        '--clip-scale', 'clip_scale', float, 0.0, 'FLOAT', 'CLIP guidance scale S (adds S*sigma^2*grad sim); 0 = off.'
+        '--clip-scale',
+        'clip_scale',
+        float,
+        0.0,
+        'FLOAT',
+        'CLIP guidance scale S (adds S*sigma^2*grad sim); give it with --clip.',
     ),
 ]
 
@@ -168,6 +173,8 @@ def main(**o: Any) -> None:
     common.update(clip=o.clip, clip_scale=o.clip_scale, precision=o.precision, compile=o.compile_net)
     try:
         prompts = read_prompts(o.prompt, o.prompts_file)
+        if o.clip is not None and o.clip_scale == 0:
+            raise GenerationError('--clip needs --clip-scale, e.g. 100: at its default 0 the guide steers nothing.')
         if o.cascade is not None:
             if o.cascade not in cascades:
                 raise GenerationError(f'Unknown cascade {o.cascade!r}; choose one of: {", ".join(cascades)}.')

@@ -392,6 +392,7 @@ def test_every_published_preset_names_a_published_pickle() -> None:
         (['--net={garbage}'], 'not a readable network pickle'),
         (['--net={net}', '--seeds=5-2'], 'reversed range'),
         (['--net={net}', '--seeds=0-3,2', '--npz={npz}'], 'seed 2 comes twice'),
+        (['--net={net}', '--clip={net}', '--prompt=x'], '--clip needs --clip-scale'),
         (['--net={net}', '--class=3'], 'classes 0 to 2'),
         (['--net={uncond}', '--class=0'], 'unconditional'),
         (['--net={net}', '--gnet={res16}', '--guidance=2'], '3x16x16'),
