@@ -16,7 +16,7 @@ import torch
 from torch_utils import distributed as dist
 from training.dataset import DatasetError
 from training.detectors import DETECTORS_ENV, DetectorError
-from training.generation import GenerationError, generate_images, load_network
+from training.generation import GenerationError, generate_images, load_network, network_kind
 from training.metrics import (
     MetricsError,
     Stats,
@@ -359,6 +359,8 @@ def gen(
         net, encoder = _run(load_network, c.net, torch_device, verbose=True, vae=c.vae)
         guided = any(setting.sampler_kwargs.guidance != 1 for _label, setting in settings)
         gnet = _run(load_network, c.gnet, torch_device, verbose=True)[0] if c.gnet and guided else None
+    if network_kind(net) == 'text' and prompts is None:
+        raise click.ClickException('The network is text-to-image: give --prompts=FILE, one caption per line.')
     for label, setting in settings:
         dist.print0(
             f'Generating and embedding {num} images (seeds {seed}-{seed + num - 1}) for {",".join(metric_list)} '

@@ -354,3 +354,12 @@ def test_gen_sweep_prints_one_json_line_per_setting_equal_to_its_single_run(file
         for metric, value in values.items():
             assert r[metric] == pytest.approx(value, rel=1e-5)  # the single run prints 6 significant digits
     assert len({r['fid'] for r in lines}) == 4  # each setting really sampled differently
+
+
+def test_gen_of_a_text_net_without_prompts_names_the_option_gen_has(files, ref_pkl, tmp_path):
+    from test_networks_text import tiny_text_net
+
+    net = str(tmp_path / 'text.pkl')
+    save_network_pickle(dict(ema=tiny_text_net(), encoder=StandardRGBEncoder()), net)
+    code, output = _cli('gen', f'--net={net}', f'--ref={ref_pkl}', '--num=2', f'--detectors={files["detectors"]}')
+    assert code == 1 and 'give --prompts=FILE, one caption per line' in output and '--prompt=' not in output
