@@ -217,7 +217,10 @@ def cascade_settings(options: dict[str, Any]) -> dict[str, Any]:
     ]
     if wrong:
         verb = 'does' if len(wrong) == 1 else 'do'
-        raise GenerationError(f'{", ".join(wrong)} {verb} not apply to --cascade, whose stages name their networks.')
+        raise GenerationError(
+            f'{", ".join(wrong)} {verb} not apply to --cascade, whose stages name their networks and run the EDM '
+            f'sampler.'
+        )
     settings = {name: single_value(name, value) for name, value in given.items() if name not in _NOT_FOR_CASCADES}
     check_solver_options(settings)  # Parses the interval.
     return settings
