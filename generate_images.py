@@ -105,13 +105,17 @@ def _gather_to_rank0(items: dict[int, Any]) -> dict[int, Any]:
 def _write(batches, seeds: list[int], outdir: str | None, subdirs: bool, grid: str | None, npz: str | None) -> None:
     """PNGs as they come, the grid and .npz through a file on disk (ImageSink); captions once every rank is done."""
     sink, captions = ImageSink(seeds, grid, npz), {}
-    for batch in batches:
-        for i, (seed, image) in enumerate(zip(batch.seeds, batch.images.permute(0, 2, 3, 1).cpu().numpy())):
-            if outdir is not None:
-                _save_png(image, _image_path(outdir, seed, subdirs))
-            sink.add(seed, image)
-            if batch.captions is not None:
-                captions[seed] = batch.captions[i]
+    try:
+        for batch in batches:
+            for i, (seed, image) in enumerate(zip(batch.seeds, batch.images.permute(0, 2, 3, 1).cpu().numpy())):
+                if outdir is not None:
+                    _save_png(image, _image_path(outdir, seed, subdirs))
+                sink.add(seed, image)
+                if batch.captions is not None:
+                    captions[seed] = batch.captions[i]
+    except BaseException:  # Ctrl-C too: the rows file is as large as the .npz
+        sink.abort()
+        raise
     sink.finish()
     captions = _gather_to_rank0(captions)
     if dist.get_rank() == 0 and captions:

@@ -6,7 +6,11 @@ import tracemalloc
 
 import numpy as np
 import PIL.Image
+import pytest
+import torch
 
+import dnnlib
+import generate_images
 from training import image_sink
 from training.image_grid import tile_images
 
@@ -40,6 +44,16 @@ def peak_bytes_writing(tmp_path, num: int) -> int:
     with np.load(str(tmp_path / f'{num}.npz')) as data:
         assert data['arr_0'].shape == (num, 16, 16, 3) and data['arr_0'][num - 1, 0, 0, 0] == (num - 1) % 256
     return peak
+
+
+def test_an_interrupted_run_leaves_no_rows_file(tmp_path):
+    def batches():
+        yield dnnlib.EasyDict(seeds=[0], images=torch.from_numpy(image_of(0)).permute(2, 0, 1)[None], captions=None)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_images._write(batches(), [0, 1], None, False, None, str(tmp_path / 'a.npz'))
+    assert os.listdir(tmp_path) == []
 
 
 def test_npz_memory_is_flat_in_the_number_of_images(tmp_path, monkeypatch):

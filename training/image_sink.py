@@ -7,6 +7,7 @@ one chunk, whatever the number of images (50k images at 512x512 would be 39 GB h
 the grid PNG is one image of them all by nature.
 """
 
+import contextlib
 import os
 import zipfile
 
@@ -42,6 +43,15 @@ class ImageSink:
         if image.shape != self.shape or image.dtype != np.uint8:
             raise ValueError(f'Image of seed {seed} is {image.dtype} {image.shape}; expected uint8 {self.shape}.')
         os.pwrite(self.fd, np.ascontiguousarray(image).tobytes(), self.rows[seed] * image.nbytes)
+
+    def abort(self) -> None:
+        """Close and remove this rank's view of the rows file after a failed or interrupted run (a re-run
+        writes every row again, so nothing in it is worth keeping, and for 50k large images it is tens of GB)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
 
     def finish(self) -> None:
         """Wait for every rank; rank 0 (which always holds the first seed) writes the .npz and the grid."""
