@@ -16,6 +16,7 @@ import torch
 from torch_utils import distributed as dist
 from training.dataset import DatasetError
 from training.detectors import DETECTORS_ENV, DetectorError
+from training.faults import first_error
 from training.generation import GenerationError, generate_images, load_network, network_kind
 from training.metrics import (
     MetricsError,
@@ -200,11 +201,20 @@ def ref(
 
 
 def _load_ref(ref_path: str, metric_list: list[str]) -> Stats | None:
-    """Rank 0 reads and checks the reference before any embedding, so a bad one fails fast."""
-    if not dist.is_main():
-        return None
-    ref_stats = _run(load_stats, ref_path)
-    _run(require_metrics, ref_stats, metric_list, ref_path)
+    """Rank 0 reads and checks the reference before any embedding, so a bad one fails fast: with one error line
+    from rank 0, while the other ranks leave quietly (instead of failing at the next collective)."""
+    ref_stats, error = None, None
+    if dist.is_main():
+        try:
+            ref_stats = _run(load_stats, ref_path)
+            _run(require_metrics, ref_stats, metric_list, ref_path)
+        except click.ClickException as e:
+            error = e.message
+    error = first_error(error)
+    if error is not None and dist.is_main():
+        raise click.ClickException(error)
+    if error is not None:
+        raise SystemExit(1)
     return ref_stats
 
 

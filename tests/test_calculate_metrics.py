@@ -10,6 +10,7 @@ import os
 import pickle
 import socket
 
+import click
 import numpy as np
 import PIL.Image
 import pytest
@@ -288,6 +289,22 @@ def _ref_worker(rank: int, world: int, port: int, args: list[str]) -> None:
     calculate_metrics.cli.main(args=args, standalone_mode=False)
     assert world_sizes == [world]  # the command really ran sharded, and left the group at its end
     assert not torch.distributed.is_initialized()
+
+
+def _bad_ref_worker(rank: int, world: int, port: int, args: list[str]) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    expected = click.ClickException if rank == 0 else SystemExit  # one error line, from rank 0
+    with pytest.raises(expected) as caught:
+        calculate_metrics.cli.main(args=args, standalone_mode=False)
+    assert 'nothere.pkl' in caught.value.message if rank == 0 else caught.value.code == 1
+
+
+def test_a_bad_reference_under_two_ranks_is_one_error_line_from_rank_0(files, tmp_path):
+    args = ['calc', f'--images={files["images"]}', f'--ref={tmp_path}/nothere.pkl', '--num=4', '--device=cpu']
+    torch.multiprocessing.spawn(_bad_ref_worker, args=(2, _free_port(), args), nprocs=2)
 
 
 def test_two_gloo_ranks_give_the_single_process_statistics(files, ref_pkl, tmp_path):
