@@ -356,6 +356,16 @@ def test_ref_of_tar_shards_equals_ref_of_the_folder(files, ref_pkl, tmp_path):
             np.testing.assert_allclose(stats[metric][key], folder[metric][key], rtol=1e-5, atol=1e-6)
 
 
+def test_ref_of_shards_with_a_corrupt_sample_is_an_error_not_statistics_of_fewer_images(files, tmp_path):
+    from test_shards import write_shards
+
+    write_shards(tmp_path / 'shards', num_shards=1, per_shard=4, corrupt={2})
+    dest = str(tmp_path / 'shards.pkl')
+    args = [f'--data={tmp_path / "shards"}', f'--dest={dest}', f'--detectors={files["detectors"]}', '--device=cpu']
+    code, output = _cli('ref', *args, '--batch=2', '--workers=0')
+    assert code == 1 and '000000.tar:000000002.jpg: unreadable image' in output and not os.path.exists(dest)
+
+
 def test_gen_sweep_prints_one_json_line_per_setting_equal_to_its_single_run(files, ref_pkl, monkeypatch):
     monkeypatch.setenv('EDM2X_DETECTORS', files['detectors'])
     common = [f'--net={files["net"]}', f'--ref={ref_pkl}', '--num=3', '--batch=2', '--device=cpu']

@@ -103,7 +103,7 @@ def test_an_uncached_hub_vae_is_asked_of_the_hub_only_when_its_host_answers(tmp_
     from diffusers import AutoencoderKL
     from huggingface_hub import constants
 
-    for name in ('HF_HUB_OFFLINE', 'HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy'):
+    for name in ('HF_HUB_OFFLINE', 'HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy', 'NO_PROXY', 'no_proxy'):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     attempts = []  # local_files_only of each load: True reads the cache, False asks the hub
@@ -125,3 +125,8 @@ def test_an_uncached_hub_vae_is_asked_of_the_hub_only_when_its_host_answers(tmp_
         load_vae('stabilityai/sd-vae-ft-mse')
     assert attempts == [True]
     assert '\n' not in str(info.value) and 'huggingface-cli download stabilityai/sd-vae-ft-mse' in str(info.value)
+    attempts.clear()  # behind a proxy the hub is asked all the same: the proxy decides
+    monkeypatch.setenv('https_proxy', 'http://proxy.invalid:3128')
+    with pytest.raises(dnnlib.util.DownloadError):
+        load_vae('stabilityai/sd-vae-ft-mse')
+    assert attempts == [True, False]

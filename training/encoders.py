@@ -14,6 +14,7 @@ Example:
 import os
 import socket
 import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Callable
 
@@ -70,11 +71,12 @@ def _truthy_env(name: str) -> bool:
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub's host (HF_ENDPOINT) takes a connection within about `timeout` seconds;
     assumed behind a proxy, which decides. Without network huggingface_hub would retry for half a minute."""
-    if any(os.environ.get(name) for name in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')):
-        return True
     from huggingface_hub import constants
 
     endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxies = urllib.request.getproxies()  # the environment's, or the system's settings (macOS, Windows)
+    if (proxies.get('https') or proxies.get('all')) and not urllib.request.proxy_bypass(endpoint.hostname or ''):
+        return True
     port = endpoint.port or (443 if endpoint.scheme == 'https' else 80)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()

@@ -394,8 +394,8 @@ def generate_images(
         raise GenerationError('The network is text-to-image: give --prompt="..." or --prompts=FILE.')
     if prompts and kind != 'text' and clip is None:
         raise GenerationError(
-            f'The network is {KIND_NAMES[kind]} and reads no text: drop --prompt/--prompts, or steer it '
-            f'towards them with a CLIP guide (--clip).'
+            f'The network is {KIND_NAMES[kind]} and reads no text: drop the prompts, or steer it towards them '
+            f'with a CLIP guide (generate_images.py --clip).'
         )
     for denoiser in (net, gnet):
         if denoiser is not None:

@@ -26,7 +26,7 @@ def open_images(
     """The RGB images of a folder or ZIP; with `num`, exactly `num` of them, subsampled by `seed`. Tar shards
     (with `allow_shards`) stream one pass, each rank and data worker reading its own share."""
     if allow_shards and is_shard_spec(path):
-        dataset = ShardDataset(path, shuffle=0, loop=False)
+        dataset = ShardDataset(path, shuffle=0, loop=False, strict=True)  # statistics of every image, or an error
     else:
         dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:

@@ -132,6 +132,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
     `info`: int64 record of the slot's position and counters (INFO_* columns) for DataPosition.
     `filters`: strings as parse_filter reads them. `shuffle`: buffer size (0 keeps file order).
     `rank` and `num_replicas` default to torch.distributed's; the worker comes from the DataLoader.
+    Corrupt and wrongly sized samples are skipped and counted (training), or with `strict` raise (statistics
+    that must cover every image).
     """
 
     def __init__(
@@ -150,8 +152,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         loop: bool = True,
         rank: int | None = None,
         num_replicas: int | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__()
+        self._strict = strict
         self._path = str(path)
         self.name = os.path.splitext(os.path.basename(os.path.normpath(self._path.split('{')[0]) or 'shards'))[0]
         self.shards = expand_shards(self._path)
@@ -278,9 +282,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self._image_shape is None:
             self._image_shape = list(image.shape)
         elif list(image.shape) != self._image_shape:
+            fix = (
+                'latents cannot be resized: encode the images at one size'
+                if 'npy' in sample
+                else 'pixel shards of mixed sizes are resized as they stream by train_edm2.py --resolution'
+            )
             raise SampleShapeError(
-                f"{where}: shape {list(image.shape)} differs from the first sample's {self._image_shape}; "
-                f'pixel shards of mixed sizes are resized as they stream by train_edm2.py --resolution'
+                f"{where}: shape {list(image.shape)} differs from the first sample's {self._image_shape}; {fix}"
             )
         return image
 
@@ -348,6 +356,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             try:
                 image = self._decode(sample)
             except DatasetFileError as e:  # Also a wrongly sized sample (SampleShapeError).
+                if self._strict:
+                    raise ShardError(str(e)) from None
                 counts[INFO_CORRUPT] += 1
                 named += 1
                 if named <= NAMED_CORRUPT:
