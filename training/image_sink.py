@@ -45,8 +45,9 @@ class ImageSink:
         os.pwrite(self.fd, np.ascontiguousarray(image).tobytes(), self.rows[seed] * image.nbytes)
 
     def abort(self) -> None:
-        """Close and remove this rank's view of the rows file after a failed or interrupted run (a re-run
-        writes every row again, so nothing in it is worth keeping, and for 50k large images it is tens of GB)."""
+        """Close and remove the rows file after a failed or interrupted run (a re-run writes every row again, so
+        nothing in it is worth keeping, and for 50k large images it is tens of GB). The file is shared: under
+        torchrun the first failing rank that wrote to it removes it, and the other ranks are stopped anyway."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
