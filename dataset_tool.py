@@ -209,16 +209,21 @@ def _check_partial(partial: str, settings: dict, resume: bool) -> None:
         raise click.ClickException(
             f'{partial}: holds an interrupted encode; pass --resume to continue it, or delete it'
         )
-    settings_path = os.path.join(partial, 'settings.json')
+    _check_settings(os.path.join(partial, 'settings.json'), settings)
+
+
+def _check_settings(settings_path: str, settings: dict) -> None:
+    """An encode continued in the folder of `settings_path` must use the settings recorded there."""
+    folder = os.path.dirname(settings_path)
     try:
         with open(settings_path, encoding='utf-8') as f:
             previous = json.load(f)
     except (OSError, ValueError) as e:
-        raise click.ClickException(f'{settings_path}: unreadable ({e}); delete {partial} and start over') from None
+        raise click.ClickException(f'{settings_path}: unreadable ({e}); delete {folder} and start over') from None
     for key, value in settings.items():
         if key in previous and previous[key] != value:  # (Folders from before a setting was recorded lack it.)
             raise click.ClickException(
-                f'{partial}: was started with {key} {previous.get(key)!r}, not {value!r}; '
+                f'{folder}: was started with {key} {previous.get(key)!r}, not {value!r}; '
                 f'resume with the same --{key.replace("_", "-")} or delete it'
             )
 
@@ -302,7 +307,16 @@ def encode(
         rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
         if device is None and torch.cuda.is_available():
             device = f'cuda:{os.environ.get("LOCAL_RANK", 0)}'
+        # Finished shards are kept and skipped, so a re-run resumes: only with the settings they were made with.
+        settings_path = os.path.join(dest, 'encode-settings.json')
+        settings = {'model_url': model_url, 'source': source, 'batch': batch}
+        if os.path.isfile(settings_path):
+            _check_settings(settings_path, settings)
         encoder, torch_device = _vae(model_url, batch, device)
+        if rank == 0 and not os.path.isfile(settings_path):
+            os.makedirs(dest, exist_ok=True)
+            with dnnlib.util.atomic_write(settings_path, 'wt') as f:
+                json.dump(settings, f)
 
         def encode_batch(pixels: np.ndarray) -> np.ndarray:
             return encoder.encode_pixels(torch.from_numpy(pixels).to(torch_device)).cpu().numpy()

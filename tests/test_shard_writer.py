@@ -111,6 +111,10 @@ def test_encode_from_shards_matches_the_vae_and_resumes_per_shard(tmp_path, vae_
     result = CliRunner().invoke(dataset_tool.cli, args)
     assert result.exit_code == 0 and '1 latent shards written' in result.output
     assert kept.stat().st_mtime_ns == before and (dest / '000001.tar').is_file()
+    os.remove(dest / '000001.tar')
+    result = CliRunner().invoke(dataset_tool.cli, [*args, '--batch=2'])  # the VAE rounds by batch: refused
+    assert result.exit_code == 1 and 'was started with batch 3, not 2' in result.output
+    assert not (dest / '000001.tar').exists()
 
 
 def test_encode_shards_splits_the_shards_over_ranks(tmp_path, shapes_zip):
