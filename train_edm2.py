@@ -337,6 +337,11 @@ def main(
         if dist.get_rank() == 0:
             if not resuming:
                 warnings = check_dataset(c.dataset_kwargs, c.max_bad_samples)
+            if c.snapshot_nimg and c.snapshot_nimg < 1000:
+                warnings.append(
+                    f'Note: --snapshot={c.snapshot_nimg} is under 1000 images, but snapshots are named by kimg '
+                    f'(as EDM2 names them): those of one kimg replace each other.'
+                )
             os.makedirs(outdir, exist_ok=True)
             with dnnlib.util.atomic_write(os.path.join(outdir, 'training_options.json'), 'wt') as f:
                 json.dump(c, f, indent=2)

@@ -144,6 +144,12 @@ def test_bad_files_within_max_bad_samples_are_named_at_start_and_training_goes_o
     assert [line for line in logged if line.startswith('Warning: ')] == warnings  # the run's record has them too
 
 
+def test_snapshots_under_a_kimg_apart_are_noted_as_sharing_names(tmp_path, module_cache_env):
+    result = _train(f'--outdir={tmp_path / "run"}', *FAST, '--snapshot=512', '--duration=32')
+    assert result.exit_code == 0, result.output
+    assert 'Note: --snapshot=512 is under 1000 images' in result.output
+
+
 def test_non_square_latents_are_refused_before_the_folder_is_made(tmp_path, module_cache_env):
     data = tmp_path / 'latents'
     data.mkdir()
