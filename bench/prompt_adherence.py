@@ -90,6 +90,7 @@ def parse_list(text: str) -> list[float]:
               help='Images of the built-in data the net trained on (seed 0), to tell held-out captions.')  # fmt: skip
 def main(net, cascade, outdir, num, steps, guidance, clip, clip_scales, seen, hold_out, dataset_size) -> None:
     """Score shape, colours and position of held-out prompts, per attribute and jointly."""
+    outdir = os.path.abspath(outdir)  # training runs with the repository as its folder
     if net is None and cascade is None:
         subprocess.run(
             [sys.executable, 'train_edm2.py', f'--outdir={outdir}', '--preset=demo-text', '--workers=1'],

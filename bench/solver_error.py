@@ -107,6 +107,7 @@ def plot(rows: list[dict], nfes: list[int], path: str, title: str) -> None:
 @click.option('--plot', 'plot_path', metavar='PNG', type=str, default=None, help='Also write a log-log plot here.')
 def main(net: str | None, outdir: str, seeds: str, nfe: str, reference_steps: int, plot_path: str | None) -> None:
     """Print a markdown table of RMSE against NFE for each solver and schedule."""
+    outdir = os.path.abspath(outdir)  # training runs with the repository as its folder
     if net is None:
         if not os.path.isdir(outdir):
             subprocess.run(

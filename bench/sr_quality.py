@@ -62,6 +62,7 @@ def errors(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]
 )
 def main(net: str | None, outdir: str, num: int, steps: int, aug_sigma: float, seed: int) -> None:
     """Train (if needed) and compare SR 16->32 with bicubic upsampling."""
+    outdir = os.path.abspath(outdir)  # training runs with the repository as its folder
     if net is None:
         subprocess.run(
             [sys.executable, 'train_edm2.py', f'--outdir={outdir}', '--preset=demo-sr', '--workers=1'],

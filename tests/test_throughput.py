@@ -3,7 +3,7 @@
 import pytest
 
 import count_flops
-from training.throughput import ThroughputError, time_training_steps
+from training.throughput import ThroughputError, time_sampling, time_training_steps
 
 
 def test_times_the_network_train_edm2_builds_for_the_preset(one_thread):
@@ -19,3 +19,10 @@ def test_presets_it_cannot_time_are_one_clear_error():
         time_training_steps('demo-text', batch=2)
     with pytest.raises(ThroughputError, match='Unknown preset'):
         time_training_steps('no-such-preset', batch=2)
+
+
+def test_unconditional_nets_time_and_cpu_fp16_is_refused(one_thread):
+    assert time_training_steps('demo-tiny', batch=2, label_dim=0, steps=1).img_s > 0
+    assert time_sampling('demo-tiny', batch=2, label_dim=0, steps=1).img_s > 0
+    with pytest.raises(ThroughputError, match='CUDA only'):
+        time_training_steps('demo-tiny', batch=2, precision='fp16', device='cpu')

@@ -44,12 +44,21 @@ def known_peak_tflops(device: torch.device | str, precision: str) -> float | Non
     return next((row[precision] for key, row in PEAK_TFLOPS.items() if key in name), None)
 
 
+def _random_labels(label_dim: int, batch: int, device: torch.device) -> torch.Tensor | None:
+    """One-hot labels of random classes, or None for an unconditional net (label_dim 0)."""
+    if not label_dim:
+        return None
+    return torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)]
+
+
 def build_preset_net(
     preset: str, resolution: int | None, img_channels: int, label_dim: int, precision: str, device: torch.device
 ) -> tuple[torch.nn.Module, object, int]:
     """(network, loss, resolution) as train_edm2.py builds them for `preset`, on `device`, in training mode."""
     if preset not in TRAIN_PRESETS:
         raise ThroughputError(f'Unknown preset {preset!r}; choose one of: {", ".join(TRAIN_PRESETS)}.')
+    if precision == 'fp16' and torch.device(device).type != 'cuda':
+        raise ThroughputError('--precision=fp16 computes in float16 on CUDA only (EDM2); elsewhere it would time fp32.')
     p = TRAIN_PRESETS[preset]
     if 'network_kwargs' in p:
         raise ThroughputError(f'{preset}: only class-conditional denoisers are timed; this preset trains captions.')
@@ -154,7 +163,7 @@ def time_training_steps(
     compile_module(net, compile)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
     images = torch.randn([batch, img_channels, resolution, resolution], device=device)
-    labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)]
+    labels = _random_labels(label_dim, batch, device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -201,7 +210,7 @@ def time_sampling(
     compile_module(net, compile)
     x = torch.randn([batch, img_channels, resolution, resolution], device=device)
     sigma = torch.full([batch], 2.5, device=device)
-    labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)]
+    labels = _random_labels(label_dim, batch, device)
 
     def evaluate():
         with torch.no_grad():
