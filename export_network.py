@@ -79,9 +79,11 @@ def safetensors(net: str, dest: str | None) -> None:
 
 
 @main.command()
-@click.option('--net', metavar='PKL|URL', type=str, required=True, help='Network pickle or .safetensors file.')
-@click.option('--dest', metavar='DIR', type=str, required=True, help='Folder to write the pipeline to.')
-@click.option('--gnet', metavar='PKL|URL', type=str, default=None, help='Guiding network (autoguidance / CFG).')
+@click.option(
+    '--net', metavar='PKL|DIR|URL', type=str, required=True, help='Network pickle, .safetensors or run folder.'
+)
+@click.option('--dest', metavar='DIR', type=str, required=True, help='New (or empty) folder for the pipeline.')
+@click.option('--gnet', metavar='PKL|DIR|URL', type=str, default=None, help='Guiding network (autoguidance / CFG).')
 @click.option('--vae', metavar='ID|DIR', type=str, default=None, help="VAE to ship  [default: the net's own]")
 @TRUST
 def diffusers(net: str, dest: str, gnet: str | None, vae: str | None) -> None:

@@ -90,3 +90,19 @@ def test_text_nets_are_refused_in_one_line(tmp_path):
         export_diffusers(path, str(tmp_path / 'out'))
     result = CliRunner().invoke(export_network.main, ['diffusers', f'--net={path}', f'--dest={tmp_path / "out"}'])
     assert_one_line_error(result, 'TextPrecond')
+
+
+def test_a_failed_export_leaves_no_folder_and_a_guide_of_other_images_is_refused(tmp_path, latent_pickles):
+    broken = str(tmp_path / 'broken.pkl')
+    missing_vae = StabilityVAEEncoder(vae_name=str(tmp_path / 'no-such-vae'))
+    save_network_pickle(dict(ema=_latent_net(0), encoder=missing_vae), broken)
+    dest = tmp_path / 'export'
+    with pytest.raises(Exception, match='no-such-vae'):
+        export_diffusers(broken, str(dest))  # the VAE fails to load after the denoiser was written
+    assert not dest.exists() and os.listdir(tmp_path) == ['broken.pkl']
+    wide = Precond(img_resolution=16, img_channels=4, label_dim=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                   attn_resolutions=[])  # fmt: skip
+    save_network_pickle(dict(ema=wide, encoder=StabilityVAEEncoder(vae_name=str(tmp_path))), str(tmp_path / 'w.pkl'))
+    with pytest.raises(DiffusersExportError, match='guiding network makes 4x16x16 images with 3 classes'):
+        export_diffusers(latent_pickles['net'], str(dest), gnet=str(tmp_path / 'w.pkl'))
+    assert not dest.exists()

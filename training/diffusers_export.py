@@ -13,13 +13,16 @@ AutoencoderKL and the custom pipeline of training/diffusers_pipeline.py, loadabl
 import json
 import os
 import shutil
+from typing import Any
 
 import diffusers
 
 from training import diffusers_pipeline
+from training.dataset_io import DatasetFileError, new_folder
 from training.diffusers_pipeline import EDM2Denoiser
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder, load_vae
 from training.generation import network_kind
+from training.network_loading import resolve_network_path
 from training.safetensors_io import SafetensorsError, describe
 from training.snapshots import NetworkPickleError, load_network_pickle
 from training.vp_samplers import is_discrete
@@ -32,9 +35,10 @@ class DiffusersExportError(Exception):
 
 
 def _denoiser(path: str) -> tuple[EDM2Denoiser, object]:
-    """The network of a snapshot (pickle or .safetensors) as an EDM2Denoiser, and its encoder."""
+    """The network of a snapshot (pickle or .safetensors; a run folder's newest) as an EDM2Denoiser, and its
+    encoder."""
     try:
-        data = load_network_pickle(path)
+        data = load_network_pickle(resolve_network_path(path))
     except NetworkPickleError as e:
         raise DiffusersExportError(str(e)) from None
     net, encoder = data['ema'], data.get('encoder') or StandardRGBEncoder()
@@ -65,7 +69,30 @@ def export_diffusers(net: str, dest: str, gnet: str | None = None, vae: str | No
     latent = isinstance(encoder, StabilityVAEEncoder) or type(encoder).__name__ == 'StabilityVAEEncoder'
     if vae is not None and not latent:
         raise DiffusersExportError(f'--vae={vae} applies to latent networks, but {net} makes pixels.')
-    os.makedirs(dest, exist_ok=True)
+    if guide is not None and not _can_guide(guide.net, denoiser.net):
+        raise DiffusersExportError(
+            f'The guiding network makes {_geometry(guide.net)}, but the network makes {_geometry(denoiser.net)}; '
+            f'guide it with a net trained on the same data.'
+        )
+    try:
+        with new_folder(dest) as folder:  # dest appears complete or not at all
+            _write(folder, denoiser, guide, latent, vae or getattr(encoder, 'vae_name', None))
+    except DatasetFileError as e:
+        raise DiffusersExportError(str(e)) from None
+
+
+def _geometry(net: Any) -> str:
+    return f'{net.img_channels}x{net.img_resolution}x{net.img_resolution} images with {net.label_dim} classes'
+
+
+def _can_guide(guide: Any, net: Any) -> bool:
+    """The guide makes the network's images, and reads its classes or none (an unconditional guide)."""
+    same = (guide.img_channels, guide.img_resolution) == (net.img_channels, net.img_resolution)
+    return same and guide.label_dim in (0, net.label_dim)
+
+
+def _write(dest: str, denoiser: EDM2Denoiser, guide: EDM2Denoiser | None, latent: bool, vae: str | None) -> None:
+    """The components, the pipeline's code and model_index.json into the (new, empty) folder `dest`."""
     source = diffusers_pipeline.__file__
     components = dict(denoiser=denoiser, guide=guide)
     index = {'_class_name': 'EDM2Pipeline', '_diffusers_version': diffusers.__version__}
@@ -76,7 +103,7 @@ def export_diffusers(net: str, dest: str, gnet: str | None = None, vae: str | No
             shutil.copyfile(source, os.path.join(dest, name, f'{COMPONENT_MODULE}.py'))
     index['vae'] = ['diffusers', 'AutoencoderKL'] if latent else [None, None]
     if latent:
-        load_vae(vae or encoder.vae_name).save_pretrained(os.path.join(dest, 'vae'))
+        load_vae(vae).save_pretrained(os.path.join(dest, 'vae'))
     shutil.copyfile(source, os.path.join(dest, 'pipeline.py'))
     with open(os.path.join(dest, 'model_index.json'), 'w') as f:
         json.dump(index, f, indent=2)
