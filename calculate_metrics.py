@@ -14,10 +14,9 @@ import click
 import torch
 
 from torch_utils import distributed as dist
-from training.dataset import DatasetError
-from training.detectors import DETECTORS_ENV, DetectorError
+from training.detectors import DETECTORS_ENV
 from training.faults import first_error
-from training.generation import GenerationError, generate_images, load_network, network_kind
+from training.generation import generate_images, load_network, network_kind
 from training.metrics import (
     MetricsError,
     Stats,
@@ -29,37 +28,19 @@ from training.metrics import (
     save_stats,
 )
 from training.metrics_io import dataset_batches, default_ref, log_results, open_images, results_tracker
-from training.precision import PrecisionError
 from training.sampler_options import SAMPLER_OPTIONS, SWEEP_NAMES, read_prompts, sweep_settings
 from training.shards import ShardDataset
-from training.snapshots import TRUST_HELP, NetworkPickleError, trust_pickles
-from training.tracking import LOGGERS, TrackingError
-
-_USER_ERRORS = (
-    MetricsError,
-    DetectorError,
-    DatasetError,
-    GenerationError,
-    NetworkPickleError,
-    PrecisionError,
-    TrackingError,
-    OSError,
-)
-
-
-def _one_line(err: Exception) -> str:
-    # DataLoader workers re-raise with the worker's traceback folded into the message; keep its last line.
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else type(err).__name__
-    return last.split(': ', 1)[1] if last.startswith('training.') and ': ' in last else last
+from training.snapshots import TRUST_HELP, trust_pickles
+from training.tracking import LOGGERS
+from training.user_errors import USER_ERRORS, one_line
 
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call fn, turning user-facing errors into one-line click errors."""
     try:
         return fn(*args, **kwargs)
-    except _USER_ERRORS as err:
-        raise click.ClickException(_one_line(err)) from None
+    except USER_ERRORS as err:
+        raise click.ClickException(one_line(err)) from None
 
 
 def _device(device: str | None) -> torch.device:

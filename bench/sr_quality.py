@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.cascade import downsample  # noqa: E402
 from training.generation import load_network, sample  # noqa: E402
 from training.shapes import make_image  # noqa: E402
+from training.user_errors import USER_ERRORS, one_line  # noqa: E402
 
 
 def errors(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -71,6 +72,8 @@ def main(net: str | None, outdir: str, num: int, steps: int, aug_sigma: float, s
         )
         net = outdir
     model, encoder = load_network(net, torch.device('cpu'), verbose=True)
+    if getattr(model, 'lowres', None) != 16 or model.img_resolution != 32:
+        raise click.ClickException(f'{net}: give a 16->32 super-resolution stage (--preset=demo-sr).')
     encoder.init(torch.device('cpu'))
     real = torch.stack([torch.as_tensor(make_image(seed, i, 32)[0]).permute(2, 0, 1) for i in range(num)])
     lowres = downsample(encoder.encode_latents(real), model.lowres)
@@ -83,4 +86,7 @@ def main(net: str | None, outdir: str, num: int, steps: int, aug_sigma: float, s
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except USER_ERRORS as e:  # one line, not a traceback
+        sys.exit(f'Error: {one_line(e)}')
