@@ -151,6 +151,8 @@ def load_pickled_net(path: str) -> torch.nn.Module:
         hasattr(net, k) for k in ('img_resolution', 'img_channels', 'label_dim')
     ):
         raise click.ClickException(f"{path}: its 'ema' entry is a {type(net).__name__}, not an EDM2 network")
+    if hasattr(net, 'encode_image'):
+        raise click.ClickException(f'{path}: count_flops counts denoisers; this is a CLIP guide.')
     return net
 
 

@@ -73,7 +73,7 @@ def safetensors(net: str, dest: str | None) -> None:
         target = dest or os.path.splitext(name)[0] + '.safetensors'
         try:
             save_network(_load(source), target, 'safetensors')
-        except NetworkPickleError as e:
+        except (NetworkPickleError, OSError) as e:  # OSError: a download that failed, among others
             raise click.ClickException(str(e)) from None
         click.echo(f'Wrote {target}')
 

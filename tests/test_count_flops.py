@@ -69,6 +69,15 @@ def test_unknown_name_is_a_one_line_error(tmp_path):
         assert len(result.output.strip().splitlines()) == 1 and arg in result.output
 
 
+def test_a_clip_guide_pickle_is_a_one_line_refusal(tmp_path):
+    from test_clip_guide import tiny_guide
+
+    path = str(tmp_path / 'guide.pkl')
+    save_network_pickle(dict(ema=tiny_guide().eval()), path)
+    result = CliRunner().invoke(count_flops.main, [path])
+    assert result.exit_code == 1 and 'this is a CLIP guide' in result.output and 'Traceback' not in result.output
+
+
 DIT_TABLE_4 = {'DiT-S/2': (33.0, 6.06), 'DiT-B/2': (130.5, 23.01), 'DiT-XL/2': (675.1, 118.64)}  # M params, Gflops
 
 

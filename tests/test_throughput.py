@@ -15,8 +15,10 @@ def test_times_the_network_train_edm2_builds_for_the_preset(one_thread):
 
 
 def test_presets_it_cannot_time_are_one_clear_error():
-    with pytest.raises(ThroughputError, match='captions'):
+    with pytest.raises(ThroughputError, match='text, super-resolution or CLIP'):
         time_training_steps('demo-text', batch=2)
+    with pytest.raises(ThroughputError, match='demo-dit: --patch=2 does not divide the resolution 15'):
+        time_sampling('demo-dit', batch=2, resolution=15)
     with pytest.raises(ThroughputError, match='Unknown preset'):
         time_training_steps('no-such-preset', batch=2)
 

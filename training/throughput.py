@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
 from torch_utils.host_memory import keep_freed_memory
-from training.backbones import preset_kwargs
+from training.backbones import BackboneError, preset_kwargs
 from training.networks_edm2 import set_channels_last, set_checkpointing
 from training.precision import compile_module, use_fp16_of
 from training.presets_train import TRAIN_PRESETS
@@ -61,9 +61,15 @@ def build_preset_net(
         raise ThroughputError('--precision=fp16 computes in float16 on CUDA only (EDM2); elsewhere it would time fp32.')
     p = TRAIN_PRESETS[preset]
     if 'network_kwargs' in p:
-        raise ThroughputError(f'{preset}: only class-conditional denoisers are timed; this preset trains captions.')
+        raise ThroughputError(
+            f'{preset}: only class-conditional denoisers are timed; this preset trains a text, super-resolution or '
+            f'CLIP net.'
+        )
     resolution = resolution or p.get('synthetic', {}).get('resolution', 64)
-    network_kwargs, loss_kwargs = preset_kwargs(p, resolution, use_fp16=use_fp16_of(precision))
+    try:
+        network_kwargs, loss_kwargs = preset_kwargs(p, resolution, use_fp16=use_fp16_of(precision))
+    except BackboneError as e:
+        raise ThroughputError(f'{preset}: {e}') from None
     net = dnnlib.util.construct_class_by_name(
         img_resolution=resolution, img_channels=img_channels, label_dim=label_dim, **network_kwargs
     )
