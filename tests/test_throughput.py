@@ -1,6 +1,7 @@
 """training/throughput.py: the timing shared by bench/train_speed.py and bench/data_speed.py."""
 
 import pytest
+import torch
 
 import count_flops
 from training.throughput import ThroughputError, time_sampling, time_training_steps
@@ -28,3 +29,9 @@ def test_unconditional_nets_time_and_cpu_fp16_is_refused(one_thread):
     assert time_sampling('demo-tiny', batch=2, label_dim=0, steps=1).img_s > 0
     with pytest.raises(ThroughputError, match='CUDA only'):
         time_training_steps('demo-tiny', batch=2, precision='fp16', device='cpu')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_a_cuda_device_without_cuda_is_one_clear_error():
+    with pytest.raises(ThroughputError, match='--device=cuda'):
+        time_sampling('demo-tiny', batch=2, device='cuda')

@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
+from torch_utils import distributed as dist
 from torch_utils.host_memory import keep_freed_memory
 from training.backbones import BackboneError, preset_kwargs
 from training.networks_edm2 import set_channels_last, set_checkpointing
@@ -57,6 +58,10 @@ def build_preset_net(
     """(network, loss, resolution) as train_edm2.py builds them for `preset`, on `device`, in training mode."""
     if preset not in TRAIN_PRESETS:
         raise ThroughputError(f'Unknown preset {preset!r}; choose one of: {", ".join(TRAIN_PRESETS)}.')
+    try:
+        device = dist.device_from_name(str(device))
+    except ValueError as e:
+        raise ThroughputError(f'--device={device}: {e}') from None
     if precision == 'fp16' and torch.device(device).type != 'cuda':
         raise ThroughputError('--precision=fp16 computes in float16 on CUDA only (EDM2); elsewhere it would time fp32.')
     p = TRAIN_PRESETS[preset]
