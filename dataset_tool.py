@@ -18,6 +18,7 @@ from training.dataset_io import (
     DatasetFileError,
     DatasetWriter,
     ImageSource,
+    check_new_folder,
     decode_image,
     item_relpath,
     load_caption_mapping,
@@ -155,8 +156,9 @@ def convert(
         raise click.ClickException(str(e)) from None
     captions = load_caption_mapping(captions_file) if captions_file is not None else None
     images = ImageSource(source, max_images=max_images, captions=captions)
-    if images.folder_label_note():
-        click.echo(f'Note: {images.folder_label_note()}.')
+    note = images.folder_label_note()
+    if note:
+        click.echo(f'Note: {note}.')
     first_shape, stretched = None, 0
     with DatasetWriter(dest) as writer:
         for idx, item in enumerate(dnnlib.util.progress_bar(images, desc='convert', unit='img')):
@@ -329,12 +331,8 @@ def encode(
     # The batch too: the VAE's float rounding differs between batch sizes, so a resumed encode keeps its own.
     settings = {'model_url': model_url, 'source': os.path.abspath(source), 'batch': batch}
     _check_partial(partial, settings, resume)
-    if (
-        not dest.lower().endswith('.zip')
-        and os.path.exists(dest)
-        and not (os.path.isdir(dest) and not os.listdir(dest))
-    ):
-        raise click.ClickException(f'{dest}: already exists and is not an empty folder; choose a new --dest')
+    if not dest.lower().endswith('.zip'):
+        check_new_folder(dest)  # before the VAE loads; DatasetWriter checks again as it starts
     encoder, device = _vae(model_url, batch, device)
     shape = decode_image(images.read(images.relpaths[0]), images.describe(images.relpaths[0])).shape
     factor = encoder.downsampling

@@ -45,12 +45,17 @@ def item_relpath(idx: int, ext: str = 'png') -> str:
     return f'{idx // 1000:05d}/img{idx:08d}.{ext}'
 
 
+def check_new_folder(dest: str) -> None:
+    """DatasetFileError unless `dest` is new or an empty folder."""
+    if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
+        raise DatasetFileError(f'{dest}: already exists and is not an empty folder; choose a new --dest')
+
+
 @contextlib.contextmanager
 def new_folder(dest: str) -> Iterator[str]:
     """A temporary folder beside `dest` to fill; it becomes `dest` when the block ends without an error and is
     removed when it raises, so that `dest` only ever appears complete. `dest` must be new or an empty folder."""
-    if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
-        raise DatasetFileError(f'{dest}: already exists and is not an empty folder; choose a new --dest')
+    check_new_folder(dest)
     parent, name = os.path.split(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     tmp_dir = os.path.join(parent, f'.{name}.{uuid.uuid4().hex}.tmp')
