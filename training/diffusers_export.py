@@ -13,7 +13,6 @@ AutoencoderKL and the custom pipeline of training/diffusers_pipeline.py, loadabl
 import json
 import os
 import shutil
-from typing import Any
 
 import diffusers
 
@@ -21,7 +20,7 @@ from training import diffusers_pipeline
 from training.dataset_io import DatasetFileError, new_folder
 from training.diffusers_pipeline import EDM2Denoiser
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder, load_vae
-from training.generation import network_kind
+from training.generation import guide_mismatch, network_kind
 from training.network_loading import resolve_network_path
 from training.safetensors_io import SafetensorsError, describe
 from training.snapshots import NetworkPickleError, load_network_pickle
@@ -69,26 +68,13 @@ def export_diffusers(net: str, dest: str, gnet: str | None = None, vae: str | No
     latent = isinstance(encoder, StabilityVAEEncoder) or type(encoder).__name__ == 'StabilityVAEEncoder'
     if vae is not None and not latent:
         raise DiffusersExportError(f'--vae={vae} applies to latent networks, but {net} makes pixels.')
-    if guide is not None and not _can_guide(guide.net, denoiser.net):
-        raise DiffusersExportError(
-            f'The guiding network makes {_geometry(guide.net)}, but the network makes {_geometry(denoiser.net)}; '
-            f'guide it with a net trained on the same data.'
-        )
+    if guide is not None and (mismatch := guide_mismatch(guide.net, denoiser.net)):
+        raise DiffusersExportError(mismatch)
     try:
         with new_folder(dest) as folder:  # dest appears complete or not at all
             _write(folder, denoiser, guide, latent, vae or getattr(encoder, 'vae_name', None))
     except DatasetFileError as e:
         raise DiffusersExportError(str(e)) from None
-
-
-def _geometry(net: Any) -> str:
-    return f'{net.img_channels}x{net.img_resolution}x{net.img_resolution} images with {net.label_dim} classes'
-
-
-def _can_guide(guide: Any, net: Any) -> bool:
-    """The guide makes the network's images, and reads its classes or none (an unconditional guide)."""
-    same = (guide.img_channels, guide.img_resolution) == (net.img_channels, net.img_resolution)
-    return same and guide.label_dim in (0, net.label_dim)
 
 
 def _write(dest: str, denoiser: EDM2Denoiser, guide: EDM2Denoiser | None, latent: bool, vae: str | None) -> None:

@@ -63,6 +63,17 @@ def _shape(net: torch.nn.Module) -> str:
     return f'{net.img_channels}x{net.img_resolution}x{net.img_resolution}'
 
 
+def guide_mismatch(gnet: torch.nn.Module, net: torch.nn.Module) -> str | None:
+    """Why `gnet` cannot guide `net` (None when it can): it must make the network's images and read its classes
+    or none (an unconditional guide)."""
+    if _shape(gnet) == _shape(net) and gnet.label_dim in (0, net.label_dim):
+        return None
+    return (
+        f'The guiding network makes {_shape(gnet)} images with {gnet.label_dim} classes, but the network makes '
+        f'{_shape(net)} with {net.label_dim}; guide it with a net trained on the same data.'
+    )
+
+
 # ----------------------------------------------------------------------------
 # The sampling entry point.
 
@@ -382,11 +393,8 @@ def generate_images(
             f'The guiding network is {KIND_NAMES[network_kind(gnet)]}, but the network is {KIND_NAMES[kind]}; '
             f'guide it with a net of its kind.'
         )
-    if gnet is not None and (_shape(gnet) != _shape(net) or gnet.label_dim not in (0, net.label_dim)):
-        raise GenerationError(
-            f'The guiding network makes {_shape(gnet)} images with {gnet.label_dim} classes, but the '
-            f'network makes {_shape(net)} with {net.label_dim}; guide it with a net trained on the same data.'
-        )
+    if gnet is not None and (mismatch := guide_mismatch(gnet, net)):
+        raise GenerationError(mismatch)
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
         labels_range = f'has classes 0 to {net.label_dim - 1}' if net.label_dim else 'is unconditional'
         raise GenerationError(f'Class {class_idx} was requested, but the network {labels_range}.')
