@@ -24,7 +24,7 @@ from training.clip_guidance import check_clip_guide, load_clip_guide  # noqa: E4
 from training.encoders import StandardRGBEncoder  # noqa: E402
 from training.generation import load_network, resolve_network_path, sample  # noqa: E402
 from training.image_grid import save_image_grid  # noqa: E402
-from training.user_errors import USER_ERRORS, one_line  # noqa: E402
+from training.user_errors import run_with_one_line_errors  # noqa: E402
 
 
 def generate(
@@ -133,7 +133,4 @@ def main(net, clip, scales, num, steps, guidance, scene_seed, batch, device, out
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as e:  # one line, not a traceback
-        sys.exit(f'Error: {one_line(e)}')
+    run_with_one_line_errors(main)

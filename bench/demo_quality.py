@@ -23,7 +23,7 @@ from training.generation import load_network, network_kind, sample  # noqa: E402
 from training.image_grid import save_image_grid  # noqa: E402
 from training.presets_generate import presets  # noqa: E402
 from training.shape_attributes import classify  # noqa: E402
-from training.user_errors import USER_ERRORS, one_line  # noqa: E402
+from training.user_errors import run_with_one_line_errors  # noqa: E402
 
 _PRESET_CHURN = ', '.join(
     f'{name} {p.sampler_kwargs.S_churn:g}' for name, p in presets.items() if p.sampler_kwargs.get('S_churn')
@@ -93,7 +93,4 @@ def main(
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as e:  # one line, not a traceback
-        sys.exit(f'Error: {one_line(e)}')
+    run_with_one_line_errors(main)

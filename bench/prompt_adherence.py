@@ -29,7 +29,7 @@ from training.generation import generate_cascade, generate_images  # noqa: E402
 from training.presets_generate import cascades  # noqa: E402
 from training.prompt_sets import ATTRIBUTES, held_out_scenes, scenes_containing, seen_scenes  # noqa: E402
 from training.shape_attributes import CHANCE, classify  # noqa: E402
-from training.user_errors import USER_ERRORS, one_line  # noqa: E402
+from training.user_errors import run_with_one_line_errors  # noqa: E402
 
 FIRST_SEED = 1000  # Training grids use seeds 0-15.
 
@@ -127,7 +127,4 @@ def main(net, cascade, outdir, num, steps, guidance, clip, clip_scales, seen, ho
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as e:  # one line, not a traceback
-        sys.exit(f'Error: {one_line(e)}')
+    run_with_one_line_errors(main)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from training.generation import load_network, sample  # noqa: E402
 from training.solvers import ORDERS, num_evaluations  # noqa: E402
-from training.user_errors import USER_ERRORS, one_line  # noqa: E402
+from training.user_errors import run_with_one_line_errors  # noqa: E402
 
 SETTINGS = [  # (solver, schedule)
     ('heun', 'karras'),
@@ -131,7 +131,4 @@ def main(net: str | None, outdir: str, seeds: str, nfe: str, reference_steps: in
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as e:  # one line, not a traceback
-        sys.exit(f'Error: {one_line(e)}')
+    run_with_one_line_errors(main)

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.cascade import downsample  # noqa: E402
 from training.generation import load_network, sample  # noqa: E402
 from training.shapes import make_image  # noqa: E402
-from training.user_errors import USER_ERRORS, one_line  # noqa: E402
+from training.user_errors import run_with_one_line_errors  # noqa: E402
 
 
 def errors(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -86,7 +86,4 @@ def main(net: str | None, outdir: str, num: int, steps: int, aug_sigma: float, s
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as e:  # one line, not a traceback
-        sys.exit(f'Error: {one_line(e)}')
+    run_with_one_line_errors(main)
