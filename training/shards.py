@@ -346,7 +346,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         counts[NUM_INFO_FIXED + failed] += counting[0]
 
         stream = _shuffled(kept(), self._shuffle, rng) if self._shuffle > 0 else kept()
-        emitted = named = 0
+        emitted = 0
         for sample in stream:
             emitted += 1
             flip = self._xflip and rng.random() < 0.5
@@ -359,9 +359,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 if self._strict:
                     raise ShardError(str(e)) from None
                 counts[INFO_CORRUPT] += 1
-                named += 1
-                if named <= NAMED_CORRUPT:
-                    more = '; further ones of this stream are only counted' if named == NAMED_CORRUPT else ''
+                if counts[INFO_CORRUPT] <= NAMED_CORRUPT:
+                    more = (
+                        '; further ones of this stream are only counted'
+                        if counts[INFO_CORRUPT] == NAMED_CORRUPT
+                        else ''
+                    )
                     print(f'Warning: {e}; skipped, counted as Data/corrupt{more}.', flush=True)
                 continue
             if image is None:
