@@ -39,8 +39,7 @@ def main() -> None:
 def _sources(net: str) -> list[str]:
     if not os.path.isdir(net) or is_dit_checkpoint(net):
         return [net]
-    found = [os.path.join(net, name) for name in sorted(os.listdir(net)) if is_snapshot_name(name)]
-    found = [path for path in found if path.endswith('.pkl')]
+    found = [os.path.join(net, n) for n in sorted(os.listdir(net)) if is_snapshot_name(n) and n.endswith('.pkl')]
     if not found:
         raise click.ClickException(
             f'{net} holds no snapshot pickles named PREFIX-KIMG-STD.pkl or PREFIX-KIMG-emaBETA.pkl.'

@@ -29,8 +29,8 @@ _src_to_module_dict: dict[str, types.ModuleType] = {}
 def persistent_class(orig_class: type) -> type:
     """Class decorator: instances pickle together with the source of the defining module, and keep
     deep copies of their constructor arguments in `init_args` / `init_kwargs`. A torch module passed directly as
-    an argument (a wrapped network; not one inside a list or dict) is recorded as itself, not copied: it is a part of the object, and a copy would
-    hold a second, stale set of its weights in memory and in every pickle."""
+    an argument (a wrapped network; not one inside a list or dict) is recorded as itself, not copied: it is a
+    part of the object, and a copy would hold a second, stale set of its weights in memory and in every pickle."""
     if not isinstance(orig_class, type):
         raise TypeError(f'persistent_class expects a class, got {type(orig_class).__name__}')
     if orig_class in _decorators:

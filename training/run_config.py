@@ -238,8 +238,9 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
 
 # Options a re-run may change without changing what is trained: the schedule of outputs, the run's length,
 # how each process splits and loads its batch, and how many bad samples it steps over (the stop at
-# --max-bad-samples says to raise it and re-run to resume). Anything else differing from the saved options is refused,
-# also a moved dataset (a new path may hold other images; after a move, edit the path in the saved options).
+# --max-bad-samples says to raise it and re-run to resume). Anything else differing from the saved options is
+# refused, also a moved dataset (a new path may hold other images; after a move, edit the path in the saved
+# options).
 RESUMABLE_KEYS = (
     'total_nimg',
     'status_nimg',

@@ -129,8 +129,8 @@ def _latent_samples(path: str, encode: Callable[[np.ndarray], np.ndarray], batch
         if pending and pixels.shape != pending[0][1].shape:
             raise DatasetFileError(
                 f'{path}:{sample["__key__"]}: image is {pixels.shape[2]}x{pixels.shape[1]}, the first '
-                f'{pending[0][1].shape[2]}x{pending[0][1].shape[1]}; encode needs one size: make the images one size with '
-                f'dataset_tool.py convert --resolution, then shards'
+                f'{pending[0][1].shape[2]}x{pending[0][1].shape[1]}; encode needs one size: make the images one '
+                f'size with dataset_tool.py convert --resolution, then shards'
             )
         kept = {k: v for k, v in sample.items() if k not in (*IMAGE_FIELDS, '__url__')}
         pending.append((kept, pixels))

@@ -62,7 +62,7 @@ def build_preset_net(
         device = dist.device_from_name(str(device))
     except ValueError as e:
         raise ThroughputError(f'--device={device}: {e}') from None
-    if precision == 'fp16' and torch.device(device).type != 'cuda':
+    if precision == 'fp16' and device.type != 'cuda':
         raise ThroughputError('--precision=fp16 computes in float16 on CUDA only (EDM2); elsewhere it would time fp32.')
     p = TRAIN_PRESETS[preset]
     if 'network_kwargs' in p:
