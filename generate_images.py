@@ -15,7 +15,6 @@ import dnnlib
 from torch_utils import distributed as dist
 from training.generation import GenerationError, distinct_seeds, generate_cascade, generate_images
 from training.image_sink import ImageSink
-from training.precision import PrecisionError
 from training.presets_generate import cascades
 from training.sampler_options import (
     SAMPLER_OPTIONS,
@@ -26,7 +25,8 @@ from training.sampler_options import (
     sweep_path,
     sweep_settings,
 )
-from training.snapshots import TRUST_HELP, NetworkPickleError, trust_pickles
+from training.snapshots import TRUST_HELP, trust_pickles
+from training.user_errors import USER_ERRORS, one_line
 
 
 def click_options(options: list[Option]) -> Callable:
@@ -194,8 +194,8 @@ def main(**o: Any) -> None:
             dist.print0(f'Generating {len(seeds)} images on {dist.get_world_size()} rank(s) ... {label}')
             paths = sweep_path(o.outdir, label, folder=True), sweep_path(o.grid, label), sweep_path(o.npz, label)
             _write(batches, seeds, paths[0], o.subdirs, *paths[1:])
-    except (GenerationError, NetworkPickleError, PrecisionError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    except USER_ERRORS as e:
+        raise click.ClickException(one_line(e)) from None
     dist.print0('Done.')
     dist.finish()
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import sys
 import warnings
 
@@ -10,13 +9,13 @@ import click
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import dataset as dataset_mod
 from training.backbones import ARCHS, FORMULATIONS
 from training.checkpoint import CheckpointError
 from training.presets_train import TRAIN_PRESETS
 from training.run_config import RunConfigError, check_dataset, check_run_folder, setup_training_config
-from training.tracking import LOGGERS, Tracker, TrackingError
+from training.tracking import LOGGERS, Tracker
 from training.training_loop import TrainingError, training_loop
+from training.user_errors import USER_ERRORS, one_line
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
 
@@ -38,14 +37,6 @@ class NimgType(click.ParamType):
 
 
 NIMG = NimgType()
-
-
-def one_line_message(e: Exception) -> str:
-    """The user-facing sentence of an error, also when a DataLoader worker wrapped it in its traceback."""
-    msg = str(e).strip()
-    if 'Original Traceback' in msg:
-        msg = msg.splitlines()[-1].split(': ', 1)[-1]
-    return re.sub(r'\s+', ' ', msg)
 
 
 @click.command(context_settings=dict(max_content_width=110))
@@ -359,8 +350,8 @@ def main(
                 logger.close()
         if stopped_early:
             sys.exit(requeue_exit_code)
-    except (RunConfigError, dataset_mod.DatasetError, TrainingError, CheckpointError, TrackingError, OSError) as e:
-        raise click.ClickException(one_line_message(e)) from e
+    except (RunConfigError, TrainingError, CheckpointError, *USER_ERRORS) as e:
+        raise click.ClickException(one_line(e)) from e
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """The exceptions whose message is one sentence for the user (bad input, a missing or unreadable file), and that
 sentence on one line: scripts show these as `Error: ...` instead of a traceback."""
 
+import re
 import sys
 from collections.abc import Callable
 
@@ -29,11 +30,12 @@ USER_ERRORS = (
 
 
 def one_line(err: Exception) -> str:
-    """The error's sentence. DataLoader workers re-raise with the worker's traceback folded into the message: its
-    last line is the sentence."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else type(err).__name__
-    return last.split(': ', 1)[1] if last.startswith('training.') and ': ' in last else last
+    """The error's sentence on one line. A DataLoader worker re-raises with its traceback folded into the message:
+    then the sentence is the last line, after the exception's name."""
+    msg = str(err).strip()
+    if 'Original Traceback' in msg:
+        msg = msg.splitlines()[-1].split(': ', 1)[-1]
+    return re.sub(r'\s+', ' ', msg) or type(err).__name__
 
 
 def run_with_one_line_errors(main: Callable[[], object]) -> None:
