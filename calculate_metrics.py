@@ -153,17 +153,36 @@ def cli() -> None:
     show_default=True,
     help='Data loader processes per rank.',
 )
+@click.option(
+    '--resolution',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=None,
+    help='Tar shards only: resize and centre-crop images to this size as they stream (as dataset_tool.py convert).',
+)
+@click.option('--upscale', is_flag=True, help='With --resolution: upscale smaller images instead of stopping.')
 def ref(
-    data: str, dest: str, metrics: str, batch: int, detectors: str | None, device: str | None, workers: int
+    data: str,
+    dest: str,
+    metrics: str,
+    batch: int,
+    detectors: str | None,
+    device: str | None,
+    workers: int,
+    resolution: int | None,
+    upscale: bool,
 ) -> None:
     """Reference statistics of every image in a dataset.
 
     \b
     python calculate_metrics.py ref --data=datasets/img64.zip --dest=refs/img64.pkl --metrics=fid
+    python calculate_metrics.py ref --data='shards/{000000..000099}.tar' --resolution=256 --dest=refs/mine.pkl
     """
     dist.init()
     metric_list, torch_device = _check_metrics(metrics), _device(device)
-    dataset = _run(open_images, data, allow_shards=True)
+    if upscale and resolution is None:
+        raise click.ClickException('--upscale needs --resolution, the size to upscale to.')
+    dataset = _run(open_images, data, allow_shards=True, resolution=resolution, upscale=upscale)
     streaming = isinstance(dataset, ShardDataset)
     size = f'the images of {len(dataset.shards)} shards' if streaming else f'{len(dataset)} images'
     dist.print0(f'Embedding {size} of {data} for {",".join(metric_list)} ...')

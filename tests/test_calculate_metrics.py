@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import calculate_metrics
+import dataset_tool
 from training.detectors import load_detector, resolve_detector_sources
 from training.encoders import StandardRGBEncoder
 from training.generation import generate_images
@@ -364,6 +365,33 @@ def test_ref_of_shards_with_a_corrupt_sample_is_an_error_not_statistics_of_fewer
     args = [f'--data={tmp_path / "shards"}', f'--dest={dest}', f'--detectors={files["detectors"]}', '--device=cpu']
     code, output = _cli('ref', *args, '--batch=2', '--workers=0')
     assert code == 1 and '000000.tar:000000002.jpg: unreadable image' in output and not os.path.exists(dest)
+
+
+def test_ref_of_mixed_size_shards_with_resolution_equals_ref_of_their_converted_zip(files, tmp_path):
+    from training.shard_writer import make_shards
+
+    rng = np.random.default_rng(1)
+    source = tmp_path / 'mixed'
+    source.mkdir()
+    for i, (h, w) in enumerate([(20, 16), (16, 24), (32, 32), (18, 18), (40, 20)]):
+        PIL.Image.fromarray(rng.integers(0, 256, [h, w, 3], dtype=np.uint8)).save(source / f'{i:06d}.png')
+    shards, zip_path = str(tmp_path / 'shards'), str(tmp_path / 'converted.zip')
+    make_shards(str(source), shards, per_shard=2)
+    convert = ['convert', f'--source={source}', f'--dest={zip_path}', '--resolution=16', '--transform=center-crop']
+    assert CliRunner().invoke(dataset_tool.cli, convert).exit_code == 0
+    common = [f'--detectors={files["detectors"]}', '--batch=2', '--device=cpu', '--workers=0']
+    assert _cli('ref', f'--data={shards}', '--resolution=16', f'--dest={tmp_path}/s.pkl', *common)[0] == 0
+    assert _cli('ref', f'--data={zip_path}', f'--dest={tmp_path}/z.pkl', *common)[0] == 0
+    streamed, converted = load_stats(f'{tmp_path}/s.pkl'), load_stats(f'{tmp_path}/z.pkl')
+    for metric in converted:
+        for key in ('mu', 'sigma'):
+            np.testing.assert_allclose(streamed[metric][key], converted[metric][key], rtol=1e-5, atol=1e-6)
+
+    code, output = _cli('ref', f'--data={shards}', '--resolution=24', f'--dest={tmp_path}/small.pkl', *common)
+    assert code == 1 and 'is smaller than the resolution 24; give --upscale' in output
+    assert not os.path.exists(f'{tmp_path}/small.pkl')
+    code, output = _cli('ref', f'--data={zip_path}', '--resolution=16', f'--dest={tmp_path}/x.pkl', *common)
+    assert code == 1 and 'resize a ZIP or folder once with dataset_tool.py convert' in output, output
 
 
 def test_gen_sweep_prints_one_json_line_per_setting_equal_to_its_single_run(files, ref_pkl, monkeypatch):

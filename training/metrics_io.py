@@ -21,12 +21,25 @@ REF_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{}.pkl'
 
 
 def open_images(
-    path: str, num: int | None = None, seed: int = 0, allow_shards: bool = False
+    path: str,
+    num: int | None = None,
+    seed: int = 0,
+    allow_shards: bool = False,
+    resolution: int | None = None,
+    upscale: bool = False,
 ) -> ImageFolderDataset | ShardDataset:
     """The RGB images of a folder or ZIP; with `num`, exactly `num` of them, subsampled by `seed`. Tar shards
-    (with `allow_shards`) stream one pass, each rank and data worker reading its own share."""
+    (with `allow_shards`) stream one pass, each rank and data worker reading its own share; with `resolution`
+    resized and centre-cropped as they stream (as dataset_tool.py convert --resolution; `upscale` for smaller
+    images, which are an error otherwise)."""
     if allow_shards and is_shard_spec(path):
-        dataset = ShardDataset(path, shuffle=0, loop=False, strict=True)  # statistics of every image, or an error
+        # Statistics of every image, or an error.
+        dataset = ShardDataset(path, resolution=resolution, upscale=upscale, shuffle=0, loop=False, strict=True)
+    elif resolution is not None:
+        raise MetricsError(
+            f'{path}: --resolution resizes tar shards as they stream; resize a ZIP or folder once with '
+            f'dataset_tool.py convert --resolution.'
+        )
     else:
         dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:

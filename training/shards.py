@@ -133,7 +133,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     `filters`: strings as parse_filter reads them. `shuffle`: buffer size (0 keeps file order).
     `rank` and `num_replicas` default to torch.distributed's; the worker comes from the DataLoader.
     Corrupt and wrongly sized samples are skipped and counted (training), or with `strict` raise (statistics
-    that must cover every image).
+    that must cover every image; then an image smaller than `resolution`, not upscaled, raises too).
     """
 
     def __init__(
@@ -276,6 +276,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
             pixels = decode_image(sample[field], f'{where}.{field}')
             if self._transform is not None:
                 if min(pixels.shape[:2]) < self._resolution and not self._upscale:
+                    if self._strict:
+                        height, width = pixels.shape[:2]
+                        raise ShardError(
+                            f'{where}: {width}x{height} is smaller than the resolution {self._resolution}; '
+                            f'give --upscale to upscale such images'
+                        )
                     return None
                 pixels = self._transform(pixels)
             image = pixels.transpose(2, 0, 1)
@@ -285,7 +291,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             fix = (
                 'latents cannot be resized: encode the images at one size'
                 if 'npy' in sample
-                else 'pixel shards of mixed sizes are resized as they stream by train_edm2.py --resolution'
+                else 'pixel shards of mixed sizes are resized as they stream with --resolution'
             )
             raise SampleShapeError(
                 f"{where}: shape {list(image.shape)} differs from the first sample's {self._image_shape}; {fix}"
