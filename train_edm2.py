@@ -12,7 +12,7 @@ from torch_utils import distributed as dist
 from training.backbones import ARCHS, FORMULATIONS
 from training.checkpoint import CheckpointError
 from training.presets_train import TRAIN_PRESETS
-from training.run_config import RunConfigError, check_dataset, check_run_folder, setup_training_config
+from training.run_config import RunConfigError, check_dataset, check_run_folder, setup_training_run
 from training.tracking import LOGGERS, Tracker
 from training.training_loop import TrainingError, training_loop
 from training.user_errors import USER_ERRORS, one_line
@@ -316,7 +316,7 @@ def main(
     if outdir is None and not dry_run:
         raise click.ClickException('Missing option --outdir: the run folder (only --dry-run goes without one).')
     try:
-        c = setup_training_config(preset, data, **opts)
+        c, dataset = setup_training_run(preset, data, **opts)
         if dry_run:
             dist.print0(json.dumps(c, indent=2))
             dist.print0('Dry run; exiting.')
@@ -327,7 +327,7 @@ def main(
         warnings = []
         if dist.get_rank() == 0:
             if not resuming:
-                warnings = check_dataset(c.dataset_kwargs, c.max_bad_samples)
+                warnings = check_dataset(dataset, c.max_bad_samples)
             if c.snapshot_nimg and c.snapshot_nimg < 1000:
                 warnings.append(
                     f'Note: --snapshot={c.snapshot_nimg} is under 1000 images, but snapshots are named by kimg '
@@ -342,7 +342,7 @@ def main(
             dist.print0(line)
         dist.print0(json.dumps(c, indent=2))
         try:
-            stopped_early = training_loop(run_dir=outdir, tracker=tracker, **c)
+            stopped_early = training_loop(run_dir=outdir, tracker=tracker, dataset=dataset, **c)
             dist.finish()
         finally:
             tracker.close()

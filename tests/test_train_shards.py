@@ -12,6 +12,7 @@ import train_edm2
 from training import dataset_io
 from training.dataset import ImageFolderDataset
 from training.shard_writer import make_shards
+from training.shards import ShardDataset
 
 COMMON = ['--preset=demo-text', '--batch=16', '--workers=0', '--seed=2']
 
@@ -61,6 +62,29 @@ def test_a_stopped_run_resumes_mid_pass_where_an_uninterrupted_run_would_be(tmp_
 
     whole, parts = position(tmp_path / 'whole'), position(tmp_path / 'parts')
     assert whole['slots'] == parts['slots'] == {0: (1, 8)}  # 32 = 24 + 8: the same place in the second pass.
+
+
+def _count_constructions(monkeypatch, cls, counted: list) -> None:
+    init = cls.__init__
+
+    def counting_init(self, *args, **kwargs):
+        counted.append(cls.__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, '__init__', counting_init)
+
+
+@pytest.mark.parametrize('kind', ['zip', 'shards'])
+def test_a_fresh_start_constructs_its_dataset_once(tmp_path, shapes, monkeypatch, kind):
+    # Each construction lists a folder or ZIP, or reads every shard's labels: slow on big data, so the run's
+    # config, its start checks and the training loop share one.
+    zip_path, shards, _small = shapes
+    counted = []
+    for cls in (ImageFolderDataset, ShardDataset):
+        _count_constructions(monkeypatch, cls, counted)
+    data = zip_path if kind == 'zip' else shards
+    _train(tmp_path / 'run', f'--data={data}', '--duration=16', '--status=0', '--snapshot=0', '--checkpoint=0')
+    assert counted == ['ImageFolderDataset' if kind == 'zip' else 'ShardDataset']
 
 
 @pytest.mark.parametrize(

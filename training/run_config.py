@@ -155,6 +155,13 @@ def fitted_text_length(p: dnnlib.EasyDict, dataset: Any) -> dict:
 
 def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnlib.EasyDict:
     """Resolve preset and command-line options into the keyword arguments of training_loop()."""
+    return setup_training_run(preset, data, **opts)[0]
+
+
+def setup_training_run(preset: str | None, data: str | None, **opts) -> tuple[dnnlib.EasyDict, Any]:
+    """setup_training_config's keyword arguments and the dataset their dataset_kwargs name, constructed once
+    (listing a folder of a million images, or reading every shard's labels, is slow): check_dataset and
+    training_loop take it instead of constructing their own."""
     if preset is not None and preset not in TRAIN_PRESETS:
         raise RunConfigError(f'Unknown preset {preset!r}; choose one of: {", ".join(TRAIN_PRESETS)}.')
     p = dnnlib.EasyDict(TRAIN_PRESETS.get(preset, {}))
@@ -233,7 +240,7 @@ def setup_training_config(preset: str | None, data: str | None, **opts) -> dnnli
         max_bad_samples=p.get('max_bad_samples', 10),
     )
     c.update({key: True for key in ('tf32', 'compile_net', 'checkpointing') if p.get(key)})  # Omitted when off.
-    return c
+    return c, ds
 
 
 # Options a re-run may change without changing what is trained: the schedule of outputs, the run's length,
@@ -318,12 +325,11 @@ def check_run_folder(outdir: str, c: dict) -> bool:
     return True
 
 
-def check_dataset(dataset_kwargs: dict, max_bad_samples: int = 0) -> list[str]:
+def check_dataset(dataset: Any, max_bad_samples: int = 0) -> list[str]:
     """Every image of a folder or ZIP dataset has the same readable size, checked from the file headers
     before a run starts (tar shards are checked as they stream). Up to `max_bad_samples` bad files are skipped
     in training and returned as warning lines naming them (to print once the run's log is open); more stop
     the start."""
-    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     if not isinstance(dataset, dataset_mod.ImageFolderDataset):
         return []
     problems = dataset.validate(decode=False, allow=len(dataset))

@@ -207,8 +207,10 @@ def training_loop(
     checkpointing: bool = False,
     device: torch.device | None = None,
     tracker: Tracker | None = None,
+    dataset: torch.utils.data.Dataset | None = None,
 ) -> bool:
-    """Train to total_nimg (or stop_at_nimg); True when a stop signal ended it early, its state saved."""
+    """Train to total_nimg (or stop_at_nimg); True when a stop signal ended it early, its state saved.
+    `dataset`: the one dataset_kwargs name, when the caller has constructed it already (train_edm2.py has)."""
     device = device or dist.device()
     training_stats.reset()  # a run in the same process as a diverged one starts without its NaN sums
     keep_freed_memory(device)  # on CPU: no page faults for every step's activations (torch_utils/host_memory.py)
@@ -221,7 +223,7 @@ def training_loop(
     end_nimg = min(total_nimg, stop_at_nimg or total_nimg)
 
     construct = dnnlib.util.construct_class_by_name
-    dataset = construct(**dataset_kwargs)
+    dataset = construct(**dataset_kwargs) if dataset is None else dataset
     encoder = construct(**encoder_kwargs)
     encoder.init(device)
     first_image = dataset[0][0]
