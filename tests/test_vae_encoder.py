@@ -1,5 +1,8 @@
 import pickle
 import socket
+import threading
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
-from training.encoders import StabilityVAEEncoder, load_vae
+from training.encoders import StabilityVAEEncoder, hub_reachable, load_vae
 
 RAW_MEAN = np.array([5.81, 3.25, 0.12, -2.15])
 RAW_STD = np.array([4.17, 4.62, 3.71, 3.28])
@@ -130,3 +133,43 @@ def test_an_uncached_hub_vae_is_asked_of_the_hub_only_when_its_host_answers(tmp_
     with pytest.raises(dnnlib.util.DownloadError):
         load_vae('stabilityai/sd-vae-ft-mse')
     assert attempts == [True, False]
+
+
+def test_the_hub_probe_gives_up_on_a_name_lookup_that_hangs(monkeypatch):
+    # getaddrinfo has no timeout of its own: without network it can hang far longer than the probe's 3 s.
+    monkeypatch.setattr(urllib.request, 'getproxies', dict)
+    released = threading.Event()
+
+    def slow_lookup(*args, **kwargs):
+        released.wait(30)
+        raise socket.gaierror('no answer')
+
+    monkeypatch.setattr(socket, 'getaddrinfo', slow_lookup)
+    start = time.monotonic()
+    try:
+        assert hub_reachable(timeout=0.5) is False
+        assert time.monotonic() - start < 15  # well short of the 30 s lookup
+    finally:
+        released.set()
+
+
+def test_the_hub_probe_does_not_wait_out_its_timeout_when_the_lookup_fails_at_once(monkeypatch):
+    monkeypatch.setattr(urllib.request, 'getproxies', dict)
+
+    def no_such_host(*args, **kwargs):
+        raise socket.gaierror('no such host')
+
+    monkeypatch.setattr(socket, 'getaddrinfo', no_such_host)
+    start = time.monotonic()
+    assert hub_reachable(timeout=30) is False
+    assert time.monotonic() - start < 15  # well short of the 30 s bound
+
+
+def test_the_hub_probe_answers_true_when_the_looked_up_host_takes_the_connection(monkeypatch):
+    monkeypatch.setattr(urllib.request, 'getproxies', dict)
+    with socket.socket() as host:
+        host.bind(('127.0.0.1', 0))
+        host.listen()
+        address = [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, '', host.getsockname())]
+        monkeypatch.setattr(socket, 'getaddrinfo', lambda *args, **kwargs: address)
+        assert hub_reachable() is True

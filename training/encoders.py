@@ -13,6 +13,7 @@ Example:
 
 import os
 import socket
+import threading
 import urllib.parse
 import urllib.request
 import warnings
@@ -69,8 +70,9 @@ def _truthy_env(name: str) -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub's host (HF_ENDPOINT) takes a connection within about `timeout` seconds;
-    assumed behind a proxy, which decides. Without network huggingface_hub would retry for half a minute."""
+    """Whether the Hugging Face hub's host (HF_ENDPOINT) takes a connection within `timeout` seconds, its name
+    lookup included; assumed behind a proxy, which decides. Without network huggingface_hub would retry for
+    half a minute."""
     from huggingface_hub import constants
 
     endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
@@ -78,11 +80,21 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     if (proxies.get('https') or proxies.get('all')) and not urllib.request.proxy_bypass(endpoint.hostname or ''):
         return True
     port = endpoint.port or (443 if endpoint.scheme == 'https' else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+    answered = []
+
+    def probe() -> None:
+        # create_connection's timeout bounds each connect, not the DNS lookup before it (which can hang for
+        # long without network): the probe runs here, and a lookup still hanging is left to this daemon thread.
+        try:
+            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        except OSError:
+            return
+        answered.append(True)
+
+    thread = threading.Thread(target=probe, name='hub-probe', daemon=True)
+    thread.start()
+    thread.join(timeout)  # at once when the probe fails fast (refused, no such host)
+    return bool(answered)
 
 
 def load_vae(vae_name: str, device: torch.device | str = 'cpu') -> torch.nn.Module:
