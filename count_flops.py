@@ -194,7 +194,8 @@ def main(pkl_or_preset: str) -> None:
     for role, net in resolve(pkl_or_preset):
         shape = f'{net.img_channels}x{net.img_resolution}x{net.img_resolution}'
         click.echo(
-            f'{role}: {count_flops(net) / 1e9:.2f} Gflops per image, {count_flops(net, False) / 1e9:.2f} in '
+            f'{role}: {dnnlib.util.format_figure(count_flops(net) / 1e9)} Gflops per image, '
+            f'{dnnlib.util.format_figure(count_flops(net, False) / 1e9)} in '
             f'multiply-adds alone ({shape}, {net.label_dim} classes, {count_parameters(net) / 1e6:.1f}M parameters)'
         )
 

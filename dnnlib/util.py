@@ -7,6 +7,7 @@ import fractions
 import hashlib
 import importlib
 import io
+import math
 import os
 import re
 import sys
@@ -325,6 +326,15 @@ def parse_int_list(s: str | list[int]) -> list[int]:
             raise ValueError(f"'{item.strip()}' is a reversed range; write it as {hi}-{lo}")
         result.extend(range(lo, hi + 1))
     return result
+
+
+def format_figure(value: float, digits: int = 3) -> str:
+    """Fixed-point with two decimals, or as many more as show `digits` significant figures of a small value:
+    '45.68', '0.0234' (not '0.02'), '0.000512'."""
+    if value == 0 or not math.isfinite(value):
+        return f'{value:.2f}'
+    decimals = max(2, digits - 1 - math.floor(math.log10(abs(value))))
+    return f'{value:.{decimals}f}'
 
 
 def format_time(seconds: float) -> str:

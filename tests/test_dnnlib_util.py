@@ -240,3 +240,11 @@ def test_parse_int_list_errors_say_what_to_write():
 )
 def test_format_time_splits_units(seconds, expected):
     assert util.format_time(seconds) == expected
+
+
+@pytest.mark.parametrize(
+    'value, expected',
+    [(45.678, '45.68'), (118.744, '118.74'), (1.5, '1.50'), (0.0191, '0.0191'), (0.000512, '0.000512'), (0, '0.00')],
+)
+def test_format_figure_keeps_three_significant_figures_of_small_values(value, expected):
+    assert util.format_figure(value) == expected

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+import dnnlib
 from training import networks_edm2 as nets
-from training.throughput import ThroughputError, forward_flops_per_image, time_sampling, time_training_steps
+from training.throughput import ThroughputError, describe, forward_flops_per_image, time_sampling, time_training_steps
 
 TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
 
@@ -52,3 +53,10 @@ def test_checkpointing_times_u_nets_only_and_process_clock_only_on_cpu(one_threa
         time_training_steps('demo-dit', batch=2, label_dim=5, steps=1, checkpointing=True)
     with pytest.raises(ThroughputError, match='clock'):
         time_training_steps('demo-tiny', batch=2, label_dim=5, steps=1, clock='sundial')
+
+
+def test_the_bench_line_shows_a_tiny_net_s_gflops_to_three_significant_figures():
+    r = dnnlib.EasyDict(
+        img_s=100.0, ms=5.0, gflops_per_img=0.0574, tflops=0.0057, mfu=None, first_s=1.0, peak_mem_gb=0.1
+    )
+    assert '0.0574 Gflop/img' in describe(r)

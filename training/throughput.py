@@ -261,7 +261,7 @@ def settings_label(
 
 def describe(r: dnnlib.EasyDict) -> str:
     """One line of a timing's figures, as the bench scripts print them."""
-    line = f'{r.img_s:.2f} img/s, {r.ms:.1f} ms/call, {r.gflops_per_img:.2f} Gflop/img, {r.tflops:.3f} Tflop/s'
+    line = f'{r.img_s:.2f} img/s, {r.ms:.1f} ms/call, {dnnlib.util.format_figure(r.gflops_per_img)} Gflop/img, {r.tflops:.3f} Tflop/s'
     line += f', MFU {r.mfu:.1%}' if r.mfu is not None else ', MFU n/a (give --peak-tflops)'
     line += f', first call {r.first_s:.1f} s'
     return line + f', peak memory {r.peak_mem_gb:.2f} GiB'
