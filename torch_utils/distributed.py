@@ -4,6 +4,7 @@ process group, so the same code runs in both."""
 import atexit
 import contextlib
 import gc
+import importlib
 import os
 from typing import Any, Iterator
 
@@ -38,6 +39,10 @@ def init(cpu: bool = False) -> None:
         if os.environ.get('GROUP_WORLD_SIZE', '1') == '1':
             attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
             store = torch.distributed.PrefixStore(f'attempt_{attempt}', store)
+        # torch.distributed.nn binds group.WORLD as its functions' default argument when first imported (DDP
+        # imports it through torch._dynamo). Imported after the group exists, it keeps the group and its gloo
+        # threads alive past destroy_process_group, to interpreter teardown; imported now, it binds None.
+        importlib.import_module('torch.distributed.nn')
         torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
         atexit.register(_shutdown)
     sync_device = device() if get_world_size() > 1 else None
