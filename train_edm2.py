@@ -1,5 +1,6 @@
 """Train magnitude-preserving diffusion models the EDM2 way (Karras et al., CVPR 2024)."""
 
+import contextlib
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ import click
 
 import dnnlib
 from torch_utils import distributed as dist
+from training import faults
 from training.backbones import ARCHS, FORMULATIONS
 from training.checkpoint import CheckpointError
 from training.presets_train import TRAIN_PRESETS
@@ -325,29 +327,39 @@ def main(
         tracker = Tracker(outdir, loggers if dist.get_rank() == 0 else [], config=c)
         resuming = check_run_folder(outdir, c)
         warnings = []
-        if dist.get_rank() == 0:
-            if not resuming:
-                warnings = check_dataset(dataset, c.max_bad_samples)
-            if c.snapshot_nimg and c.snapshot_nimg < 1000:
-                warnings.append(
-                    f'Note: --snapshot={c.snapshot_nimg} is under 1000 images, but snapshots are named by kimg '
-                    f'(as EDM2 names them): those of one kimg replace each other.'
-                )
-            os.makedirs(outdir, exist_ok=True)
-            with dnnlib.util.atomic_write(os.path.join(outdir, 'training_options.json'), 'wt') as f:
-                json.dump(c, f, indent=2)
-        dist.barrier()
-        logger = dnnlib.util.Logger(os.path.join(outdir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
-        for line in warnings:
-            dist.print0(line)
-        dist.print0(json.dumps(c, indent=2))
-        try:
-            stopped_early = training_loop(run_dir=outdir, tracker=tracker, dataset=dataset, **c)
-            dist.finish()
-        finally:
-            tracker.close()
-            if logger is not None:
-                logger.close()
+        with contextlib.ExitStack() as held:
+            in_use = None
+            if dist.get_rank() == 0:
+                if not resuming:
+                    warnings = check_dataset(dataset, c.max_bad_samples)
+                if c.snapshot_nimg and c.snapshot_nimg < 1000:
+                    warnings.append(
+                        f'Note: --snapshot={c.snapshot_nimg} is under 1000 images, but snapshots are named by kimg '
+                        f'(as EDM2 names them): those of one kimg replace each other.'
+                    )
+                os.makedirs(outdir, exist_ok=True)
+                try:
+                    held.enter_context(faults.lock_run(outdir))
+                    with dnnlib.util.atomic_write(os.path.join(outdir, 'training_options.json'), 'wt') as f:
+                        json.dump(c, f, indent=2)
+                except TrainingError as e:
+                    in_use = str(e)
+            in_use = faults.first_error(in_use)  # Every rank stops with rank 0's line, none waits for it.
+            if in_use is not None:
+                raise TrainingError(in_use)
+            logger = (
+                dnnlib.util.Logger(os.path.join(outdir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
+            )
+            for line in warnings:
+                dist.print0(line)
+            dist.print0(json.dumps(c, indent=2))
+            try:
+                stopped_early = training_loop(run_dir=outdir, tracker=tracker, dataset=dataset, **c)
+                dist.finish()
+            finally:
+                tracker.close()
+                if logger is not None:
+                    logger.close()
         if stopped_early:
             sys.exit(requeue_exit_code)
     except (RunConfigError, TrainingError, CheckpointError, *USER_ERRORS) as e:

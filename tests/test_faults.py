@@ -84,6 +84,34 @@ def test_sigusr1_checkpoints_at_the_next_step_and_exits_with_the_requeue_code(tm
     assert 16 < state['cur_nimg'] < 1 << 20 and state['cur_nimg'] % 4 == 0
 
 
+_HOLD_LOCK = """
+import fcntl, sys
+f = open(sys.argv[1], 'a')
+fcntl.lockf(f, fcntl.LOCK_EX)
+print('locked', flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_run_on_a_folder_in_use_stops_with_one_line_and_touches_nothing(tmp_path, cache_env, one_thread):
+    # Another process training in tmp_path holds its lock (a POSIX lock is per process: not this test's).
+    assert _cli(tmp_path, '--duration=16').exit_code == 0
+    before = {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)}
+    holder = subprocess.Popen(
+        [sys.executable, '-c', _HOLD_LOCK, str(tmp_path / 'log.txt')], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b'locked\n'
+        result = _cli(tmp_path, '--duration=32')
+    finally:
+        holder.communicate(b'')
+    assert_one_line_error(result, f'{tmp_path} is in use', 'another --outdir')
+    assert {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)} == before
+    result = _cli(tmp_path, '--duration=32')  # The holder has exited: its lock went with it.
+    assert result.exit_code == 0, result.output
+    assert _final_state(tmp_path)['cur_nimg'] == 32
+
+
 # ----------------------------------------------------------------------------
 # Torn checkpoints.
 

@@ -2,10 +2,12 @@
 ranks on the first error so that they stop together, and the disk space the run's outputs will take."""
 
 import contextlib
+import errno
+import fcntl
 import glob
 import os
 import shutil
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import torch
 
@@ -37,6 +39,27 @@ def writing(path: str) -> Iterator[None]:
         if not isinstance(cause, OSError):
             raise
         raise WriteError(f'Cannot write {path}: {cause.strerror or first_line(cause)}') from None
+
+
+def lock_run(run_dir: str) -> IO:
+    """Lock run_dir's log.txt for this process, so that a second run started on the same folder stops at once
+    instead of deleting this one's half-written files and writing the same checkpoints. A POSIX lock: the kernel
+    drops it when the process dies (SIGKILL too), forked data workers do not inherit it, and NFS honours it; on a
+    file system without locks nothing is locked. It lasts until the returned file is closed or this process
+    closes another descriptor of log.txt (POSIX's rule), as the Logger does at the end of the run.
+    TrainingError when another process holds it."""
+    path = os.path.join(run_dir, 'log.txt')
+    f = open(path, 'a', encoding='utf-8')
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            f.close()
+            raise TrainingError(
+                f'{run_dir} is in use: another process trains there (it holds {path} locked); stop it first, '
+                f'or choose another --outdir'
+            ) from None
+    return f
 
 
 def remove_stale_temp_files(run_dir: str) -> list[str]:
