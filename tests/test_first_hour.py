@@ -97,10 +97,11 @@ def test_other_settings_on_an_existing_run_are_refused_before_anything_is_touche
     assert 'Traceback' not in result.output and _folder_state(run) == before
 
 
-def test_resume_may_change_the_duration_and_output_intervals(tmp_path, finished_run, module_cache_env):
+def test_resume_may_change_the_duration_output_intervals_and_retention(tmp_path, finished_run, module_cache_env):
     run = str(tmp_path / 'run')
     assert _train(f'--outdir={run}', '--duration=16', *FAST).exit_code == 0
     changed = ['--duration=32', '--workers=1', '--status=32', '--snapshot=32', '--checkpoint=32']
+    changed += ['--keep-checkpoints=1', '--continue-on-snapshot-error']  # What a disk-full stop or warning advises.
     result = _train(f'--outdir={run}', '--preset=demo-tiny', '--seed=1', *changed)
     assert result.exit_code == 0, result.output
     assert 'Resuming from' in result.output
