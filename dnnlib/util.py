@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import requests
@@ -235,24 +235,32 @@ def construct_class_by_name(*args: Any, class_name: str, **kwargs: Any) -> Any:
 
 
 class _Tee:
-    """Stands in for sys.stdout or sys.stderr, copying each write into the log file."""
+    """Stands in for sys.stdout or sys.stderr, copying each write into the log file; a failed write to the file
+    (a full disk) calls `lost` with the error instead of stopping the program."""
 
-    def __init__(self, stream: IO[str], file: IO[str] | None, should_flush: bool):
-        self.stream, self.file, self.eager = stream, file, should_flush
-
-    def _targets(self) -> list[IO[str]]:
-        return [self.stream] if self.file is None else [self.file, self.stream]
+    def __init__(self, stream: IO[str], file: IO[str] | None, should_flush: bool, lost: Callable[[OSError], None]):
+        self.stream, self.file, self.eager, self.lost = stream, file, should_flush, lost
 
     def write(self, text: str) -> int:
-        for target in self._targets():
-            target.write(text)
+        self.stream.write(text)
+        if self.file is not None:
+            try:
+                self.file.write(text)
+                if self.eager:
+                    self.file.flush()
+            except OSError as e:
+                self.lost(e)
         if self.eager:
-            self.flush()
+            self.stream.flush()
         return len(text)
 
     def flush(self) -> None:
-        for target in self._targets():
-            target.flush()
+        if self.file is not None:
+            try:
+                self.file.flush()
+            except OSError as e:
+                self.lost(e)
+        self.stream.flush()
 
     def __getattr__(self, name: str) -> Any:
         # isatty, encoding, fileno and the like answer for the real stream.
@@ -260,14 +268,24 @@ class _Tee:
 
 
 class Logger:
-    """Tee stdout and stderr into `file_name` (if given) until close(); usable as a context manager."""
+    """Tee stdout and stderr into `file_name` (if given) until close(); usable as a context manager. When the file
+    cannot be written (a full disk), the console goes on alone after one warning on stderr."""
 
     def __init__(self, file_name: str | None = None, file_mode: str = 'a', should_flush: bool = True):
+        self.file_name = file_name
         self.file = open(file_name, file_mode, encoding='utf-8') if file_name is not None else None
         self.orig_stdout, self.orig_stderr = sys.stdout, sys.stderr
-        self.stdout = _Tee(sys.stdout, self.file, should_flush)
-        self.stderr = _Tee(sys.stderr, self.file, should_flush)
+        self.stdout = _Tee(sys.stdout, self.file, should_flush, self._lost)
+        self.stderr = _Tee(sys.stderr, self.file, should_flush, self._lost)
         sys.stdout, sys.stderr = self.stdout, self.stderr
+
+    def _lost(self, error: OSError) -> None:
+        if self.stdout.file is None:
+            return
+        self.stdout.file = self.stderr.file = None
+        reason = error.strerror or str(error)
+        self.orig_stderr.write(f'Warning: cannot write {self.file_name}: {reason}; the console goes on without it.\n')
+        self.orig_stderr.flush()
 
     def __enter__(self) -> 'Logger':
         return self
@@ -289,7 +307,8 @@ class Logger:
         file, self.file = self.file, None
         if file is not None:
             self.stdout.file = self.stderr.file = None
-            file.close()
+            with contextlib.suppress(OSError):  # What a full disk kept from it is lost either way.
+                file.close()
 
 
 _NIMG_SUFFIXES = {'': 1, 'K': 10**3, 'M': 10**6, 'G': 10**9, 'Ki': 1 << 10, 'Mi': 1 << 20, 'Gi': 1 << 30}

@@ -188,6 +188,18 @@ def test_logger_tees_both_streams_and_restores_them(tmp_path, capsys):
     assert captured.out == 'to stdout\nafter close\n' and captured.err == 'to stderr\n'
 
 
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (every write fails with ENOSPC)')
+def test_logger_on_a_full_disk_warns_once_and_the_console_goes_on(capsys):
+    with util.Logger('/dev/full'):
+        print('first')
+        print('second', file=sys.stderr)
+        print('third')
+    captured = capsys.readouterr()
+    assert captured.out == 'first\nthird\n'
+    warning = 'Warning: cannot write /dev/full: No space left on device; the console goes on without it.\n'
+    assert captured.err == warning + 'second\n'
+
+
 @pytest.mark.parametrize(
     'text, expected',
     [

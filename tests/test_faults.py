@@ -215,6 +215,16 @@ def test_write_error_of_a_safetensors_snapshot_names_that_file(tmp_path, cache_e
     assert _no_temp_files(tmp_path)
 
 
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (every write fails with ENOSPC)')
+def test_a_full_disk_at_stats_jsonl_saves_the_state_and_stops_naming_it(tmp_path, cache_env, one_thread):
+    assert _cli(tmp_path, '--duration=16').exit_code == 0
+    os.replace(tmp_path / 'stats.jsonl', tmp_path / 'stats-before.jsonl')
+    os.symlink('/dev/full', tmp_path / 'stats.jsonl')
+    result = _cli(tmp_path, '--duration=64')  # Its first status line is due at 32 images.
+    assert_one_line_error(result, f'Cannot write {tmp_path / "stats.jsonl"}: No space left', 're-run to resume')
+    assert torch.load(tmp_path / ckpt.checkpoint_name(0), weights_only=False)['cur_nimg'] == 32
+
+
 _FULL_DISK_RUN = """
 import errno, os
 real_fsync = os.fsync

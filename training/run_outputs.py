@@ -56,7 +56,8 @@ class Status:
         """Seconds the run has trained, earlier processes included."""
         return time.time() - self.start
 
-    def __call__(self, cur_nimg: int, loss_fn: Any, net: Any, encoder: Any, dataset_kwargs: dict) -> None:
+    def __call__(self, cur_nimg: int, loss_fn: Any, net: Any, encoder: Any, dataset_kwargs: dict) -> str | None:
+        """Report one status line; on rank 0, the one-line error of a failed stats.jsonl write (else None)."""
         now = time.time()
         trained = cur_nimg - self.last_nimg
         images = max(trained, 1)
@@ -89,9 +90,13 @@ class Status:
             dropped = sum(v for k, v in means.items() if k.startswith('Data/dropped/') or k == 'Data/too_small')
             line += f' data read {means["Data/read"]:.0f} dropped {dropped:.0f} corrupt {means["Data/corrupt"]:.0f}'
         dist.print0(line)
+        written = None
         if dist.get_rank() == 0:
-            with open(self.path, 'at') as f:
-                f.write(json.dumps(dict(means, timestamp=now)) + '\n')
+            try:
+                with faults.writing(self.path), open(self.path, 'at') as f:
+                    f.write(json.dumps(dict(means, timestamp=now)) + '\n')
+            except faults.WriteError as e:
+                written = str(e)
             if self.tracker is not None:
                 self.tracker.scalars(means, cur_nimg)
         if 'Loss/loss' in means and not math.isfinite(loss):
@@ -100,6 +105,7 @@ class Status:
                 f'lower --lr and re-run to resume from the last checkpoint in {self.run_dir}.'
             )
         self.last, self.last_nimg = time.time(), cur_nimg
+        return written
 
 
 def save_snapshots(

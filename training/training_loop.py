@@ -287,7 +287,10 @@ def training_loop(
                     position.report()
                 if bad is not None:
                     bad.report()
-                status(cur_nimg, loss_fn, net, encoder, dataset_kwargs)
+                error = faults.first_error(status(cur_nimg, loss_fn, net, encoder, dataset_kwargs))
+                if error is not None:  # stats.jsonl: no place to report the run's progress, as at a snapshot.
+                    stop['fault'] = f'{error}; free space and re-run to resume'
+                    stopping = not done
             if due(snapshot_nimg, done) and not resumed_here:
                 error = grid = None
                 if rank == 0:
