@@ -233,9 +233,7 @@ def test_bad_input_is_one_clear_line(tmp_path, make, message):
 
 def test_mixed_sizes_without_resolution_is_one_clear_line(tmp_path):
     write_shards(tmp_path, num_shards=1, per_shard=2, sizes=[(8, 8), (16, 8)])
-    with pytest.raises(
-        ShardError, match='mixed sizes are resized as they stream with --resolution'
-    ) as info:
+    with pytest.raises(ShardError, match='mixed sizes are resized as they stream with --resolution') as info:
         ShardDataset(str(tmp_path), shuffle=0)
     assert '\n' not in str(info.value)
 
