@@ -79,6 +79,21 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[IO]:
         raise
 
 
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames and new names in `folder` durable (a name lives in its folder's data, which a file's
+    own fsync does not write); a file system that cannot sync a folder is left as it is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _cache_file_name(url: str) -> str:
     # The hash tells apart URLs with equal base names; the base name keeps the cache readable.
     url_hash = hashlib.sha256(url.encode('utf-8')).hexdigest()[:32]

@@ -272,6 +272,18 @@ def test_keep_checkpoints_deletes_all_but_the_newest(tmp_path):
     assert kept == [ckpt.checkpoint_name(3), ckpt.checkpoint_name(10), 'training-state-notes.pt']
 
 
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='needs /proc/self/fd')
+def test_the_new_checkpoint_name_is_synced_before_older_checkpoints_are_deleted(tmp_path, monkeypatch):
+    (tmp_path / ckpt.checkpoint_name(1)).write_bytes(b'')
+    events, real_remove = [], os.remove
+    monkeypatch.setattr(os, 'fsync', lambda fd: events.append(('fsync', os.readlink(f'/proc/self/fd/{fd}'))))
+    monkeypatch.setattr(os, 'remove', lambda path: (events.append(('remove', str(path))), real_remove(path)))
+    ckpt.save_training_state(str(tmp_path), dict(cur_nimg=2000), keep=1)
+    assert os.listdir(tmp_path) == [ckpt.checkpoint_name(2)]
+    folder_synced = events.index(('fsync', str(tmp_path)))
+    assert folder_synced < events.index(('remove', str(tmp_path / ckpt.checkpoint_name(1))))
+
+
 class _TwoEMAs:
     def __init__(self, net):
         self.net = net

@@ -151,6 +151,7 @@ def save_training_state(run_dir: str, state: dict[str, Any], keep: int | None = 
     if dist.get_rank() == 0:
         try:
             save_checkpoint(os.path.join(run_dir, checkpoint_name(state['cur_nimg'] // 1000)), state)
+            dnnlib.util.fsync_folder(run_dir)  # The new name survives a crash of the machine before older go.
             prune_checkpoints(run_dir, keep)
         except CheckpointError as e:
             error = str(e)
