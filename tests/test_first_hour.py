@@ -102,12 +102,14 @@ def test_resume_may_change_the_duration_output_intervals_and_retention(tmp_path,
     assert _train(f'--outdir={run}', '--duration=16', *FAST).exit_code == 0
     changed = ['--duration=32', '--workers=1', '--status=32', '--snapshot=32', '--checkpoint=32']
     changed += ['--keep-checkpoints=1', '--continue-on-snapshot-error']  # What a disk-full stop or warning advises.
+    changed += ['--snapshot-fp32', '--snapshot-format=both']  # Outputs only.
     result = _train(f'--outdir={run}', '--preset=demo-tiny', '--seed=1', *changed)
     assert result.exit_code == 0, result.output
     assert 'Resuming from' in result.output
     stats = [json.loads(line) for line in open(os.path.join(run, 'stats.jsonl'))]
     assert [round(s['Progress/kimg'] * 1000) for s in stats] == [0, 16, 32]
     assert json.load(open(os.path.join(run, 'training_options.json')))['total_nimg'] == 32
+    assert any(name.endswith('.safetensors') for name in os.listdir(run))
 
 
 def test_dry_run_needs_no_outdir(module_cache_env):

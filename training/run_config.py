@@ -246,7 +246,8 @@ def setup_training_run(preset: str | None, data: str | None, **opts) -> tuple[dn
 # Options a re-run may change without changing what is trained: the schedule of outputs, the run's length,
 # how each process splits and loads its batch, how many bad samples it steps over (the stop at
 # --max-bad-samples says to raise it and re-run to resume), how many checkpoints it keeps and whether a failed
-# snapshot stops it (the disk-space warning and the stop at a full disk advise those). Anything else differing
+# snapshot stops it (the disk-space warning and the stop at a full disk advise those), and the snapshots' file
+# format and precision (outputs only: float16 snapshots save half the disk). Anything else differing
 # from the saved options is refused, also a moved dataset (a new path may hold other images; after a move, edit
 # the path in the saved options).
 RESUMABLE_KEYS = (
@@ -260,6 +261,8 @@ RESUMABLE_KEYS = (
     'max_bad_samples',
     'keep_checkpoints',
     'continue_on_snapshot_error',
+    'snapshot_fp32',
+    'snapshot_format',
 )
 
 # Resolved option -> the command-line option that sets it, for messages.
