@@ -112,6 +112,14 @@ def test_resume_may_change_the_duration_output_intervals_and_retention(tmp_path,
     assert any(name.endswith('.safetensors') for name in os.listdir(run))
 
 
+def test_precision_change_on_resume_names_the_precision_option(finished_run, module_cache_env):
+    run, _output = finished_run
+    saved = json.load(open(os.path.join(run, 'training_options.json')))['network_kwargs']['use_fp16']
+    other = 'fp32' if saved else 'bf16'  # The run's default: bf16 on a CPU with bf16 instructions, else fp32.
+    result = _train(f'--outdir={run}', '--duration=32', f'--precision={other}', *FAST)
+    assert_one_line_error(result, '--precision (network_kwargs.use_fp16) is', run)
+
+
 def test_dry_run_needs_no_outdir(module_cache_env):
     result = _train('--preset=demo-tiny', '--dry-run')
     assert result.exit_code == 0, result.output

@@ -277,7 +277,7 @@ _FLAGS = {
     'network_kwargs.model_channels': '--channels',
     'network_kwargs.dropout': '--dropout',
     'network_kwargs.label_dropout': '--label-dropout',
-    'network_kwargs.use_fp16': '--fp16/--bf16',
+    'network_kwargs.use_fp16': '--precision',
     'loss_kwargs.P_mean': '--P_mean',
     'loss_kwargs.P_std': '--P_std',
     'lr_kwargs.ref_lr': '--lr',
