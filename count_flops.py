@@ -41,7 +41,7 @@ from training.networks_dit import DIT_CONFIGS, DiT
 from training.presets_generate import presets as GENERATE_PRESETS
 from training.presets_train import TRAIN_PRESETS
 from training.run_config import backbone_kwargs
-from training.snapshots import NetworkPickleError, load_network_pickle
+from training.snapshots import TRUST_HELP, NetworkPickleError, load_network_pickle, trust_pickles
 
 # Data the non-demo training presets are meant for: (resolution, channels, classes) of what the network sees.
 PRESET_DATA = {
@@ -181,13 +181,15 @@ def resolve(pkl_or_preset: str) -> list[tuple[str, torch.nn.Module]]:
 
 @click.command()
 @click.argument('pkl_or_preset', metavar='PKL_OR_PRESET')
+@click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help=TRUST_HELP)
 def main(pkl_or_preset: str) -> None:
-    """Print the forward-pass Gflops per image of a network pickle, training preset or generation preset.
+    """Print the forward-pass Gflops per image of a network (pickle, .safetensors, run folder or DiT checkpoint),
+    a training preset, a generation preset or a DiT size.
 
     \b
     python count_flops.py edm2-img512-xs                 # training preset: 45.68 Gflops
     python count_flops.py edm2-img512-s-autog-fid        # generation preset: net and guiding net
-    python count_flops.py runs/demo/network-snapshot-0000384-0.100.pkl
+    python count_flops.py runs/demo/network-snapshot-0000196-0.100.pkl
     python count_flops.py DiT-XL/2                       # 118.74 Gflops; multiply-adds alone 118.62
     python count_flops.py dit-xl2-512                    # DiT's released 512x512 model
     """

@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from click.testing import CliRunner
 import count_flops
 from count_flops import count_ops
 from training.networks_edm2 import Precond
-from training.snapshots import save_network_pickle
+from training.snapshots import PickleWarning, save_network_pickle
 
 PUBLISHED_GFLOPS = {'xs': 46, 's': 102, 'm': 181, 'l': 282, 'xl': 406, 'xxl': 552}  # EDM2 Table 2
 
@@ -62,6 +63,19 @@ def test_pickle_counts_the_same_as_the_preset_that_built_it(tmp_path):
     assert gflops_line(from_pickle.output) == gflops_line(from_preset.output) == gflops_line(from_folder.output) > 0
     # About 0.019 Gflops: printed to three significant figures, not as 0.02.
     assert gflops_line(from_pickle.output) == pytest.approx(count_flops.count_flops(net) / 1e9, rel=5e-3)
+
+
+def test_trust_pickles_flag_silences_the_notice(tmp_path):
+    # README: --trust-pickles on every script that loads networks; the notice itself names the flag.
+    net = Precond(16, 3, 5, use_fp16=False, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    path = str(tmp_path / 'network-snapshot-0000001-0.050.pkl')
+    save_network_pickle({'ema': net.eval()}, path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        result = CliRunner().invoke(count_flops.main, ['--trust-pickles', path])
+    assert result.exit_code == 0, result.output
+    assert gflops_line(result.output) > 0
+    assert not [w for w in seen if issubclass(w.category, PickleWarning)]
 
 
 def test_unknown_name_is_a_one_line_error(tmp_path):
