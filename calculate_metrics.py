@@ -317,7 +317,12 @@ def calc(
     default=None,
     help='Prompts of a text-to-image net, one per line (cycled over seeds).',
 )
-@click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), default=None, help='[default: as pickled]')
+@click.option(
+    '--precision',
+    type=click.Choice(['fp32', 'fp16', 'bf16']),
+    default=None,
+    help='Compute precision  [default: as pickled]',
+)
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the networks (pays for many images).')
 @_common_options
 @click.option(

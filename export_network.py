@@ -59,7 +59,13 @@ def _load(source: str) -> dict:
 @click.option(
     '--net', metavar='PKL|PT|DIR|URL', type=str, required=True, help='Network pickle, DiT checkpoint or run folder.'
 )
-@click.option('--dest', metavar='PATH', type=str, default=None, help='Output file (one input)  [default: beside it]')
+@click.option(
+    '--dest',
+    metavar='PATH',
+    type=str,
+    default=None,
+    help="Output file (one input)  [default: beside it; a URL's in the current folder]",
+)
 @TRUST
 def safetensors(net: str, dest: str | None) -> None:
     """Write NAME.safetensors for each NAME.pkl (every snapshot of a run folder, classic EMAs included) or DiT

@@ -148,6 +148,8 @@ def main(**o: Any) -> None:
     # Sweep: one sub-folder of out/ per combination (2 weights x 2 solvers)
     python generate_images.py --net=run/net.pkl --gnet=run/uncond.pkl --guidance=1.5,2 --solver=heun,dpm++2m \\
         --guidance-interval=0.3,5 --steps=20 --outdir=out
+
+    \b
     # DiT-XL/2 at 256x256 as DiT samples it (250 DDPM steps, CFG 1.5); or --sampler=ddim --respacing=ddim25
     python generate_images.py --preset=dit-xl2-256 --class=207 --seeds=0-7 --grid=out/dit.png
 
@@ -157,7 +159,7 @@ def main(**o: Any) -> None:
         --seeds=0-15 --grid=out/cascade.png --outdir=out/cascade --device=cpu
 
     \b
-    # CLIP guidance of the unconditional 16x16 demo net by the demo-clip guide (runs/demo-clip)
+    # CLIP guidance of the class-conditional 16x16 demo-tiny net (its classes drawn at random) by the demo-clip guide
     python generate_images.py --net=runs/demo-tiny --clip=runs/demo-clip --clip-scale=100 \\
         --prompt="a red circle on a blue background, at the center" --grid=out/clip.png --device=cpu
     """

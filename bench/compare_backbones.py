@@ -79,12 +79,26 @@ def heldout_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 @click.command()
 @click.option('--outdir', metavar='DIR', type=str, required=True, help='Where the runs, grids and results go.')
 @click.option('--nimg', metavar='NIMG', type=str, default='32Ki', show_default=True, help='Training images per net.')
-@click.option('--resolution', metavar='INT', type=click.Choice(['16', '32']), default='32', show_default=True)
+@click.option(
+    '--resolution',
+    metavar='16|32',
+    type=click.Choice(['16', '32']),
+    default='32',
+    show_default=True,
+    help='Size of the built-in shapes images.',
+)
 @click.option('--channels', metavar='INT', type=int, default=16, show_default=True, help='U-Net model_channels.')
 @click.option('--depth', metavar='INT', type=int, default=4, show_default=True, help='Transformer blocks.')
 @click.option('--batch', metavar='INT', type=int, default=64, show_default=True, help='Batch size.')
 @click.option('--lr', metavar='FLOAT', type=float, default=0.01, show_default=True, help='Reference learning rate.')
-@click.option('--archs', metavar='LIST', type=str, default='unet,dit,mp-dit', show_default=True)
+@click.option(
+    '--archs',
+    metavar='LIST',
+    type=str,
+    default='unet,dit,mp-dit',
+    show_default=True,
+    help='Backbones to train, comma-separated.',
+)
 def main(outdir: str, nimg: str, resolution: str, channels: int, depth: int, batch: int, lr: float, archs: str) -> None:
     """Train each architecture on the shapes data at equal Gflops and images; print and save the results."""
     res, total = int(resolution), dnnlib.util.parse_nimg(nimg)

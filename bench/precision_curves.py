@@ -33,8 +33,17 @@ def train_curve(preset: str, precision: str, duration: int, status: int, run_dir
 
 @click.command()
 @click.option('--preset', metavar='STR', default='demo', show_default=True, help='A demo preset (makes its data).')
-@click.option('--duration', metavar='NIMG', type=dnnlib.util.parse_nimg, default='8Ki', show_default=True)
-@click.option('--status', metavar='NIMG', type=dnnlib.util.parse_nimg, default='512', show_default=True)
+@click.option(
+    '--duration', metavar='NIMG', type=dnnlib.util.parse_nimg, default='8Ki', show_default=True, help='Images per run.'
+)
+@click.option(
+    '--status',
+    metavar='NIMG',
+    type=dnnlib.util.parse_nimg,
+    default='512',
+    show_default=True,
+    help='Loss recorded every NIMG images.',
+)
 @click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=None, help='torch CPU threads.')
 @click.option('--plot', metavar='PNG', type=str, default=None, help='Write both curves to this PNG.')
 def main(preset: str, duration: int, status: int, threads: int | None, plot: str | None) -> None:

@@ -19,17 +19,43 @@ from training.throughput import ThroughputError, describe, settings_label, time_
 
 
 @click.command()
-@click.option('--preset', metavar='STR', type=click.Choice(list(TRAIN_PRESETS)), default='demo', show_default=True)
+@click.option(
+    '--preset',
+    metavar='STR',
+    type=click.Choice(list(TRAIN_PRESETS)),
+    default='demo',
+    show_default=True,
+    help='Training preset whose network is timed.',
+)
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images/batch.')
 @click.option('--resolution', metavar='INT', type=int, default=None, help='Input size [default: preset data, else 64].')
 @click.option(
     '--channels-in', 'img_channels', metavar='INT', type=int, default=3, show_default=True, help='4: latents.'
 )
 @click.option('--label-dim', metavar='INT', type=int, default=10, show_default=True, help='Number of classes.')
-@click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), default='fp32', show_default=True)
+@click.option(
+    '--precision',
+    type=click.Choice(['fp32', 'fp16', 'bf16']),
+    default='fp32',
+    show_default=True,
+    help='Compute precision (as --precision of train_edm2.py and generate_images.py).',
+)
 @click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True, help='Timed evals.')
-@click.option('--sampler-steps', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--device', metavar='STR', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
+@click.option(
+    '--sampler-steps',
+    metavar='INT',
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help='Heun steps an image takes (2N-1 evaluations), for images/s.',
+)
+@click.option(
+    '--device',
+    metavar='STR',
+    default='cuda' if torch.cuda.is_available() else 'cpu',
+    show_default=True,
+    help='Torch device, e.g. cpu or cuda:1 (the default: cuda where available).',
+)
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (first call compiles).')
 @click.option('--peak-tflops', metavar='FLOAT', type=float, default=None, help='Device peak for MFU [default: table].')
 @click.option(

@@ -18,16 +18,35 @@ from training.throughput import ThroughputError, describe, settings_label, time_
 
 
 @click.command()
-@click.option('--preset', metavar='STR', type=click.Choice(list(TRAIN_PRESETS)), default='demo', show_default=True)
+@click.option(
+    '--preset',
+    metavar='STR',
+    type=click.Choice(list(TRAIN_PRESETS)),
+    default='demo',
+    show_default=True,
+    help='Training preset whose network is timed.',
+)
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images/step.')
 @click.option('--resolution', metavar='INT', type=int, default=None, help='Input size [default: preset data, else 64].')
 @click.option(
     '--channels-in', 'img_channels', metavar='INT', type=int, default=3, show_default=True, help='4: latents.'
 )
 @click.option('--label-dim', metavar='INT', type=int, default=10, show_default=True, help='Number of classes.')
-@click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), default='fp32', show_default=True)
+@click.option(
+    '--precision',
+    type=click.Choice(['fp32', 'fp16', 'bf16']),
+    default='fp32',
+    show_default=True,
+    help='Compute precision (as --precision of train_edm2.py and generate_images.py).',
+)
 @click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True, help='Timed steps.')
-@click.option('--device', metavar='STR', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
+@click.option(
+    '--device',
+    metavar='STR',
+    default='cuda' if torch.cuda.is_available() else 'cpu',
+    show_default=True,
+    help='Torch device, e.g. cpu or cuda:1 (the default: cuda where available).',
+)
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (first step compiles).')
 @click.option('--checkpointing', is_flag=True, help='Activation checkpointing of the U-Net blocks.')
 @click.option('--peak-tflops', metavar='FLOAT', type=float, default=None, help='Device peak for MFU [default: table].')

@@ -43,8 +43,23 @@ SAMPLER_OPTIONS: list[Option] = [
     Option(
         '--gnet', 'gnet', str, None, 'PKL|URL|DIR', 'Guiding network: unconditional (CFG) or weaker (autoguidance).'
     ),
-    Option('--guidance', 'guidance', float, None, 'FLOAT', 'Guidance strength w; 1 = none  [default: preset, else 1]'),
-    Option('--steps', 'num_steps', int, None, 'INT', 'Number of sampling steps  [default: preset, else 32]', min=1),
+    Option(
+        '--guidance',
+        'guidance',
+        float,
+        None,
+        'FLOAT[,..]',
+        'Guidance strength w; 1 = none; a comma list sweeps  [default: preset, else 1]',
+    ),
+    Option(
+        '--steps',
+        'num_steps',
+        int,
+        None,
+        'INT[,..]',
+        'Number of sampling steps; a comma list sweeps  [default: preset, else 32]',
+        min=1,
+    ),
     Option(
         '--sigma_min',
         'sigma_min',
@@ -71,9 +86,16 @@ SAMPLER_OPTIONS: list[Option] = [
     Option('--S_max', 'S_max', float, float('inf'), 'FLOAT', 'Highest noise level with churn.', min=0),
     Option('--S_noise', 'S_noise', float, 1.0, 'FLOAT', 'Churn noise inflation.'),
     # ODE solver, noise-level schedule and guidance interval (training/solvers.py, training/sampling.py).
-    Option('--solver', 'solver', str, 'heun', 'NAME', f'ODE solver: {", ".join(ORDERS)}.'),
+    Option('--solver', 'solver', str, 'heun', 'NAME[,..]', f'ODE solver: {", ".join(ORDERS)}; a comma list sweeps.'),
     Option('--schedule', 'schedule', str, 'karras', 'NAME', f'Noise levels: {", ".join(SCHEDULES)}.'),
-    Option('--guidance-interval', 'guidance_interval', str, None, 'LO,HI', 'Guide only for LO < sigma <= HI.'),
+    Option(
+        '--guidance-interval',
+        'guidance_interval',
+        str,
+        None,
+        'LO,HI[,..]',
+        'Guide only for LO < sigma <= HI; more pairs sweep.',
+    ),
     # Discrete-time samplers, for every net (see sample()).
     Option('--sampler', 'sampler', str, None, 'edm|ddpm|ddim', 'Sampler  [default: preset, else edm]'),
     Option('--respacing', 'respacing', str, None, 'STR', 'DDPM/DDIM steps: 250, ddim25, 10,15,20  [default: --steps]'),
