@@ -234,6 +234,10 @@ def test_option_errors(tmp_path):
     (tmp_path / 'full').mkdir()
     (tmp_path / 'full' / 'x').write_text('')
     assert_one_line_error(run('synth', f'--dest={tmp_path / "full"}', '--max-images=2'), 'full', 'not an empty folder')
+    (tmp_path / 'kept.zip').write_bytes(b'a dataset made earlier')
+    for args in (['synth', '--max-images=2'], ['convert', src]):
+        assert_one_line_error(run(*args, f'--dest={tmp_path / "kept.zip"}'), 'kept.zip: already exists')
+    assert (tmp_path / 'kept.zip').read_bytes() == b'a dataset made earlier'
     result = run('synth', f'--dest={tmp_path / "s.zip"}', '--max-images=lots')
     assert result.exit_code == 2 and 'lots' in result.output and 'Traceback' not in result.output
 

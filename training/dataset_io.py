@@ -81,7 +81,7 @@ class DatasetWriter:
     """Writes a dataset to a folder or, when `dest` ends in .zip, to an uncompressed ZIP.
 
     Either appears at `dest` only once complete: it is written to a temporary file or folder beside
-    `dest` and renamed on success, and removed on error. A folder `dest` must be new or empty. On
+    `dest` and renamed on success, and removed on error. A ZIP `dest` must be new, a folder new or empty. On
     leaving the `with` block without an error, dataset.json is written from the labels and captions.
 
         with DatasetWriter('out.zip') as writer:
@@ -101,6 +101,8 @@ class DatasetWriter:
         parent = os.path.dirname(os.path.abspath(self.dest))
         os.makedirs(parent, exist_ok=True)
         if self.is_zip:
+            if os.path.exists(self.dest):
+                raise DatasetFileError(f'{self.dest}: already exists; choose a new --dest (or delete it first)')
             file = self._stack.enter_context(dnnlib.util.atomic_write(self.dest, 'wb'))
             self._zip = zipfile.ZipFile(file, mode='w', compression=zipfile.ZIP_STORED)
         else:
