@@ -111,6 +111,24 @@ def test_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, mod
     assert Tracker(str(tmp_path), ['none', 'none']).names == []
 
 
+@needs_wandb
+def test_online_wandb_without_an_api_key_stops_before_the_run_folder_is_touched(
+    tmp_path, monkeypatch, module_cache_env
+):
+    import wandb
+
+    for name in ('WANDB_MODE', 'WANDB_API_KEY', 'NETRC'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))  # No ~/.netrc: no key anywhere.
+    monkeypatch.setattr(tracking.sys, 'stdin', io.StringIO())  # Not a terminal, as under a batch scheduler.
+    wandb.teardown()  # A fresh process's W&B: forget the settings of the offline runs of earlier tests.
+    result = CliRunner().invoke(train_edm2.main, [f'--outdir={tmp_path / "run"}', '--logger=wandb', *FAST])
+    assert_one_line_error(result, '--logger=wandb', 'wandb login', 'WANDB_MODE=offline')
+    assert not os.path.exists(tmp_path / 'run')
+    monkeypatch.setenv('WANDB_API_KEY', 'k' * 40)  # A key (not checked with the server here) passes.
+    tracking.check_wandb_credentials()
+
+
 @needs_tensorboard
 def test_training_logs_every_status_scalar_and_grid_and_a_resume_continues_the_axis(tmp_path, module_cache_env):
     run = str(tmp_path / 'run')

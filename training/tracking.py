@@ -7,10 +7,13 @@ results(). TensorBoard events go into the run folder itself (`tensorboard --logd
 folder); W&B keeps its files under RUN/wandb and its run id in RUN/wandb-run-id.txt, so a re-run resumes the
 same W&B run."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import secrets
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +42,26 @@ def check_loggers(loggers: Sequence[str]) -> list[str]:
                 f"--logger={name} needs the {name} package, which is not installed: pip install -e '.[tracking]' "
                 f'(or pip install {name}).'
             )
+    if 'wandb' in names:
+        check_wandb_credentials()
     return names
+
+
+def check_wandb_credentials() -> None:
+    """Online W&B without a terminal needs an API key (`wandb login` or WANDB_API_KEY): checked here, before a
+    run folder is touched, rather than when the run opens its backends. At a terminal wandb asks for the key
+    itself; offline or disabled W&B needs none."""
+    if os.environ.get('WANDB_MODE', '').lower() in ('offline', 'disabled', 'dryrun') or sys.stdin.isatty():
+        return
+    import wandb
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            wandb.login(verify=False)  # Reads the key from the environment or ~/.netrc; no network.
+    except wandb.errors.Error as e:
+        raise TrackingError(
+            f'--logger=wandb: {e} Or set WANDB_MODE=offline and `wandb sync` the run folder later.'
+        ) from None
 
 
 def _markdown_table(rows: list[dict]) -> str:
