@@ -32,7 +32,7 @@ from training.sampler_options import SAMPLER_OPTIONS, SWEEP_NAMES, read_prompts,
 from training.shards import ShardDataset
 from training.snapshots import TRUST_HELP, trust_pickles
 from training.tracking import LOGGERS
-from training.user_errors import USER_ERRORS, one_line
+from training.user_errors import USER_ERRORS, one_line, plain_warnings
 
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -419,4 +419,5 @@ def gen(
 
 
 if __name__ == '__main__':
+    plain_warnings()
     cli()

@@ -42,6 +42,7 @@ from training.presets_generate import presets as GENERATE_PRESETS
 from training.presets_train import TRAIN_PRESETS
 from training.run_config import backbone_kwargs
 from training.snapshots import TRUST_HELP, NetworkPickleError, load_network_pickle, trust_pickles
+from training.user_errors import plain_warnings
 
 # Data the non-demo training presets are meant for: (resolution, channels, classes) of what the network sees.
 PRESET_DATA = {
@@ -203,4 +204,5 @@ def main(pkl_or_preset: str) -> None:
 
 
 if __name__ == '__main__':
+    plain_warnings()
     main()

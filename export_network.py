@@ -14,6 +14,7 @@ from training.snapshots import (
     save_network,
     trust_pickles,
 )
+from training.user_errors import plain_warnings
 
 TRUST = click.option('--trust-pickles', is_flag=True, callback=trust_pickles, expose_value=False, help=TRUST_HELP)
 
@@ -101,4 +102,5 @@ def diffusers(net: str, dest: str, gnet: str | None, vae: str | None) -> None:
 
 
 if __name__ == '__main__':
+    plain_warnings()
     main()

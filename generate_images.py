@@ -26,7 +26,7 @@ from training.sampler_options import (
     sweep_settings,
 )
 from training.snapshots import TRUST_HELP, trust_pickles
-from training.user_errors import USER_ERRORS, one_line
+from training.user_errors import USER_ERRORS, one_line, plain_warnings
 
 
 def click_options(options: list[Option]) -> Callable:
@@ -203,4 +203,5 @@ def main(**o: Any) -> None:
 
 
 if __name__ == '__main__':
+    plain_warnings()
     main()

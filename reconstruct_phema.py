@@ -23,6 +23,7 @@ from training.snapshots import (
     trust_pickles,
 )
 from training.tracking import LOGGERS, Tracker, TrackingError
+from training.user_errors import plain_warnings
 
 
 def _log_fit(tracker: Tracker, in_pkls: list[str], out_kimg: int, stds: list[float], paths: dict) -> None:
@@ -168,4 +169,5 @@ def main(
 
 
 if __name__ == '__main__':
+    plain_warnings()
     main()

@@ -1,9 +1,17 @@
 """The one-line sentence scripts print for user errors (training.user_errors.one_line)."""
 
+import os
+import subprocess
+import sys
+import warnings
+
 import torch
+from conftest import ROOT
 
 from training.dataset import DatasetError
-from training.user_errors import one_line
+from training.networks_edm2 import Precond
+from training.snapshots import PickleWarning, save_network_pickle
+from training.user_errors import one_line, plain_warnings
 
 
 class _Broken(torch.utils.data.Dataset):
@@ -28,3 +36,26 @@ def test_an_error_raised_in_a_dataloader_worker_is_its_own_sentence():
 def test_a_message_over_several_lines_is_joined_onto_one():
     assert one_line(OSError('No space left\n  on device: runs/x')) == 'No space left on device: runs/x'
     assert one_line(ValueError('')) == 'ValueError'
+
+
+def test_plain_warnings_shows_edm2x_warnings_as_one_line_and_leaves_others_alone(monkeypatch):
+    monkeypatch.setattr(warnings, 'formatwarning', warnings.formatwarning)  # Restored after the test.
+    plain_warnings()
+    assert warnings.formatwarning(PickleWarning('Loading a pickle runs code.'), PickleWarning, 'x.py', 7) == (
+        'Warning: Loading a pickle runs code.\n'
+    )
+    other = warnings.formatwarning('deprecated', DeprecationWarning, 'x.py', 7, line='old()')
+    assert other == 'x.py:7: DeprecationWarning: deprecated\n  old()\n'
+
+
+def test_a_script_prints_the_pickle_notice_as_one_warning_line(tmp_path):
+    net = Precond(8, 3, 0, use_fp16=False, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    path = str(tmp_path / 'net.pkl')
+    save_network_pickle({'ema': net.eval()}, path)
+    env = {k: v for k, v in os.environ.items() if k != 'EDM2X_TRUST_PICKLES'}
+    result = subprocess.run(
+        [sys.executable, 'count_flops.py', path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    notice = [line for line in result.stderr.splitlines() if 'Loading a pickle runs the code' in line]
+    assert len(notice) == 1 and notice[0].startswith('Warning: ') and 'warnings.warn' not in result.stderr

@@ -3,6 +3,7 @@ sentence on one line: scripts show these as `Error: ...` instead of a traceback.
 
 import re
 import sys
+import warnings
 from collections.abc import Callable
 
 from training.backbones import BackboneError
@@ -44,3 +45,17 @@ def run_with_one_line_errors(main: Callable[[], object]) -> None:
         main()
     except USER_ERRORS as e:
         sys.exit(f'Error: {one_line(e)}')
+
+
+def plain_warnings() -> None:
+    """Show edm2x's own warnings (categories defined in training.*: an untrusted pickle, a detector unlike the
+    published one) as one `Warning: ...` line, without the file, line number and source line Python adds for
+    programmers; other warnings keep Python's format. For scripts, called before their entry point."""
+    python_format = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if category.__module__.startswith('training.'):
+            return f'Warning: {message}\n'
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
