@@ -304,3 +304,13 @@ def test_closing_line_fits_the_kind_of_network(tmp_path, network, hint):
     (tmp_path / 'training_options.json').write_text(json.dumps(dict(network_kwargs=network)))
     line = closing_line(str(tmp_path))
     assert hint.format(run=tmp_path, grid=tmp_path / 'generated.png') in line
+
+
+def test_closing_line_of_a_stage_of_a_built_in_cascade_names_that_cascade(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # The demo-text cascade's stages are runs/demo-text and runs/demo-sr from here.
+    run = tmp_path / 'runs' / 'demo-sr'
+    run.mkdir(parents=True)
+    (run / 'network-snapshot-0000001-0.100.pkl').write_bytes(b'')
+    network = dict(class_name='training.networks_text.TextPrecond', lowres=16)
+    (run / 'training_options.json').write_text(json.dumps(dict(network_kwargs=network)))
+    assert "the cascade 'demo-text': python generate_images.py --cascade=demo-text" in closing_line(str(run))

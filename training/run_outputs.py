@@ -19,6 +19,7 @@ from training import faults
 from training.faults import TrainingError
 from training.generation import sample
 from training.image_grid import GRID_MIN_SIZE, save_image_grid
+from training.presets_generate import cascades
 from training.snapshots import (
     classic_snapshot_name,
     is_snapshot_name,
@@ -168,6 +169,13 @@ def closing_line(run_dir: str) -> str:
             f'--clip-scale=100 --prompt="..." --seeds=0-15 --grid={out}'
         )
     if network.get('lowres'):
+        here = os.path.realpath(run_dir)
+        named = [name for name, stages in cascades.items() if any(os.path.realpath(s.net) == here for s in stages)]
+        if named:
+            return (
+                f'{grid}This super-resolution stage is part of the cascade {named[0]!r}: python generate_images.py '
+                f'--cascade={named[0]} --prompt="..." --seeds=0-15 --grid={out}'
+            )
         return (
             f'{grid}This super-resolution stage runs after its base net: add it to a cascade in '
             f'training/presets_generate.py and run python generate_images.py --cascade=NAME --prompt="..."'
