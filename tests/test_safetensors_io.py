@@ -71,6 +71,13 @@ def _text_net() -> TextPrecond:
                                    use_fp16=False, **options))  # fmt: skip
 
 
+def _text_mp_dit() -> TextPrecond:
+    backbone = 'training.networks_dit_text.TextMPDiT'
+    return _randomised(TextPrecond(img_resolution=8, img_channels=3, text_length=16, text_channels=16, text_layers=1,
+                                   backbone=backbone, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                                   channels_per_head=16, use_fp16=False))  # fmt: skip
+
+
 def _vp_dit() -> torch.nn.Module:
     dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=1, num_classes=3)
     return _randomised(VPLoss().export(dit))
@@ -80,6 +87,7 @@ NETS = {
     'precond': (tiny_precond, _eval_edm),
     'precond-fp16': (lambda: tiny_precond().to(torch.float16), lambda net: _eval_edm(net.float())),
     'text': (_text_net, _eval_text),
+    'text-mp-dit': (_text_mp_dit, _eval_text),
     'clip-guide': (
         lambda: _randomised(
             CLIPGuide(
