@@ -181,9 +181,15 @@ def main(**o: Any) -> None:
         prompts = read_prompts(o.prompt, o.prompts_file)
         if o.clip is not None and o.clip_scale == 0:
             raise GenerationError('--clip needs --clip-scale, e.g. 100: at its default 0 the guide steers nothing.')
+        if o.clip is None and o.clip_scale != 0:
+            raise GenerationError('--clip-scale applies with --clip only; name the guide (a pickle or run folder).')
+        if o.cascade is None and o.aug_sigma is not None:
+            raise GenerationError('--aug-sigma applies to --cascade only (the low-res input of its later stages).')
         if o.cascade is not None:
             if o.cascade not in cascades:
                 raise GenerationError(f'Unknown cascade {o.cascade!r}; choose one of: {", ".join(cascades)}.')
+            if o.class_idx is not None:
+                raise GenerationError('--class does not apply to --cascade, whose stages read captions, not classes.')
             settings = cascade_settings({opt.name: o[opt.name] for opt in SAMPLER_OPTIONS})
             jobs = [('', generate_cascade(cascades[o.cascade], prompts, aug_sigma=o.aug_sigma, **settings, **common))]
         else:

@@ -410,6 +410,9 @@ def test_every_published_preset_names_a_published_pickle() -> None:
         (['--net={net}', '--guidance-interval=0.3'], 'LO,HI'),
         (['--net={net}', '--gnet={uncond}', '--guidance=1.5,x'], 'comma list'),
         (['--cascade=demo-text', '--guidance=1.5,2'], 'one value'),
+        (['--net={net}', '--clip-scale=100'], '--clip-scale applies with --clip'),
+        (['--net={net}', '--aug-sigma=0.1'], '--aug-sigma applies to --cascade only'),
+        (['--cascade=demo-text', '--prompt=x', '--class=1'], '--class does not apply to --cascade'),
     ],
 )
 def test_bad_input_gives_one_error_line(pickles, tmp_path, args, message) -> None:
