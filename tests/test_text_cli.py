@@ -21,10 +21,12 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    """runs/demo-text (16x16 base) and runs/demo-sr (16->32) trained for two steps, in a fresh folder."""
+    """runs/demo-text and runs/demo-text-dit (16x16 bases) and runs/demo-sr (16->32) trained for two steps, in a
+    fresh folder."""
     root = tmp_path_factory.mktemp('cascade')
-    for name, res in (('demo-text', 16), ('demo-sr', 32)):
-        write_synthetic_dataset(str(root / f'd{res}'), resolution=res, num_images=8, seed=0)
+    for name, res in (('demo-text', 16), ('demo-text-dit', 16), ('demo-sr', 32)):
+        if not (root / f'd{res}').exists():
+            write_synthetic_dataset(str(root / f'd{res}'), resolution=res, num_images=8, seed=0)
         result = CliRunner().invoke(
             train_edm2.main,
             [
@@ -91,8 +93,8 @@ def test_cascade_writes_a_grid_of_final_resolution_images_and_its_captions(runs,
     assert grid.shape[0] % 32 == 0 and grid.shape[1] % 32 == 0
 
 
-def cascade_evaluations(runs, monkeypatch, *args: str) -> list[int]:
-    """Images each stage's net evaluated while generate_images.py ran the demo-text cascade on 2 seeds."""
+def cascade_evaluations(runs, monkeypatch, *args: str, cascade: str = 'demo-text') -> dict[str, int]:
+    """Images each stage's net (by path) evaluated while generate_images.py ran a cascade on 2 seeds."""
     counts = {}
 
     def counting_load(path, *a, **k):
@@ -103,20 +105,30 @@ def cascade_evaluations(runs, monkeypatch, *args: str) -> list[int]:
 
     monkeypatch.setattr(generation, 'load_network', counting_load)
     result = generate(
-        runs, monkeypatch, '--cascade=demo-text', '--prompt=a red circle', '--seeds=0-1', '--npz=c.npz', *args
+        runs, monkeypatch, f'--cascade={cascade}', '--prompt=a red circle', '--seeds=0-1', '--npz=c.npz', *args
     )
     assert result.exit_code == 0, result.output
-    return list(counts.values())
+    return counts
 
 
 def test_cascade_stages_take_solver_steps_and_guidance_interval(runs, monkeypatch):
     """Heun evaluates 2n-1 times, Euler n; guidance doubles the base stage's evaluations (the empty caption) only
     inside the interval. demo-text's base stage is guided (2), its super-resolution stage is not."""
-    assert cascade_evaluations(runs, monkeypatch, '--steps=3') == [2 * 2 * 5, 2 * 5]
-    assert cascade_evaluations(runs, monkeypatch, '--steps=3', '--solver=euler') == [2 * 2 * 3, 2 * 3]
-    assert cascade_evaluations(runs, monkeypatch, '--steps=3', '--guidance=1') == [2 * 5, 2 * 5]
-    assert cascade_evaluations(runs, monkeypatch, '--steps=3', '--guidance-interval=0,0') == [2 * 5, 2 * 5]
-    assert cascade_evaluations(runs, monkeypatch, '--steps=3', '--guidance-interval=0,1e9') == [2 * 2 * 5, 2 * 5]
+    count = lambda *args: list(cascade_evaluations(runs, monkeypatch, *args).values())
+    assert count('--steps=3') == [2 * 2 * 5, 2 * 5]
+    assert count('--steps=3', '--solver=euler') == [2 * 2 * 3, 2 * 3]
+    assert count('--steps=3', '--guidance=1') == [2 * 5, 2 * 5]
+    assert count('--steps=3', '--guidance-interval=0,0') == [2 * 5, 2 * 5]
+    assert count('--steps=3', '--guidance-interval=0,1e9') == [2 * 2 * 5, 2 * 5]
+
+
+def test_the_mp_dit_text_base_runs_as_a_cascade_before_the_unet_stage(runs, monkeypatch):
+    """--cascade=demo-text-dit: the transformer base (guided by the empty caption) then demo-sr, 32x32 images."""
+    counts = cascade_evaluations(runs, monkeypatch, '--steps=3', cascade='demo-text-dit')
+    assert counts == {'runs/demo-text-dit': 2 * 2 * 5, 'runs/demo-sr': 2 * 5}
+    assert np.load(runs / 'c.npz')['arr_0'].shape == (2, 32, 32, 3)
+    base = network_loading.load_network('runs/demo-text-dit', 'cpu')[0]
+    assert type(base.unet).__name__ == 'TextMPDiT'
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,8 @@ def _stage(net: str, num_steps: int = 32, guidance: float = 1.0, aug_sigma: floa
 cascades: dict[str, list[EasyDict]] = {
     # `python train_edm2.py --preset=demo-text --outdir=runs/demo-text`, likewise demo-sr.
     'demo-text': [_stage('runs/demo-text', 24, 2.0), _stage('runs/demo-sr', 16)],
+    # The MP-DiT base of `--preset=demo-text-dit` before the same U-Net super-resolution stage.
+    'demo-text-dit': [_stage('runs/demo-text-dit', 24, 2.0), _stage('runs/demo-sr', 16)],
     # presets text2img-64, sr-64-256 and sr-256-1024 trained into runs/ folders of the same names.
     'text2img-1024': [
         _stage('runs/text2img-64', 64, 3.0),
