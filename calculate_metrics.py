@@ -409,7 +409,10 @@ def gen(
             continue
         results = _run(calculate_metrics_from_stats, stats, ref_stats, metric_list, ref_name=ref_path)
         swept = {name: setting.sampler_kwargs.get(name) for name in SWEEP_NAMES}
-        rows.append(dict(setting=label, **swept, **results))
+        sampler = setting.sampler_kwargs.get('sampler', 'edm')
+        if sampler != 'edm':  # DDPM and DDIM run no EDM solver.
+            swept['solver'] = None
+        rows.append(dict(setting=label, sampler=sampler, **swept, **results))
         if len(settings) == 1:
             print('\n'.join(f'{metric} {value:g}' for metric, value in results.items()))
         else:

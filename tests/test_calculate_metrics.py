@@ -411,6 +411,25 @@ def test_gen_sweep_prints_one_json_line_per_setting_equal_to_its_single_run(file
     assert len({r['fid'] for r in lines}) == 4  # each setting really sampled differently
 
 
+def test_gen_sweep_rows_name_the_sampler_and_no_solver_it_did_not_run(files, ref_pkl, monkeypatch):
+    """Under --sampler=ddim a row says ddim, not the EDM sampler's default solver heun; its metrics are the ddim
+    run's and differ from the EDM sampler's at the same steps."""
+    monkeypatch.setenv('EDM2X_DETECTORS', files['detectors'])
+    common = [f'--net={files["net"]}', f'--ref={ref_pkl}', '--num=3', '--batch=2', '--device=cpu', '--metrics=fid']
+    code, output = _cli('gen', *common, '--sampler=ddim', '--steps=2,3')
+    assert code == 0, output
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith('{')]
+    assert [(r['sampler'], r['solver'], r['num_steps']) for r in lines] == [('ddim', None, 2), ('ddim', None, 3)]
+    for r in lines:
+        for sampler, same in (('ddim', True), ('edm', False)):
+            code, single = _cli('gen', *common, f'--sampler={sampler}', f'--steps={r["num_steps"]}')
+            assert code == 0, single
+            assert (r['fid'] == pytest.approx(_metrics_from_output(single)['fid'], rel=1e-5)) == same
+    code, output = _cli('gen', *common, '--steps=2,3')
+    rows = [json.loads(line) for line in output.splitlines() if line.startswith('{')]
+    assert [(r['sampler'], r['solver']) for r in rows] == [('edm', 'heun')] * 2
+
+
 def test_gen_of_a_text_net_without_prompts_names_the_option_gen_has(files, ref_pkl, tmp_path):
     from test_networks_text import tiny_text_net
 
