@@ -19,13 +19,20 @@ import dnnlib  # noqa: E402
 
 
 def read_curves(path: str) -> dict[str, tuple[list[float], list[float]]]:
-    """Scalar name -> (kimg, value) in kimg order from stats.jsonl; of lines at the same kimg the last wins."""
+    """Scalar name -> (kimg, value) in kimg order from stats.jsonl; of lines at the same kimg the last wins.
+    Lines that are not a status record (a write cut short by a full disk) are skipped with a warning."""
     rows: dict[float, dict] = {}
-    with open(path, encoding='utf-8') as f:
-        for line in f:
+    unreadable = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
-                row = json.loads(line)
-                rows[round(row['Progress/kimg'], 6)] = row
+                try:
+                    row = json.loads(line)
+                    rows[round(float(row['Progress/kimg']), 6)] = row
+                except (ValueError, TypeError, KeyError):
+                    unreadable.append(number)
+    if unreadable:
+        print(f'Warning: {path}: skipped {len(unreadable)} unreadable line(s), first line {unreadable[0]}.')
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for kimg in sorted(rows):
         for key, value in rows[kimg].items():

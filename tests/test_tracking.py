@@ -198,7 +198,10 @@ def test_plot_stats_draws_each_scalar_once_per_kimg_with_the_resumed_values(tmp_
         {'Progress/kimg': 2.0, 'Loss/loss': 2.0, 'timestamp': 4},  # the resumed run's line
         {'Progress/kimg': 3.0, 'Loss/loss': 1.0, 'timestamp': 5},
     ]
-    (tmp_path / 'stats.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    lines = [json.dumps(r) + '\n' for r in rows]
+    # A status write cut short by a full disk, with the next status line appended to it.
+    lines.insert(4, '{"Progress/kimg": 2.5, "Loss/lo' + json.dumps({'Progress/kimg': 2.5, 'Loss/loss': 5.0}) + '\n')
+    (tmp_path / 'stats.jsonl').write_text(''.join(lines))
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'bench', 'plot_stats.py'), str(tmp_path), '--keys=Loss'],
         capture_output=True,
@@ -206,4 +209,5 @@ def test_plot_stats_draws_each_scalar_once_per_kimg_with_the_resumed_values(tmp_
     )
     assert result.returncode == 0, result.stderr
     assert 'Loss/loss: 3 points' in result.stdout and 'cpu_mem' not in result.stdout
+    assert 'skipped 1 unreadable line(s), first line 5' in result.stdout
     assert PIL.Image.open(tmp_path / 'stats.png').size[0] > 100
