@@ -15,6 +15,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from training.generation import GenerationError, distinct_seeds, generate_cascade, generate_images
 from training.image_sink import ImageSink
+from training.output_paths import check_output_file, check_output_folder
 from training.presets_generate import cascades
 from training.sampler_options import (
     SAMPLER_OPTIONS,
@@ -92,6 +93,20 @@ def _save_captions(
         os.makedirs(os.path.dirname(grid) or '.', exist_ok=True)
         with dnnlib.util.atomic_write(os.path.splitext(grid)[0] + '.txt', 'wt') as f:
             f.writelines(f'{seed}\t{captions[seed]}\n' for seed in seeds)
+
+
+def _check_outputs(o: dnnlib.EasyDict, labels: list[str]) -> None:
+    """Before anything is generated: every output of every combination can be written and replaces no input."""
+    inputs = [(f, o[name]) for f, name in [('--net', 'net'), ('--gnet', 'gnet'), ('--clip', 'clip')]]
+    inputs += [('--prompts', o.prompts_file), ('--vae', o.vae)]
+    for label in labels:
+        if o.outdir is not None:
+            check_output_folder('--outdir', sweep_path(o.outdir, label, folder=True))
+        if o.grid is not None:
+            grid = sweep_path(o.grid, label)
+            check_output_file('--grid', grid, ('.png',), inputs, also=os.path.splitext(grid)[0] + '.txt')
+        if o.npz is not None:
+            check_output_file('--npz', sweep_path(o.npz, label), ('.npz',), inputs)
 
 
 def _gather_to_rank0(items: dict[int, Any]) -> dict[int, Any]:
@@ -198,6 +213,7 @@ def main(**o: Any) -> None:
             jobs = [
                 (label, generate_images(c.net, gnet=c.gnet, vae=c.vae, **kw, **c.sampler_kwargs)) for label, c in sweep
             ]
+        _check_outputs(o, [label for label, _ in jobs])
         for label, batches in jobs:
             dist.print0(f'Generating {len(seeds)} images on {dist.get_world_size()} rank(s) ... {label}')
             paths = sweep_path(o.outdir, label, folder=True), sweep_path(o.grid, label), sweep_path(o.npz, label)

@@ -434,3 +434,33 @@ def test_bad_input_gives_one_error_line(pickles, tmp_path, args, message) -> Non
 def test_nothing_to_write_is_an_error() -> None:
     result = CliRunner().invoke(generate_images.main, ['--preset=demo'])
     assert result.exit_code == 1 and result.output.strip() == 'Error: Nothing to write: give --outdir, --grid or --npz.'
+
+
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--grid={net}'], '--grid={net}: name a .png file'),
+        (['--npz={net}'], '--npz={net}: name a .npz file'),
+        (['--gnet={uncond}', '--guidance=2,3', '--npz={uncond}'], 'name a .npz file'),
+        (['--grid={folder}.png'], 'is a folder'),
+        (['--outdir={file}'], 'is a file, not a folder'),
+        (['--grid={file}/g.png'], 'is a file, not a folder'),
+        (['--grid={prompts_stem}.png', '--prompts={prompts_stem}.txt', '--clip={net}', '--clip-scale=1'], '--prompts'),
+    ],
+)
+def test_an_output_that_would_replace_an_input_or_cannot_be_written_is_refused_before_generating(
+    pickles, tmp_path, args, message
+) -> None:
+    (tmp_path / 'folder.png').mkdir()
+    (tmp_path / 'file').write_text('keep')
+    (tmp_path / 'prompts.txt').write_text('a red circle\n')
+    paths = dict(pickles, folder=str(tmp_path / 'folder'), file=str(tmp_path / 'file'))
+    paths['prompts_stem'] = str(tmp_path / 'prompts')
+    before = {p: open(p, 'rb').read() for p in [pickles['net'], pickles['uncond'], str(tmp_path / 'prompts.txt')]}
+    args = [arg.format(**paths) for arg in args]
+    result = CliRunner().invoke(generate_images.main, ['--net={net}'.format(**pickles), *args, '--steps=2'])
+    assert result.exit_code == 1 and result.output.count('Error: ') == 1, result.output
+    assert message.format(**paths) in result.output and 'Generating' not in result.output
+    assert {p: open(p, 'rb').read() for p in before} == before
+    assert sorted(os.listdir(tmp_path)) == ['file', 'folder.png', 'prompts.txt']
+    assert (tmp_path / 'file').read_text() == 'keep'

@@ -12,6 +12,7 @@ from training.dataset_io import DatasetFileError
 from training.detectors import DetectorError
 from training.generation import GenerationError
 from training.metrics import MetricsError
+from training.output_paths import OutputPathError
 from training.precision import PrecisionError
 from training.snapshots import NetworkPickleError
 from training.tracking import TrackingError
@@ -24,6 +25,7 @@ USER_ERRORS = (
     GenerationError,
     MetricsError,
     NetworkPickleError,
+    OutputPathError,
     PrecisionError,
     TrackingError,
     OSError,  # dnnlib.util.DownloadError (a missing download) among them
