@@ -28,6 +28,7 @@ from training.metrics import (
     save_stats,
 )
 from training.metrics_io import dataset_batches, default_ref, log_results, open_images, results_tracker
+from training.output_paths import check_output_file
 from training.sampler_options import SAMPLER_OPTIONS, SWEEP_NAMES, read_prompts, sweep_settings
 from training.shards import ShardDataset
 from training.snapshots import TRUST_HELP, trust_pickles
@@ -182,6 +183,7 @@ def ref(
     metric_list, torch_device = _check_metrics(metrics), _device(device)
     if upscale and resolution is None:
         raise click.ClickException('--upscale needs --resolution, the size to upscale to.')
+    _run(check_output_file, '--dest', dest, ('.pkl', '.npz'), [('--data', data)])
     dataset = _run(open_images, data, allow_shards=True, resolution=resolution, upscale=upscale)
     streaming = isinstance(dataset, ShardDataset)
     size = f'the images of {len(dataset.shards)} shards' if streaming else f'{len(dataset)} images'

@@ -437,3 +437,18 @@ def test_gen_of_a_text_net_without_prompts_names_the_option_gen_has(files, ref_p
     save_network_pickle(dict(ema=tiny_text_net(), encoder=StandardRGBEncoder()), net)
     code, output = _cli('gen', f'--net={net}', f'--ref={ref_pkl}', '--num=2', f'--detectors={files["detectors"]}')
     assert code == 1 and 'give --prompts=FILE, one caption per line' in output and '--prompt=' not in output
+
+
+@pytest.mark.parametrize(
+    'dest, message',
+    [('{data}', 'name a .pkl or .npz file'), ('{folder}', 'is a folder'), ('{data}/x.pkl', 'is a file, not a folder')],
+)
+def test_ref_refuses_a_dest_it_would_write_over_its_data_or_cannot_write_before_embedding(tmp_path, dest, message):
+    data, folder = tmp_path / 'data.zip', tmp_path / 'refs.pkl'
+    data.write_bytes(b'keep')
+    folder.mkdir()
+    dest = dest.format(data=data, folder=folder)
+    code, output = _cli('ref', f'--data={data}', f'--dest={dest}', '--device=cpu', '--detectors=none-needed')
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f'Error: --dest={dest}') and message in lines[0]
+    assert data.read_bytes() == b'keep' and sorted(os.listdir(tmp_path)) == ['data.zip', 'refs.pkl']
