@@ -6,6 +6,7 @@ import click
 
 from training.diffusers_export import DiffusersExportError, export_diffusers
 from training.dit_release import is_dit_checkpoint, load_dit_network
+from training.output_paths import OutputPathError, check_output_file
 from training.snapshots import (
     TRUST_HELP,
     NetworkPickleError,
@@ -74,6 +75,11 @@ def safetensors(net: str, dest: str | None) -> None:
     sources = _sources(net)
     if dest is not None and len(sources) > 1:
         raise click.ClickException(f'--dest names one file, but {net} holds {len(sources)} snapshots.')
+    if dest is not None:
+        try:
+            check_output_file('--dest', dest, ('.safetensors',), [('--net', net)])
+        except OutputPathError as e:
+            raise click.ClickException(str(e)) from None
     for source in sources:
         name = os.path.basename(source) if '://' in source else os.path.normpath(source)
         target = dest or os.path.splitext(name)[0] + '.safetensors'

@@ -152,3 +152,13 @@ def test_pickle_notice_is_printed_once_per_process(run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count('Loading a pickle runs the code inside it') == 1
     assert 'export_network.py safetensors' in proc.stderr
+
+
+@pytest.mark.parametrize('dest', ['{pkl}', '{tmp}/net.pt', '{tmp}', '{tmp}/folder.safetensors', '{pkl}/x.safetensors'])
+def test_a_dest_that_is_no_new_safetensors_file_is_refused_and_nothing_is_written(run, tmp_path, dest):
+    (tmp_path / 'folder.safetensors').mkdir()
+    pkl = f'{run}/net-0000002-0.050.pkl'
+    before, dest = open(pkl, 'rb').read(), dest.format(pkl=pkl, tmp=tmp_path)
+    result = CliRunner().invoke(export_network.main, ['safetensors', f'--net={pkl}', f'--dest={dest}'])
+    assert_one_line_error(result, f'--dest={dest}')
+    assert open(pkl, 'rb').read() == before and os.listdir(tmp_path) == ['folder.safetensors']
