@@ -14,6 +14,7 @@ import click
 import torch
 
 from torch_utils import distributed as dist
+from training.click_types import option_type
 from training.detectors import DETECTORS_ENV
 from training.faults import first_error
 from training.generation import generate_images, load_network, network_kind
@@ -61,11 +62,15 @@ def _check_metrics(metrics: str) -> list[str]:
 def _sampler_options(fn: Any) -> Any:
     """training.sampler_options.SAMPLER_OPTIONS as click options, as generate_images.py offers them."""
     for o in reversed(SAMPLER_OPTIONS):
-        kind = o.type if o.min is None else (click.IntRange if o.type is int else click.FloatRange)
-        kind = str if o.name in SWEEP_NAMES else kind if o.min is None else kind(o.min, min_open=o.min_open)
         show = o.default is not None
         fn = click.option(
-            o.flag, o.name, metavar=o.metavar, type=kind, default=o.default, show_default=show, help=o.help
+            o.flag,
+            o.name,
+            metavar=o.metavar,
+            type=str if o.name in SWEEP_NAMES else option_type(o),
+            default=o.default,
+            show_default=show,
+            help=o.help,
         )(fn)
     return fn
 

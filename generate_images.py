@@ -13,6 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from training.click_types import option_type
 from training.generation import GenerationError, distinct_seeds, generate_cascade, generate_images
 from training.image_sink import ImageSink
 from training.output_paths import check_output_file, check_output_folder
@@ -35,11 +36,15 @@ def click_options(options: list[Option]) -> Callable:
 
     def decorate(fn: Callable) -> Callable:
         for o in reversed(options):
-            kind = o.type if o.min is None else click.IntRange if o.type is int else click.FloatRange
-            kind = str if o.name in SWEEP_NAMES else kind if o.min is None else kind(o.min, min_open=o.min_open)
             show = o.default is not None
             fn = click.option(
-                o.flag, o.name, metavar=o.metavar, type=kind, default=o.default, show_default=show, help=o.help
+                o.flag,
+                o.name,
+                metavar=o.metavar,
+                type=str if o.name in SWEEP_NAMES else option_type(o),
+                default=o.default,
+                show_default=show,
+                help=o.help,
             )(fn)
         return fn
 

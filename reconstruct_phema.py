@@ -7,6 +7,7 @@ import click
 import tqdm
 
 from training import phema
+from training.click_types import FiniteFloatRange
 from training.phema_reconstruct import (  # noqa: F401 (profile_errors: tests use it from here)
     PhemaError,
     list_snapshots,
@@ -79,7 +80,7 @@ def _parse_std_option(_ctx: click.Context, _param: click.Parameter, value: str) 
 @click.option(
     '--max-error',
     metavar='FLOAT',
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0.1,
     show_default=True,
     help='Largest relative profile error of the fit to accept',

@@ -13,6 +13,7 @@ from torch_utils import distributed as dist
 from training import faults
 from training.backbones import ARCHS, FORMULATIONS
 from training.checkpoint import CheckpointError
+from training.click_types import FiniteFloatRange
 from training.presets_train import TRAIN_PRESETS
 from training.run_config import RunConfigError, check_dataset, check_run_folder, setup_training_run
 from training.tracking import LOGGERS, Tracker
@@ -121,7 +122,7 @@ NIMG = NimgType()
 @click.option(
     '--dropout',
     metavar='FLOAT',
-    type=click.FloatRange(0, 1),
+    type=FiniteFloatRange(0, 1),
     default=None,
     help='Dropout probability in blocks (unet, mp-dit).',
 )
@@ -129,7 +130,7 @@ NIMG = NimgType()
     '--label-dropout',
     'label_dropout',
     metavar='FLOAT',
-    type=click.FloatRange(0, 1, max_open=True),
+    type=FiniteFloatRange(0, 1, max_open=True),
     default=None,
     help='Share of training images given the null label, so the net guides itself (--guidance without --gnet) '
     '[default: preset, else 0 for --formulation=edm and 0.1 for ddpm].',
@@ -138,7 +139,7 @@ NIMG = NimgType()
     '--P_mean',
     'P_mean',
     metavar='FLOAT',
-    type=float,
+    type=FiniteFloatRange(),
     default=None,
     help='Mean of ln(sigma) in training (--formulation=edm).',
 )
@@ -146,21 +147,21 @@ NIMG = NimgType()
     '--P_std',
     'P_std',
     metavar='FLOAT',
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=None,
     help='Std of ln(sigma) in training (--formulation=edm).',
 )
 @click.option(
     '--lr',
     metavar='FLOAT',
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=None,
     help='Reference learning rate alpha_ref.',
 )
 @click.option(
     '--decay',
     metavar='BATCHES',
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=None,
     help='Learning-rate decay time t_ref in batches.',
 )
@@ -211,7 +212,7 @@ NIMG = NimgType()
 @click.option(
     '--ls',
     metavar='FLOAT',
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=1,
     show_default=True,
     help='Loss scaling.',

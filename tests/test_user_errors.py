@@ -1,15 +1,21 @@
 """The one-line sentence scripts print for user errors (training.user_errors.one_line)."""
 
+import importlib
 import os
+import re
 import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
+from click.testing import CliRunner
 from conftest import ROOT
 
 from training.dataset import DatasetError
+from training.generation import GenerationError
 from training.networks_edm2 import Precond
+from training.sampler_options import SAMPLER_OPTIONS, sweep_settings
 from training.snapshots import PickleWarning, save_network_pickle
 from training.user_errors import one_line, plain_warnings
 
@@ -59,3 +65,40 @@ def test_a_script_prints_the_pickle_notice_as_one_warning_line(tmp_path):
     assert result.returncode == 0, result.stderr
     notice = [line for line in result.stderr.splitlines() if 'Loading a pickle runs the code' in line]
     assert len(notice) == 1 and notice[0].startswith('Warning: ') and 'warnings.warn' not in result.stderr
+
+
+@pytest.mark.parametrize(
+    'script, args',
+    [
+        ('train_edm2', ['--preset=demo-tiny', '--dry-run', '--lr=nan']),
+        ('train_edm2', ['--preset=demo-tiny', '--dry-run', '--dropout=nan']),
+        ('train_edm2', ['--preset=demo-tiny', '--dry-run', '--P_mean=inf']),
+        ('reconstruct_phema', ['--indir=x', '--outdir=y', '--outstd=0.1', '--max-error=nan']),
+        ('generate_images', ['--net=x.pkl', '--grid=g.png', '--sigma_max=inf']),
+        ('generate_images', ['--net=x.pkl', '--grid=g.png', '--S_max=nan']),
+        ('generate_images', ['--net=x.pkl', '--grid=g.png', '--clip-scale=nan']),
+        ('calculate_metrics', ['gen', '--net=x.pkl', '--ref=r.pkl', '--rho=nan']),
+    ],
+)
+def test_nan_and_inf_are_refused_where_a_number_is_expected(script, args):
+    command = importlib.import_module(script)
+    command = getattr(command, 'cli', None) or command.main
+    result = CliRunner().invoke(command, args)
+    flag = args[-1].split('=')[0]
+    assert result.exit_code == 2 and 'Traceback' not in result.output, result.output
+    assert f"Invalid value for '{flag}'" in result.output and 'number' in result.output
+
+
+@pytest.mark.parametrize(
+    'settings, message',
+    [
+        (dict(guidance='1.5,nan'), '--guidance=1.5,nan: every value must be a finite number'),
+        (dict(sigma_max=float('inf')), '--sigma_max=inf: give a finite number'),
+        (dict(S_max=float('nan')), '--S_max=nan: give a number'),
+        (dict(sigma_min=5.0, sigma_max=1.0), '--sigma_min=5.0 must be below --sigma_max=1.0'),
+    ],
+)
+def test_generation_settings_that_make_nan_images_are_refused(settings, message):
+    options = {o.name: o.default for o in SAMPLER_OPTIONS} | dict(net='x.pkl') | settings
+    with pytest.raises(GenerationError, match=re.escape(message)):
+        sweep_settings(options)

@@ -8,6 +8,7 @@ Kynkäänniemi et al. 2024).
 """
 
 import itertools
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -28,6 +29,7 @@ class Option:
     help: str
     min: float | None = None  # Lower bound of a number.
     min_open: bool = False  # The bound itself is excluded.
+    infinite: bool = False  # A float that may be inf (never NaN); other floats must be finite.
 
 
 SAMPLER_OPTIONS: list[Option] = [
@@ -83,7 +85,7 @@ SAMPLER_OPTIONS: list[Option] = [
     Option('--rho', 'rho', float, 7.0, 'FLOAT', 'Time step exponent of the karras schedule.', min=0, min_open=True),
     Option('--S_churn', 'S_churn', float, None, 'FLOAT', 'Stochasticity strength  [default: preset, else 0]', min=0),
     Option('--S_min', 'S_min', float, 0.0, 'FLOAT', 'Lowest noise level with churn.', min=0),
-    Option('--S_max', 'S_max', float, float('inf'), 'FLOAT', 'Highest noise level with churn.', min=0),
+    Option('--S_max', 'S_max', float, float('inf'), 'FLOAT', 'Highest noise level with churn.', min=0, infinite=True),
     Option('--S_noise', 'S_noise', float, 1.0, 'FLOAT', 'Churn noise inflation.'),
     # ODE solver, noise-level schedule and guidance interval (training/solvers.py, training/sampling.py).
     Option('--solver', 'solver', str, 'heun', 'NAME[,..]', f'ODE solver: {", ".join(ORDERS)}; a comma list sweeps.'),
@@ -110,6 +112,10 @@ SAMPLER_OPTIONS: list[Option] = [
 _DEFAULTS = {**{o.name: o.default for o in SAMPLER_OPTIONS}, 'S_churn': 0.0, 'num_steps': 32}
 
 
+def _number_ok(option: Option, value: float) -> bool:
+    return math.isfinite(value) or (option.infinite and not math.isnan(value))
+
+
 def check_solver_options(k: dict[str, Any], given: Iterable[str] | None = None) -> None:
     """Parse --guidance-interval 'LO,HI' in place to (σ_lo, σ_hi); a GenerationError for settings that cannot run,
     and for those `given` (the options set on the command line; default: all of k) at a value other than their
@@ -122,6 +128,12 @@ def check_solver_options(k: dict[str, Any], given: Iterable[str] | None = None) 
             raise GenerationError(f'--guidance-interval={text}: give two noise levels LO,HI, e.g. 0.3,5.') from None
         if not 0 <= lo <= hi:
             raise GenerationError(f'--guidance-interval={text}: needs 0 <= LO <= HI.')
+    for o in SAMPLER_OPTIONS:
+        value = k.get(o.name)
+        if o.type is float and o.name not in SWEEP_NAMES and value is not None and not _number_ok(o, value):
+            raise GenerationError(f'{o.flag}={value}: give a {"number" if o.infinite else "finite number"}.')
+    if k.get('sigma_min') is not None and k.get('sigma_max') is not None and k['sigma_min'] >= k['sigma_max']:
+        raise GenerationError(f'--sigma_min={k["sigma_min"]} must be below --sigma_max={k["sigma_max"]}.')
     try:
         check_solver(k.get('solver', 'heun'), k.get('schedule', 'karras'), k.get('num_steps', 32), k.get('S_churn', 0))
     except ValueError as e:
@@ -213,6 +225,8 @@ def _values(name: str, text: Any) -> list[Any]:
         values = [option.type(v) for v in items]
     except ValueError:
         raise GenerationError(f'{option.flag}={text}: give a {option.metavar} or a comma list of them.') from None
+    if option.type is float and not all(_number_ok(option, v) for v in values):
+        raise GenerationError(f'{option.flag}={text}: every value must be a finite number.')
     if option.min is not None and any(v < option.min or (option.min_open and v == option.min) for v in values):
         raise GenerationError(f'{option.flag}={text}: every value must be at least {option.min}.')
     return values
