@@ -136,6 +136,8 @@ def main(
         tracker = Tracker(run_dir or indir, loggers)
         if loggers and run_dir is not None and not os.path.isdir(run_dir):
             raise PhemaError(f'--run-dir={run_dir} is not a folder; name the training run to log to.')
+        if not outprefix or '/' in outprefix or os.sep in outprefix:
+            raise PhemaError(f'--outprefix={outprefix!r}: give the start of a file name, e.g. phema (no folder).')
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise PhemaError(f'--outdir={outdir} is a file, not a folder; name a folder for the reconstructions.')
         in_pkls = list_snapshots(indir, exclude_prefix=outprefix)

@@ -168,6 +168,9 @@ def test_parse_std_list_expands_ellipsis():
         ('0.05,abc', 'not a number'),
         ('0.05,0.35', 'wider'),
         ('0.0501,0.0502', 'same file name'),
+        (',,', 'empty item'),
+        ('0.05,,0.1', 'empty item'),
+        ('0.05,', 'empty item'),
     ],
 )
 def test_parse_std_list_rejects_bad_lists(text, message):
@@ -215,3 +218,25 @@ def test_mixed_architectures_name_both_files(tmp_path):
     message = run_cli([f'--indir={tmp_path}', f'--outdir={tmp_path}', '--outstd=0.07'])
     assert 'different architectures' in message and odd in message
     assert str(tmp_path / snapshot_name('network-snapshot', 1, 0.05)) in message
+
+
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--outprefix=sub/phema'], "--outprefix='sub/phema': give the start of a file name"),
+        (['--outprefix='], "--outprefix='': give the start of a file name"),
+        (['--outprefix=network-snapshot', '--outdir={run}', '--overwrite'], 'give --outprefix another prefix'),
+        (['--outstd=,,'], 'empty item'),
+        (['--indir={file}'], 'is a file; name the folder of the training snapshots'),
+    ],
+)
+def test_a_bad_prefix_list_or_input_is_one_line_and_writes_nothing(run32, tmp_path, args, message):
+    (tmp_path / 'file').write_text('kept')
+    before = sorted(os.listdir(run32))
+    args = [a.format(run=run32, file=tmp_path / 'file') for a in args]
+    defaults = [f'--indir={run32}', f'--outdir={tmp_path / "out"}', '--outstd=0.1']
+    given = {a.split('=')[0] for a in args}
+    output = run_cli([*[a for a in defaults if a.split('=')[0] not in given], *args])
+    lines = [line for line in output.splitlines() if line.startswith('Error')]
+    assert len(lines) == 1 and message in lines[0] and 'Traceback' not in output, output
+    assert sorted(os.listdir(tmp_path)) == ['file'] and sorted(os.listdir(run32)) == before

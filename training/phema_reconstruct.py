@@ -21,7 +21,9 @@ class PhemaError(Exception):
 
 def parse_std_list(s: str) -> list[float]:
     """'0.050,0.100' or '0.010,0.015,...,0.250' (the step comes from the two values before '...')."""
-    tokens = [t.strip() for t in s.split(',') if t.strip()]
+    tokens = [t.strip() for t in s.split(',')]
+    if '' in tokens:
+        raise ValueError(f'{s!r} has an empty item; separate the stds by single commas, e.g. 0.050,0.100')
     stds: list[float] = []
     for idx, tok in enumerate(tokens):
         if tok != '...':
@@ -50,9 +52,11 @@ def parse_std_list(s: str) -> list[float]:
 def list_snapshots(indir: str, exclude_prefix: str | None = None) -> list[str]:
     """Snapshots `*-{kimg:07d}-{std:.3f}.pkl` in `indir`, oldest first (earlier outputs excluded); a .safetensors
     file replaces the pickle of the same name (it loads without running code)."""
+    if os.path.isfile(indir):
+        raise PhemaError(f'--indir={indir} is a file; name the folder of the training snapshots.')
     if not os.path.isdir(indir):
         raise PhemaError(f'Input folder not found: {indir}')
-    found = []
+    found, excluded = [], False
     paths = glob.glob(os.path.join(indir, '*.safetensors'))
     paths += [p for p in glob.glob(os.path.join(indir, '*.pkl')) if f'{p[:-4]}.safetensors' not in paths]
     for path in paths:
@@ -62,6 +66,12 @@ def list_snapshots(indir: str, exclude_prefix: str | None = None) -> list[str]:
             continue
         if prefix != exclude_prefix:
             found.append((kimg, std, path))
+        excluded |= prefix == exclude_prefix
+    if not found and excluded:
+        raise PhemaError(
+            f'The snapshots in {indir} are named {exclude_prefix}-KIMG-STD, as the outputs would be; give '
+            f'--outprefix another prefix, e.g. phema.'
+        )
     if not found:
         raise PhemaError(
             f'No snapshots named PREFIX-KIMG-STD.pkl (e.g. network-snapshot-0008388-0.050.pkl) found in {indir}'
