@@ -18,7 +18,7 @@ from training.dataset_io import (
     DatasetFileError,
     DatasetWriter,
     ImageSource,
-    check_new_folder,
+    check_new_dest,
     decode_image,
     item_relpath,
     load_caption_mapping,
@@ -331,8 +331,7 @@ def encode(
     # The batch too: the VAE's float rounding differs between batch sizes, so a resumed encode keeps its own.
     settings = {'model_url': model_url, 'source': os.path.abspath(source), 'batch': batch}
     _check_partial(partial, settings, resume)
-    if not dest.lower().endswith('.zip'):
-        check_new_folder(dest)  # before the VAE loads; DatasetWriter checks again as it starts
+    check_new_dest(dest)  # before the VAE loads; DatasetWriter checks again as it starts
     encoder, device = _vae(model_url, batch, device)
     shape = decode_image(images.read(images.relpaths[0]), images.describe(images.relpaths[0])).shape
     factor = encoder.downsampling

@@ -248,3 +248,25 @@ def test_library_raises_its_own_error_type_and_the_cli_turns_it_into_one_line(tm
     with pytest.raises(dataset_io.DatasetFileError, match=r'b\.png: unreadable image'):
         dataset_io.decode_image(b'\x89PNG truncated', 'b.png')
     assert_one_line_error(run('convert', f'--source={tmp_path / "none"}', f'--dest={tmp_path / "o.zip"}'), 'none')
+
+
+@pytest.mark.parametrize(
+    'args',
+    [
+        ['synth', '--dest={file}/x.zip', '--resolution=8', '--max-images=2'],
+        ['synth', '--dest={file}/sub/x', '--resolution=8', '--max-images=2'],
+        ['convert', '--source={data}', '--dest={file}/x.zip'],
+        ['shards', '--source={data}', '--dest={file}/shards'],
+        ['encode', '--source={data}', '--dest={file}/x.zip', '--model-url={tmp}/no-vae', '--device=cpu'],
+        ['encode', '--source={data}', '--dest={data}', '--model-url={tmp}/no-vae', '--device=cpu'],
+    ],
+)
+def test_a_dest_that_cannot_be_made_is_one_line_before_any_work(tmp_path, args):
+    file, data = tmp_path / 'file', tmp_path / 'data.zip'
+    file.write_text('kept')
+    assert run('synth', f'--dest={data}', '--resolution=8', '--max-images=2').exit_code == 0
+    before = data.read_bytes()
+    result = run(*[a.format(file=file, data=data, tmp=tmp_path) for a in args])
+    assert_one_line_error(result, args[2 if args[0] != 'synth' else 1].split('=')[1].format(file=file, data=data))
+    assert 'VAE' not in result.output and file.read_text() == 'kept' and data.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ['data.zip', 'file']

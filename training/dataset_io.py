@@ -19,6 +19,7 @@ from PIL import Image
 
 import dnnlib
 from training import prompt_sets, shapes
+from training.output_paths import nearest_existing
 
 SOURCE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
@@ -46,9 +47,27 @@ def item_relpath(idx: int, ext: str = 'png') -> str:
 
 
 def check_new_folder(dest: str) -> None:
-    """DatasetFileError unless `dest` is new or an empty folder."""
+    """DatasetFileError unless `dest` is new or an empty folder, and can be made."""
     if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
         raise DatasetFileError(f'{dest}: already exists and is not an empty folder; choose a new --dest')
+    _check_parent(dest)
+
+
+def check_new_dest(dest: str) -> None:
+    """DatasetFileError unless `dest` can become a dataset: a new ZIP (by its extension), else a new or empty
+    folder, with no file on its way."""
+    if not dest.lower().endswith('.zip'):
+        check_new_folder(dest)
+        return
+    if os.path.exists(dest):
+        raise DatasetFileError(f'{dest}: already exists; choose a new --dest (or delete it first)')
+    _check_parent(dest)
+
+
+def _check_parent(dest: str) -> None:
+    parent = nearest_existing(os.path.dirname(os.path.abspath(dest)))
+    if not os.path.isdir(parent):
+        raise DatasetFileError(f'{dest}: {parent} is a file, not a folder; choose another --dest')
 
 
 @contextlib.contextmanager
@@ -98,11 +117,9 @@ class DatasetWriter:
         self._tmp_dir: str | None = None
 
     def __enter__(self) -> 'DatasetWriter':
-        parent = os.path.dirname(os.path.abspath(self.dest))
-        os.makedirs(parent, exist_ok=True)
         if self.is_zip:
-            if os.path.exists(self.dest):
-                raise DatasetFileError(f'{self.dest}: already exists; choose a new --dest (or delete it first)')
+            check_new_dest(self.dest)
+            os.makedirs(os.path.dirname(os.path.abspath(self.dest)), exist_ok=True)
             file = self._stack.enter_context(dnnlib.util.atomic_write(self.dest, 'wb'))
             self._zip = zipfile.ZipFile(file, mode='w', compression=zipfile.ZIP_STORED)
         else:

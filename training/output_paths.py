@@ -9,7 +9,8 @@ class OutputPathError(ValueError):
     pass
 
 
-def _nearest_existing(path: str) -> str:
+def nearest_existing(path: str) -> str:
+    """`path`, or the nearest folder above it that exists (absolute)."""
     path = os.path.abspath(path)
     while not os.path.exists(path):
         path = os.path.dirname(path)
@@ -17,7 +18,7 @@ def _nearest_existing(path: str) -> str:
 
 
 def _check_parent(flag: str, path: str) -> None:
-    parent = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         raise OutputPathError(f'{flag}={path}: {parent} is a file, not a folder.')
 
