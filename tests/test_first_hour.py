@@ -177,6 +177,13 @@ def test_outdir_that_is_a_file_is_one_line(tmp_path, module_cache_env):
     assert target.read_text() == 'mine'
 
 
+def test_outdir_under_a_file_names_that_file_in_one_line(tmp_path, module_cache_env):
+    target = tmp_path / 'notes.txt'
+    target.write_text('mine')
+    assert_one_line_error(_train(f'--outdir={target}/run', *FAST), f'--outdir={target}/run: {target} is a file')
+    assert target.read_text() == 'mine' and os.listdir(tmp_path) == ['notes.txt']
+
+
 # ---- generate_images.py, calculate_metrics.py, reconstruct_phema.py ----
 
 
