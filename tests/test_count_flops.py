@@ -94,6 +94,16 @@ def test_a_clip_guide_pickle_is_a_one_line_refusal(tmp_path):
     assert result.exit_code == 1 and 'this is a CLIP guide' in result.output and 'Traceback' not in result.output
 
 
+def test_a_training_state_is_refused_without_naming_an_option_count_flops_lacks(tmp_path):
+    from training.checkpoint import rng_state, save_checkpoint
+
+    state = str(tmp_path / 'training-state-0000002.pt')
+    save_checkpoint(state, dict(net={}, optimizer={}, ema={}, cur_nimg=0, loss_fn=None, rng=rng_state()))
+    result = CliRunner().invoke(count_flops.main, [state])
+    assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
+    assert 'is an edm2x training state' in result.output and '--net' not in result.output
+
+
 DIT_TABLE_4 = {'DiT-S/2': (33.0, 6.06), 'DiT-B/2': (130.5, 23.01), 'DiT-XL/2': (675.1, 118.64)}  # M params, Gflops
 
 

@@ -116,8 +116,8 @@ def _read_error(path: str, error: Exception) -> str:
         )
     if is_training_state(path):
         return (
-            f'{path} is an edm2x training state (for resuming a run), not a network: give --net a '
-            'network-snapshot-*.pkl of its run, or make one with reconstruct_phema.py.'
+            f'{path} is an edm2x training state (for resuming a run), not a network: give a '
+            'network-snapshot-*.pkl of its run instead, or make one with reconstruct_phema.py.'
         )
     found = re.search(r'(?:GLOBAL|Unsupported class) ([\w.]+)', text)
     if found and found.group(1) == 'argparse.Namespace':
