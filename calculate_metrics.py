@@ -28,7 +28,14 @@ from training.metrics import (
     require_metrics,
     save_stats,
 )
-from training.metrics_io import dataset_batches, default_ref, log_results, open_images, results_tracker
+from training.metrics_io import (
+    RUN_DIR_WITHOUT_LOGGER,
+    dataset_batches,
+    default_ref,
+    log_results,
+    open_images,
+    results_tracker,
+)
 from training.output_paths import check_output_file
 from training.sampler_options import SAMPLER_OPTIONS, SWEEP_NAMES, read_prompts, sweep_settings
 from training.shards import ShardDataset
@@ -367,6 +374,8 @@ def gen(
     python calculate_metrics.py gen --preset=edm2-img512-s-guid-fid --guidance=1.4,2 --guidance-interval=0.3,5
     """
     dist.init(cpu=device == 'cpu')
+    if run_dir is not None and not loggers:
+        raise click.ClickException(RUN_DIR_WITHOUT_LOGGER)
     metric_list, torch_device = _check_metrics(metrics), _device(device)
     ref_path = ref_path or default_ref(opts['preset'])
     if ref_path is None:

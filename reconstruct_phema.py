@@ -8,6 +8,7 @@ import tqdm
 
 from training import phema
 from training.click_types import FiniteFloatRange
+from training.metrics_io import RUN_DIR_WITHOUT_LOGGER
 from training.phema_reconstruct import (  # noqa: F401 (profile_errors: tests use it from here)
     PhemaError,
     list_snapshots,
@@ -134,6 +135,8 @@ def main(
     """
     try:
         tracker = Tracker(run_dir or indir, loggers)
+        if run_dir is not None and not loggers:
+            raise PhemaError(RUN_DIR_WITHOUT_LOGGER)
         if loggers and run_dir is not None and not os.path.isdir(run_dir):
             raise PhemaError(f'--run-dir={run_dir} is not a folder; name the training run to log to.')
         if not outprefix or '/' in outprefix or os.sep in outprefix:

@@ -452,3 +452,11 @@ def test_ref_refuses_a_dest_it_would_write_over_its_data_or_cannot_write_before_
     lines = [line for line in output.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and lines[0].startswith(f'Error: --dest={dest}') and message in lines[0]
     assert data.read_bytes() == b'keep' and sorted(os.listdir(tmp_path)) == ['data.zip', 'refs.pkl']
+
+
+def test_gen_refuses_a_run_dir_it_would_not_log_to(tmp_path):
+    code, output = _cli('gen', f'--net={tmp_path}/x.pkl', f'--ref={tmp_path}/r.pkl', f'--run-dir={tmp_path}')
+    assert (
+        code == 1
+        and output.strip() == 'Error: --run-dir applies with --logger only: it names the training run to log to.'
+    )

@@ -228,6 +228,7 @@ def test_mixed_architectures_name_both_files(tmp_path):
         (['--outprefix=network-snapshot', '--outdir={run}', '--overwrite'], 'give --outprefix another prefix'),
         (['--outstd=,,'], 'empty item'),
         (['--indir={file}'], 'is a file; name the folder of the training snapshots'),
+        (['--run-dir={run}'], '--run-dir applies with --logger only'),
     ],
 )
 def test_a_bad_prefix_list_or_input_is_one_line_and_writes_nothing(run32, tmp_path, args, message):

@@ -71,6 +71,9 @@ def default_ref(preset: str | None) -> str | None:
     return None
 
 
+RUN_DIR_WITHOUT_LOGGER = '--run-dir applies with --logger only: it names the training run to log to.'
+
+
 def results_tracker(net: str | None, run_dir: str | None, loggers: tuple) -> Tracker:
     """The tracker of the run the results belong to: --run-dir, else the folder --net names or lies in."""
     if run_dir is None and loggers:
