@@ -27,6 +27,7 @@ import dnnlib  # noqa: E402
 from training import backbones  # noqa: E402
 from training.dataset_io import write_synthetic_dataset  # noqa: E402
 from training.encoders import StandardRGBEncoder  # noqa: E402
+from training.output_paths import OutputPathError, check_output_folder  # noqa: E402
 from training.snapshots import load_network_pickle  # noqa: E402
 from training.training_loop import training_loop  # noqa: E402
 
@@ -101,6 +102,10 @@ def heldout_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 )
 def main(outdir: str, nimg: str, resolution: str, channels: int, depth: int, batch: int, lr: float, archs: str) -> None:
     """Train each architecture on the shapes data at equal Gflops and images; print and save the results."""
+    try:
+        check_output_folder('--outdir', outdir)
+    except OutputPathError as e:
+        raise click.ClickException(str(e)) from None
     res, total = int(resolution), dnnlib.util.parse_nimg(nimg)
     data = os.path.join(outdir, f'shapes-{res}px.zip')
     if not os.path.isfile(data):

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import shapes  # noqa: E402
 from training.generation import load_network, network_kind, sample  # noqa: E402
 from training.image_grid import save_image_grid  # noqa: E402
+from training.output_paths import check_output_file  # noqa: E402
 from training.presets_generate import presets  # noqa: E402
 from training.shape_attributes import classify  # noqa: E402
 from training.user_errors import run_with_one_line_errors  # noqa: E402
@@ -57,6 +58,8 @@ def main(
     net: str, per_class: int, steps: int, S_churn: float, gnet: str | None, guidance: float, grid: str | None
 ) -> None:
     """Score a demo net's samples: one clean shape of the requested class per image."""
+    if grid is not None:
+        check_output_file('--grid', grid, ('.png',), [('--net', net), ('--gnet', gnet)])
     device = torch.device('cpu')
     model, encoder = load_network(net, device, verbose=True)
     if network_kind(model) != 'edm2' or model.img_channels != 3:

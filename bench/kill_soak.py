@@ -80,6 +80,8 @@ def _kill_once(outdir: str, args: list[str], env: dict, rng: random.Random, aim_
 @click.option('--outdir', metavar='DIR', type=str, default=None, help='Where the two runs go [default: a temp dir].')
 def main(kills: int, duration: str, seed: int, outdir: str | None) -> None:
     """SIGKILL a demo-tiny run (batch 4, checkpoint every 16 images) --kills times, then compare weights."""
+    if outdir is not None and os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.ClickException(f'--outdir={outdir} is a file, not a folder; name a new or existing folder.')
     outdir = os.path.abspath(outdir or tempfile.mkdtemp(prefix='kill-soak-'))  # training runs from the repository
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     args = ['--preset=demo-tiny', '--workers=0', '--batch=4', f'--duration={duration}', '--checkpoint=16']

@@ -16,6 +16,7 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
+from training.output_paths import OutputPathError, check_output_file  # noqa: E402
 
 
 def read_curves(path: str) -> dict[str, tuple[list[float], list[float]]]:
@@ -59,6 +60,11 @@ def main(run: str, out: str | None, keys: str | None) -> None:
     path = os.path.join(run, 'stats.jsonl') if os.path.isdir(run) else run
     if not os.path.isfile(path):
         raise click.ClickException(f'{path} not found; give a run folder of train_edm2.py or its stats.jsonl.')
+    out = out or os.path.join(os.path.dirname(path), 'stats.png')
+    try:
+        check_output_file('--out', out, ('.png',), [('RUN', path)])
+    except OutputPathError as e:
+        raise click.ClickException(str(e)) from None
     curves = read_curves(path)
     if keys is not None:
         wanted = [k.strip() for k in keys.split(',') if k.strip()]
@@ -77,7 +83,6 @@ def main(run: str, out: str | None, keys: str | None) -> None:
     for ax in list(axes.flat)[len(curves) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    out = out or os.path.join(os.path.dirname(path), 'stats.png')
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     with dnnlib.util.atomic_write(out) as f:
         fig.savefig(f, format='png', dpi=100)
