@@ -106,7 +106,8 @@ def _check_outputs(o: dnnlib.EasyDict, labels: list[str]) -> None:
     inputs += [('--prompts', o.prompts_file), ('--vae', o.vae)]
     for label in labels:
         if o.outdir is not None:
-            check_output_folder('--outdir', sweep_path(o.outdir, label, folder=True))
+            folder = sweep_path(o.outdir, label, folder=True)
+            check_output_folder('--outdir', folder, inputs, also=os.path.join(folder, 'captions.txt'))
         if o.grid is not None:
             grid = sweep_path(o.grid, label)
             check_output_file('--grid', grid, ('.png',), inputs, also=os.path.splitext(grid)[0] + '.txt')

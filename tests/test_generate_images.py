@@ -446,6 +446,7 @@ def test_nothing_to_write_is_an_error() -> None:
         (['--outdir={file}'], 'is a file, not a folder'),
         (['--grid={file}/g.png'], 'is a file, not a folder'),
         (['--grid={prompts_stem}.png', '--prompts={prompts_stem}.txt', '--clip={net}', '--clip-scale=1'], '--prompts'),
+        (['--outdir={tmp}', '--prompts={tmp}/captions.txt', '--clip={net}', '--clip-scale=1'], 'captions.txt over'),
     ],
 )
 def test_an_output_that_would_replace_an_input_or_cannot_be_written_is_refused_before_generating(
@@ -454,13 +455,15 @@ def test_an_output_that_would_replace_an_input_or_cannot_be_written_is_refused_b
     (tmp_path / 'folder.png').mkdir()
     (tmp_path / 'file').write_text('keep')
     (tmp_path / 'prompts.txt').write_text('a red circle\n')
-    paths = dict(pickles, folder=str(tmp_path / 'folder'), file=str(tmp_path / 'file'))
+    (tmp_path / 'captions.txt').write_text('a blue square\n')
+    paths = dict(pickles, folder=str(tmp_path / 'folder'), file=str(tmp_path / 'file'), tmp=str(tmp_path))
     paths['prompts_stem'] = str(tmp_path / 'prompts')
-    before = {p: open(p, 'rb').read() for p in [pickles['net'], pickles['uncond'], str(tmp_path / 'prompts.txt')]}
+    inputs = [pickles['net'], pickles['uncond'], str(tmp_path / 'prompts.txt'), str(tmp_path / 'captions.txt')]
+    before = {p: open(p, 'rb').read() for p in inputs}
     args = [arg.format(**paths) for arg in args]
     result = CliRunner().invoke(generate_images.main, ['--net={net}'.format(**pickles), *args, '--steps=2'])
     assert result.exit_code == 1 and result.output.count('Error: ') == 1, result.output
     assert message.format(**paths) in result.output and 'Generating' not in result.output
     assert {p: open(p, 'rb').read() for p in before} == before
-    assert sorted(os.listdir(tmp_path)) == ['file', 'folder.png', 'prompts.txt']
+    assert sorted(os.listdir(tmp_path)) == ['captions.txt', 'file', 'folder.png', 'prompts.txt']
     assert (tmp_path / 'file').read_text() == 'keep'

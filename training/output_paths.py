@@ -23,11 +23,13 @@ def _check_parent(flag: str, path: str) -> None:
         raise OutputPathError(f'{flag}={path}: {parent} is a file, not a folder.')
 
 
-def check_output_folder(flag: str, path: str) -> None:
-    """`path` can be a folder to write into: it is one, or it can be made (no file on its way)."""
+def check_output_folder(flag: str, path: str, inputs: Iterable[tuple[str, str | None]] = (), also: str = '') -> None:
+    """`path` can be a folder to write into: it is one, or it can be made (no file on its way); `also`, a file
+    written in it, is none of `inputs`, (flag, path) pairs of the files the script reads."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputPathError(f'{flag}={path} is a file, not a folder; name a new or existing folder.')
     _check_parent(flag, path)
+    _check_inputs(flag, path, also, inputs)
 
 
 def check_output_file(
@@ -42,9 +44,12 @@ def check_output_file(
         raise OutputPathError(f'{flag}={path} is a folder; name a {kinds} file.')
     _check_parent(flag, path)
     for input_flag, input_path in inputs:
-        if not input_path:
-            continue
-        if os.path.realpath(path) == os.path.realpath(input_path):
+        if input_path and os.path.realpath(path) == os.path.realpath(input_path):
             raise OutputPathError(f'{flag}={path} is the input {input_flag}; name another file.')
-        if also and os.path.realpath(also) == os.path.realpath(input_path):
-            raise OutputPathError(f'{flag}={path} would write {also} over the input {input_flag}; name another file.')
+    _check_inputs(flag, path, also, inputs)
+
+
+def _check_inputs(flag: str, path: str, also: str, inputs: Iterable[tuple[str, str | None]]) -> None:
+    for input_flag, input_path in inputs:
+        if also and input_path and os.path.realpath(also) == os.path.realpath(input_path):
+            raise OutputPathError(f'{flag}={path} would write {also} over the input {input_flag}; name another one.')
