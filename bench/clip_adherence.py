@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from training import shapes  # noqa: E402
+from training.click_types import FiniteFloatRange
 from training.clip_guidance import check_clip_guide, load_clip_guide  # noqa: E402
 from training.encoders import StandardRGBEncoder  # noqa: E402
 from training.generation import load_network, resolve_network_path, sample  # noqa: E402
@@ -76,7 +77,7 @@ def generate(
 @click.option(
     '--guidance',
     metavar='FLOAT',
-    type=float,
+    type=FiniteFloatRange(),
     default=1.0,
     show_default=True,
     help='CFG with the empty caption (text nets only).',

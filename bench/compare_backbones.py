@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from training import backbones  # noqa: E402
+from training.click_types import FiniteFloatRange
 from training.dataset_io import write_synthetic_dataset  # noqa: E402
 from training.encoders import StandardRGBEncoder  # noqa: E402
 from training.output_paths import OutputPathError, check_output_folder  # noqa: E402
@@ -91,7 +92,9 @@ def heldout_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 @click.option('--channels', metavar='INT', type=int, default=16, show_default=True, help='U-Net model_channels.')
 @click.option('--depth', metavar='INT', type=int, default=4, show_default=True, help='Transformer blocks.')
 @click.option('--batch', metavar='INT', type=int, default=64, show_default=True, help='Batch size.')
-@click.option('--lr', metavar='FLOAT', type=float, default=0.01, show_default=True, help='Reference learning rate.')
+@click.option(
+    '--lr', metavar='FLOAT', type=FiniteFloatRange(), default=0.01, show_default=True, help='Reference learning rate.'
+)
 @click.option(
     '--archs',
     metavar='LIST',

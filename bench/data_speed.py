@@ -19,6 +19,7 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training.click_types import FiniteFloatRange
 from training.dataset import ImageFolderDataset  # noqa: E402
 from training.dataset_io import DatasetWriter, item_relpath  # noqa: E402
 from training.shard_writer import shard_name, write_shard  # noqa: E402
@@ -91,7 +92,9 @@ def _memory(root: str, num: int) -> None:
 
 @click.command()
 @click.option('--num', metavar='INT', type=click.IntRange(min=1001), default=2048, show_default=True, help='Samples.')
-@click.option('--train-img-s', metavar='FLOAT', type=float, default=None, help='Training images/s to compare with.')
+@click.option(
+    '--train-img-s', metavar='FLOAT', type=FiniteFloatRange(), default=None, help='Training images/s to compare with.'
+)
 @click.option('--preset', metavar='NAME', default=None, help='Time this training preset here and compare with it.')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Its batch.')
 @click.option('--memory', is_flag=True, help='Measure resident memory instead of speed.')

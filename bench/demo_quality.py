@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import shapes  # noqa: E402
+from training.click_types import FiniteFloatRange
 from training.generation import load_network, network_kind, sample  # noqa: E402
 from training.image_grid import save_image_grid  # noqa: E402
 from training.output_paths import check_output_file  # noqa: E402
@@ -48,11 +49,13 @@ def reader_accuracy(resolution: int, num: int = 200) -> float:
               help='Samples per class (an unconditional net: this times the number of classes).')  # fmt: skip
 @click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=24, show_default=True,
               help='Sampling steps (EDM Heun).')  # fmt: skip
-@click.option('--S_churn', 'S_churn', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option('--S_churn', 'S_churn', metavar='FLOAT', type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help='Churn (stochasticity strength) of the EDM sampler; generation presets use '
                    f'{_PRESET_CHURN} (generate_images.py --preset).')  # fmt: skip
 @click.option('--gnet', metavar='PKL|DIR', type=str, default=None, help='Guiding net (with --guidance).')
-@click.option('--guidance', metavar='FLOAT', type=float, default=1.0, show_default=True, help='Guidance strength.')
+@click.option(
+    '--guidance', metavar='FLOAT', type=FiniteFloatRange(), default=1.0, show_default=True, help='Guidance strength.'
+)
 @click.option('--grid', metavar='PNG', type=str, default=None, help='Save the samples, one class per row.')
 def main(
     net: str, per_class: int, steps: int, S_churn: float, gnet: str | None, guidance: float, grid: str | None

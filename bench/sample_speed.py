@@ -14,6 +14,7 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training.click_types import FiniteFloatRange
 from training.presets_train import TRAIN_PRESETS  # noqa: E402
 from training.throughput import ThroughputError, describe, settings_label, time_sampling  # noqa: E402
 
@@ -57,7 +58,13 @@ from training.throughput import ThroughputError, describe, settings_label, time_
     help='Torch device, e.g. cpu or cuda:1 (the default: cuda where available).',
 )
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (first call compiles).')
-@click.option('--peak-tflops', metavar='FLOAT', type=float, default=None, help='Device peak for MFU [default: table].')
+@click.option(
+    '--peak-tflops',
+    metavar='FLOAT',
+    type=FiniteFloatRange(min=0, min_open=True),
+    default=None,
+    help='Device peak for MFU [default: table].',
+)
 @click.option(
     '--channels-last',
     metavar='BOOL',

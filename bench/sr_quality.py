@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.cascade import downsample  # noqa: E402
+from training.click_types import FiniteFloatRange
 from training.generation import load_network, sample  # noqa: E402
 from training.shapes import make_image  # noqa: E402
 from training.user_errors import run_with_one_line_errors  # noqa: E402
@@ -48,7 +49,7 @@ def errors(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]
     '--aug-sigma',
     'aug_sigma',
     metavar='FLOAT',
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0.0,
     show_default=True,
     help='Noise augmentation of the low-res input.',

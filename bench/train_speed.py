@@ -13,6 +13,7 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training.click_types import FiniteFloatRange
 from training.presets_train import TRAIN_PRESETS  # noqa: E402
 from training.throughput import ThroughputError, describe, settings_label, time_training_steps  # noqa: E402
 
@@ -49,7 +50,13 @@ from training.throughput import ThroughputError, describe, settings_label, time_
 )
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (first step compiles).')
 @click.option('--checkpointing', is_flag=True, help='Activation checkpointing of the U-Net blocks.')
-@click.option('--peak-tflops', metavar='FLOAT', type=float, default=None, help='Device peak for MFU [default: table].')
+@click.option(
+    '--peak-tflops',
+    metavar='FLOAT',
+    type=FiniteFloatRange(min=0, min_open=True),
+    default=None,
+    help='Device peak for MFU [default: table].',
+)
 @click.option(
     '--channels-last',
     metavar='BOOL',

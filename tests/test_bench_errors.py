@@ -58,3 +58,17 @@ def test_an_output_over_an_input_or_through_a_file_is_one_error_line_and_replace
     assert sum(line.startswith('Error:') for line in lines) == 1 and message.format(**paths) in lines[-1], lines
     assert (run / 'stats.jsonl').read_text().startswith('{') and (run / 'net.pkl').read_bytes() == b'network'
     assert file.read_text() == 'kept' and sorted(os.listdir(run)) == ['net.pkl', 'stats.jsonl']
+
+
+@pytest.mark.parametrize(
+    'script, option',
+    [
+        ('demo_quality.py', '--guidance=nan'),
+        ('train_speed.py', '--peak-tflops=inf'),
+        ('compare_backbones.py', '--lr=nan'),
+    ],
+)
+def test_nan_and_inf_are_refused_where_a_number_is_expected(tmp_path, script, option):
+    command = [sys.executable, os.path.join(ROOT, 'bench', script), option]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and 'finite number' in result.stderr and 'Traceback' not in result.stderr
