@@ -82,7 +82,7 @@ def _parse_count(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option(
     '--resolution',
     metavar='INT',
-    type=click.IntRange(min=4),
+    type=click.IntRange(min=4, max=4096),
     default=32,
     show_default=True,
     help='Image size in pixels.',

@@ -225,7 +225,10 @@ def test_option_errors(tmp_path):
     assert_one_line_error(
         run('convert', src, f'--dest={tmp_path / "o.zip"}', '--transform=center-crop'), '--resolution'
     )
-    assert_one_line_error(run('convert', src, f'--dest={tmp_path / "o.zip"}', '--resolution=8y'), '8y')
+    assert_one_line_error(run('convert', src, f'--dest={tmp_path / "o.zip"}', '--resolution=8y'), '--resolution=8y')
+    assert_one_line_error(run('convert', src, f'--dest={tmp_path / "o.zip"}', '--resolution=0'), '--resolution=0')
+    result = run('synth', f'--dest={tmp_path / "big.zip"}', '--resolution=100000', '--max-images=1')
+    assert result.exit_code == 2 and '4096' in result.output and not (tmp_path / 'big.zip').exists()
     assert_one_line_error(
         run('convert', src, f'--dest={tmp_path / "o.zip"}', '--resolution=16x8', '--transform=center-crop'),
         'center-crop-wide',

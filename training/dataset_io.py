@@ -376,7 +376,7 @@ def parse_resolution(s: str) -> tuple[int, int]:
     """'64' -> (64, 64); '512x256' -> (512, 256) as (width, height)."""
     match = re.fullmatch(r'\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?', s)
     if not match or int(match.group(1)) < 1 or (match.group(2) is not None and int(match.group(2)) < 1):
-        raise ValueError(f'cannot parse resolution {s!r}; expected N or WxH, e.g. 64 or 512x256')
+        raise ValueError(f'--resolution={s}: expected N or WxH with sides of 1 or more, e.g. 64 or 512x256')
     width = int(match.group(1))
     return width, int(match.group(2)) if match.group(2) is not None else width
 
