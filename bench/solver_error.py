@@ -101,7 +101,14 @@ def plot(rows: list[dict], nfes: list[int], path: str, title: str) -> None:
 
 @click.command()
 @click.option('--net', metavar='PKL|DIR', type=str, default=None, help='Network  [default: train demo-tiny]')
-@click.option('--outdir', metavar='DIR', type=str, default='runs/demo-tiny', show_default=True, help='Run folder.')
+@click.option(
+    '--outdir',
+    metavar='DIR',
+    type=str,
+    default='runs/demo-tiny',
+    show_default=True,
+    help='Folder to train demo-tiny in when --net is not given.',
+)
 @click.option('--seeds', metavar='LIST', type=str, default='0-31', show_default=True, help='Seeds, e.g. 0-31.')
 @click.option('--nfe', metavar='LIST', type=str, default='5,10,20,35,63', show_default=True, help='Target NFEs.')
 @click.option('--reference-steps', metavar='INT', type=click.IntRange(min=2), default=256, show_default=True,
