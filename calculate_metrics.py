@@ -14,7 +14,7 @@ import click
 import torch
 
 from torch_utils import distributed as dist
-from training.click_types import option_type
+from training.click_types import click_options
 from training.detectors import DETECTORS_ENV
 from training.faults import first_error
 from training.generation import generate_images, load_network, network_kind
@@ -66,20 +66,7 @@ def _check_metrics(metrics: str) -> list[str]:
         raise click.ClickException(f'--metrics={metrics}: {err}') from None
 
 
-def _sampler_options(fn: Any) -> Any:
-    """training.sampler_options.SAMPLER_OPTIONS as click options, as generate_images.py offers them."""
-    for o in reversed(SAMPLER_OPTIONS):
-        show = o.default is not None
-        fn = click.option(
-            o.flag,
-            o.name,
-            metavar=o.metavar,
-            type=str if o.name in SWEEP_NAMES else option_type(o),
-            default=o.default,
-            show_default=show,
-            help=o.help,
-        )(fn)
-    return fn
+_sampler_options = click_options(SAMPLER_OPTIONS, as_text=SWEEP_NAMES)
 
 
 def _common_options(fn: Any) -> Any:

@@ -4,7 +4,7 @@ Every image depends only on its seed and settings, never on --batch or ranks. Th
 """
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 import click
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.click_types import option_type
+from training.click_types import click_options
 from training.generation import GenerationError, distinct_seeds, generate_cascade, generate_images
 from training.image_sink import ImageSink
 from training.output_paths import check_output_file, check_output_folder
@@ -29,27 +29,6 @@ from training.sampler_options import (
 )
 from training.snapshots import TRUST_HELP, trust_pickles
 from training.user_errors import USER_ERRORS, one_line, plain_warnings
-
-
-def click_options(options: list[Option]) -> Callable:
-    """A decorator adding the rows of an option table (training.sampler_options.Option) to a click command."""
-
-    def decorate(fn: Callable) -> Callable:
-        for o in reversed(options):
-            show = o.default is not None
-            fn = click.option(
-                o.flag,
-                o.name,
-                metavar=o.metavar,
-                type=str if o.name in SWEEP_NAMES else option_type(o),
-                default=o.default,
-                show_default=show,
-                help=o.help,
-            )(fn)
-        return fn
-
-    return decorate
-
 
 OUTPUT_OPTIONS = [
     Option('--outdir', 'outdir', str, None, 'DIR', 'Write {seed:06d}.png images here.'),
@@ -144,7 +123,7 @@ def _write(batches, seeds: list[int], outdir: str | None, subdirs: bool, grid: s
 
 
 @click.command()
-@click_options(SAMPLER_OPTIONS + OUTPUT_OPTIONS)
+@click_options(SAMPLER_OPTIONS + OUTPUT_OPTIONS, as_text=SWEEP_NAMES)
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the networks (pays for many images).')
 @click.option('--subdirs', is_flag=True, help='Put images in subfolders of 1000 seeds ({seed//1000*1000:06d}/).')
 @click.option('--prompt', metavar='TEXT', type=str, multiple=True, help='Caption for text nets; repeat for several.')

@@ -1,6 +1,7 @@
 """Click parameter types shared by the scripts."""
 
 import math
+from collections.abc import Callable, Collection
 
 import click
 
@@ -30,3 +31,23 @@ def option_type(option) -> click.ParamType | type:
     if option.type is int and option.min is not None:
         return click.IntRange(option.min, min_open=option.min_open)
     return option.type
+
+
+def click_options(options: list, as_text: Collection[str] = ()) -> Callable:
+    """A decorator adding the rows of an option table (training.sampler_options.Option) to a click command; the
+    rows named in `as_text` are read as text (comma lists of a sweep) and parsed by the command."""
+
+    def decorate(fn: Callable) -> Callable:
+        for o in reversed(options):
+            fn = click.option(
+                o.flag,
+                o.name,
+                metavar=o.metavar,
+                type=str if o.name in as_text else option_type(o),
+                default=o.default,
+                show_default=o.default is not None,
+                help=o.help,
+            )(fn)
+        return fn
+
+    return decorate
