@@ -2,7 +2,7 @@
 written, or that would replace one of the script's inputs, is refused in one line while nothing is lost yet."""
 
 import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 
 class OutputPathError(ValueError):
@@ -23,7 +23,7 @@ def _check_parent(flag: str, path: str) -> None:
         raise OutputPathError(f'{flag}={path}: {parent} is a file, not a folder.')
 
 
-def check_output_folder(flag: str, path: str, inputs: Iterable[tuple[str, str | None]] = (), also: str = '') -> None:
+def check_output_folder(flag: str, path: str, inputs: Sequence[tuple[str, str | None]] = (), also: str = '') -> None:
     """`path` can be a folder to write into: it is one, or it can be made (no file on its way); `also`, a file
     written in it, is none of `inputs`, (flag, path) pairs of the files the script reads."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -33,7 +33,7 @@ def check_output_folder(flag: str, path: str, inputs: Iterable[tuple[str, str | 
 
 
 def check_output_file(
-    flag: str, path: str, suffixes: tuple[str, ...], inputs: Iterable[tuple[str, str | None]] = (), also: str = ''
+    flag: str, path: str, suffixes: tuple[str, ...], inputs: Sequence[tuple[str, str | None]] = (), also: str = ''
 ) -> None:
     """`path` can become a file ending in one of `suffixes` (any case), and is none of `inputs`, (flag, path) pairs
     of the files the script reads; nor is `also`, a file written beside `path`."""
@@ -49,7 +49,7 @@ def check_output_file(
     _check_inputs(flag, path, also, inputs)
 
 
-def _check_inputs(flag: str, path: str, also: str, inputs: Iterable[tuple[str, str | None]]) -> None:
+def _check_inputs(flag: str, path: str, also: str, inputs: Sequence[tuple[str, str | None]]) -> None:
     for input_flag, input_path in inputs:
         if also and input_path and os.path.realpath(also) == os.path.realpath(input_path):
             raise OutputPathError(f'{flag}={path} would write {also} over the input {input_flag}; name another one.')
