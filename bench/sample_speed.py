@@ -14,34 +14,12 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.click_types import FiniteFloatRange
-from training.presets_train import TRAIN_PRESETS  # noqa: E402
+from training.click_types import throughput_options  # noqa: E402
 from training.throughput import ThroughputError, describe, settings_label, time_sampling  # noqa: E402
 
 
 @click.command()
-@click.option(
-    '--preset',
-    metavar='STR',
-    type=click.Choice(list(TRAIN_PRESETS)),
-    default='demo',
-    show_default=True,
-    help='Training preset whose network is timed.',
-)
-@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images/batch.')
-@click.option('--resolution', metavar='INT', type=int, default=None, help='Input size [default: preset data, else 64].')
-@click.option(
-    '--channels-in', 'img_channels', metavar='INT', type=int, default=3, show_default=True, help='4: latents.'
-)
-@click.option('--label-dim', metavar='INT', type=int, default=10, show_default=True, help='Number of classes.')
-@click.option(
-    '--precision',
-    type=click.Choice(['fp32', 'fp16', 'bf16']),
-    default='fp32',
-    show_default=True,
-    help='Compute precision (as --precision of train_edm2.py and generate_images.py).',
-)
-@click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True, help='Timed evals.')
+@throughput_options('eval')
 @click.option(
     '--sampler-steps',
     metavar='INT',
@@ -49,41 +27,6 @@ from training.throughput import ThroughputError, describe, settings_label, time_
     default=32,
     show_default=True,
     help='Heun steps an image takes (2N-1 evaluations), for images/s.',
-)
-@click.option(
-    '--device',
-    metavar='STR',
-    default='cuda' if torch.cuda.is_available() else 'cpu',
-    show_default=True,
-    help='Torch device, e.g. cpu or cuda:1 (the default: cuda where available).',
-)
-@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (first call compiles).')
-@click.option(
-    '--peak-tflops',
-    metavar='FLOAT',
-    type=FiniteFloatRange(min=0, min_open=True),
-    default=None,
-    help='Device peak for MFU [default: table].',
-)
-@click.option(
-    '--channels-last',
-    metavar='BOOL',
-    type=bool,
-    default=None,
-    help='U-Net activations channels-last (True) or NCHW (False) [default: channels-last on CPU only].',
-)
-@click.option(
-    '--keep-freed-memory',
-    'keep_freed',
-    metavar='BOOL',
-    type=bool,
-    default=True,
-    show_default=True,
-    help='CPU: keep freed host memory for reuse, as training and generation do (False: glibc malloc defaults).',
-)
-@click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=None, help='torch CPU threads.')
-@click.option(
-    '--clock', type=click.Choice(['wall', 'process']), default='wall', show_default=True, help='process: CPU time.'
 )
 def main(preset, threads, compile_net, **kw):
     """Time denoiser evaluations of a preset's network on random data (median after two warm-ups)."""

@@ -13,70 +13,13 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.click_types import FiniteFloatRange
-from training.presets_train import TRAIN_PRESETS  # noqa: E402
+from training.click_types import throughput_options  # noqa: E402
 from training.throughput import ThroughputError, describe, settings_label, time_training_steps  # noqa: E402
 
 
 @click.command()
-@click.option(
-    '--preset',
-    metavar='STR',
-    type=click.Choice(list(TRAIN_PRESETS)),
-    default='demo',
-    show_default=True,
-    help='Training preset whose network is timed.',
-)
-@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True, help='Images/step.')
-@click.option('--resolution', metavar='INT', type=int, default=None, help='Input size [default: preset data, else 64].')
-@click.option(
-    '--channels-in', 'img_channels', metavar='INT', type=int, default=3, show_default=True, help='4: latents.'
-)
-@click.option('--label-dim', metavar='INT', type=int, default=10, show_default=True, help='Number of classes.')
-@click.option(
-    '--precision',
-    type=click.Choice(['fp32', 'fp16', 'bf16']),
-    default='fp32',
-    show_default=True,
-    help='Compute precision (as --precision of train_edm2.py and generate_images.py).',
-)
-@click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True, help='Timed steps.')
-@click.option(
-    '--device',
-    metavar='STR',
-    default='cuda' if torch.cuda.is_available() else 'cpu',
-    show_default=True,
-    help='Torch device, e.g. cpu or cuda:1 (the default: cuda where available).',
-)
-@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (first step compiles).')
+@throughput_options('step')
 @click.option('--checkpointing', is_flag=True, help='Activation checkpointing of the U-Net blocks.')
-@click.option(
-    '--peak-tflops',
-    metavar='FLOAT',
-    type=FiniteFloatRange(min=0, min_open=True),
-    default=None,
-    help='Device peak for MFU [default: table].',
-)
-@click.option(
-    '--channels-last',
-    metavar='BOOL',
-    type=bool,
-    default=None,
-    help='U-Net activations channels-last (True) or NCHW (False) [default: channels-last on CPU only].',
-)
-@click.option(
-    '--keep-freed-memory',
-    'keep_freed',
-    metavar='BOOL',
-    type=bool,
-    default=True,
-    show_default=True,
-    help='CPU: keep freed host memory for reuse, as training and generation do (False: glibc malloc defaults).',
-)
-@click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=None, help='torch CPU threads.')
-@click.option(
-    '--clock', type=click.Choice(['wall', 'process']), default='wall', show_default=True, help='process: CPU time.'
-)
 def main(preset, threads, compile_net, **kw):
     """Time Adam steps of a preset's network and EDM2 loss on random data (median step after two warm-ups)."""
     if threads is not None:
