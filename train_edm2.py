@@ -327,14 +327,14 @@ def main(
         # Every check before the run folder is touched, so a failed start leaves nothing behind.
         tracker = Tracker(outdir, loggers if dist.get_rank() == 0 else [], config=c)
         resuming = check_run_folder(outdir, c)
-        warnings = []
+        notes = []  # Warnings for the run's log, printed once it is open.
         with contextlib.ExitStack() as held:
             in_use = None
             if dist.get_rank() == 0:
                 if not resuming:
-                    warnings = check_dataset(dataset, c.max_bad_samples)
+                    notes = check_dataset(dataset, c.max_bad_samples)
                 if c.snapshot_nimg and c.snapshot_nimg < 1000:
-                    warnings.append(
+                    notes.append(
                         f'Note: --snapshot={c.snapshot_nimg} is under 1000 images, but snapshots are named by kimg '
                         f'(as EDM2 names them): those of one kimg replace each other.'
                     )
@@ -351,7 +351,7 @@ def main(
             logger = (
                 dnnlib.util.Logger(os.path.join(outdir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
             )
-            for line in warnings:
+            for line in notes:
                 dist.print0(line)
             dist.print0(json.dumps(c, indent=2))
             try:

@@ -17,6 +17,8 @@ import click
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from training.output_paths import OutputPathError, check_output_folder  # noqa: E402
 
 
 def _command(outdir: str, args: list[str]) -> list[str]:
@@ -80,8 +82,11 @@ def _kill_once(outdir: str, args: list[str], env: dict, rng: random.Random, aim_
 @click.option('--outdir', metavar='DIR', type=str, default=None, help='Where the two runs go [default: a temp dir].')
 def main(kills: int, duration: str, seed: int, outdir: str | None) -> None:
     """SIGKILL a demo-tiny run (batch 4, checkpoint every 16 images) --kills times, then compare weights."""
-    if outdir is not None and os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise click.ClickException(f'--outdir={outdir} is a file, not a folder; name a new or existing folder.')
+    if outdir is not None:
+        try:
+            check_output_folder('--outdir', outdir)
+        except OutputPathError as e:
+            raise click.ClickException(str(e)) from None
     outdir = os.path.abspath(outdir or tempfile.mkdtemp(prefix='kill-soak-'))  # training runs from the repository
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     args = ['--preset=demo-tiny', '--workers=0', '--batch=4', f'--duration={duration}', '--checkpoint=16']

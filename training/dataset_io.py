@@ -19,7 +19,7 @@ from PIL import Image
 
 import dnnlib
 from training import prompt_sets, shapes
-from training.output_paths import nearest_existing
+from training.output_paths import file_on_the_way
 
 SOURCE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
@@ -65,9 +65,8 @@ def check_new_dest(dest: str) -> None:
 
 
 def _check_parent(dest: str) -> None:
-    parent = nearest_existing(os.path.dirname(os.path.abspath(dest)))
-    if not os.path.isdir(parent):
-        raise DatasetFileError(f'{dest}: {parent} is a file, not a folder; choose another --dest')
+    if blocker := file_on_the_way(dest):
+        raise DatasetFileError(f'{dest}: {blocker} is a file, not a folder; choose another --dest')
 
 
 @contextlib.contextmanager

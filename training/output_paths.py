@@ -17,10 +17,15 @@ def nearest_existing(path: str) -> str:
     return path
 
 
-def _check_parent(flag: str, path: str) -> None:
+def file_on_the_way(path: str) -> str | None:
+    """The file standing where a folder above `path` would have to be, so that `path` cannot be made; or None."""
     parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
-    if not os.path.isdir(parent):
-        raise OutputPathError(f'{flag}={path}: {parent} is a file, not a folder.')
+    return None if os.path.isdir(parent) else parent
+
+
+def _check_parent(flag: str, path: str) -> None:
+    if blocker := file_on_the_way(path):
+        raise OutputPathError(f'{flag}={path}: {blocker} is a file, not a folder.')
 
 
 def check_output_folder(flag: str, path: str, inputs: Sequence[tuple[str, str | None]] = (), also: str = '') -> None:

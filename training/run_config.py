@@ -14,7 +14,7 @@ from training.backbones import TEXT_BACKBONES, BackboneError, preset_kwargs
 from training.dataset_io import write_synthetic_dataset
 from training.faults import TrainingError
 from training.networks_text import TEXT_LENGTH
-from training.output_paths import nearest_existing
+from training.output_paths import file_on_the_way
 from training.precision import PrecisionError, resolve_precision, use_fp16_of
 from training.presets_train import TRAIN_PRESETS
 from training.shard_files import is_shard_spec
@@ -315,8 +315,8 @@ def check_run_folder(outdir: str, c: dict) -> bool:
     Raises RunConfigError when `outdir` is a file or its run was trained with other options."""
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise RunConfigError(f'--outdir={outdir} is a file, not a folder; name a new or existing run folder.')
-    if not os.path.isdir(nearest_existing(outdir)):
-        raise RunConfigError(f'--outdir={outdir}: {nearest_existing(outdir)} is a file, not a folder.')
+    if blocker := file_on_the_way(outdir):
+        raise RunConfigError(f'--outdir={outdir}: {blocker} is a file, not a folder.')
     path = os.path.join(outdir, 'training_options.json')
     if not os.path.isfile(path):
         return False
